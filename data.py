@@ -1,0 +1,254 @@
+"""What experiment.py and evaluate.py share: byte-level Wikitext-2, batches, checkpoints, errors."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import sys
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+
+import numpy as np
+import torch
+
+HUB_DATASET = ("Salesforce/wikitext", "wikitext-2-raw-v1")
+SPLITS = ("train", "valid", "test")
+HUB_SPLIT_NAMES = {"train": "train", "valid": "validation", "test": "test"}
+
+
+class UsageError(Exception):
+    """A bad argument or input file: reported as one line and exit code 2."""
+
+
+def fail(message: str, code: int = 2) -> None:
+    """Print one clear line to stderr and exit (never a traceback)."""
+    print(f"error: {message}", file=sys.stderr)
+    raise SystemExit(code)
+
+
+# ----------------------------------------------------------------------------- data
+
+
+def rows_to_bytes(rows: Iterable[str]) -> bytes:
+    """Rebuild a raw Wikitext file from the Hub's rows, byte-exact.
+
+    The Hub keeps each line as a row with its trailing newline, except blank lines (" \\n" in the
+    file), which it stores as empty strings.
+    """
+    return "".join(row if row else " \n" for row in rows).encode("utf-8")
+
+
+def local_split_path(data_dir: str | Path, split: str) -> Path:
+    return Path(data_dir) / f"wiki.{split}.raw"
+
+
+def load_bytes_file(path: str | Path, what: str = "data file") -> np.ndarray:
+    """A file's bytes as a read-only, memory-mapped uint8 array; errors name the path."""
+    path = Path(path)
+    if path.is_dir():
+        raise UsageError(f"{what} {path} is a folder, expected a file")
+    if not path.is_file():
+        raise UsageError(f"{what} {path} does not exist")
+    if path.stat().st_size == 0:
+        raise UsageError(f"{what} {path} is empty")
+    return np.memmap(path, dtype=np.uint8, mode="r")
+
+
+def load_hub_split(split: str) -> np.ndarray:
+    """A split of Salesforce/wikitext (wikitext-2-raw-v1) from the Hub, as UTF-8 bytes."""
+    try:
+        from datasets import load_dataset
+    except ImportError as e:  # pragma: no cover - datasets is a dependency
+        raise UsageError("the `datasets` package is needed to load Wikitext-2 from the Hub; "
+                         "or pass --data_dir with local wiki.*.raw files") from e
+    try:
+        rows = load_dataset(*HUB_DATASET, split=HUB_SPLIT_NAMES[split])["text"]
+    except Exception as e:
+        raise UsageError(
+            f"could not load {HUB_DATASET[0]} ({HUB_DATASET[1]}, {split}) from the Hub "
+            f"({type(e).__name__}); pass --data_dir DIR with wiki.{split}.raw instead"
+        ) from e
+    data = np.frombuffer(rows_to_bytes(rows), dtype=np.uint8)
+    if data.size == 0:
+        raise UsageError(f"the Hub's {split} split is empty")
+    return data
+
+
+def load_split(split: str, data_dir: str | Path | None = None) -> np.ndarray:
+    """Split `split` of byte-level Wikitext-2: local `wiki.{split}.raw` if data_dir, else the Hub."""
+    if split not in SPLITS:
+        raise UsageError(f"split must be one of {SPLITS}, got {split!r}")
+    if data_dir is None:
+        return load_hub_split(split)
+    if not Path(data_dir).is_dir():
+        raise UsageError(f"--data_dir {data_dir} is not a folder")
+    return load_bytes_file(local_split_path(data_dir, split), what=f"{split} split")
+
+
+def describe_source(split: str, data_dir: str | Path | None, path: str | Path | None = None) -> dict:
+    """Where a split came from, for a run's records (path, size, sha256)."""
+    if path is None and data_dir is None:
+        return {"split": split, "source": f"hub:{HUB_DATASET[0]}/{HUB_DATASET[1]}"}
+    path = Path(path) if path is not None else local_split_path(data_dir, split)
+    digest = hashlib.sha256(path.read_bytes()).hexdigest()
+    return {"split": split, "source": str(path), "bytes": path.stat().st_size, "sha256": digest}
+
+
+def num_windows(data: np.ndarray, seq_len: int) -> int:
+    """Windows [i*T, i*T+T+1) that fit in the data."""
+    return max(0, (len(data) - 1) // seq_len)
+
+
+def window_batches(
+    data: np.ndarray, seq_len: int, batch_size: int, max_chunks: int | None = None
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """The evaluation protocol: window i = bytes [i*T, i*T+T+1), in order, in batches."""
+    count = num_windows(data, seq_len)
+    if max_chunks is not None:
+        count = min(count, max_chunks)
+    for start in range(0, count, batch_size):
+        rows = range(start, min(start + batch_size, count))
+        yield windows_at(data, [i * seq_len for i in rows], seq_len)
+
+
+def windows_at(data: np.ndarray, offsets: Iterable[int], seq_len: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Inputs and targets (each B, T, int64) of the windows starting at `offsets`."""
+    chunk = np.stack([np.asarray(data[o : o + seq_len + 1]) for o in offsets]).astype(np.int64)
+    chunk = torch.from_numpy(chunk)
+    return chunk[:, :-1], chunk[:, 1:]
+
+
+def epoch_offsets(n_bytes: int, seq_len: int, epoch: int, seed: int) -> np.ndarray:
+    """Start offsets of one training epoch: non-overlapping windows after a random shift, shuffled.
+
+    Depends only on (seed, epoch), so a resumed run sees the same order.
+    """
+    rng = np.random.default_rng([seed, epoch])
+    shift = int(rng.integers(seq_len))
+    count = (n_bytes - 1 - shift) // seq_len
+    return shift + seq_len * rng.permutation(count)
+
+
+@torch.no_grad()
+def evaluate_loss(
+    model: torch.nn.Module,
+    data: np.ndarray,
+    seq_len: int,
+    batch_size: int,
+    device: torch.device,
+    max_chunks: int | None = None,
+    autocast_dtype: torch.dtype | None = None,
+) -> tuple[float, int]:
+    """Mean cross-entropy (nats per byte) over all targets of the windows, and the bytes scored."""
+    was_training = model.training
+    model.eval()
+    total, count = 0.0, 0
+    for x, y in window_batches(data, seq_len, batch_size, max_chunks):
+        x, y = x.to(device), y.to(device)
+        with autocast(device, autocast_dtype):
+            logits, _ = model(x)
+        loss = torch.nn.functional.cross_entropy(
+            logits.flatten(0, 1).float(), y.flatten(), reduction="sum"
+        )
+        total += loss.item()
+        count += y.numel()
+    model.train(was_training)
+    if count == 0:
+        raise UsageError(f"the split ({len(data)} bytes) is shorter than one window of {seq_len + 1}")
+    return total / count, count
+
+
+def autocast(device: torch.device, dtype: torch.dtype | None):
+    """Autocast context for mixed precision, or a no-op for float32."""
+    if dtype is None or dtype == torch.float32:
+        return torch.autocast(device.type, enabled=False)
+    return torch.autocast(device.type, dtype=dtype)
+
+
+# ----------------------------------------------------------------------------- devices
+
+
+def resolve_device(name: str) -> torch.device:
+    """'auto', 'cpu', 'cuda' or 'cuda:N' -> a usable torch.device, or a UsageError."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except (RuntimeError, ValueError):
+        raise UsageError(f"--device {name!r} is not a device; expected auto, cpu, cuda or cuda:N")
+    if device.type not in ("cpu", "cuda", "mps"):
+        raise UsageError(f"--device {name!r} is not supported; expected auto, cpu, cuda or cuda:N")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UsageError(f"--device {name}: CUDA was asked for but is not available here")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise UsageError(f"--device {name}: only {torch.cuda.device_count()} CUDA device(s) here")
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise UsageError(f"--device {name}: MPS was asked for but is not available here")
+    return device
+
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    """'auto' is bfloat16 autocast on CUDA, float32 elsewhere."""
+    if name == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    if name not in DTYPES:
+        raise UsageError(f"--dtype {name!r}: expected auto, {', '.join(DTYPES)}")
+    return DTYPES[name]
+
+
+# ----------------------------------------------------------------------------- checkpoints
+
+
+def write_json(path: str | Path, obj: dict) -> None:
+    """Write JSON atomically (temporary file, then rename)."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=2) + "\n")
+    os.replace(tmp, path)
+
+
+def save_checkpoint(model, folder: str | Path, training_state: dict | None = None) -> None:
+    """Weights (model.safetensors) and config (config.json), with the optimizer state beside them.
+
+    Written into a temporary folder that then replaces `folder`, so a crash mid-save leaves
+    the previous checkpoint whole.
+    """
+    folder = Path(folder)
+    tmp = folder.with_name(folder.name + ".tmp")
+    if tmp.exists():
+        _rmtree(tmp)
+    model.save_pretrained(tmp)
+    if training_state is not None:
+        torch.save(training_state, tmp / "training_state.pt")
+    old = folder.with_name(folder.name + ".old")
+    if folder.exists():
+        if old.exists():
+            _rmtree(old)
+        os.replace(folder, old)
+    os.replace(tmp, folder)
+    if old.exists():
+        _rmtree(old)
+
+
+def _rmtree(path: Path) -> None:
+    import shutil
+
+    shutil.rmtree(path)
+
+
+def find_checkpoint(path: str | Path, which: str = "best") -> Path:
+    """A checkpoint folder from a checkpoint folder or a run folder (its checkpoints/<which>)."""
+    path = Path(path)
+    if (path / "config.json").is_file() and (path / "model.safetensors").is_file():
+        return path
+    candidate = path / "checkpoints" / which
+    if (candidate / "config.json").is_file():
+        return candidate
+    raise UsageError(
+        f"--model_path {path}: no checkpoint here (expected config.json + model.safetensors, "
+        f"or a run folder with checkpoints/{which}/)"
+    )
