@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import argparse
 import hashlib
 import json
+import math
 import os
 import sys
 from collections.abc import Iterable, Iterator
@@ -25,6 +27,42 @@ def fail(message: str, code: int = 2) -> None:
     """Print one clear line to stderr and exit (never a traceback)."""
     print(f"error: {message}", file=sys.stderr)
     raise SystemExit(code)
+
+
+# ----------------------------------------------------------------------------- command line
+
+
+def positive_int(text: str) -> int:
+    value = int(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text}")
+    return value
+
+
+def positive_float(text: str) -> float:
+    value = float(text)
+    if not value > 0 or not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {text}")
+    return value
+
+
+def nonneg_float(text: str) -> float:
+    value = float(text)
+    if not value >= 0 or not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {text}")
+    return value
+
+
+def nonneg_int(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text}")
+    return value
+
+
+class Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # one line, exit 2, no usage dump
+        fail(message)
 
 
 # ----------------------------------------------------------------------------- data
@@ -60,8 +98,10 @@ def load_hub_split(split: str) -> np.ndarray:
     try:
         from datasets import load_dataset
     except ImportError as e:  # pragma: no cover - datasets is a dependency
-        raise UsageError("the `datasets` package is needed to load Wikitext-2 from the Hub; "
-                         "or pass --data_dir with local wiki.*.raw files") from e
+        raise UsageError(
+            "the `datasets` package is needed to load Wikitext-2 from the Hub; "
+            "or pass --data_dir with local wiki.*.raw files"
+        ) from e
     try:
         rows = load_dataset(*HUB_DATASET, split=HUB_SPLIT_NAMES[split])["text"]
     except Exception as e:
@@ -148,9 +188,7 @@ def evaluate_loss(
         x, y = x.to(device), y.to(device)
         with autocast(device, autocast_dtype):
             logits, _ = model(x)
-        loss = torch.nn.functional.cross_entropy(
-            logits.flatten(0, 1).float(), y.flatten(), reduction="sum"
-        )
+        loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1).float(), y.flatten(), reduction="sum")
         total += loss.item()
         count += y.numel()
     model.train(was_training)
@@ -176,7 +214,7 @@ def resolve_device(name: str) -> torch.device:
     try:
         device = torch.device(name)
     except (RuntimeError, ValueError):
-        raise UsageError(f"--device {name!r} is not a device; expected auto, cpu, cuda or cuda:N")
+        raise UsageError(f"--device {name!r} is not a device; expected auto, cpu, cuda or cuda:N") from None
     if device.type not in ("cpu", "cuda", "mps"):
         raise UsageError(f"--device {name!r} is not supported; expected auto, cpu, cuda or cuda:N")
     if device.type == "cuda" and not torch.cuda.is_available():

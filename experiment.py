@@ -1,7 +1,7 @@
 """Train BDH-GPU on byte-level Wikitext-2: logs, plots, checkpoints, metrics.
 
-    uv run experiment.py --device cuda          # the reference report's run, the paper's recipe
-    uv run experiment.py --device cpu --n_neurons 512 --n_layer 2 --max_steps 200   # a small one
+uv run experiment.py --device cuda          # the reference report's run, the paper's recipe
+uv run experiment.py --device cpu --n_neurons 512 --n_layer 2 --max_steps 200   # a small one
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ import torch
 from tqdm import tqdm
 
 from data import (
+    Parser,
     UsageError,
     autocast,
     describe_source,
@@ -30,7 +31,11 @@ from data import (
     fail,
     load_bytes_file,
     load_split,
+    nonneg_float,
+    nonneg_int,
     num_windows,
+    positive_float,
+    positive_int,
     resolve_device,
     resolve_dtype,
     save_checkpoint,
@@ -41,64 +46,59 @@ from data import (
 from model import BDH, BDHConfig
 
 LN2 = math.log(2)
-CSV_FIELDS = ["step", "epoch", "bytes_seen", "train_loss", "val_loss", "val_bpb", "lr",
-              "bytes_per_s", "elapsed_s"]
-
-
-def positive_int(text: str) -> int:
-    value = int(text)
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text}")
-    return value
-
-
-def positive_float(text: str) -> float:
-    value = float(text)
-    if not value > 0 or not math.isfinite(value):
-        raise argparse.ArgumentTypeError(f"expected a positive number, got {text}")
-    return value
-
-
-def nonneg_float(text: str) -> float:
-    value = float(text)
-    if not value >= 0 or not math.isfinite(value):
-        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {text}")
-    return value
-
-
-def nonneg_int(text: str) -> int:
-    value = int(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text}")
-    return value
-
-
-class Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> None:  # one line, exit 2, no usage dump
-        fail(message)
+CSV_FIELDS = [
+    "step",
+    "epoch",
+    "bytes_seen",
+    "train_loss",
+    "val_loss",
+    "val_bpb",
+    "lr",
+    "bytes_per_s",
+    "elapsed_s",
+]
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     g = p.add_argument_group("hardware")
     g.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default: auto)")
-    g.add_argument("--dtype", default="auto",
-                   help="auto (bfloat16 autocast on CUDA, float32 elsewhere), float32, bfloat16, float16")
-    g.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
-                   help="torch.compile the model (default: on for CUDA, off elsewhere)")
+    g.add_argument(
+        "--dtype",
+        default="auto",
+        help="auto (bfloat16 autocast on CUDA, float32 elsewhere), float32, bfloat16, float16",
+    )
+    g.add_argument(
+        "--compile",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="torch.compile the model (default: on for CUDA, off elsewhere)",
+    )
     g = p.add_argument_group("schedule (the paper's recipe by default)")
     g.add_argument("--epochs", type=positive_int, default=3, help="passes over the train split (3)")
-    g.add_argument("--max_steps", type=positive_int, default=None,
-                   help="stop after this many optimizer steps (default: --epochs worth)")
+    g.add_argument(
+        "--max_steps",
+        type=positive_int,
+        default=None,
+        help="stop after this many optimizer steps (default: --epochs worth)",
+    )
     g.add_argument("--batch_size", type=positive_int, default=32, help="windows per step (32)")
     g.add_argument("--seq_len", type=positive_int, default=128, help="bytes per window (128)")
     g.add_argument("--lr", type=positive_float, default=1e-3, help="peak AdamW learning rate (1e-3)")
-    g.add_argument("--min_lr", type=nonneg_float, default=1e-4,
-                   help="learning rate at the last step, reached linearly after warm-up (1e-4)")
+    g.add_argument(
+        "--min_lr",
+        type=nonneg_float,
+        default=1e-4,
+        help="learning rate at the last step, reached linearly after warm-up (1e-4)",
+    )
     g.add_argument("--warmup_steps", type=nonneg_int, default=1000, help="linear warm-up (1000)")
     g.add_argument("--weight_decay", type=nonneg_float, default=0.1, help="AdamW weight decay (0.1)")
-    g.add_argument("--grad_clip", type=nonneg_float, default=1.0,
-                   help="clip the gradient's global norm to this; 0 turns clipping off (1.0)")
+    g.add_argument(
+        "--grad_clip",
+        type=nonneg_float,
+        default=1.0,
+        help="clip the gradient's global norm to this; 0 turns clipping off (1.0)",
+    )
     g.add_argument("--seed", type=int, default=1337, help="random seed for weights and data order")
     g = p.add_argument_group("model (BDH-GPU; defaults: the reference report's model)")
     g.add_argument("--n_embd", type=positive_int, default=256, help="d (256)")
@@ -107,17 +107,36 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--n_layer", type=positive_int, default=6, help="L, layers sharing one set of weights (6)")
     g.add_argument("--dropout", type=nonneg_float, default=0.1, help="dropout on y (0.1)")
     g.add_argument("--rope_theta", type=positive_float, default=65536.0, help="RoPE base (65536)")
-    g.add_argument("--rope_style", choices=["interleaved", "half"], default="interleaved",
-                   help="RoPE pairing: interleaved (paper authors) or half (reference report)")
+    g.add_argument(
+        "--rope_style",
+        choices=["interleaved", "half"],
+        default="interleaved",
+        help="RoPE pairing: interleaved (paper authors) or half (reference report)",
+    )
     g = p.add_argument_group("data and output")
-    g.add_argument("--data_dir", default=None,
-                   help="folder with wiki.{train,valid,test}.raw (default: Salesforce/wikitext from the Hub)")
-    g.add_argument("--train_file", default=None,
-                   help="train on this file's bytes instead of the train split (e.g. wiki.train.tokens)")
-    g.add_argument("--extra_val_file", action="append", default=[], metavar="PATH",
-                   help="also report validation loss on this file (repeatable)")
-    g.add_argument("--eval_every", type=positive_int, default=500,
-                   help="validate on the whole validation split every N steps, and at the end (500)")
+    g.add_argument(
+        "--data_dir",
+        default=None,
+        help="folder with wiki.{train,valid,test}.raw (default: Salesforce/wikitext from the Hub)",
+    )
+    g.add_argument(
+        "--train_file",
+        default=None,
+        help="train on this file's bytes instead of the train split (e.g. wiki.train.tokens)",
+    )
+    g.add_argument(
+        "--extra_val_file",
+        action="append",
+        default=[],
+        metavar="PATH",
+        help="also report validation loss on this file (repeatable)",
+    )
+    g.add_argument(
+        "--eval_every",
+        type=positive_int,
+        default=500,
+        help="validate on the whole validation split every N steps, and at the end (500)",
+    )
     g.add_argument("--eval_batch_size", type=positive_int, default=64, help="windows per eval batch (64)")
     g.add_argument("--log_every", type=positive_int, default=10, help="CSV row every N steps (10)")
     g.add_argument("--out_dir", default=None, help="run folder (default: results/runs/<date-time>)")
@@ -138,12 +157,18 @@ def lr_at(step: int, total: int, args: argparse.Namespace) -> float:
 def git_commit() -> str | None:
     try:
         here = Path(__file__).parent
-        out = subprocess.run(["git", "rev-parse", "--verify", "HEAD"], capture_output=True,
-                             text=True, timeout=5, cwd=here)
+        out = subprocess.run(
+            ["git", "rev-parse", "--verify", "HEAD"], capture_output=True, text=True, timeout=5, cwd=here
+        )
         if out.returncode != 0:
             return None
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"],
-                               capture_output=True, text=True, timeout=5, cwd=here).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"],
+            capture_output=True,
+            text=True,
+            timeout=5,
+            cwd=here,
+        ).stdout.strip()
         return out.stdout.strip() + ("-dirty" if dirty else "")
     except (OSError, subprocess.SubprocessError):
         return None
@@ -229,9 +254,15 @@ def prepare(args: argparse.Namespace) -> dict:
     device = resolve_device(args.device)
     dtype = resolve_dtype(args.dtype, device)
     try:
-        config = BDHConfig(n_embd=args.n_embd, n_head=args.n_head, n_neurons=args.n_neurons,
-                           n_layer=args.n_layer, dropout=args.dropout, rope_theta=args.rope_theta,
-                           rope_style=args.rope_style)
+        config = BDHConfig(
+            n_embd=args.n_embd,
+            n_head=args.n_head,
+            n_neurons=args.n_neurons,
+            n_layer=args.n_layer,
+            dropout=args.dropout,
+            rope_theta=args.rope_theta,
+            rope_style=args.rope_style,
+        )
     except ValueError as e:
         raise UsageError(f"model config: {e}") from e
     if args.train_file is not None:
@@ -242,18 +273,24 @@ def prepare(args: argparse.Namespace) -> dict:
     extra = {file_label(p): load_bytes_file(p, what="--extra_val_file") for p in args.extra_val_file}
     for name, data in [("train", train), ("valid", valid), *extra.items()]:
         if num_windows(data, args.seq_len) == 0:
-            raise UsageError(f"{name} data ({len(data)} bytes) is shorter than one window of "
-                             f"--seq_len + 1 = {args.seq_len + 1} bytes")
+            raise UsageError(
+                f"{name} data ({len(data)} bytes) is shorter than one window of "
+                f"--seq_len + 1 = {args.seq_len + 1} bytes"
+            )
     steps_per_epoch = num_windows(train, args.seq_len) // args.batch_size
     if steps_per_epoch == 0:
-        raise UsageError(f"train data has {num_windows(train, args.seq_len)} windows of "
-                         f"{args.seq_len} bytes, fewer than --batch_size {args.batch_size}")
+        raise UsageError(
+            f"train data has {num_windows(train, args.seq_len)} windows of "
+            f"{args.seq_len} bytes, fewer than --batch_size {args.batch_size}"
+        )
     out_dir = Path(args.out_dir or f"results/runs/{dt.datetime.now():%Y%m%d-%H%M%S}")
     if out_dir.exists() and not out_dir.is_dir():
         raise UsageError(f"--out_dir {out_dir} is a file, expected a folder")
     if (out_dir / "log.csv").exists() and not args.overwrite:
-        raise UsageError(f"--out_dir {out_dir} already holds a run; pass --overwrite to replace it, "
-                         "or choose another folder")
+        raise UsageError(
+            f"--out_dir {out_dir} already holds a run; pass --overwrite to replace it, "
+            "or choose another folder"
+        )
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
         probe = out_dir / ".write-test"
@@ -261,8 +298,16 @@ def prepare(args: argparse.Namespace) -> dict:
         probe.unlink()
     except OSError as e:
         raise UsageError(f"--out_dir {out_dir} cannot be written ({e.strerror})") from e
-    return dict(device=device, dtype=dtype, config=config, train=train, valid=valid, extra=extra,
-                steps_per_epoch=steps_per_epoch, out_dir=out_dir)
+    return dict(
+        device=device,
+        dtype=dtype,
+        config=config,
+        train=train,
+        valid=valid,
+        extra=extra,
+        steps_per_epoch=steps_per_epoch,
+        out_dir=out_dir,
+    )
 
 
 def train(args: argparse.Namespace, setup: dict) -> dict:
@@ -280,8 +325,7 @@ def train(args: argparse.Namespace, setup: dict) -> dict:
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
     fused = device.type == "cuda"
-    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay,
-                                  fused=fused)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay, fused=fused)
 
     launcher = "uv run" if "UV" in os.environ else Path(sys.executable).name
     command = " ".join([launcher, *(shlex.quote(a) for a in [Path(sys.argv[0]).name, *sys.argv[1:]])])
@@ -291,20 +335,20 @@ def train(args: argparse.Namespace, setup: dict) -> dict:
         "extra_valid": [describe_source(file_label(p), None, p) for p in args.extra_val_file],
     }
     print(f"BDH-GPU: {model.num_params():,} parameters, {config}")
-    print(f"train {len(train_data):,} bytes ({data_files['train']['source']}), "
-          f"{steps_per_epoch} steps/epoch, {total_steps} steps; device {device_name(device)}, "
-          f"{str(dtype).removeprefix('torch.')}, compile={use_compile}; out {out_dir}")
+    print(
+        f"train {len(train_data):,} bytes ({data_files['train']['source']}), "
+        f"{steps_per_epoch} steps/epoch, {total_steps} steps; device {device_name(device)}, "
+        f"{str(dtype).removeprefix('torch.')}, compile={use_compile}; out {out_dir}"
+    )
 
     fields = CSV_FIELDS + [f"{k}_{label}" for label in extra for k in ("val_loss", "val_bpb")]
     log = CsvLog(out_dir / "log.csv", fields)
 
     def validate() -> dict:
-        loss, _ = evaluate_loss(fwd, valid, args.seq_len, args.eval_batch_size, device,
-                                autocast_dtype=dtype)
+        loss, _ = evaluate_loss(fwd, valid, args.seq_len, args.eval_batch_size, device, autocast_dtype=dtype)
         out = {"val_loss": loss, "val_bpb": loss / LN2}
         for label, data in extra.items():
-            lx, _ = evaluate_loss(fwd, data, args.seq_len, args.eval_batch_size, device,
-                                  autocast_dtype=dtype)
+            lx, _ = evaluate_loss(fwd, data, args.seq_len, args.eval_batch_size, device, autocast_dtype=dtype)
             out.update({f"val_loss_{label}": lx, f"val_bpb_{label}": lx / LN2})
         return out
 
@@ -350,28 +394,38 @@ def train(args: argparse.Namespace, setup: dict) -> dict:
                 log.close()
                 raise FloatingPointError(
                     f"training loss became {train_loss} by step {done}; stopping. The last good "
-                    f"checkpoint (if any) is in {out_dir / 'checkpoints'}")
-            row = {"step": done, "epoch": round(done / steps_per_epoch, 4),
-                   "bytes_seen": done * args.batch_size * args.seq_len,
-                   "train_loss": round(train_loss, 5), "lr": f"{lr:.6g}",
-                   "bytes_per_s": round(interval_bytes / max(interval_time, 1e-9)),
-                   "elapsed_s": round(now - start, 1)}
+                    f"checkpoint (if any) is in {out_dir / 'checkpoints'}"
+                )
+            row = {
+                "step": done,
+                "epoch": round(done / steps_per_epoch, 4),
+                "bytes_seen": done * args.batch_size * args.seq_len,
+                "train_loss": round(train_loss, 5),
+                "lr": f"{lr:.6g}",
+                "bytes_per_s": round(interval_bytes / max(interval_time, 1e-9)),
+                "elapsed_s": round(now - start, 1),
+            }
             speed = row["bytes_per_s"]
             loss_sum.zero_()
             loss_count, interval_bytes, interval_time = 0, 0, 0.0
             if is_eval:
                 last_eval = validate()
                 row.update({k: round(v, 5) for k, v in last_eval.items()})
-                state = {"step": done, "optimizer": optimizer.state_dict(), "args": vars(args),
-                         "val_loss": last_eval["val_loss"]}
+                state = {
+                    "step": done,
+                    "optimizer": optimizer.state_dict(),
+                    "args": vars(args),
+                    "val_loss": last_eval["val_loss"],
+                }
                 save_checkpoint(model, out_dir / "checkpoints" / "last", state)
                 if last_eval["val_loss"] < best["val_loss"]:
                     best = {"step": done, **last_eval}
                     save_checkpoint(model, out_dir / "checkpoints" / "best", state)
-                tqdm.write(f"step {done}: train {train_loss:.4f}, val {last_eval['val_loss']:.4f} "
-                           f"nats/byte ({last_eval['val_bpb']:.4f} bpb)"
-                           + "".join(f", {k} {v:.4f}" for k, v in last_eval.items()
-                                     if k.startswith("val_loss_")))
+                tqdm.write(
+                    f"step {done}: train {train_loss:.4f}, val {last_eval['val_loss']:.4f} "
+                    f"nats/byte ({last_eval['val_bpb']:.4f} bpb)"
+                    + "".join(f", {k} {v:.4f}" for k, v in last_eval.items() if k.startswith("val_loss_"))
+                )
             row["elapsed_s"] = round(time.time() - start, 1)
             log.write(row)
             bar.set_postfix(loss=f"{train_loss:.3f}", bytes_s=f"{speed:,.0f}")
@@ -393,10 +447,14 @@ def train(args: argparse.Namespace, setup: dict) -> dict:
         "best_val_loss": best["val_loss"],
         "best_val_bpb": best["val_bpb"],
         "best_step": best["step"],
-        "final_extra_val": {label: {"loss": last_eval[f"val_loss_{label}"],
-                                    "bpb": last_eval[f"val_bpb_{label}"],
-                                    "perplexity": math.exp(last_eval[f"val_loss_{label}"])}
-                            for label in extra},
+        "final_extra_val": {
+            label: {
+                "loss": last_eval[f"val_loss_{label}"],
+                "bpb": last_eval[f"val_bpb_{label}"],
+                "perplexity": math.exp(last_eval[f"val_loss_{label}"]),
+            }
+            for label in extra
+        },
         "activation_nonzero": {
             "x_mean": float(np.mean([s["x_nonzero"] for s in sparsity])),
             "y_mean": float(np.mean([s["y_nonzero"] for s in sparsity])),
@@ -415,16 +473,18 @@ def train(args: argparse.Namespace, setup: dict) -> dict:
         "compile": use_compile,
         "torch_version": torch.__version__,
         "command": command,
-        "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
         "git_commit": git_commit(),
         "data": data_files,
         "args": vars(args),
     }
     write_json(out_dir / "metrics.json", metrics)
     make_plots(log.rows, list(extra), out_dir)
-    print(f"done: val loss {metrics['final_val_loss']:.4f} nats/byte, "
-          f"{metrics['final_val_bpb']:.4f} bits/byte, perplexity {metrics['final_val_perplexity']:.3f}; "
-          f"{metrics['bytes_per_s']:,} bytes/s; results in {out_dir}")
+    print(
+        f"done: val loss {metrics['final_val_loss']:.4f} nats/byte, "
+        f"{metrics['final_val_bpb']:.4f} bits/byte, perplexity {metrics['final_val_perplexity']:.3f}; "
+        f"{metrics['bytes_per_s']:,} bytes/s; results in {out_dir}"
+    )
     return metrics
 
 

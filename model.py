@@ -46,9 +46,7 @@ class BDHConfig:
             if int(getattr(self, name)) <= 0:
                 raise ValueError(f"{name} must be a positive integer, got {getattr(self, name)}")
         if self.n_neurons % self.n_head:
-            raise ValueError(
-                f"n_neurons ({self.n_neurons}) must be divisible by n_head ({self.n_head})"
-            )
+            raise ValueError(f"n_neurons ({self.n_neurons}) must be divisible by n_head ({self.n_head})")
         if (self.n_neurons // self.n_head) % 2:
             raise ValueError(
                 f"neurons per head (n_neurons / n_head = {self.n_neurons // self.n_head}) "
@@ -85,9 +83,7 @@ def rope_frequencies(config: BDHConfig) -> torch.Tensor:
     return freq.repeat(2)  # dims i, i + m/2 share frequency i
 
 
-def rope_cos_sin(
-    config: BDHConfig, positions: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor]:
+def rope_cos_sin(config: BDHConfig, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """cos and sin of the rotation angle at each position, each (T, n/h) float32.
 
     The phase is kept in turns and reduced modulo 1 before it becomes an angle, which keeps

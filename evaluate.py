@@ -1,0 +1,206 @@
+"""Evaluate a BDH-GPU checkpoint: loss, byte perplexity, bits per byte, weight histograms.
+
+    uv run evaluate.py --model_path results/runs/<run>            # a run folder (its best checkpoint)
+    uv run evaluate.py --model_path <checkpoint folder> --split test --max_chunks 100
+
+Protocol: window i covers bytes [i*T, i*T+T+1) of the split; input its first T bytes, targets its
+last T; loss = mean cross-entropy in nats over all targets of the first --max_chunks windows.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from data import (
+    SPLITS,
+    Parser,
+    UsageError,
+    autocast,
+    evaluate_loss,
+    fail,
+    find_checkpoint,
+    load_bytes_file,
+    load_split,
+    positive_int,
+    resolve_device,
+    resolve_dtype,
+    window_batches,
+    write_json,
+)
+from model import BDH
+
+WEIGHTS = {
+    "E": "E (n x d)",
+    "Dx": "Dx (h x d x n/h)",
+    "Dy": "Dy (h x d x n/h)",
+    "embed.weight": "embedding (V x d)",
+    "readout": "readout (d x V)",
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model_path", required=True, help="a run folder or a checkpoint folder")
+    p.add_argument(
+        "--checkpoint",
+        default="best",
+        choices=["best", "last"],
+        help="which checkpoint of a run folder (best)",
+    )
+    p.add_argument("--split", default="valid", choices=list(SPLITS), help="split to score (valid)")
+    p.add_argument("--seq_len", type=positive_int, default=128, help="window length T (128)")
+    p.add_argument("--batch_size", type=positive_int, default=32, help="windows per batch (32)")
+    p.add_argument(
+        "--max_chunks", type=positive_int, default=None, help="score only the first N windows (default: all)"
+    )
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (auto)")
+    p.add_argument(
+        "--dtype",
+        default="auto",
+        help="auto (bfloat16 autocast on CUDA, float32 elsewhere), float32, bfloat16",
+    )
+    p.add_argument(
+        "--data_dir",
+        default=None,
+        help="folder with wiki.{split}.raw (default: Salesforce/wikitext from the Hub)",
+    )
+    p.add_argument(
+        "--data_file",
+        default=None,
+        help="score this file's bytes instead of a split (e.g. wiki.valid.tokens)",
+    )
+    p.add_argument("--out_dir", default=None, help="where to write (default: results/eval/<name>)")
+    p.add_argument("--no_plots", action="store_true", help="skip the weight histograms")
+    return p
+
+
+def load_model(model_path: str, checkpoint: str = "best") -> BDH:
+    """A BDH model from a checkpoint folder or a run folder of this project."""
+    folder = find_checkpoint(model_path, checkpoint)
+    try:
+        return BDH.from_pretrained(folder)
+    except Exception as e:
+        raise UsageError(
+            f"--model_path {folder}: could not load the checkpoint "
+            f"({type(e).__name__}: {str(e).splitlines()[0][:200]})"
+        ) from e
+
+
+def weight_stats(model: BDH) -> dict[str, dict[str, float]]:
+    """Mean, std, excess kurtosis and the fraction beyond 3 std of each weight matrix."""
+    stats = {}
+    for name, w in model.named_parameters():
+        w = w.detach().double().flatten()
+        mean, std = w.mean().item(), w.std().item()
+        z = (w - mean) / std
+        stats[name] = {
+            "numel": w.numel(),
+            "mean": mean,
+            "std": std,
+            "excess_kurtosis": (z**4).mean().item() - 3.0,
+            "frac_beyond_3std": (z.abs() > 3).double().mean().item(),
+            "max_abs_over_std": (w.abs().max().item() / std),
+        }
+    return stats
+
+
+def plot_histograms(model: BDH, stats: dict, path: Path, title: str) -> None:
+    """Log-scale histograms of every weight matrix, with a Gaussian of the same std dashed."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    params = dict(model.named_parameters())
+    fig, axes = plt.subplots(1, len(WEIGHTS), figsize=(4 * len(WEIGHTS), 3.6))
+    for ax, (name, label) in zip(axes, WEIGHTS.items(), strict=True):
+        w = params[name].detach().float().flatten().numpy()
+        counts, edges, _ = ax.hist(w, bins=121, log=True, color="tab:blue", alpha=0.8)
+        s = stats[name]
+        centers = (edges[:-1] + edges[1:]) / 2
+        gauss = w.size * (edges[1] - edges[0]) * np.exp(-0.5 * ((centers - s["mean"]) / s["std"]) ** 2)
+        gauss /= s["std"] * math.sqrt(2 * math.pi)
+        ax.plot(centers, np.where(gauss >= 0.5, gauss, np.nan), "k--", lw=1, label="Gaussian, same std")
+        ax.set_ylim(bottom=0.5)
+        ax.set_title(f"{label}\nexcess kurtosis {s['excess_kurtosis']:.2f}", fontsize=9)
+        ax.set_xlabel("weight")
+    axes[0].set_ylabel("count (log)")
+    axes[0].legend(fontsize=7)
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        device = resolve_device(args.device)
+        dtype = resolve_dtype(args.dtype, device)
+        if args.data_file is not None:
+            data = load_bytes_file(args.data_file, what="--data_file")
+        else:
+            data = load_split(args.split, args.data_dir)
+        model = load_model(args.model_path, args.checkpoint).to(device).eval()
+        loss, n_bytes = evaluate_loss(
+            model,
+            data,
+            args.seq_len,
+            args.batch_size,
+            device,
+            max_chunks=args.max_chunks,
+            autocast_dtype=dtype,
+        )
+        out_dir = Path(args.out_dir or Path("results/eval") / Path(args.model_path).resolve().name)
+        try:
+            out_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise UsageError(f"--out_dir {out_dir} cannot be written ({e.strerror})") from e
+    except UsageError as e:
+        fail(str(e))
+
+    idx = next(window_batches(data, args.seq_len, min(8, args.batch_size), args.max_chunks))[0]
+    with autocast(device, dtype):
+        sparsity = model.activation_stats(idx.to(device))
+    metrics = {
+        "loss": loss,
+        "perplexity": math.exp(loss),
+        "bpb": loss / math.log(2),
+        "bytes": n_bytes,
+        "split": args.split if args.data_file is None else None,
+        "data_file": args.data_file,
+        "seq_len": args.seq_len,
+        "max_chunks": args.max_chunks,
+        "model_path": str(args.model_path),
+        "data_dir": args.data_dir,
+        "dtype": str(dtype).removeprefix("torch."),
+        "config": model.config.to_dict(),
+        "num_params": model.num_params(),
+        "activation_nonzero": {
+            "x_mean": float(np.mean([s["x_nonzero"] for s in sparsity])),
+            "y_mean": float(np.mean([s["y_nonzero"] for s in sparsity])),
+            "per_layer": sparsity,
+        },
+    }
+    model = model.cpu()
+    stats = weight_stats(model)
+    write_json(out_dir / "metrics.json", metrics)
+    write_json(out_dir / "weight_stats.json", stats)
+    if not args.no_plots:
+        plot_histograms(model, stats, out_dir / "weights.png", f"BDH-GPU weights: {args.model_path}")
+    print(
+        f"{args.split}: loss {loss:.4f} nats/byte, perplexity {metrics['perplexity']:.4f}, "
+        f"{metrics['bpb']:.4f} bits/byte over {n_bytes:,} bytes; "
+        f"non-zero neurons x {metrics['activation_nonzero']['x_mean']:.1%}, "
+        f"y {metrics['activation_nonzero']['y_mean']:.1%}; wrote {out_dir}"
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

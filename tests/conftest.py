@@ -1,0 +1,67 @@
+"""Shared test fixtures. Tests that need ../shared fail with a clear message if it is missing."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+SHARED = Path(os.environ.get("BDH_SHARED", REPO.parent / "shared"))
+
+
+def require_shared(path: Path = SHARED) -> Path:
+    """The shared folder, or a test failure naming what is missing (never a skip)."""
+    needed = [
+        path / "data" / "wikitext-2-raw-v1" / "wiki.valid.raw",
+        path / "data" / "wikitext-2-tokens" / "wiki.train.tokens",
+        path / "fixtures" / "legacy" / "fixtures.json",
+    ]
+    missing = [str(p) for p in needed if not p.is_file()]
+    if missing:
+        pytest.fail(
+            f"the shared data folder is missing ({', '.join(missing)}): check out ../shared beside "
+            "the repository, or point BDH_SHARED at it",
+            pytrace=False,
+        )
+    return path
+
+
+@pytest.fixture(scope="session")
+def shared() -> Path:
+    return require_shared()
+
+
+@pytest.fixture(scope="session")
+def raw_dir(shared: Path) -> Path:
+    return shared / "data" / "wikitext-2-raw-v1"
+
+
+@pytest.fixture(scope="session")
+def tokens_dir(shared: Path) -> Path:
+    return shared / "data" / "wikitext-2-tokens"
+
+
+@pytest.fixture
+def small_data_dir(tmp_path: Path, raw_dir: Path, tokens_dir: Path) -> Path:
+    """A local data folder made from the shared files, cut short so that tests are fast."""
+    folder = tmp_path / "wikitext"
+    folder.mkdir()
+    (folder / "wiki.train.raw").write_bytes((tokens_dir / "wiki.train.tokens").read_bytes()[:60_000])
+    (folder / "wiki.valid.raw").write_bytes((raw_dir / "wiki.valid.raw").read_bytes()[:6_000])
+    (folder / "wiki.test.raw").write_bytes((raw_dir / "wiki.test.raw").read_bytes()[:6_000])
+    return folder
+
+
+TINY_MODEL = ["--n_embd", "32", "--n_head", "2", "--n_neurons", "128", "--n_layer", "2"]
+
+
+def run_script(*args: str, cwd: Path = REPO, env: dict | None = None, timeout: float = 240):
+    """Run one of the project's scripts in a fresh Python process; returns the CompletedProcess."""
+    full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
+    return subprocess.run(
+        [sys.executable, *args], cwd=cwd, env=full_env, capture_output=True, text=True, timeout=timeout
+    )

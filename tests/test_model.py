@@ -1,0 +1,130 @@
+import math
+
+import pytest
+import torch
+
+from model import BDH, BDHConfig, rope_cos_sin, rope_frequencies, rotate_pairs
+
+
+def tiny(**kw) -> BDH:
+    cfg = dict(n_embd=32, n_head=2, n_neurons=128, n_layer=2, dropout=0.0)
+    cfg.update(kw)
+    torch.manual_seed(0)
+    return BDH(BDHConfig(**cfg))
+
+
+def test_shapes_and_parameter_count():
+    model = tiny()
+    idx = torch.randint(0, 256, (3, 17))
+    logits, loss = model(idx)
+    assert logits.shape == (3, 17, 256) and loss is None
+    assert model.Dx.shape == (2, 32, 64) and model.Dy.shape == (2, 32, 64)
+    assert model.E.shape == (128, 32) and model.readout.shape == (32, 256)
+    assert model.num_params() == 2 * 2 * 32 * 64 + 128 * 32 + 2 * 256 * 32
+
+
+def test_default_config_is_the_reference_model():
+    cfg = BDHConfig()
+    assert (cfg.n_embd, cfg.n_head, cfg.n_neurons, cfg.n_layer, cfg.vocab_size) == (256, 4, 32768, 6, 256)
+    assert cfg.rope_style == "interleaved" and cfg.rope_theta == 65536.0
+
+
+@pytest.mark.parametrize("style", ["interleaved", "half"])
+def test_causality(style):
+    model = tiny(rope_style=style).eval()
+    idx = torch.randint(0, 256, (2, 24))
+    t = 11
+    changed = idx.clone()
+    changed[:, t] = (changed[:, t] + 1) % 256
+    a, _ = model(idx)
+    b, _ = model(changed)
+    torch.testing.assert_close(a[:, :t], b[:, :t], rtol=0, atol=0)
+    assert not torch.allclose(a[:, t + 1 :], b[:, t + 1 :])
+
+
+def test_first_position_sees_only_its_own_byte():
+    # the diagonal is masked, so position 0 attends to nothing: its logits depend on idx[:, 0] alone
+    model = tiny().eval()
+    idx = torch.randint(0, 256, (2, 9))
+    other = torch.randint(0, 256, (2, 9))
+    other[:, 0] = idx[:, 0]
+    torch.testing.assert_close(model(idx)[0][:, 0], model(other)[0][:, 0])
+
+
+def test_initial_loss_near_uniform():
+    model = tiny()
+    idx = torch.randint(0, 256, (4, 64))
+    _, loss = model(idx, idx)
+    assert abs(loss.item() - math.log(256)) < 0.1
+
+
+def test_tiny_model_overfits_a_short_text():
+    torch.manual_seed(0)
+    model = tiny(n_layer=2, n_neurons=256, n_embd=48)
+    text = torch.tensor(list(b"the dragon hatchling learns to read bytes. " * 3))
+    x, y = text[:-1].unsqueeze(0), text[1:].unsqueeze(0)
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    for _ in range(150):
+        _, loss = model(x, y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert loss.item() < 0.5
+
+
+@pytest.mark.parametrize("style", ["interleaved", "half"])
+def test_rope_is_a_rotation_preserving_relative_positions(style):
+    cfg = BDHConfig(n_embd=8, n_head=1, n_neurons=16, n_layer=1, rope_style=style)
+    cos, sin = rope_cos_sin(cfg, torch.arange(40))
+    q, k = torch.randn(16, dtype=torch.float64), torch.randn(16, dtype=torch.float64)
+
+    def rot(v, t):
+        return v * cos[t].double() + rotate_pairs(v, style) * sin[t].double()
+
+    assert torch.isclose(rot(q, 7).norm(), q.norm())
+    # <R_s q, R_t k> depends only on t - s
+    assert torch.isclose(rot(q, 3) @ rot(k, 10), rot(q, 20) @ rot(k, 27), atol=1e-5)
+
+
+def test_rope_angles_stay_accurate_at_long_positions():
+    cfg = BDHConfig(n_embd=8, n_head=1, n_neurons=16, n_layer=1)
+    pos = torch.tensor([4099])
+    cos, sin = rope_cos_sin(cfg, pos)
+    exact = pos.double() * rope_frequencies(cfg).double() * 2 * math.pi
+    assert (cos.double() - exact.cos()).abs().max() < 1e-3
+    assert (sin.double() - exact.sin()).abs().max() < 1e-3
+
+
+def test_generate_appends_bytes_and_is_greedy_at_zero_temperature():
+    model = tiny().eval()
+    prompt = torch.tensor([list(b"Hello")])
+    out = model.generate(prompt, 6, temperature=0.0)
+    assert out.shape == (1, 11) and torch.equal(out[:, :5], prompt)
+    again = model.generate(prompt, 6, temperature=0.0)
+    assert torch.equal(out, again)
+    g = torch.Generator().manual_seed(1)
+    sampled = model.generate(prompt, 6, temperature=1.0, top_k=5, generator=g)
+    assert sampled.shape == (1, 11) and int(sampled.max()) < 256
+
+
+@pytest.mark.parametrize(
+    "kw, message",
+    [
+        ({"n_neurons": 100, "n_head": 3}, "divisible"),
+        ({"n_neurons": 6, "n_head": 2}, "even"),
+        ({"rope_style": "spiral"}, "rope_style"),
+        ({"n_layer": 0}, "n_layer"),
+    ],
+)
+def test_config_rejects_bad_dimensions(kw, message):
+    with pytest.raises(ValueError, match=message):
+        BDHConfig(**kw)
+
+
+def test_save_and_load_roundtrip(tmp_path):
+    model = tiny(rope_style="half", rope_theta=10000.0)
+    model.save_pretrained(tmp_path)
+    loaded = BDH.from_pretrained(tmp_path)
+    assert loaded.config == model.config
+    idx = torch.randint(0, 256, (1, 10))
+    torch.testing.assert_close(model.eval()(idx)[0], loaded.eval()(idx)[0])
