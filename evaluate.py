@@ -15,6 +15,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from data import (
     SPLITS,
@@ -75,6 +76,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="score this file's bytes instead of a split (e.g. wiki.valid.tokens)",
     )
     p.add_argument("--out_dir", default=None, help="where to write (default: results/eval/<name>)")
+    p.add_argument("--prompt", default=None, help="also sample a continuation of this text")
+    p.add_argument("--max_new_bytes", type=positive_int, default=500, help="bytes to sample (500)")
+    p.add_argument("--temperature", type=float, default=0.8, help="sampling temperature (0.8)")
+    p.add_argument("--top_k", type=positive_int, default=None, help="sample from the k likeliest bytes")
+    p.add_argument("--seed", type=int, default=1337, help="random seed for sampling (1337)")
     p.add_argument("--no_plots", action="store_true", help="skip the weight histograms")
     return p
 
@@ -89,6 +95,15 @@ def load_model(model_path: str, checkpoint: str = "best") -> BDH:
             f"--model_path {folder}: could not load the checkpoint "
             f"({type(e).__name__}: {str(e).splitlines()[0][:200]})"
         ) from e
+
+
+def sample_text(model: BDH, prompt: str, args: argparse.Namespace, device, dtype) -> str:
+    """The prompt and a sampled continuation, decoded as UTF-8 (invalid bytes replaced)."""
+    idx = torch.tensor([list(prompt.encode("utf-8"))], dtype=torch.long, device=device)
+    gen = torch.Generator(device=device).manual_seed(args.seed)
+    with autocast(device, dtype):
+        out = model.generate(idx, args.max_new_bytes, args.temperature, args.top_k, generator=gen)
+    return bytes(out[0].tolist()).decode("utf-8", errors="replace")
 
 
 def weight_stats(model: BDH) -> dict[str, dict[str, float]]:
@@ -140,6 +155,10 @@ def plot_histograms(model: BDH, stats: dict, path: Path, title: str) -> None:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
+        if args.temperature < 0:
+            raise UsageError(f"--temperature must be >= 0, got {args.temperature}")
+        if args.prompt == "":
+            raise UsageError("--prompt must not be empty")
         device = resolve_device(args.device)
         dtype = resolve_dtype(args.dtype, device)
         if args.data_file is not None:
@@ -187,6 +206,17 @@ def main(argv: list[str] | None = None) -> int:
             "per_layer": sparsity,
         },
     }
+    if args.prompt is not None:
+        sample = sample_text(model, args.prompt, args, device, dtype)
+        (out_dir / "sample.txt").write_text(sample)
+        print(f"--- sample (temperature {args.temperature}, top_k {args.top_k}) ---\n{sample}\n---")
+        metrics["sample"] = {
+            "prompt": args.prompt,
+            "temperature": args.temperature,
+            "top_k": args.top_k,
+            "max_new_bytes": args.max_new_bytes,
+            "seed": args.seed,
+        }
     model = model.cpu()
     stats = weight_stats(model)
     write_json(out_dir / "metrics.json", metrics)
@@ -194,7 +224,7 @@ def main(argv: list[str] | None = None) -> int:
     if not args.no_plots:
         plot_histograms(model, stats, out_dir / "weights.png", f"BDH-GPU weights: {args.model_path}")
     print(
-        f"{args.split}: loss {loss:.4f} nats/byte, perplexity {metrics['perplexity']:.4f}, "
+        f"{args.data_file or args.split}: loss {loss:.4f} nats/byte, perplexity {metrics['perplexity']:.4f}, "
         f"{metrics['bpb']:.4f} bits/byte over {n_bytes:,} bytes; "
         f"non-zero neurons x {metrics['activation_nonzero']['x_mean']:.1%}, "
         f"y {metrics['activation_nonzero']['y_mean']:.1%}; wrote {out_dir}"
