@@ -80,3 +80,30 @@ def test_epoch_offsets_cover_the_data_once_and_repeat_by_seed():
     starts = np.sort(a)
     assert np.all(np.diff(starts) == 100)  # non-overlapping, consecutive windows
     assert starts[-1] + 101 <= 10_001 and len(a) >= 99
+
+
+def test_default_path_loads_the_hub_dataset_through_datasets(raw_dir, monkeypatch):
+    import datasets
+
+    raw = (raw_dir / "wiki.test.raw").read_bytes()
+    calls = []
+
+    def fake_load_dataset(name, config, split):
+        calls.append((name, config, split))
+        return datasets.Dataset.from_dict({"text": hub_rows(raw)})
+
+    monkeypatch.setattr(datasets, "load_dataset", fake_load_dataset)
+    data = load_split("test")
+    assert calls == [("Salesforce/wikitext", "wikitext-2-raw-v1", "test")]
+    assert data.dtype == np.uint8 and data.tobytes() == raw
+
+
+def test_hub_failure_is_one_clear_error(monkeypatch):
+    import datasets
+
+    def offline(*args, **kwargs):
+        raise ConnectionError("no network")
+
+    monkeypatch.setattr(datasets, "load_dataset", offline)
+    with pytest.raises(UsageError, match="could not load Salesforce/wikitext.*--data_dir"):
+        load_split("valid")
