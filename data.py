@@ -278,15 +278,33 @@ def _rmtree(path: Path) -> None:
     shutil.rmtree(path)
 
 
-def find_checkpoint(path: str | Path, which: str = "best") -> Path:
-    """A checkpoint folder from a checkpoint folder or a run folder (its checkpoints/<which>)."""
-    path = Path(path)
-    if (path / "config.json").is_file() and (path / "model.safetensors").is_file():
-        return path
-    candidate = path / "checkpoints" / which
-    if (candidate / "config.json").is_file():
-        return candidate
-    raise UsageError(
-        f"--model_path {path}: no checkpoint here (expected config.json + model.safetensors, "
-        f"or a run folder with checkpoints/{which}/)"
-    )
+def checkpoint_folder(run_dir: str | Path, which: str = "last") -> Path | None:
+    """RUN/checkpoints/<which>, or its `.old` twin if a save was cut short between its two renames."""
+    base = Path(run_dir) / "checkpoints"
+    for folder in (base / which, base / f"{which}.old"):
+        if (folder / "config.json").is_file() and (folder / "model.safetensors").is_file():
+            return folder
+    return None
+
+
+def load_weights(folder: str | Path) -> dict[str, torch.Tensor]:
+    """The tensors of FOLDER/model.safetensors; a UsageError if the file is truncated or corrupted."""
+    from safetensors.torch import load_file
+
+    path = Path(folder) / "model.safetensors"
+    try:
+        return load_file(path)
+    except Exception as e:
+        raise UsageError(f"{path} is truncated or corrupted ({type(e).__name__})") from e
+
+
+def load_training_state(folder: str | Path) -> dict:
+    """FOLDER/training_state.pt (optimizer, step, random states), read with weights_only=True."""
+    path = Path(folder) / "training_state.pt"
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise UsageError(f"{path} is truncated or corrupted ({type(e).__name__})") from e
+    if not isinstance(state, dict) or "step" not in state or "optimizer" not in state:
+        raise UsageError(f"{path} is not a training state of this project")
+    return state

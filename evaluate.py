@@ -24,7 +24,6 @@ from data import (
     autocast,
     evaluate_loss,
     fail,
-    find_checkpoint,
     load_bytes_file,
     load_split,
     positive_int,
@@ -33,6 +32,7 @@ from data import (
     window_batches,
     write_json,
 )
+from hub import load_model
 from model import BDH
 
 WEIGHTS = {
@@ -46,12 +46,20 @@ WEIGHTS = {
 
 def build_parser() -> argparse.ArgumentParser:
     p = Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model_path", required=True, help="a run folder or a checkpoint folder")
+    p.add_argument(
+        "--model_path",
+        required=True,
+        help="a run folder, checkpoint folder, legacy .pt file or folder, or Hub repo id (USER/NAME)",
+    )
     p.add_argument(
         "--checkpoint",
-        default="best",
-        choices=["best", "last"],
-        help="which checkpoint of a run folder (best)",
+        default=None,
+        help="best or last for a run folder (best); a file name for a folder or Hub repo of .pt files "
+        "(default: the newest model_epoch_N.pt)",
+    )
+    p.add_argument("--revision", default=None, help="Hub revision (branch, tag or commit) to load")
+    p.add_argument(
+        "--n_layer", type=positive_int, default=None, help="layers, for legacy .pt formats that lack it (6)"
     )
     p.add_argument("--split", default="valid", choices=list(SPLITS), help="split to score (valid)")
     p.add_argument("--seq_len", type=positive_int, default=128, help="window length T (128)")
@@ -83,18 +91,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=1337, help="random seed for sampling (1337)")
     p.add_argument("--no_plots", action="store_true", help="skip the weight histograms")
     return p
-
-
-def load_model(model_path: str, checkpoint: str = "best") -> BDH:
-    """A BDH model from a checkpoint folder or a run folder of this project."""
-    folder = find_checkpoint(model_path, checkpoint)
-    try:
-        return BDH.from_pretrained(folder)
-    except Exception as e:
-        raise UsageError(
-            f"--model_path {folder}: could not load the checkpoint "
-            f"({type(e).__name__}: {str(e).splitlines()[0][:200]})"
-        ) from e
 
 
 def sample_text(model: BDH, prompt: str, args: argparse.Namespace, device, dtype) -> str:
@@ -165,7 +161,8 @@ def main(argv: list[str] | None = None) -> int:
             data = load_bytes_file(args.data_file, what="--data_file")
         else:
             data = load_split(args.split, args.data_dir)
-        model = load_model(args.model_path, args.checkpoint).to(device).eval()
+        model, source = load_model(args.model_path, args.checkpoint, args.revision, args.n_layer)
+        model = model.to(device).eval()
         loss, n_bytes = evaluate_loss(
             model,
             data,
@@ -196,6 +193,7 @@ def main(argv: list[str] | None = None) -> int:
         "seq_len": args.seq_len,
         "max_chunks": args.max_chunks,
         "model_path": str(args.model_path),
+        "model_source": source,
         "data_dir": args.data_dir,
         "dtype": str(dtype).removeprefix("torch."),
         "config": model.config.to_dict(),

@@ -12,6 +12,7 @@ import datetime as dt
 import math
 import os
 import shlex
+import signal
 import subprocess
 import sys
 import time
@@ -25,12 +26,15 @@ from data import (
     Parser,
     UsageError,
     autocast,
+    checkpoint_folder,
     describe_source,
     epoch_offsets,
     evaluate_loss,
     fail,
     load_bytes_file,
     load_split,
+    load_training_state,
+    load_weights,
     nonneg_float,
     nonneg_int,
     num_windows,
@@ -43,6 +47,7 @@ from data import (
     windows_at,
     write_json,
 )
+from hub import REPO_ID, try_push
 from model import BDH, BDHConfig
 
 LN2 = math.log(2)
@@ -141,6 +146,22 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--log_every", type=positive_int, default=10, help="CSV row every N steps (10)")
     g.add_argument("--out_dir", default=None, help="run folder (default: results/runs/<date-time>)")
     g.add_argument("--overwrite", action="store_true", help="allow reusing a folder that has a run")
+    g.add_argument(
+        "--resume",
+        default=None,
+        metavar="PATH|auto",
+        help="continue a run from a checkpoint folder or run folder; auto: --out_dir's last checkpoint",
+    )
+    g = p.add_argument_group("Hugging Face Hub")
+    g.add_argument(
+        "--push_to_hub",
+        action="store_true",
+        help="push the best checkpoint, a model card and "
+        "the results at the end of the run (token from HF_TOKEN or `hf auth login`)",
+    )
+    g.add_argument("--hf_repo_id", default=None, help="USER/NAME of the model repo to push to")
+    g.add_argument("--push_every_epoch", action="store_true", help="also push after every epoch")
+    g.add_argument("--hf_private", action="store_true", help="create the repo private")
     g.add_argument("--no_progress", action="store_true", help="no progress bar")
     return p
 
@@ -230,14 +251,27 @@ def make_plots(rows: list[dict], extra: list[str], out_dir: Path) -> None:
 
 
 class CsvLog:
-    """The training log: one row every --log_every steps, flushed as it goes."""
+    """The training log: one row every --log_every steps, flushed as it goes.
 
-    def __init__(self, path: Path, fields: list[str]) -> None:
+    A resumed run keeps the rows up to its checkpoint's step (rewritten atomically, which also
+    drops a line torn by a kill) and appends after them.
+    """
+
+    def __init__(self, path: Path, fields: list[str], resume_step: int | None = None) -> None:
         self.fields = fields
-        self.file = open(path, "w", newline="")
-        self.writer = csv.DictWriter(self.file, fieldnames=fields, lineterminator="\n")
-        self.writer.writeheader()
         self.rows: list[dict] = []
+        if resume_step is not None and path.is_file():
+            with open(path, newline="") as f:
+                old = [r for r in csv.DictReader(f) if r.get("step", "").isdigit()]
+            self.rows = [{k: r.get(k) or "" for k in fields} for r in old if int(r["step"]) <= resume_step]
+        tmp = path.with_name(path.name + ".tmp")
+        with open(tmp, "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=fields, lineterminator="\n")
+            writer.writeheader()
+            writer.writerows(self.rows)
+        os.replace(tmp, path)
+        self.file = open(path, "a", newline="")
+        self.writer = csv.DictWriter(self.file, fieldnames=fields, lineterminator="\n")
 
     def write(self, row: dict) -> None:
         row = {k: row.get(k, "") for k in self.fields}
@@ -249,10 +283,68 @@ class CsvLog:
         self.file.close()
 
 
+# Flags that must agree between a run and its resumption (the rest, e.g. --device, may change).
+RESUME_MUST_MATCH = (
+    "epochs",
+    "max_steps",
+    "batch_size",
+    "seq_len",
+    "lr",
+    "min_lr",
+    "warmup_steps",
+    "weight_decay",
+    "grad_clip",
+    "seed",
+    "n_embd",
+    "n_head",
+    "n_neurons",
+    "n_layer",
+    "dropout",
+    "rope_theta",
+    "rope_style",
+    "train_file",
+    "data_dir",
+)
+
+
+def find_resume(args: argparse.Namespace) -> Path | None:
+    """The checkpoint folder that --resume names (auto: --out_dir's last checkpoint), or None."""
+    if args.resume is None:
+        return None
+    if args.resume == "auto":
+        if args.out_dir is None:
+            raise UsageError("--resume auto needs --out_dir (the run folder to continue)")
+        where = Path(args.out_dir)
+    else:
+        where = Path(args.resume)
+    folder = checkpoint_folder(where, "last") if not (where / "training_state.pt").is_file() else where
+    if folder is None or not (folder / "training_state.pt").is_file():
+        raise UsageError(
+            f"--resume {args.resume}: no checkpoint with training state in {where} "
+            "(expected checkpoints/last/training_state.pt)"
+        )
+    return folder
+
+
 def prepare(args: argparse.Namespace) -> dict:
     """Check every argument and input before any work; UsageError on the first bad one."""
     device = resolve_device(args.device)
     dtype = resolve_dtype(args.dtype, device)
+    if args.push_every_epoch and not args.push_to_hub:
+        raise UsageError("--push_every_epoch needs --push_to_hub")
+    if args.push_to_hub and (args.hf_repo_id is None or not REPO_ID.match(args.hf_repo_id)):
+        raise UsageError(f"--push_to_hub needs --hf_repo_id USER/NAME (got {args.hf_repo_id!r})")
+    resume = find_resume(args)
+    resume_state = None
+    if resume is not None:
+        resume_state = load_training_state(resume)
+        saved = resume_state.get("args", {})
+        differ = [k for k in RESUME_MUST_MATCH if k in saved and saved[k] != getattr(args, k)]
+        if differ:
+            detail = ", ".join(f"--{k} {getattr(args, k)} (checkpoint: {saved[k]})" for k in differ)
+            raise UsageError(
+                f"--resume {args.resume}: the checkpoint's config disagrees with the flags given: {detail}"
+            )
     try:
         config = BDHConfig(
             n_embd=args.n_embd,
@@ -283,13 +375,18 @@ def prepare(args: argparse.Namespace) -> dict:
             f"train data has {num_windows(train, args.seq_len)} windows of "
             f"{args.seq_len} bytes, fewer than --batch_size {args.batch_size}"
         )
-    out_dir = Path(args.out_dir or f"results/runs/{dt.datetime.now():%Y%m%d-%H%M%S}")
+    if args.out_dir is not None:
+        out_dir = Path(args.out_dir)
+    elif resume is not None:
+        out_dir = resume.parent.parent  # RUN/checkpoints/last
+    else:
+        out_dir = Path(f"results/runs/{dt.datetime.now():%Y%m%d-%H%M%S}")
     if out_dir.exists() and not out_dir.is_dir():
         raise UsageError(f"--out_dir {out_dir} is a file, expected a folder")
-    if (out_dir / "log.csv").exists() and not args.overwrite:
+    if (out_dir / "log.csv").exists() and not args.overwrite and resume is None:
         raise UsageError(
-            f"--out_dir {out_dir} already holds a run; pass --overwrite to replace it, "
-            "or choose another folder"
+            f"--out_dir {out_dir} already holds a run; pass --resume auto to continue it, "
+            "--overwrite to replace it, or choose another folder"
         )
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
@@ -297,7 +394,7 @@ def prepare(args: argparse.Namespace) -> dict:
         probe.write_text("")
         probe.unlink()
     except OSError as e:
-        raise UsageError(f"--out_dir {out_dir} cannot be written ({e.strerror})") from e
+        raise UsageError(f"--out_dir {out_dir} cannot be written ({e.strerror or e})") from e
     return dict(
         device=device,
         dtype=dtype,
@@ -307,15 +404,40 @@ def prepare(args: argparse.Namespace) -> dict:
         extra=extra,
         steps_per_epoch=steps_per_epoch,
         out_dir=out_dir,
+        resume=resume,
+        resume_state=resume_state,
     )
 
 
+class Interrupted(Exception):
+    """SIGINT or SIGTERM arrived; the run was saved and can be resumed."""
+
+    def __init__(self, signum: int, message: str) -> None:
+        super().__init__(message)
+        self.code = 128 + signum
+
+
+def rng_state(device: torch.device) -> dict:
+    state = {"torch": torch.get_rng_state()}
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
+    return state
+
+
+def set_rng_state(state: dict, device: torch.device) -> None:
+    torch.set_rng_state(state["torch"])
+    if device.type == "cuda" and "cuda" in state:
+        torch.cuda.set_rng_state(state["cuda"], device)
+
+
 def train(args: argparse.Namespace, setup: dict) -> dict:
+    """The training loop. Returns the final metrics; raises Interrupted on SIGINT/SIGTERM."""
     device, dtype, config = setup["device"], setup["dtype"], setup["config"]
     train_data, valid, extra = setup["train"], setup["valid"], setup["extra"]
     out_dir: Path = setup["out_dir"]
     steps_per_epoch = setup["steps_per_epoch"]
     total_steps = args.max_steps or args.epochs * steps_per_epoch
+    resumed: dict | None = setup["resume_state"]
 
     torch.manual_seed(args.seed)
     model = BDH(config).to(device)
@@ -324,25 +446,48 @@ def train(args: argparse.Namespace, setup: dict) -> dict:
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
-    fused = device.type == "cuda"
-    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay, fused=fused)
+    optimizer = torch.optim.AdamW(
+        model.parameters(), lr=args.lr, weight_decay=args.weight_decay, fused=device.type == "cuda"
+    )
 
     launcher = "uv run" if "UV" in os.environ else Path(sys.executable).name
-    command = " ".join([launcher, *(shlex.quote(a) for a in [Path(sys.argv[0]).name, *sys.argv[1:]])])
+    argv = [a for a in sys.argv[1:]]
+    command = " ".join([launcher, *(shlex.quote(a) for a in [Path(sys.argv[0]).name, *argv])])
+    resume_argv = [a for a in argv if a != "--overwrite"]
+    if "--resume" in resume_argv:
+        i = resume_argv.index("--resume")
+        del resume_argv[i : i + 2]
+    resume_argv = [a for a in resume_argv if not a.startswith("--resume=")]
+    if "--out_dir" not in resume_argv and not any(a.startswith("--out_dir=") for a in resume_argv):
+        resume_argv += ["--out_dir", str(out_dir)]
+    resume_command = " ".join(
+        [launcher, *(shlex.quote(a) for a in [Path(sys.argv[0]).name, *resume_argv, "--resume", "auto"])]
+    )
     data_files = {
         "train": describe_source("train", args.data_dir, args.train_file),
         "valid": describe_source("valid", args.data_dir),
         "extra_valid": [describe_source(file_label(p), None, p) for p in args.extra_val_file],
     }
+
+    start_step, best, train_time, elapsed_before = 0, {"val_loss": float("inf")}, 0.0, 0.0
+    last_eval: dict = {}
+    if resumed is not None:
+        model.load_state_dict(load_weights(setup["resume"]))
+        optimizer.load_state_dict(resumed["optimizer"])
+        start_step, best = resumed["step"], resumed["best"]
+        train_time, elapsed_before = resumed["train_time_s"], resumed["elapsed_s"]
+        last_eval = resumed.get("last_eval", {})
+        set_rng_state(resumed["rng"], device)
     print(f"BDH-GPU: {model.num_params():,} parameters, {config}")
     print(
         f"train {len(train_data):,} bytes ({data_files['train']['source']}), "
         f"{steps_per_epoch} steps/epoch, {total_steps} steps; device {device_name(device)}, "
         f"{str(dtype).removeprefix('torch.')}, compile={use_compile}; out {out_dir}"
+        + (f"; resuming at step {start_step}" if resumed is not None else "")
     )
 
     fields = CSV_FIELDS + [f"{k}_{label}" for label in extra for k in ("val_loss", "val_bpb")]
-    log = CsvLog(out_dir / "log.csv", fields)
+    log = CsvLog(out_dir / "log.csv", fields, resume_step=start_step if resumed is not None else None)
 
     def validate() -> dict:
         loss, _ = evaluate_loss(fwd, valid, args.seq_len, args.eval_batch_size, device, autocast_dtype=dtype)
@@ -352,101 +497,174 @@ def train(args: argparse.Namespace, setup: dict) -> dict:
             out.update({f"val_loss_{label}": lx, f"val_bpb_{label}": lx / LN2})
         return out
 
-    best = {"val_loss": float("inf")}
-    last_eval: dict = {}
+    def save(done: int, which: tuple[str, ...] = ("last",)) -> None:
+        state = {
+            "step": done,
+            "optimizer": optimizer.state_dict(),
+            "args": vars(args),
+            "best": best,
+            "last_eval": last_eval,
+            "rng": rng_state(device),
+            "train_time_s": train_time,
+            "elapsed_s": elapsed_before + time.time() - start,
+        }
+        for name in which:
+            save_checkpoint(model, out_dir / "checkpoints" / name, state)
+
+    def write_results(done: int, finished: bool) -> dict:
+        metrics = summarize(
+            model,
+            args,
+            setup,
+            done,
+            total_steps,
+            last_eval,
+            best,
+            train_time,
+            elapsed_before + time.time() - start,
+            use_compile,
+            command,
+            data_files,
+        )
+        metrics["finished"] = finished
+        write_json(out_dir / "metrics.json", metrics)
+        make_plots(log.rows, list(extra), out_dir)
+        return metrics
+
+    push_failed = False
+    stop_signal: list[int] = []
+
+    def on_signal(signum, frame) -> None:  # finish the current step, then save and stop
+        stop_signal.append(signum)
+
+    handlers = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
     start = time.time()
-    train_time, interval_time, interval_bytes = 0.0, 0.0, 0
+    interval_time, interval_bytes = 0.0, 0
     loss_sum = torch.zeros((), device=device)
     loss_count = 0
     offsets = None
-    bar = tqdm(total=total_steps, disable=args.no_progress, unit="step", dynamic_ncols=True)
+    bar = tqdm(
+        total=total_steps, initial=start_step, disable=args.no_progress, unit="step", dynamic_ncols=True
+    )
     model.train()
     t0 = time.time()
-    for step in range(total_steps):
-        epoch, pos = divmod(step, steps_per_epoch)
-        if offsets is None or pos == 0:
-            offsets = epoch_offsets(len(train_data), args.seq_len, epoch, args.seed)
-        batch = offsets[pos * args.batch_size : (pos + 1) * args.batch_size]
-        x, y = windows_at(train_data, batch, args.seq_len)
-        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-        lr = lr_at(step, total_steps, args)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        with autocast(device, dtype):
-            _, loss = fwd(x, y)
-        loss.backward()
-        if args.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        loss_sum += loss.detach()
-        loss_count += 1
-        interval_bytes += x.numel()
+    try:
+        for step in range(start_step, total_steps):
+            epoch, pos = divmod(step, steps_per_epoch)
+            if offsets is None or pos == 0:
+                offsets = epoch_offsets(len(train_data), args.seq_len, epoch, args.seed)
+            batch = offsets[pos * args.batch_size : (pos + 1) * args.batch_size]
+            x, y = windows_at(train_data, batch, args.seq_len)
+            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+            lr = lr_at(step, total_steps, args)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            with autocast(device, dtype):
+                _, loss = fwd(x, y)
+            loss.backward()
+            if args.grad_clip > 0:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            loss_sum += loss.detach()
+            loss_count += 1
+            interval_bytes += x.numel()
 
-        done = step + 1
-        is_eval = done % args.eval_every == 0 or done == total_steps
-        if done % args.log_every == 0 or is_eval:
-            train_loss = loss_sum.item() / loss_count  # syncs the device
-            now = time.time()
-            interval_time += now - t0
-            train_time += now - t0
-            if not math.isfinite(train_loss):
-                log.close()
-                raise FloatingPointError(
-                    f"training loss became {train_loss} by step {done}; stopping. The last good "
-                    f"checkpoint (if any) is in {out_dir / 'checkpoints'}"
-                )
-            row = {
-                "step": done,
-                "epoch": round(done / steps_per_epoch, 4),
-                "bytes_seen": done * args.batch_size * args.seq_len,
-                "train_loss": round(train_loss, 5),
-                "lr": f"{lr:.6g}",
-                "bytes_per_s": round(interval_bytes / max(interval_time, 1e-9)),
-                "elapsed_s": round(now - start, 1),
-            }
-            speed = row["bytes_per_s"]
-            loss_sum.zero_()
-            loss_count, interval_bytes, interval_time = 0, 0, 0.0
-            if is_eval:
-                last_eval = validate()
-                row.update({k: round(v, 5) for k, v in last_eval.items()})
-                state = {
+            done = step + 1
+            epoch_end = done % steps_per_epoch == 0
+            is_eval = (
+                done % args.eval_every == 0 or done == total_steps or (args.push_every_epoch and epoch_end)
+            )
+            if done % args.log_every == 0 or is_eval or stop_signal:
+                train_loss = loss_sum.item() / loss_count  # syncs the device
+                now = time.time()
+                interval_time += now - t0
+                train_time += now - t0
+                if not math.isfinite(train_loss):
+                    raise FloatingPointError(
+                        f"training loss became {train_loss} by step {done}; stopped. The last good "
+                        f"checkpoint is kept in {out_dir / 'checkpoints'}"
+                    )
+                row = {
                     "step": done,
-                    "optimizer": optimizer.state_dict(),
-                    "args": vars(args),
-                    "val_loss": last_eval["val_loss"],
+                    "epoch": round(done / steps_per_epoch, 4),
+                    "bytes_seen": done * args.batch_size * args.seq_len,
+                    "train_loss": round(train_loss, 5),
+                    "lr": f"{lr:.6g}",
+                    "bytes_per_s": round(interval_bytes / max(interval_time, 1e-9)),
                 }
-                save_checkpoint(model, out_dir / "checkpoints" / "last", state)
-                if last_eval["val_loss"] < best["val_loss"]:
-                    best = {"step": done, **last_eval}
-                    save_checkpoint(model, out_dir / "checkpoints" / "best", state)
-                tqdm.write(
-                    f"step {done}: train {train_loss:.4f}, val {last_eval['val_loss']:.4f} "
-                    f"nats/byte ({last_eval['val_bpb']:.4f} bpb)"
-                    + "".join(f", {k} {v:.4f}" for k, v in last_eval.items() if k.startswith("val_loss_"))
-                )
-            row["elapsed_s"] = round(time.time() - start, 1)
-            log.write(row)
-            bar.set_postfix(loss=f"{train_loss:.3f}", bytes_s=f"{speed:,.0f}")
-            t0 = time.time()
-        bar.update(1)
-    bar.close()
-    log.close()
-    wall = time.time() - start
+                speed = row["bytes_per_s"]
+                loss_sum.zero_()
+                loss_count, interval_bytes, interval_time = 0, 0, 0.0
+                if is_eval:
+                    last_eval = validate()
+                    row.update({k: round(v, 5) for k, v in last_eval.items()})
+                    improved = last_eval["val_loss"] < best["val_loss"]
+                    if improved:
+                        best = {"step": done, **last_eval}
+                    save(done, ("last", "best") if improved else ("last",))
+                    tqdm.write(
+                        f"step {done}: train {train_loss:.4f}, val {last_eval['val_loss']:.4f} "
+                        f"nats/byte ({last_eval['val_bpb']:.4f} bpb)"
+                        + "".join(f", {k} {v:.4f}" for k, v in last_eval.items() if k.startswith("val_loss_"))
+                    )
+                row["elapsed_s"] = round(elapsed_before + time.time() - start, 1)
+                log.write(row)
+                bar.set_postfix(loss=f"{train_loss:.3f}", bytes_s=f"{speed:,.0f}")
+                if args.push_every_epoch and epoch_end and done < total_steps:
+                    write_results(done, finished=False)
+                    push_failed |= not try_push(out_dir, args.hf_repo_id, args.hf_private)
+                if stop_signal and done < total_steps:
+                    if not is_eval:
+                        save(done)
+                    write_results(done, finished=False)
+                    name = signal.Signals(stop_signal[0]).name
+                    raise Interrupted(
+                        stop_signal[0],
+                        f"{name} at step {done}: saved {out_dir / 'checkpoints' / 'last'}"
+                        f"; resume with: {resume_command}",
+                    )
+                t0 = time.time()
+            bar.update(1)
+    finally:
+        bar.close()
+        log.close()
+        for s, h in handlers.items():
+            signal.signal(s, h)
 
-    sample_idx = next(window_batches(valid, args.seq_len, min(8, args.eval_batch_size)))[0].to(device)
+    metrics = write_results(total_steps, finished=True)
+    print(
+        f"done: val loss {metrics['final_val_loss']:.4f} nats/byte, "
+        f"{metrics['final_val_bpb']:.4f} bits/byte, "
+        f"perplexity {metrics['final_val_perplexity']:.3f}; {metrics['bytes_per_s']:,} bytes/s; "
+        f"results in {out_dir}"
+    )
+    if args.push_to_hub:
+        push_failed |= not try_push(out_dir, args.hf_repo_id, args.hf_private)
+    metrics["push_failed"] = push_failed
+    return metrics
+
+
+def summarize(
+    model, args, setup, done, total_steps, last_eval, best, train_time, wall, use_compile, command, data_files
+) -> dict:
+    """metrics.json: the run's results and everything needed to say how they were made."""
+    device, dtype, valid, extra = setup["device"], setup["dtype"], setup["valid"], setup["extra"]
+    idx = next(window_batches(valid, args.seq_len, min(8, args.eval_batch_size)))[0].to(device)
+    was_training = model.training
     model.eval()
     with autocast(device, dtype):
-        sparsity = model.activation_stats(sample_idx)
-    trained_bytes = total_steps * args.batch_size * args.seq_len
-    metrics = {
-        "final_val_loss": last_eval["val_loss"],
-        "final_val_bpb": last_eval["val_bpb"],
-        "final_val_perplexity": math.exp(last_eval["val_loss"]),
-        "best_val_loss": best["val_loss"],
-        "best_val_bpb": best["val_bpb"],
-        "best_step": best["step"],
+        sparsity = model.activation_stats(idx)
+    model.train(was_training)
+    trained_bytes = done * args.batch_size * args.seq_len
+    val = last_eval.get("val_loss", float("nan"))
+    return {
+        "final_val_loss": val,
+        "final_val_bpb": val / LN2,
+        "final_val_perplexity": math.exp(val),
+        "best_val_loss": best.get("val_loss"),
+        "best_val_bpb": best.get("val_bpb"),
+        "best_step": best.get("step"),
         "final_extra_val": {
             label: {
                 "loss": last_eval[f"val_loss_{label}"],
@@ -454,20 +672,22 @@ def train(args: argparse.Namespace, setup: dict) -> dict:
                 "perplexity": math.exp(last_eval[f"val_loss_{label}"]),
             }
             for label in extra
+            if f"val_loss_{label}" in last_eval
         },
         "activation_nonzero": {
             "x_mean": float(np.mean([s["x_nonzero"] for s in sparsity])),
             "y_mean": float(np.mean([s["y_nonzero"] for s in sparsity])),
             "per_layer": sparsity,
         },
-        "steps": total_steps,
-        "epochs": round(total_steps / steps_per_epoch, 4),
+        "steps": done,
+        "total_steps": total_steps,
+        "epochs": round(done / setup["steps_per_epoch"], 4),
         "bytes_trained": trained_bytes,
         "wall_time_s": round(wall, 1),
         "train_time_s": round(train_time, 1),
         "bytes_per_s": round(trained_bytes / max(train_time, 1e-9)),
         "num_params": model.num_params(),
-        "config": config.to_dict(),
+        "config": model.config.to_dict(),
         "device": device_name(device),
         "dtype": str(dtype).removeprefix("torch."),
         "compile": use_compile,
@@ -478,26 +698,20 @@ def train(args: argparse.Namespace, setup: dict) -> dict:
         "data": data_files,
         "args": vars(args),
     }
-    write_json(out_dir / "metrics.json", metrics)
-    make_plots(log.rows, list(extra), out_dir)
-    print(
-        f"done: val loss {metrics['final_val_loss']:.4f} nats/byte, "
-        f"{metrics['final_val_bpb']:.4f} bits/byte, perplexity {metrics['final_val_perplexity']:.3f}; "
-        f"{metrics['bytes_per_s']:,} bytes/s; results in {out_dir}"
-    )
-    return metrics
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         setup = prepare(args)
-        train(args, setup)
+        metrics = train(args, setup)
     except UsageError as e:
         fail(str(e))
     except FloatingPointError as e:
         fail(str(e), code=1)
-    return 0
+    except Interrupted as e:
+        fail(str(e), code=e.code)
+    return 1 if metrics["push_failed"] else 0
 
 
 if __name__ == "__main__":
