@@ -3,11 +3,35 @@
 from __future__ import annotations
 
 import os
+import socket
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+# huggingface_hub reads these once, at import: set them before anything imports it. Every Hub call
+# of the tests (and of the scripts they start) goes to the local server of tests/hub_server.py.
+HUB_PORT = _free_port()
+HF_TOKEN = "hf_test_secret_token_0123456789"
+os.environ.update(
+    HF_ENDPOINT=f"http://127.0.0.1:{HUB_PORT}",
+    HF_TOKEN=HF_TOKEN,
+    HF_HUB_CACHE=tempfile.mkdtemp(prefix="bdh-hf-cache-"),
+    HF_HUB_DISABLE_TELEMETRY="1",
+    HF_HUB_DISABLE_XET="1",
+    HF_HUB_ETAG_TIMEOUT="5",
+    HF_HUB_DOWNLOAD_TIMEOUT="10",
+)
+os.environ.pop("HF_HUB_OFFLINE", None)
 
 REPO = Path(__file__).resolve().parent.parent
 SHARED = Path(os.environ.get("BDH_SHARED", REPO.parent / "shared"))
@@ -28,6 +52,15 @@ def require_shared(path: Path = SHARED) -> Path:
             pytrace=False,
         )
     return path
+
+
+@pytest.fixture(scope="session")
+def hub():
+    """The local Hub server at HF_ENDPOINT, for the whole session."""
+    from hub_server import HubServer
+
+    with HubServer(HUB_PORT) as server:
+        yield server
 
 
 @pytest.fixture(scope="session")

@@ -1,0 +1,241 @@
+"""The Hub both ways, against the local server, and every checkpoint format."""
+
+import json
+import math
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import HF_TOKEN, TINY_MODEL, _free_port, run_script
+from data import UsageError, evaluate_loss, load_split
+from hub import load_model
+from model import BDH
+
+
+def fixture_spec(shared):
+    return json.loads((shared / "fixtures" / "legacy" / "fixtures.json").read_text())
+
+
+@pytest.mark.parametrize("name", ["seed_format", "official_format"])
+def test_legacy_checkpoints_reproduce_their_original_logits_and_loss(shared, raw_dir, name):
+    legacy = shared / "fixtures" / "legacy"
+    spec = fixture_spec(shared)[f"{name}.pt"]
+    model, info = load_model(str(legacy / f"{name}.pt"), n_layer=spec["n_layer"])
+    assert info["format"] == "legacy .pt"
+    assert (model.config.n_embd, model.config.n_head, model.config.n_neurons) == (
+        spec["n_embd"],
+        spec["n_head"],
+        spec["n_neurons"],
+    )
+    expected = load_file(legacy / f"{name}.expected.safetensors")
+    logits, _ = model.eval()(expected["idx"])
+    assert (logits - expected["logits"]).abs().max().item() < 1e-4
+    w = spec["windowed_valid_loss"]
+    loss, _ = evaluate_loss(
+        model, load_split("valid", raw_dir), w["seq_len"], 4, torch.device("cpu"), max_chunks=w["max_chunks"]
+    )
+    assert loss == pytest.approx(w["loss"], abs=1e-4)
+
+
+def test_convert_a_legacy_checkpoint(shared, tmp_path):
+    legacy = shared / "fixtures" / "legacy"
+    out = tmp_path / "converted"
+    result = run_script("hub.py", "convert", str(legacy / "seed_format.pt"), str(out), "--n_layer", "2")
+    assert result.returncode == 0, result.stderr
+    model = BDH.from_pretrained(out)
+    assert model.config.rope_style == "half" and model.config.rope_theta == 10000.0
+    expected = load_file(legacy / "seed_format.expected.safetensors")
+    assert (model.eval()(expected["idx"])[0] - expected["logits"]).abs().max().item() < 1e-4
+
+
+def test_files_of_no_known_format_are_refused_clearly(tmp_path):
+    torch.save({"weight": torch.zeros(3)}, tmp_path / "other.pt")
+    with pytest.raises(UsageError, match="unrecognised state dict.*expected reference report: decoder_x"):
+        load_model(str(tmp_path / "other.pt"))
+    (tmp_path / "broken.pt").write_bytes(b"not a checkpoint at all")
+    with pytest.raises(UsageError, match="not a readable PyTorch state dict"):
+        load_model(str(tmp_path / "broken.pt"))
+    (tmp_path / "notes.txt").write_text("hello")
+    with pytest.raises(UsageError, match="expected a .pt state dict"):
+        load_model(str(tmp_path / "notes.txt"))
+    with pytest.raises(UsageError, match="no file, folder or Hub repo id"):
+        load_model("./not/here")
+
+
+class Payload:  # a pickled object: weights_only=True must refuse to run its code
+    def __reduce__(self):
+        return (print, ("unpickled code ran",))
+
+
+def test_pt_files_are_loaded_with_weights_only(tmp_path, capsys):
+    torch.save({"evil": Payload()}, tmp_path / "evil.pt")
+    with pytest.raises(UsageError, match="not a readable PyTorch state dict"):
+        load_model(str(tmp_path / "evil.pt"))
+    assert "unpickled code ran" not in capsys.readouterr().out
+
+
+def test_a_run_pushes_and_loads_back_with_the_same_metrics(hub, tmp_path, small_data_dir):
+    out = tmp_path / "run"
+    result = run_script(
+        "experiment.py",
+        "--device",
+        "cpu",
+        "--data_dir",
+        str(small_data_dir),
+        *TINY_MODEL,
+        "--max_steps",
+        "12",
+        "--eval_every",
+        "6",
+        "--batch_size",
+        "4",
+        "--seq_len",
+        "32",
+        "--warmup_steps",
+        "2",
+        "--out_dir",
+        str(out),
+        "--no_progress",
+        "--push_to_hub",
+        "--hf_repo_id",
+        "tester/tiny-bdh",
+        "--push_every_epoch",
+    )
+    assert result.returncode == 0, result.stderr
+    assert HF_TOKEN not in result.stdout + result.stderr
+    assert any(HF_TOKEN in auth for _, _, auth in hub.state.requests)  # the token was used, not shown
+    _, files = hub.state.repos["tester/tiny-bdh"].snapshot("main")
+    assert {
+        "model.safetensors",
+        "config.json",
+        "README.md",
+        "log.csv",
+        "metrics.json",
+        "loss.png",
+        "bpb.png",
+        "lr.png",
+    } <= set(files)
+    assert "training_state.pt" not in files
+    card = files["README.md"].decode()
+    assert card.startswith("---\n") and "library_name: dragon-hatchling" in card
+    assert "Salesforce/wikitext" in card and "model-index" in card and "![loss](loss.png)" in card
+
+    metrics = json.loads((out / "metrics.json").read_text())
+    local = BDH.from_pretrained(out / "checkpoints" / "best")
+    remote = BDH.from_pretrained("tester/tiny-bdh")
+    assert remote.config == local.config
+    for (name, a), (_, b) in zip(local.state_dict().items(), remote.state_dict().items(), strict=True):
+        assert torch.equal(a, b), name
+
+    ev = tmp_path / "eval"
+    result = run_script(
+        "evaluate.py",
+        "--model_path",
+        "tester/tiny-bdh",
+        "--data_dir",
+        str(small_data_dir),
+        "--seq_len",
+        "32",
+        "--device",
+        "cpu",
+        "--out_dir",
+        str(ev),
+        "--no_plots",
+    )
+    assert result.returncode == 0, result.stderr
+    got = json.loads((ev / "metrics.json").read_text())
+    assert got["loss"] == pytest.approx(metrics["best_val_loss"], abs=1e-5)
+    assert got["model_source"]["format"] == "dragon-hatchling"
+
+
+def test_reference_layout_repo_newest_epoch_and_revisions(hub, shared, raw_dir):
+    from huggingface_hub import HfApi
+
+    api = HfApi()
+    api.create_repo("tester/seed-layout", exist_ok=True)
+    seed = shared / "fixtures" / "legacy" / "seed_format.pt"
+    older = {k: v * 0.5 for k, v in torch.load(seed, weights_only=True).items()}
+    buf = __import__("io").BytesIO()
+    torch.save(older, buf)
+    api.upload_file(
+        path_or_fileobj=buf.getvalue(), path_in_repo="model_epoch_1.pt", repo_id="tester/seed-layout"
+    )
+    first = hub.state.repos["tester/seed-layout"].snapshot("main")[0]
+    api.upload_file(path_or_fileobj=str(seed), path_in_repo="model_epoch_2.pt", repo_id="tester/seed-layout")
+
+    valid = load_split("valid", raw_dir)
+    spec = fixture_spec(shared)["seed_format.pt"]["windowed_valid_loss"]
+
+    def loss_of(**kw) -> float:
+        model, info = load_model("tester/seed-layout", n_layer=2, **kw)
+        return evaluate_loss(
+            model, valid, spec["seq_len"], 8, torch.device("cpu"), max_chunks=spec["max_chunks"]
+        )[0], info
+
+    newest, info = loss_of()
+    assert info["file"] == "model_epoch_2.pt" and newest == pytest.approx(spec["loss"], abs=1e-4)
+    chosen, info = loss_of(checkpoint="model_epoch_1.pt")
+    assert info["file"] == "model_epoch_1.pt" and not math.isclose(chosen, newest, abs_tol=1e-3)
+    pinned, info = loss_of(revision=first)  # at that commit only epoch 1 existed
+    assert info["file"] == "model_epoch_1.pt" and pinned == pytest.approx(chosen, abs=1e-6)
+    with pytest.raises(UsageError, match="--checkpoint model_epoch_9.pt is not in Hub repo"):
+        load_model("tester/seed-layout", checkpoint="model_epoch_9.pt")
+    with pytest.raises(UsageError, match="no such Hub repo"):
+        load_model("tester/does-not-exist")
+
+
+def test_a_failed_push_keeps_the_run_and_says_how_to_push_later(hub, tmp_path, small_data_dir):
+    out = tmp_path / "run"
+    dead = f"http://127.0.0.1:{_free_port()}"
+    result = run_script(
+        "experiment.py",
+        "--device",
+        "cpu",
+        "--data_dir",
+        str(small_data_dir),
+        *TINY_MODEL,
+        "--max_steps",
+        "6",
+        "--eval_every",
+        "6",
+        "--batch_size",
+        "4",
+        "--seq_len",
+        "32",
+        "--warmup_steps",
+        "2",
+        "--out_dir",
+        str(out),
+        "--no_progress",
+        "--push_to_hub",
+        "--hf_repo_id",
+        "tester/later",
+        env={"HF_ENDPOINT": dead},
+    )
+    assert result.returncode == 1
+    assert "Traceback" not in result.stderr and HF_TOKEN not in result.stdout + result.stderr
+    lines = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(lines) == 1 and "push to the Hub failed" in lines[0]
+    later = f"hub.py push {out} --hf_repo_id tester/later"
+    assert later in lines[0]
+    for name in ("log.csv", "metrics.json", "loss.png", "checkpoints/best/model.safetensors"):
+        assert (out / name).is_file(), name
+    assert json.loads((out / "metrics.json").read_text())["finished"] is True
+
+    again = run_script(*later.split())  # the printed command works once the Hub is back
+    assert again.returncode == 0, again.stderr
+    assert "model.safetensors" in hub.state.repos["tester/later"].snapshot("main")[1]
+
+
+def test_push_needs_a_repo_id(small_data_dir, tmp_path):
+    result = run_script(
+        "experiment.py",
+        "--data_dir",
+        str(small_data_dir),
+        "--push_to_hub",
+        "--out_dir",
+        str(tmp_path / "r"),
+        timeout=60,
+    )
+    assert result.returncode == 2 and "--hf_repo_id" in result.stderr and "Traceback" not in result.stderr
