@@ -214,10 +214,7 @@ def load_hub(
 
 
 def load_model(
-    model_path: str,
-    checkpoint: str | None = None,
-    revision: str | None = None,
-    n_layer: int | None = None,
+    model_path: str, checkpoint: str | None = None, revision: str | None = None, n_layer: int | None = None
 ) -> tuple[BDH, dict]:
     """Any BDH checkpoint (see the module docstring) and a note of where it came from.
 

@@ -77,32 +77,16 @@ def test_pt_files_are_loaded_with_weights_only(tmp_path, capsys):
 
 def test_a_run_pushes_and_loads_back_with_the_same_metrics(hub, tmp_path, small_data_dir):
     out = tmp_path / "run"
+    train = tmp_path / "train.txt"
+    train.write_bytes((small_data_dir / "wiki.train.raw").read_bytes()[:1_000])  # 7 steps an epoch
+    flags = "--epochs 2 --eval_every 100 --batch_size 4 --seq_len 32 --warmup_steps 2 --no_progress"
+    push = "--push_to_hub --hf_repo_id tester/tiny-bdh --push_every_epoch"
     result = run_script(
-        "experiment.py",
-        "--device",
-        "cpu",
-        "--data_dir",
-        str(small_data_dir),
-        *TINY_MODEL,
-        "--max_steps",
-        "12",
-        "--eval_every",
-        "6",
-        "--batch_size",
-        "4",
-        "--seq_len",
-        "32",
-        "--warmup_steps",
-        "2",
-        "--out_dir",
-        str(out),
-        "--no_progress",
-        "--push_to_hub",
-        "--hf_repo_id",
-        "tester/tiny-bdh",
-        "--push_every_epoch",
-    )
+        "experiment.py", "--device", "cpu", "--data_dir", str(small_data_dir), "--train_file", str(train),
+        "--out_dir", str(out), *TINY_MODEL, *flags.split(), *push.split(),
+    )  # fmt: skip
     assert result.returncode == 0, result.stderr
+    assert len(hub.state.repos["tester/tiny-bdh"].commits) == 3  # creation, epoch 1, the end
     assert HF_TOKEN not in result.stdout + result.stderr
     assert any(HF_TOKEN in auth for _, _, auth in hub.state.requests)  # the token was used, not shown
     _, files = hub.state.repos["tester/tiny-bdh"].snapshot("main")
