@@ -430,6 +430,14 @@ def set_rng_state(state: dict, device: torch.device) -> None:
         torch.cuda.set_rng_state(state["cuda"], device)
 
 
+def kept_checkpoint(out_dir: Path) -> str:
+    folder = checkpoint_folder(out_dir, "last")
+    if folder is None:
+        return "No checkpoint had been saved yet."
+    step = load_training_state(folder)["step"]
+    return f"The last good checkpoint (step {step}) is kept in {folder}."
+
+
 def train(args: argparse.Namespace, setup: dict) -> dict:
     """The training loop. Returns the final metrics; raises Interrupted on SIGINT/SIGTERM."""
     device, dtype, config = setup["device"], setup["dtype"], setup["config"]
@@ -582,8 +590,8 @@ def train(args: argparse.Namespace, setup: dict) -> dict:
                 train_time += now - t0
                 if not math.isfinite(train_loss):
                     raise FloatingPointError(
-                        f"training loss became {train_loss} by step {done}; stopped. The last good "
-                        f"checkpoint is kept in {out_dir / 'checkpoints'}"
+                        f"training loss became {train_loss} by step {done}; stopped. "
+                        + kept_checkpoint(out_dir)
                     )
                 row = {
                     "step": done,
@@ -598,6 +606,11 @@ def train(args: argparse.Namespace, setup: dict) -> dict:
                 loss_count, interval_bytes, interval_time = 0, 0, 0.0
                 if is_eval:
                     last_eval = validate()
+                    if not math.isfinite(last_eval["val_loss"]):
+                        raise FloatingPointError(
+                            f"validation loss became {last_eval['val_loss']} at step {done}; stopped. "
+                            + kept_checkpoint(out_dir)
+                        )
                     row.update({k: round(v, 5) for k, v in last_eval.items()})
                     improved = last_eval["val_loss"] < best["val_loss"]
                     if improved:
