@@ -213,8 +213,15 @@ def make_plots(rows: list[dict], extra: list[str], out_dir: Path) -> None:
     import matplotlib.pyplot as plt
 
     def series(key: str) -> tuple[list, list]:
-        pts = [(r["bytes_seen"], r[key]) for r in rows if r.get(key) not in (None, "")]
+        pts = [(float(r["bytes_seen"]), float(r[key])) for r in rows if r.get(key) not in (None, "")]
         return [p[0] for p in pts], [p[1] for p in pts]
+
+    def save(fig, name: str) -> None:  # atomically: a kill never leaves half a PNG
+        fig.tight_layout()
+        tmp = out_dir / f".{name}.tmp"
+        fig.savefig(tmp, dpi=120, format="png")
+        os.replace(tmp, out_dir / name)
+        plt.close(fig)
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
     ax.plot(*series("train_loss"), label="train", alpha=0.6, lw=1)
@@ -224,9 +231,7 @@ def make_plots(rows: list[dict], extra: list[str], out_dir: Path) -> None:
     ax.set(xlabel="bytes seen", ylabel="loss (nats/byte)", title="BDH-GPU on byte-level Wikitext-2")
     ax.grid(alpha=0.3)
     ax.legend()
-    fig.tight_layout()
-    fig.savefig(out_dir / "loss.png", dpi=120)
-    plt.close(fig)
+    save(fig, "loss.png")
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
     xs, ys = series("train_loss")
@@ -237,17 +242,13 @@ def make_plots(rows: list[dict], extra: list[str], out_dir: Path) -> None:
     ax.set(xlabel="bytes seen", ylabel="bits per byte", title="Bits per byte")
     ax.grid(alpha=0.3)
     ax.legend()
-    fig.tight_layout()
-    fig.savefig(out_dir / "bpb.png", dpi=120)
-    plt.close(fig)
+    save(fig, "bpb.png")
 
     fig, ax = plt.subplots(figsize=(7, 3.5))
     ax.plot(*series("lr"))
     ax.set(xlabel="bytes seen", ylabel="learning rate", title="Learning rate")
     ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(out_dir / "lr.png", dpi=120)
-    plt.close(fig)
+    save(fig, "lr.png")
 
 
 class CsvLog:

@@ -1,0 +1,274 @@
+"""Resume exactly, stop cleanly on signals, never lose a checkpoint, clear errors for bad input."""
+
+import csv
+import json
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from test_cli import assert_clean_error
+
+from conftest import REPO, TINY_MODEL, run_script
+from data import checkpoint_folder, load_training_state
+
+FAST = "--batch_size 4 --seq_len 32 --warmup_steps 3 --log_every 1 --no_progress --device cpu".split()
+
+
+def train_losses(run) -> list[tuple[int, str]]:
+    with open(run / "log.csv", newline="") as f:
+        return [(int(r["step"]), r["train_loss"]) for r in csv.DictReader(f)]
+
+
+def start(*args, **kw) -> subprocess.Popen:
+    return subprocess.Popen(
+        [sys.executable, "experiment.py", *args],
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        **kw,
+    )
+
+
+def wait_for_rows(run, count: int, proc: subprocess.Popen, timeout: float = 120) -> None:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if (run / "log.csv").is_file() and len(train_losses(run)) >= count:
+            return
+        assert proc.poll() is None, proc.communicate()
+        time.sleep(0.02)
+    raise AssertionError("the run did not start logging in time")
+
+
+@pytest.mark.parametrize("sig, code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+def test_a_signal_saves_and_resume_continues_bit_exact(sig, code, tmp_path, small_data_dir):
+    common = [
+        "--data_dir",
+        str(small_data_dir),
+        *TINY_MODEL,
+        *FAST,
+        "--max_steps",
+        "250",
+        "--eval_every",
+        "100",
+    ]
+    whole, parts = tmp_path / "whole", tmp_path / "parts"
+    assert run_script("experiment.py", *common, "--out_dir", str(whole)).returncode == 0
+
+    proc = start(*common, "--out_dir", str(parts))
+    wait_for_rows(parts, 5, proc)
+    proc.send_signal(sig)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == code, err
+    assert "Traceback" not in err and "resume with:" in err and "--resume auto" in err
+    stopped = load_training_state(checkpoint_folder(parts, "last"))["step"]
+    assert 5 <= stopped < 250
+    assert json.loads((parts / "metrics.json").read_text())["finished"] is False
+
+    resumed = run_script("experiment.py", *common, "--out_dir", str(parts), "--resume", "auto")
+    assert resumed.returncode == 0, resumed.stderr
+    assert f"resuming at step {stopped}" in resumed.stdout
+    assert train_losses(parts) == train_losses(whole)  # every step, same loss, rows neither lost nor doubled
+    a = load_file(whole / "checkpoints" / "last" / "model.safetensors")
+    b = load_file(parts / "checkpoints" / "last" / "model.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert json.loads((parts / "metrics.json").read_text())["final_val_loss"] == pytest.approx(
+        json.loads((whole / "metrics.json").read_text())["final_val_loss"], abs=0
+    )
+
+
+SAVER = """
+import sys, torch
+from data import save_checkpoint
+from model import BDH, BDHConfig
+model = BDH(BDHConfig(n_embd=64, n_head=2, n_neurons=32768, n_layer=1))
+for version in range(1, 10_000):
+    with torch.no_grad():
+        for p in model.parameters():
+            p.fill_(version)
+    save_checkpoint(model, sys.argv[1] + "/checkpoints/last", {"step": version, "optimizer": {}})
+    print(version, flush=True)
+"""
+
+
+def test_sigkill_while_saving_leaves_a_readable_checkpoint(tmp_path):
+    for attempt in range(4):
+        run = tmp_path / f"run{attempt}"
+        proc = subprocess.Popen(
+            [sys.executable, "-c", SAVER, str(run)], cwd=REPO, stdout=subprocess.PIPE, text=True
+        )
+        assert proc.stdout.readline().strip() == "1"  # the first save is complete
+        time.sleep(0.05 + 0.07 * attempt)  # kill at varying points, mostly in the middle of a save
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        folder = checkpoint_folder(run, "last")
+        assert folder is not None
+        weights = load_file(folder / "model.safetensors")
+        version = load_training_state(folder)["step"]
+        assert all(torch.all(w == version) for w in weights.values())  # weights and state agree
+
+
+def test_nan_loss_stops_with_the_step_and_keeps_the_last_good_checkpoint(tmp_path, small_data_dir):
+    run = tmp_path / "run"
+    common = ["--data_dir", str(small_data_dir), *TINY_MODEL, *FAST, "--max_steps", "20", "--eval_every", "4"]
+    proc = start(*common, "--out_dir", str(run))
+    wait_for_rows(run, 9, proc)
+    proc.send_signal(signal.SIGINT)
+    proc.communicate(timeout=120)
+    folder = checkpoint_folder(run, "last")
+    state = load_training_state(folder)
+    for per_param in state["optimizer"]["state"].values():  # poison: a negative second moment
+        per_param["exp_avg_sq"].fill_(-1.0)
+    torch.save(state, folder / "training_state.pt")
+    good = load_file(folder / "model.safetensors")
+
+    result = run_script("experiment.py", *common, "--out_dir", str(run), "--resume", "auto")
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    line = result.stderr.strip().splitlines()[-1]
+    # the first step after the checkpoint still computes its loss with good weights; its update is NaN
+    assert f"training loss became nan by step {state['step'] + 2}" in line
+    assert f"last good checkpoint (step {state['step']})" in line
+    kept = load_file(checkpoint_folder(run, "last") / "model.safetensors")
+    assert all(torch.equal(good[k], kept[k]) for k in good)
+
+
+# ----------------------------------------------------------------------------- bad input, one test each
+
+
+def tiny_args(data_dir, out) -> list[str]:
+    return ["--data_dir", str(data_dir), *TINY_MODEL, "--max_steps", "1", "--out_dir", str(out)]
+
+
+def test_empty_split(tmp_path, small_data_dir):
+    (small_data_dir / "wiki.valid.raw").write_bytes(b"")
+    assert_clean_error(
+        run_script("experiment.py", *tiny_args(small_data_dir, tmp_path / "r")), "wiki.valid.raw", "empty"
+    )
+
+
+def test_missing_split_file(tmp_path, small_data_dir):
+    (small_data_dir / "wiki.train.raw").unlink()
+    result = run_script("experiment.py", *tiny_args(small_data_dir, tmp_path / "r"))
+    assert_clean_error(result, "wiki.train.raw", "does not exist")
+
+
+def test_max_steps_not_positive(tmp_path, small_data_dir):
+    result = run_script("experiment.py", *tiny_args(small_data_dir, tmp_path / "r"), "--max_steps", "0")
+    assert_clean_error(result, "--max_steps")
+
+
+def test_cuda_asked_for_but_not_available(tmp_path, small_data_dir):
+    if torch.cuda.is_available():
+        pytest.fail("this test checks the error on a machine without CUDA (as CI is)")
+    result = run_script("experiment.py", *tiny_args(small_data_dir, tmp_path / "r"), "--device", "cuda")
+    assert_clean_error(result, "--device cuda", "not available")
+
+
+def test_odd_neurons_per_head(tmp_path, small_data_dir):
+    result = run_script(
+        "experiment.py", *tiny_args(small_data_dir, tmp_path / "r"), "--n_neurons", "6", "--n_head", "2"
+    )
+    assert_clean_error(result, "neurons per head", "even")
+
+
+def test_output_folder_cannot_be_written(tmp_path, small_data_dir):
+    (tmp_path / "a-file").write_text("x")
+    result = run_script("experiment.py", *tiny_args(small_data_dir, tmp_path / "a-file" / "run"))
+    assert_clean_error(result, "--out_dir", "cannot be written")
+
+
+def test_evaluate_output_folder_cannot_be_written(tmp_path, small_data_dir, shared):
+    (tmp_path / "a-file").write_text("x")
+    seed = shared / "fixtures" / "legacy" / "seed_format.pt"
+    result = run_script(
+        "evaluate.py",
+        "--model_path",
+        str(seed),
+        "--data_dir",
+        str(small_data_dir),
+        "--out_dir",
+        str(tmp_path / "a-file" / "eval"),
+        "--max_chunks",
+        "1",
+    )
+    assert_clean_error(result, "--out_dir", "cannot be written")
+
+
+@pytest.fixture
+def finished_run(tmp_path, small_data_dir):
+    run = tmp_path / "run"
+    result = run_script("experiment.py", *tiny_args(small_data_dir, run), *FAST, "--max_steps", "3")
+    assert result.returncode == 0, result.stderr
+    return run
+
+
+def test_truncated_checkpoint(finished_run, small_data_dir):
+    weights = finished_run / "checkpoints" / "best" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:100])
+    result = run_script(
+        "evaluate.py",
+        "--model_path",
+        str(finished_run),
+        "--data_dir",
+        str(small_data_dir),
+        "--max_chunks",
+        "1",
+    )
+    assert_clean_error(result, "could not load the checkpoint")
+
+
+def test_corrupted_training_state(finished_run, small_data_dir):
+    (finished_run / "checkpoints" / "last" / "training_state.pt").write_bytes(b"garbage")
+    before = (finished_run / "log.csv").read_bytes()
+    result = run_script(
+        "experiment.py",
+        *tiny_args(small_data_dir, finished_run),
+        *FAST,
+        "--max_steps",
+        "3",
+        "--resume",
+        "auto",
+    )
+    assert_clean_error(result, "training_state.pt", "corrupted")
+    assert (finished_run / "log.csv").read_bytes() == before
+
+
+def test_resume_with_flags_that_disagree(finished_run, small_data_dir):
+    before = (finished_run / "log.csv").read_bytes()
+    result = run_script(
+        "experiment.py",
+        *tiny_args(small_data_dir, finished_run),
+        *FAST,
+        "--max_steps",
+        "3",
+        "--n_layer",
+        "3",
+        "--resume",
+        "auto",
+    )
+    assert_clean_error(result, "disagrees", "--n_layer 3")
+    assert (finished_run / "log.csv").read_bytes() == before
+
+
+def test_evaluate_n_layer_that_disagrees(finished_run, small_data_dir):
+    result = run_script(
+        "evaluate.py",
+        "--model_path",
+        str(finished_run),
+        "--data_dir",
+        str(small_data_dir),
+        "--n_layer",
+        "5",
+        "--max_chunks",
+        "1",
+    )
+    assert_clean_error(result, "--n_layer 5", "disagrees")
+
+
+def test_resume_without_a_checkpoint(tmp_path, small_data_dir):
+    result = run_script("experiment.py", *tiny_args(small_data_dir, tmp_path / "empty"), "--resume", "auto")
+    assert_clean_error(result, "--resume auto", "no checkpoint")
