@@ -275,7 +275,6 @@ def model_card(run_dir: Path, repo_id: str) -> str:
     ]
     data = ModelCardData(
         library_name="dragon-hatchling",
-        license="mit",
         datasets=["Salesforce/wikitext"],
         tags=["bdh", "dragon-hatchling", "byte-level", "text-generation"],
         pipeline_tag="text-generation",

@@ -122,7 +122,6 @@ class BDH(
     PyTorchModelHubMixin,
     library_name="dragon-hatchling",
     tags=["bdh", "dragon-hatchling", "byte-level", "language-model"],
-    license="mit",
 ):
     """BDH-GPU with Appendix E's names: embed, Dx, Dy, E, readout (one set for all layers)."""
 
