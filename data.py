@@ -7,6 +7,7 @@ import hashlib
 import json
 import math
 import os
+import shutil
 import sys
 from collections.abc import Iterable, Iterator
 from pathlib import Path
@@ -63,6 +64,31 @@ def nonneg_int(text: str) -> int:
 class Parser(argparse.ArgumentParser):
     def error(self, message: str) -> None:  # one line, exit 2, no usage dump
         fail(message)
+
+
+def add_device_args(parser: argparse.ArgumentParser | argparse._ArgumentGroup) -> None:
+    """--device and --dtype, as both scripts take them."""
+    parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default: auto)")
+    parser.add_argument(
+        "--dtype",
+        default="auto",
+        help="auto (bfloat16 autocast on CUDA, float32 elsewhere), float32, bfloat16, float16",
+    )
+
+
+def make_out_dir(path: str | Path) -> Path:
+    """Create the output folder and check that a file can be written in it, or a UsageError."""
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise UsageError(f"--out_dir {path} is a file, expected a folder")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        probe = path / ".write-test"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as e:
+        raise UsageError(f"--out_dir {path} cannot be written ({e.strerror or e})") from e
+    return path
 
 
 # ----------------------------------------------------------------------------- data
@@ -197,6 +223,29 @@ def evaluate_loss(
     return total / count, count
 
 
+@torch.no_grad()
+def activation_summary(
+    model: torch.nn.Module,
+    data: np.ndarray,
+    seq_len: int,
+    windows: int,
+    device: torch.device,
+    autocast_dtype: torch.dtype | None = None,
+) -> dict:
+    """Fraction of non-zero neurons x and y, per layer and averaged, on the first `windows` windows."""
+    idx = next(window_batches(data, seq_len, windows))[0].to(device)
+    was_training = model.training
+    model.eval()
+    with autocast(device, autocast_dtype):
+        per_layer = model.activation_stats(idx)
+    model.train(was_training)
+    return {
+        "x_mean": float(np.mean([s["x_nonzero"] for s in per_layer])),
+        "y_mean": float(np.mean([s["y_nonzero"] for s in per_layer])),
+        "per_layer": per_layer,
+    }
+
+
 def autocast(device: torch.device, dtype: torch.dtype | None):
     """Autocast context for mixed precision, or a no-op for float32."""
     if dtype is None or dtype == torch.float32:
@@ -258,33 +307,29 @@ def save_checkpoint(model, folder: str | Path, training_state: dict | None = Non
     folder = Path(folder)
     tmp = folder.with_name(folder.name + ".tmp")
     if tmp.exists():
-        _rmtree(tmp)
+        shutil.rmtree(tmp)
     model.save_pretrained(tmp)
     if training_state is not None:
         torch.save(training_state, tmp / "training_state.pt")
     old = folder.with_name(folder.name + ".old")
     if folder.exists():
         if old.exists():
-            _rmtree(old)
+            shutil.rmtree(old)
         os.replace(folder, old)
     os.replace(tmp, folder)
     if old.exists():
-        _rmtree(old)
+        shutil.rmtree(old)
 
 
-def _rmtree(path: Path) -> None:
-    import shutil
-
-    shutil.rmtree(path)
+def is_checkpoint(folder: str | Path) -> bool:
+    """A checkpoint folder of this project: config.json + model.safetensors."""
+    return (Path(folder) / "config.json").is_file() and (Path(folder) / "model.safetensors").is_file()
 
 
 def checkpoint_folder(run_dir: str | Path, which: str = "last") -> Path | None:
     """RUN/checkpoints/<which>, or its `.old` twin if a save was cut short between its two renames."""
     base = Path(run_dir) / "checkpoints"
-    for folder in (base / which, base / f"{which}.old"):
-        if (folder / "config.json").is_file() and (folder / "model.safetensors").is_file():
-            return folder
-    return None
+    return next((f for f in (base / which, base / f"{which}.old") if is_checkpoint(f)), None)
 
 
 def load_weights(folder: str | Path) -> dict[str, torch.Tensor]:

@@ -21,15 +21,17 @@ from data import (
     SPLITS,
     Parser,
     UsageError,
+    activation_summary,
+    add_device_args,
     autocast,
     evaluate_loss,
     fail,
     load_bytes_file,
     load_split,
+    make_out_dir,
     positive_int,
     resolve_device,
     resolve_dtype,
-    window_batches,
     write_json,
 )
 from hub import load_model
@@ -67,12 +69,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--max_chunks", type=positive_int, default=None, help="score only the first N windows (default: all)"
     )
-    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (auto)")
-    p.add_argument(
-        "--dtype",
-        default="auto",
-        help="auto (bfloat16 autocast on CUDA, float32 elsewhere), float32, bfloat16",
-    )
+    add_device_args(p)
     p.add_argument(
         "--data_dir",
         default=None,
@@ -172,17 +169,12 @@ def main(argv: list[str] | None = None) -> int:
             max_chunks=args.max_chunks,
             autocast_dtype=dtype,
         )
-        out_dir = Path(args.out_dir or Path("results/eval") / Path(args.model_path).resolve().name)
-        try:
-            out_dir.mkdir(parents=True, exist_ok=True)
-        except OSError as e:
-            raise UsageError(f"--out_dir {out_dir} cannot be written ({e.strerror})") from e
+        out_dir = make_out_dir(args.out_dir or Path("results/eval") / Path(args.model_path).resolve().name)
     except UsageError as e:
         fail(str(e))
 
-    idx = next(window_batches(data, args.seq_len, min(8, args.batch_size), args.max_chunks))[0]
-    with autocast(device, dtype):
-        sparsity = model.activation_stats(idx.to(device))
+    windows = min(8, args.batch_size, args.max_chunks or 8)
+    sparsity = activation_summary(model, data, args.seq_len, windows, device, dtype)
     metrics = {
         "loss": loss,
         "perplexity": math.exp(loss),
@@ -198,11 +190,7 @@ def main(argv: list[str] | None = None) -> int:
         "dtype": str(dtype).removeprefix("torch."),
         "config": model.config.to_dict(),
         "num_params": model.num_params(),
-        "activation_nonzero": {
-            "x_mean": float(np.mean([s["x_nonzero"] for s in sparsity])),
-            "y_mean": float(np.mean([s["y_nonzero"] for s in sparsity])),
-            "per_layer": sparsity,
-        },
+        "activation_nonzero": sparsity,
     }
     if args.prompt is not None:
         sample = sample_text(model, args.prompt, args, device, dtype)

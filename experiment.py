@@ -18,13 +18,14 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 from tqdm import tqdm
 
 from data import (
     Parser,
     UsageError,
+    activation_summary,
+    add_device_args,
     autocast,
     checkpoint_folder,
     describe_source,
@@ -35,6 +36,7 @@ from data import (
     load_split,
     load_training_state,
     load_weights,
+    make_out_dir,
     nonneg_float,
     nonneg_int,
     num_windows,
@@ -43,7 +45,6 @@ from data import (
     resolve_device,
     resolve_dtype,
     save_checkpoint,
-    window_batches,
     windows_at,
     write_json,
 )
@@ -67,12 +68,7 @@ CSV_FIELDS = [
 def build_parser() -> argparse.ArgumentParser:
     p = Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     g = p.add_argument_group("hardware")
-    g.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default: auto)")
-    g.add_argument(
-        "--dtype",
-        default="auto",
-        help="auto (bfloat16 autocast on CUDA, float32 elsewhere), float32, bfloat16, float16",
-    )
+    add_device_args(g)
     g.add_argument(
         "--compile",
         action=argparse.BooleanOptionalAction,
@@ -382,20 +378,12 @@ def prepare(args: argparse.Namespace) -> dict:
         out_dir = resume.parent.parent  # RUN/checkpoints/last
     else:
         out_dir = Path(f"results/runs/{dt.datetime.now():%Y%m%d-%H%M%S}")
-    if out_dir.exists() and not out_dir.is_dir():
-        raise UsageError(f"--out_dir {out_dir} is a file, expected a folder")
     if (out_dir / "log.csv").exists() and not args.overwrite and resume is None:
         raise UsageError(
             f"--out_dir {out_dir} already holds a run; pass --resume auto to continue it, "
             "--overwrite to replace it, or choose another folder"
         )
-    try:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        probe = out_dir / ".write-test"
-        probe.write_text("")
-        probe.unlink()
-    except OSError as e:
-        raise UsageError(f"--out_dir {out_dir} cannot be written ({e.strerror or e})") from e
+    make_out_dir(out_dir)
     return dict(
         device=device,
         dtype=dtype,
@@ -408,6 +396,27 @@ def prepare(args: argparse.Namespace) -> dict:
         resume=resume,
         resume_state=resume_state,
     )
+
+
+def shell_command(argv: list[str]) -> str:
+    """This script's command line with `argv`, as a user would type it."""
+    launcher = "uv run" if "UV" in os.environ else Path(sys.executable).name
+    return " ".join([launcher, *(shlex.quote(a) for a in [Path(sys.argv[0]).name, *argv])])
+
+
+def resume_argv(argv: list[str], out_dir: Path) -> list[str]:
+    """The arguments that continue this run: the same, less --overwrite and --resume, into out_dir."""
+    kept, skip = [], False
+    for a in argv:
+        if skip or a == "--overwrite" or a.startswith("--resume="):
+            skip = False
+        elif a == "--resume":
+            skip = True  # and its value
+        else:
+            kept.append(a)
+    if not any(a == "--out_dir" or a.startswith("--out_dir=") for a in kept):
+        kept += ["--out_dir", str(out_dir)]
+    return [*kept, "--resume", "auto"]
 
 
 class Interrupted(Exception):
@@ -459,19 +468,8 @@ def train(args: argparse.Namespace, setup: dict) -> dict:
         model.parameters(), lr=args.lr, weight_decay=args.weight_decay, fused=device.type == "cuda"
     )
 
-    launcher = "uv run" if "UV" in os.environ else Path(sys.executable).name
-    argv = [a for a in sys.argv[1:]]
-    command = " ".join([launcher, *(shlex.quote(a) for a in [Path(sys.argv[0]).name, *argv])])
-    resume_argv = [a for a in argv if a != "--overwrite"]
-    if "--resume" in resume_argv:
-        i = resume_argv.index("--resume")
-        del resume_argv[i : i + 2]
-    resume_argv = [a for a in resume_argv if not a.startswith("--resume=")]
-    if "--out_dir" not in resume_argv and not any(a.startswith("--out_dir=") for a in resume_argv):
-        resume_argv += ["--out_dir", str(out_dir)]
-    resume_command = " ".join(
-        [launcher, *(shlex.quote(a) for a in [Path(sys.argv[0]).name, *resume_argv, "--resume", "auto"])]
-    )
+    command = shell_command(sys.argv[1:])
+    resume_command = shell_command(resume_argv(sys.argv[1:], out_dir))
     data_files = {
         "train": describe_source("train", args.data_dir, args.train_file),
         "valid": describe_source("valid", args.data_dir),
@@ -664,12 +662,7 @@ def summarize(
 ) -> dict:
     """metrics.json: the run's results and everything needed to say how they were made."""
     device, dtype, valid, extra = setup["device"], setup["dtype"], setup["valid"], setup["extra"]
-    idx = next(window_batches(valid, args.seq_len, min(8, args.eval_batch_size)))[0].to(device)
-    was_training = model.training
-    model.eval()
-    with autocast(device, dtype):
-        sparsity = model.activation_stats(idx)
-    model.train(was_training)
+    sparsity = activation_summary(model, valid, args.seq_len, min(8, args.eval_batch_size), device, dtype)
     trained_bytes = done * args.batch_size * args.seq_len
     val = last_eval.get("val_loss", float("nan"))
     return {
@@ -688,11 +681,7 @@ def summarize(
             for label in extra
             if f"val_loss_{label}" in last_eval
         },
-        "activation_nonzero": {
-            "x_mean": float(np.mean([s["x_nonzero"] for s in sparsity])),
-            "y_mean": float(np.mean([s["y_nonzero"] for s in sparsity])),
-            "per_layer": sparsity,
-        },
+        "activation_nonzero": sparsity,
         "steps": done,
         "total_steps": total_steps,
         "epochs": round(done / setup["steps_per_epoch"], 4),

@@ -25,7 +25,7 @@ from pathlib import Path
 
 import torch
 
-from data import Parser, UsageError, checkpoint_folder, fail, positive_int
+from data import Parser, UsageError, checkpoint_folder, fail, is_checkpoint, positive_int
 from model import BDH, BDHConfig
 
 # Appendix E names <- each legacy format's names. The paper authors' code calls the d -> n matrices
@@ -131,10 +131,6 @@ def choose_pt(names: list[str], checkpoint: str | None, where: str) -> str:
 # ----------------------------------------------------------------------------- loading
 
 
-def is_ours(folder: Path) -> bool:
-    return (folder / "config.json").is_file() and (folder / "model.safetensors").is_file()
-
-
 def load_ours(folder: str | Path, **kwargs) -> BDH:
     try:
         return BDH.from_pretrained(folder, **kwargs)
@@ -149,13 +145,13 @@ def load_local(path: Path, checkpoint: str | None, n_layer: int | None) -> tuple
     if path.is_file():
         if path.suffix == ".pt":
             return load_pt(path, n_layer or DEFAULT_N_LAYER), {"format": "legacy .pt", "file": str(path)}
-        if path.name in ("model.safetensors", "config.json") and is_ours(path.parent):
+        if path.name in ("model.safetensors", "config.json") and is_checkpoint(path.parent):
             return load_local(path.parent, checkpoint, n_layer)
         raise UsageError(
             f"--model_path {path}: expected a .pt state dict, a checkpoint folder "
             "(config.json + model.safetensors), a run folder or a Hub repo id"
         )
-    if is_ours(path):
+    if is_checkpoint(path):
         return load_ours(path), {"format": "dragon-hatchling", "folder": str(path)}
     which = checkpoint or "best"
     if (path / "checkpoints").is_dir():
