@@ -114,7 +114,10 @@ def test_sigkill_while_saving_leaves_a_readable_checkpoint(tmp_path):
 
 def test_nan_loss_stops_with_the_step_and_keeps_the_last_good_checkpoint(tmp_path, small_data_dir):
     run = tmp_path / "run"
-    common = ["--data_dir", str(small_data_dir), *TINY_MODEL, *FAST, "--max_steps", "20", "--eval_every", "4"]
+    # The signal must land mid-run and the next validation far away, so that wherever the signal
+    # lands the first non-finite loss is a training loss, two steps after the checkpoint.
+    common = ["--data_dir", str(small_data_dir), *TINY_MODEL, *FAST]
+    common += ["--max_steps", "2000", "--eval_every", "1000"]
     proc = start(*common, "--out_dir", str(run))
     wait_for_rows(run, 9, proc)
     proc.send_signal(signal.SIGINT)
