@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -78,10 +79,13 @@ def tokens_dir(shared: Path) -> Path:
     return shared / "data" / "wikitext-2-tokens"
 
 
-@pytest.fixture
-def small_data_dir(tmp_path: Path, raw_dir: Path, tokens_dir: Path) -> Path:
-    """A local data folder made from the shared files, cut short so that tests are fast."""
-    folder = tmp_path / "wikitext"
+@pytest.fixture(scope="session")
+def small_data(tmp_path_factory, raw_dir: Path, tokens_dir: Path) -> Path:
+    """A local data folder made from the shared files, cut short so that tests are fast.
+
+    Shared by the whole session: a test that changes the data takes `small_data_dir` instead.
+    """
+    folder = tmp_path_factory.mktemp("data") / "wikitext"
     folder.mkdir()
     (folder / "wiki.train.raw").write_bytes((tokens_dir / "wiki.train.tokens").read_bytes()[:60_000])
     (folder / "wiki.valid.raw").write_bytes((raw_dir / "wiki.valid.raw").read_bytes()[:6_000])
@@ -89,7 +93,19 @@ def small_data_dir(tmp_path: Path, raw_dir: Path, tokens_dir: Path) -> Path:
     return folder
 
 
+@pytest.fixture
+def small_data_dir(tmp_path: Path, small_data: Path) -> Path:
+    """A copy of `small_data` of the test's own, to change as it likes."""
+    return Path(shutil.copytree(small_data, tmp_path / "wikitext"))
+
+
 TINY_MODEL = ["--n_embd", "32", "--n_head", "2", "--n_neurons", "128", "--n_layer", "2"]
+
+
+def tiny_run(data_dir: Path, out_dir: Path, flags: str = "") -> list[str]:
+    """experiment.py's command line for a tiny model on the CPU, then `flags` (later flags win)."""
+    return ["experiment.py", "--device", "cpu", "--data_dir", str(data_dir), *TINY_MODEL,
+            "--out_dir", str(out_dir), "--no_progress", *flags.split()]  # fmt: skip
 
 
 def run_script(*args: str, cwd: Path = REPO, env: dict | None = None, timeout: float = 240):

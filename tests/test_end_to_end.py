@@ -3,7 +3,7 @@ import json
 
 import pytest
 
-from conftest import TINY_MODEL, run_script
+from conftest import run_script, tiny_run
 
 EXPECTED_HEADER = [
     "step",
@@ -18,39 +18,18 @@ EXPECTED_HEADER = [
 ]
 
 
-@pytest.fixture
-def trained_run(tmp_path, small_data_dir, tokens_dir):
-    out = tmp_path / "run"
-    result = run_script(
-        "experiment.py",
-        "--device",
-        "cpu",
-        "--data_dir",
-        str(small_data_dir),
-        *TINY_MODEL,
-        "--max_steps",
-        "24",
-        "--eval_every",
-        "12",
-        "--batch_size",
-        "4",
-        "--seq_len",
-        "32",
-        "--warmup_steps",
-        "5",
-        "--log_every",
-        "4",
-        "--out_dir",
-        str(out),
-        "--no_progress",
-        "--extra_val_file",
-        str(small_data_dir / "wiki.test.raw"),
-    )
+@pytest.fixture(scope="module")
+def trained_run(tmp_path_factory, small_data):
+    """One tiny run for the module's tests, which only read it."""
+    out = tmp_path_factory.mktemp("e2e") / "run"
+    flags = "--max_steps 24 --eval_every 12 --batch_size 4 --seq_len 32 --warmup_steps 5 --log_every 4"
+    extra_val = ["--extra_val_file", str(small_data / "wiki.test.raw")]
+    result = run_script(*tiny_run(small_data, out, flags), *extra_val)
     assert result.returncode == 0, result.stderr
     return out, result
 
 
-def test_training_writes_log_metrics_checkpoints_and_plots(trained_run, small_data_dir):
+def test_training_writes_log_metrics_checkpoints_and_plots(trained_run, small_data):
     out, result = trained_run
     with open(out / "log.csv", newline="") as f:
         rows = list(csv.DictReader(f))
@@ -82,7 +61,7 @@ def test_training_writes_log_metrics_checkpoints_and_plots(trained_run, small_da
     assert "done: val loss" in result.stdout
 
 
-def test_evaluate_reproduces_the_final_validation_loss(trained_run, small_data_dir, tmp_path):
+def test_evaluate_reproduces_the_final_validation_loss(trained_run, small_data, tmp_path):
     out, _ = trained_run
     metrics = json.loads((out / "metrics.json").read_text())
     ev = tmp_path / "eval"
@@ -93,7 +72,7 @@ def test_evaluate_reproduces_the_final_validation_loss(trained_run, small_data_d
         "--checkpoint",
         "last",
         "--data_dir",
-        str(small_data_dir),
+        str(small_data),
         "--seq_len",
         "32",
         "--device",
@@ -118,7 +97,7 @@ def test_evaluate_reproduces_the_final_validation_loss(trained_run, small_data_d
         "--model_path",
         str(out / "checkpoints" / "best"),
         "--data_dir",
-        str(small_data_dir),
+        str(small_data),
         "--seq_len",
         "32",
         "--device",
@@ -136,22 +115,10 @@ def test_evaluate_reproduces_the_final_validation_loss(trained_run, small_data_d
     assert (got["bytes"], got["split"], got["max_chunks"]) == (3 * 32, "test", 3)
 
 
-def test_a_run_folder_is_never_overwritten_by_accident(trained_run, small_data_dir):
+def test_a_run_folder_is_never_overwritten_by_accident(trained_run, small_data):
     out, _ = trained_run
     before = (out / "log.csv").read_bytes()
-    result = run_script(
-        "experiment.py",
-        "--device",
-        "cpu",
-        "--data_dir",
-        str(small_data_dir),
-        *TINY_MODEL,
-        "--max_steps",
-        "2",
-        "--out_dir",
-        str(out),
-        "--no_progress",
-    )
+    result = run_script(*tiny_run(small_data, out, "--max_steps 2"))
     assert result.returncode == 2
     assert "already holds a run" in result.stderr and "--overwrite" in result.stderr
     assert (out / "log.csv").read_bytes() == before

@@ -7,7 +7,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import HF_TOKEN, TINY_MODEL, _free_port, run_script
+from conftest import HF_TOKEN, _free_port, run_script, tiny_run
 from data import UsageError, evaluate_loss, load_split
 from hub import load_model
 from model import BDH
@@ -79,12 +79,9 @@ def test_a_run_pushes_and_loads_back_with_the_same_metrics(hub, tmp_path, small_
     out = tmp_path / "run"
     train = tmp_path / "train.txt"
     train.write_bytes((small_data_dir / "wiki.train.raw").read_bytes()[:1_000])  # 7 steps an epoch
-    flags = "--epochs 2 --eval_every 100 --batch_size 4 --seq_len 32 --warmup_steps 2 --no_progress"
+    flags = "--epochs 2 --eval_every 100 --batch_size 4 --seq_len 32 --warmup_steps 2"
     push = "--push_to_hub --hf_repo_id tester/tiny-bdh --push_every_epoch"
-    result = run_script(
-        "experiment.py", "--device", "cpu", "--data_dir", str(small_data_dir), "--train_file", str(train),
-        "--out_dir", str(out), *TINY_MODEL, *flags.split(), *push.split(),
-    )  # fmt: skip
+    result = run_script(*tiny_run(small_data_dir, out, f"{flags} {push}"), "--train_file", str(train))
     assert result.returncode == 0, result.stderr
     assert len(hub.state.repos["tester/tiny-bdh"].commits) == 3  # creation, epoch 1, the end
     assert HF_TOKEN not in result.stdout + result.stderr
@@ -172,31 +169,9 @@ def test_reference_layout_repo_newest_epoch_and_revisions(hub, shared, raw_dir):
 def test_a_failed_push_keeps_the_run_and_says_how_to_push_later(hub, tmp_path, small_data_dir):
     out = tmp_path / "run"
     dead = f"http://127.0.0.1:{_free_port()}"
-    result = run_script(
-        "experiment.py",
-        "--device",
-        "cpu",
-        "--data_dir",
-        str(small_data_dir),
-        *TINY_MODEL,
-        "--max_steps",
-        "6",
-        "--eval_every",
-        "6",
-        "--batch_size",
-        "4",
-        "--seq_len",
-        "32",
-        "--warmup_steps",
-        "2",
-        "--out_dir",
-        str(out),
-        "--no_progress",
-        "--push_to_hub",
-        "--hf_repo_id",
-        "tester/later",
-        env={"HF_ENDPOINT": dead},
-    )
+    flags = "--max_steps 6 --eval_every 6 --batch_size 4 --seq_len 32 --warmup_steps 2"
+    push = "--push_to_hub --hf_repo_id tester/later"
+    result = run_script(*tiny_run(small_data_dir, out, f"{flags} {push}"), env={"HF_ENDPOINT": dead})
     assert result.returncode == 1
     assert "Traceback" not in result.stderr and HF_TOKEN not in result.stdout + result.stderr
     lines = [line for line in result.stderr.splitlines() if line.startswith("error:")]

@@ -2,20 +2,22 @@
 
 import csv
 import json
+import shutil
 import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file
 from test_cli import assert_clean_error
 
-from conftest import REPO, TINY_MODEL, run_script
+from conftest import REPO, run_script, tiny_run
 from data import checkpoint_folder, load_training_state
 
-FAST = "--batch_size 4 --seq_len 32 --warmup_steps 3 --log_every 1 --no_progress --device cpu".split()
+FAST = "--batch_size 4 --seq_len 32 --warmup_steps 3 --log_every 1"
 
 
 def train_losses(run) -> list[tuple[int, str]]:
@@ -23,9 +25,9 @@ def train_losses(run) -> list[tuple[int, str]]:
         return [(int(r["step"]), r["train_loss"]) for r in csv.DictReader(f)]
 
 
-def start(*args, **kw) -> subprocess.Popen:
+def start(argv: list[str], **kw) -> subprocess.Popen:
     return subprocess.Popen(
-        [sys.executable, "experiment.py", *args],
+        [sys.executable, *argv],
         cwd=REPO,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
@@ -46,20 +48,11 @@ def wait_for_rows(run, count: int, proc: subprocess.Popen, timeout: float = 120)
 
 @pytest.mark.parametrize("sig, code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
 def test_a_signal_saves_and_resume_continues_bit_exact(sig, code, tmp_path, small_data_dir):
-    common = [
-        "--data_dir",
-        str(small_data_dir),
-        *TINY_MODEL,
-        *FAST,
-        "--max_steps",
-        "250",
-        "--eval_every",
-        "100",
-    ]
+    flags = f"{FAST} --max_steps 250 --eval_every 100"
     whole, parts = tmp_path / "whole", tmp_path / "parts"
-    assert run_script("experiment.py", *common, "--out_dir", str(whole)).returncode == 0
+    assert run_script(*tiny_run(small_data_dir, whole, flags)).returncode == 0
 
-    proc = start(*common, "--out_dir", str(parts))
+    proc = start(tiny_run(small_data_dir, parts, flags))
     wait_for_rows(parts, 5, proc)
     proc.send_signal(sig)
     _, err = proc.communicate(timeout=120)
@@ -69,7 +62,7 @@ def test_a_signal_saves_and_resume_continues_bit_exact(sig, code, tmp_path, smal
     assert 5 <= stopped < 250
     assert json.loads((parts / "metrics.json").read_text())["finished"] is False
 
-    resumed = run_script("experiment.py", *common, "--out_dir", str(parts), "--resume", "auto")
+    resumed = run_script(*tiny_run(small_data_dir, parts, f"{flags} --resume auto"))
     assert resumed.returncode == 0, resumed.stderr
     assert f"resuming at step {stopped}" in resumed.stdout
     assert train_losses(parts) == train_losses(whole)  # every step, same loss, rows neither lost nor doubled
@@ -116,9 +109,8 @@ def test_nan_loss_stops_with_the_step_and_keeps_the_last_good_checkpoint(tmp_pat
     run = tmp_path / "run"
     # The signal must land mid-run and the next validation far away, so that wherever the signal
     # lands the first non-finite loss is a training loss, two steps after the checkpoint.
-    common = ["--data_dir", str(small_data_dir), *TINY_MODEL, *FAST]
-    common += ["--max_steps", "2000", "--eval_every", "1000"]
-    proc = start(*common, "--out_dir", str(run))
+    flags = f"{FAST} --max_steps 2000 --eval_every 1000"
+    proc = start(tiny_run(small_data_dir, run, flags))
     wait_for_rows(run, 9, proc)
     proc.send_signal(signal.SIGINT)
     proc.communicate(timeout=120)
@@ -129,7 +121,7 @@ def test_nan_loss_stops_with_the_step_and_keeps_the_last_good_checkpoint(tmp_pat
     torch.save(state, folder / "training_state.pt")
     good = load_file(folder / "model.safetensors")
 
-    result = run_script("experiment.py", *common, "--out_dir", str(run), "--resume", "auto")
+    result = run_script(*tiny_run(small_data_dir, run, f"{flags} --resume auto"))
     assert result.returncode == 1 and "Traceback" not in result.stderr
     line = result.stderr.strip().splitlines()[-1]
     # the first step after the checkpoint still computes its loss with good weights; its update is NaN
@@ -142,45 +134,41 @@ def test_nan_loss_stops_with_the_step_and_keeps_the_last_good_checkpoint(tmp_pat
 # ----------------------------------------------------------------------------- bad input, one test each
 
 
-def tiny_args(data_dir, out) -> list[str]:
-    return ["--data_dir", str(data_dir), *TINY_MODEL, "--max_steps", "1", "--out_dir", str(out)]
-
-
 def test_empty_split(tmp_path, small_data_dir):
     (small_data_dir / "wiki.valid.raw").write_bytes(b"")
     assert_clean_error(
-        run_script("experiment.py", *tiny_args(small_data_dir, tmp_path / "r")), "wiki.valid.raw", "empty"
+        run_script(*tiny_run(small_data_dir, tmp_path / "r", "--max_steps 1")), "wiki.valid.raw", "empty"
     )
 
 
 def test_missing_split_file(tmp_path, small_data_dir):
     (small_data_dir / "wiki.train.raw").unlink()
-    result = run_script("experiment.py", *tiny_args(small_data_dir, tmp_path / "r"))
+    result = run_script(*tiny_run(small_data_dir, tmp_path / "r", "--max_steps 1"))
     assert_clean_error(result, "wiki.train.raw", "does not exist")
 
 
 def test_max_steps_not_positive(tmp_path, small_data_dir):
-    result = run_script("experiment.py", *tiny_args(small_data_dir, tmp_path / "r"), "--max_steps", "0")
+    result = run_script(*tiny_run(small_data_dir, tmp_path / "r", "--max_steps 1"), "--max_steps", "0")
     assert_clean_error(result, "--max_steps")
 
 
 def test_cuda_asked_for_but_not_available(tmp_path, small_data_dir):
     if torch.cuda.is_available():
         pytest.fail("this test checks the error on a machine without CUDA (as CI is)")
-    result = run_script("experiment.py", *tiny_args(small_data_dir, tmp_path / "r"), "--device", "cuda")
+    result = run_script(*tiny_run(small_data_dir, tmp_path / "r", "--max_steps 1"), "--device", "cuda")
     assert_clean_error(result, "--device cuda", "not available")
 
 
 def test_odd_neurons_per_head(tmp_path, small_data_dir):
     result = run_script(
-        "experiment.py", *tiny_args(small_data_dir, tmp_path / "r"), "--n_neurons", "6", "--n_head", "2"
+        *tiny_run(small_data_dir, tmp_path / "r", "--max_steps 1"), "--n_neurons", "6", "--n_head", "2"
     )
     assert_clean_error(result, "neurons per head", "even")
 
 
 def test_output_folder_cannot_be_written(tmp_path, small_data_dir):
     (tmp_path / "a-file").write_text("x")
-    result = run_script("experiment.py", *tiny_args(small_data_dir, tmp_path / "a-file" / "run"))
+    result = run_script(*tiny_run(small_data_dir, tmp_path / "a-file" / "run", "--max_steps 1"))
     assert_clean_error(result, "--out_dir", "cannot be written")
 
 
@@ -201,15 +189,21 @@ def test_evaluate_output_folder_cannot_be_written(tmp_path, small_data_dir, shar
     assert_clean_error(result, "--out_dir", "cannot be written")
 
 
-@pytest.fixture
-def finished_run(tmp_path, small_data_dir):
-    run = tmp_path / "run"
-    result = run_script("experiment.py", *tiny_args(small_data_dir, run), *FAST, "--max_steps", "3")
+@pytest.fixture(scope="module")
+def finished_once(tmp_path_factory, small_data):
+    run = tmp_path_factory.mktemp("finished") / "run"
+    result = run_script(*tiny_run(small_data, run, f"{FAST} --max_steps 3"))
     assert result.returncode == 0, result.stderr
     return run
 
 
-def test_truncated_checkpoint(finished_run, small_data_dir):
+@pytest.fixture
+def finished_run(tmp_path, finished_once):
+    """A copy of one finished tiny run (on `small_data`), for the test to damage."""
+    return Path(shutil.copytree(finished_once, tmp_path / "run"))
+
+
+def test_truncated_checkpoint(finished_run, small_data):
     weights = finished_run / "checkpoints" / "best" / "model.safetensors"
     weights.write_bytes(weights.read_bytes()[:100])
     result = run_script(
@@ -217,53 +211,37 @@ def test_truncated_checkpoint(finished_run, small_data_dir):
         "--model_path",
         str(finished_run),
         "--data_dir",
-        str(small_data_dir),
+        str(small_data),
         "--max_chunks",
         "1",
     )
     assert_clean_error(result, "could not load the checkpoint")
 
 
-def test_corrupted_training_state(finished_run, small_data_dir):
+def test_corrupted_training_state(finished_run, small_data):
     (finished_run / "checkpoints" / "last" / "training_state.pt").write_bytes(b"garbage")
     before = (finished_run / "log.csv").read_bytes()
-    result = run_script(
-        "experiment.py",
-        *tiny_args(small_data_dir, finished_run),
-        *FAST,
-        "--max_steps",
-        "3",
-        "--resume",
-        "auto",
-    )
+    result = run_script(*tiny_run(small_data, finished_run, f"{FAST} --max_steps 3 --resume auto"))
     assert_clean_error(result, "training_state.pt", "corrupted")
     assert (finished_run / "log.csv").read_bytes() == before
 
 
-def test_resume_with_flags_that_disagree(finished_run, small_data_dir):
+def test_resume_with_flags_that_disagree(finished_run, small_data):
     before = (finished_run / "log.csv").read_bytes()
     result = run_script(
-        "experiment.py",
-        *tiny_args(small_data_dir, finished_run),
-        *FAST,
-        "--max_steps",
-        "3",
-        "--n_layer",
-        "3",
-        "--resume",
-        "auto",
+        *tiny_run(small_data, finished_run, f"{FAST} --max_steps 3 --n_layer 3 --resume auto")
     )
     assert_clean_error(result, "disagrees", "--n_layer 3")
     assert (finished_run / "log.csv").read_bytes() == before
 
 
-def test_evaluate_n_layer_that_disagrees(finished_run, small_data_dir):
+def test_evaluate_n_layer_that_disagrees(finished_run, small_data):
     result = run_script(
         "evaluate.py",
         "--model_path",
         str(finished_run),
         "--data_dir",
-        str(small_data_dir),
+        str(small_data),
         "--n_layer",
         "5",
         "--max_chunks",
@@ -273,5 +251,5 @@ def test_evaluate_n_layer_that_disagrees(finished_run, small_data_dir):
 
 
 def test_resume_without_a_checkpoint(tmp_path, small_data_dir):
-    result = run_script("experiment.py", *tiny_args(small_data_dir, tmp_path / "empty"), "--resume", "auto")
+    result = run_script(*tiny_run(small_data_dir, tmp_path / "empty", "--max_steps 1"), "--resume", "auto")
     assert_clean_error(result, "--resume auto", "no checkpoint")
