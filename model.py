@@ -2,7 +2,7 @@
 
 Names follow Appendix E: Dx and Dy map d -> n (the sparse neuron space), E maps n -> d.
 The paper authors' code names them the other way round (their `encoder` is our Dx, their
-`decoder` is our E); `checkpoints.py` translates their files.
+`decoder` is our E); `hub.py` translates their files.
 
     v = LN(embed[idx])                               # B, T, d
     repeat L times, the same weights every time:
@@ -20,10 +20,19 @@ from dataclasses import asdict, dataclass
 
 import torch
 import torch.nn.functional as F
+import torch.utils.checkpoint
 from huggingface_hub import PyTorchModelHubMixin
 from torch import nn
 
 ROPE_STYLES = ("interleaved", "half")
+
+
+@dataclass
+class RecurrentState:
+    """What the chunked and recurrent forms carry from one chunk to the next."""
+
+    layers: list[torch.Tensor]  # per layer: B, h, n/h, d float32, sum of RoPE(x_s)^T v_s over s < pos
+    pos: int  # absolute position of the next byte (RoPE continues from it)
 
 
 @dataclass
@@ -147,18 +156,41 @@ class BDH(
     def num_params(self) -> int:
         return sum(p.numel() for p in self.parameters())
 
+    def neurons(self, v: torch.Tensor) -> torch.Tensor:
+        """x = relu(v Dx), the sparse positive neurons. v: B, T, d. Returns B, h, T, n/h."""
+        return F.relu(v.unsqueeze(1) @ self.Dx)
+
+    def mix(self, v: torch.Tensor, x: torch.Tensor, a: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """y = relu(LN(a) Dy) * x, then v <- LN(v + LN(y E)). Returns the new v (B, T, d) and y."""
+        B, T, d = v.shape
+        y = F.relu(layer_norm(a) @ self.Dy) * x  # B, h, T, n/h
+        y_flat = self.dropout(y).transpose(1, 2).reshape(B, T, -1)  # B, T, n
+        return layer_norm(v + layer_norm(y_flat @ self.E)), y  # B, T, d
+
     def layer(
         self, v: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """One BDH-GPU layer. v: B, T, d. Returns the new v and the neurons x, y (B, h, T, n/h)."""
-        B, T, d = v.shape
-        v1 = v.unsqueeze(1)  # B, 1, T, d
-        x = F.relu(v1 @ self.Dx)  # B, h, T, n/h
-        a = causal_linear_attention(rope(x, cos, sin, self.config.rope_style), v1)  # B, h, T, d
-        y = F.relu(layer_norm(a) @ self.Dy) * x  # B, h, T, n/h
-        y_flat = self.dropout(y).transpose(1, 2).reshape(B, T, -1)  # B, T, n
-        v = layer_norm(v + layer_norm(y_flat @ self.E))  # B, T, d
+        """One BDH-GPU layer, parallel form. v: B, T, d. Returns the new v and the neurons x, y."""
+        x = self.neurons(v)  # B, h, T, n/h
+        a = causal_linear_attention(rope(x, cos, sin, self.config.rope_style), v.unsqueeze(1))  # B, h, T, d
+        v, y = self.mix(v, x, a)
         return v, x, y
+
+    def layer_chunk(
+        self, v: torch.Tensor, state: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """One layer over a chunk of C bytes that carries the attention state of all earlier bytes.
+
+        state: B, h, n/h, d (float32 or wider), the sum of RoPE(x_s)^T v_s over every earlier position s.
+        Inside the chunk the attention is the quadratic one; earlier chunks come in through the state.
+        """
+        v1 = v.unsqueeze(1)  # B, 1, C, d
+        x = self.neurons(v)  # B, h, C, n/h
+        r = rope(x, cos, sin, self.config.rope_style)  # B, h, C, n/h
+        a = causal_linear_attention(r, v1) + r @ state.to(r.dtype)  # B, h, C, d
+        state = state + (r.mT @ v1).to(state.dtype)  # B, h, n/h, d
+        v, _ = self.mix(v, x, a)
+        return v, state
 
     def forward(
         self, idx: torch.Tensor, targets: torch.Tensor | None = None
@@ -189,6 +221,62 @@ class BDH(
             )
         return stats
 
+    def initial_state(self, batch_size: int, device: torch.device | str | None = None) -> RecurrentState:
+        """The state before the first byte: every layer's attention state is zero."""
+        c = self.config
+        device = device if device is not None else self.E.device
+        shape = (batch_size, c.n_head, c.head_size, c.n_embd)
+        dtype = torch.promote_types(self.E.dtype, torch.float32)  # at least float32, even under bf16
+        return RecurrentState([torch.zeros(shape, device=device, dtype=dtype) for _ in range(c.n_layer)], 0)
+
+    def chunk(self, idx: torch.Tensor, state: RecurrentState) -> tuple[torch.Tensor, RecurrentState]:
+        """Logits (B, C, V) for the next C bytes idx (B, C), continuing from state."""
+        C = idx.shape[1]
+        positions = torch.arange(state.pos, state.pos + C, device=idx.device)
+        cos, sin = rope_cos_sin(self.config, positions)  # C, n/h   (absolute positions)
+        v = layer_norm(self.embed(idx))  # B, C, d
+        layer_states = []
+        for layer_state in state.layers:  # the same weights in every layer, one state each
+            v, layer_state = self.layer_chunk(v, layer_state, cos, sin)
+            layer_states.append(layer_state)
+        return v @ self.readout, RecurrentState(layer_states, state.pos + C)
+
+    def forward_chunked(
+        self,
+        idx: torch.Tensor,
+        targets: torch.Tensor | None = None,
+        chunk_size: int = 256,
+        state: RecurrentState | None = None,
+        checkpoint: bool = False,
+    ) -> tuple[torch.Tensor, torch.Tensor | None, RecurrentState]:
+        """The chunked form: the same function as forward(), chunk_size bytes at a time.
+
+        Memory grows linearly with T (with checkpoint=True, training keeps only each chunk's
+        input state and recomputes the chunk in backward). Returns logits, loss and the final state.
+        """
+        if chunk_size <= 0:
+            raise ValueError(f"chunk_size must be positive, got {chunk_size}")
+        state = state if state is not None else self.initial_state(idx.shape[0], idx.device)
+        logits = []
+        for start in range(0, idx.shape[1], chunk_size):
+            part = idx[:, start : start + chunk_size]
+            if checkpoint and torch.is_grad_enabled():
+                out, state = torch.utils.checkpoint.checkpoint(self.chunk, part, state, use_reentrant=False)
+            else:
+                out, state = self.chunk(part, state)
+            logits.append(out)
+        logits = torch.cat(logits, dim=1)  # B, T, V
+        loss = None
+        if targets is not None:
+            loss = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten())
+        return logits, loss, state
+
+    @torch.no_grad()
+    def step(self, byte: torch.Tensor, state: RecurrentState) -> tuple[torch.Tensor, RecurrentState]:
+        """The recurrent form: logits (B, V) after one more byte (B,), constant work per byte."""
+        logits, state = self.chunk(byte[:, None], state)
+        return logits[:, 0], state
+
     @torch.no_grad()
     def generate(
         self,
@@ -197,21 +285,51 @@ class BDH(
         temperature: float = 1.0,
         top_k: int | None = None,
         generator: torch.Generator | None = None,
+        chunk_size: int = 256,
     ) -> torch.Tensor:
-        """Append max_new_tokens sampled bytes to idx (B, T), recomputing the prefix each step."""
+        """Append max_new_tokens sampled bytes to idx (B, T), T >= 1.
+
+        The prompt goes through the chunked form, then each new byte costs one recurrent step.
+        """
         if temperature < 0:
             raise ValueError(f"temperature must be >= 0, got {temperature}")
+        if idx.shape[1] == 0:
+            raise ValueError("generate needs a prompt of at least one byte")
+        logits, _, state = self.forward_chunked(idx, chunk_size=chunk_size)
+        logits = logits[:, -1]
+        out = [idx]
+        for i in range(max_new_tokens):
+            nxt = sample_next(logits, temperature, top_k, generator)  # B, 1
+            out.append(nxt)
+            if i + 1 < max_new_tokens:
+                logits, state = self.step(nxt[:, 0], state)
+        return torch.cat(out, dim=1)
+
+    @torch.no_grad()
+    def generate_recompute(
+        self,
+        idx: torch.Tensor,
+        max_new_tokens: int,
+        temperature: float = 1.0,
+        top_k: int | None = None,
+        generator: torch.Generator | None = None,
+    ) -> torch.Tensor:
+        """generate() the slow way: the parallel form over the whole prefix for every new byte."""
         for _ in range(max_new_tokens):
             logits, _ = self(idx)
-            logits = logits[:, -1, :].float()  # B, V
-            if temperature == 0:
-                nxt = logits.argmax(dim=-1, keepdim=True)
-            else:
-                logits = logits / temperature
-                if top_k is not None:
-                    kth = torch.topk(logits, min(top_k, logits.shape[-1])).values[:, -1:]
-                    logits = logits.masked_fill(logits < kth, float("-inf"))
-                probs = F.softmax(logits, dim=-1)
-                nxt = torch.multinomial(probs, num_samples=1, generator=generator)
-            idx = torch.cat((idx, nxt), dim=1)
+            idx = torch.cat((idx, sample_next(logits[:, -1], temperature, top_k, generator)), dim=1)
         return idx
+
+
+def sample_next(
+    logits: torch.Tensor, temperature: float, top_k: int | None, generator: torch.Generator | None
+) -> torch.Tensor:
+    """One byte per row from logits (B, V): greedy at temperature 0, else top-k sampling. B, 1."""
+    logits = logits.float()
+    if temperature == 0:
+        return logits.argmax(dim=-1, keepdim=True)
+    logits = logits / temperature
+    if top_k is not None:
+        kth = torch.topk(logits, min(top_k, logits.shape[-1])).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    return torch.multinomial(F.softmax(logits, dim=-1), num_samples=1, generator=generator)
