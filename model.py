@@ -16,6 +16,7 @@ The paper authors' code names them the other way round (their `encoder` is our D
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 
 import torch
@@ -32,7 +33,7 @@ class RecurrentState:
     """What the chunked and recurrent forms carry from one chunk to the next."""
 
     layers: list[torch.Tensor]  # per layer: B, h, n/h, d float32, sum of RoPE(x_s)^T v_s over s < pos
-    pos: int  # absolute position of the next byte (RoPE continues from it)
+    pos: torch.Tensor  # 0-dim int64: absolute position of the next byte (RoPE continues from it)
 
 
 @dataclass
@@ -193,9 +194,16 @@ class BDH(
         return v, state
 
     def forward(
-        self, idx: torch.Tensor, targets: torch.Tensor | None = None
+        self, idx: torch.Tensor, targets: torch.Tensor | None = None, fused: bool = False
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """idx: B, T bytes. Returns logits (B, T, V) and, with targets, the mean cross-entropy."""
+        """idx: B, T bytes. Returns logits (B, T, V) and, with targets, the mean cross-entropy.
+
+        fused=True runs the same function through the Triton kernels of kernels.py (CUDA, bf16).
+        """
+        if fused:
+            from kernels import fused_forward  # imports Triton; the plain path below does not
+
+            return fused_forward(self, idx, targets)
         T = idx.shape[1]
         cos, sin = rope_cos_sin(self.config, torch.arange(T, device=idx.device))  # T, n/h
         v = layer_norm(self.embed(idx))  # B, T, d
@@ -227,12 +235,13 @@ class BDH(
         device = device if device is not None else self.E.device
         shape = (batch_size, c.n_head, c.head_size, c.n_embd)
         dtype = torch.promote_types(self.E.dtype, torch.float32)  # at least float32, even under bf16
-        return RecurrentState([torch.zeros(shape, device=device, dtype=dtype) for _ in range(c.n_layer)], 0)
+        layers = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(c.n_layer)]
+        return RecurrentState(layers, torch.zeros((), dtype=torch.long, device=device))
 
     def chunk(self, idx: torch.Tensor, state: RecurrentState) -> tuple[torch.Tensor, RecurrentState]:
         """Logits (B, C, V) for the next C bytes idx (B, C), continuing from state."""
         C = idx.shape[1]
-        positions = torch.arange(state.pos, state.pos + C, device=idx.device)
+        positions = state.pos + torch.arange(C, device=idx.device)
         cos, sin = rope_cos_sin(self.config, positions)  # C, n/h   (absolute positions)
         v = layer_norm(self.embed(idx))  # B, C, d
         layer_states = []
@@ -272,10 +281,50 @@ class BDH(
         return logits, loss, state
 
     @torch.no_grad()
-    def step(self, byte: torch.Tensor, state: RecurrentState) -> tuple[torch.Tensor, RecurrentState]:
-        """The recurrent form: logits (B, V) after one more byte (B,), constant work per byte."""
-        logits, state = self.chunk(byte[:, None], state)
-        return logits[:, 0], state
+    def step(self, byte: torch.Tensor, state: RecurrentState) -> torch.Tensor:
+        """The recurrent form: logits (B, V) after one more byte (B,). Updates state in place.
+
+        Constant work per byte: each layer reads its B x h x n/h x d state once for the attention
+        and adds RoPE(x)^T v to it.
+        """
+        cos, sin = rope_cos_sin(self.config, state.pos.view(1))  # 1, n/h
+        v = layer_norm(self.embed(byte[:, None]))  # B, 1, d
+        B, _, d = v.shape
+        for H in state.layers:  # B, h, n/h, d
+            x = self.neurons(v)  # B, h, 1, n/h
+            r = rope(x, cos, sin, self.config.rope_style)
+            a = (r.to(H.dtype) @ H).to(r.dtype)  # B, h, 1, d   every earlier byte, through the state
+            h, m = r.shape[1], r.shape[-1]
+            r_col = r.to(H.dtype).reshape(B * h, m, 1)
+            v_row = v.to(H.dtype).unsqueeze(1).expand(B, h, 1, d).reshape(B * h, 1, d)
+            H.view(B * h, m, d).baddbmm_(r_col, v_row)  # H += RoPE(x)^T v, in place
+            v, _ = self.mix(v, x, a)
+        state.pos.add_(1)
+        return (v @ self.readout)[:, 0]
+
+    def graphed_step(self, state: RecurrentState) -> Callable[[torch.Tensor], torch.Tensor]:
+        """step() captured once as a CUDA graph over this state: one launch per byte, no Python."""
+        byte = torch.zeros(state.layers[0].shape[0], dtype=torch.long, device=state.pos.device)
+        saved = [H.clone() for H in state.layers] + [state.pos.clone()]
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):  # warm up (cuBLAS handles, allocations) before capturing
+            for _ in range(2):
+                self.step(byte, state)
+        torch.cuda.current_stream().wait_stream(side)
+        for live, copy in zip(state.layers + [state.pos], saved, strict=True):
+            live.copy_(copy)
+        del saved
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            logits = self.step(byte, state)
+
+        def run(next_byte: torch.Tensor) -> torch.Tensor:
+            byte.copy_(next_byte)
+            graph.replay()
+            return logits
+
+        return run
 
     @torch.no_grad()
     def generate(
@@ -286,10 +335,12 @@ class BDH(
         top_k: int | None = None,
         generator: torch.Generator | None = None,
         chunk_size: int = 256,
+        cuda_graph: bool = True,
     ) -> torch.Tensor:
         """Append max_new_tokens sampled bytes to idx (B, T), T >= 1.
 
-        The prompt goes through the chunked form, then each new byte costs one recurrent step.
+        The prompt goes through the chunked form, then each new byte costs one recurrent step
+        (on CUDA, a captured graph of it unless cuda_graph=False).
         """
         if temperature < 0:
             raise ValueError(f"temperature must be >= 0, got {temperature}")
@@ -297,12 +348,16 @@ class BDH(
             raise ValueError("generate needs a prompt of at least one byte")
         logits, _, state = self.forward_chunked(idx, chunk_size=chunk_size)
         logits = logits[:, -1]
+        step = self.step
+        if cuda_graph and idx.is_cuda and max_new_tokens > 1:
+            graphed = self.graphed_step(state)
+            step = lambda byte, state: graphed(byte)  # noqa: E731
         out = [idx]
         for i in range(max_new_tokens):
             nxt = sample_next(logits, temperature, top_k, generator)  # B, 1
             out.append(nxt)
             if i + 1 < max_new_tokens:
-                logits, state = self.step(nxt[:, 0], state)
+                logits = step(nxt[:, 0], state)
         return torch.cat(out, dim=1)
 
     @torch.no_grad()

@@ -34,6 +34,10 @@ os.environ.update(
 )
 os.environ.pop("HF_HUB_OFFLINE", None)
 
+# Without a GPU, the Triton kernels run in Triton's CPU interpreter; it reads this at import.
+if not __import__("torch").cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
 REPO = Path(__file__).resolve().parent.parent
 SHARED = Path(os.environ.get("BDH_SHARED", REPO.parent / "shared"))
 

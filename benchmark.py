@@ -1,0 +1,227 @@
+"""Speed of BDH-GPU's forms on one GPU: training steps of the plain path (eager and compiled) and the
+fused Triton path, a long-context step through the chunked form, and generation (recurrent against
+recomputing the prefix). Prints a table of speed-ups over the compiled plain path and writes JSON.
+
+    python benchmark.py --device cuda --out results/benchmark/h100.json
+
+Every number is measured in this run (CUDA events around warm steps, median of repeats), so ratios
+between paths are comparable; absolute rates depend on the machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import sys
+import time
+from datetime import date
+from pathlib import Path
+
+import torch
+
+from data import Parser, UsageError, fail, positive_int, resolve_device, write_json
+from model import BDH, BDHConfig
+
+TRAIN_SHAPES = ((32, 128), (32, 512), (8, 2048))
+PATHS = ("plain eager", "plain compiled", "fused")
+PROMPT = (
+    b" = Valkyria Chronicles III = \n\n Senj\xc5\x8d no Valkyria 3 : Unrecorded Chronicles is a tactical "
+    b"role @-@ playing video game developed by Sega and Media.Vision for the PlayStation Portable . "
+)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--device", default="cuda", help="cuda (the numbers mean little elsewhere)")
+    p.add_argument("--out", type=Path, default=None, help="write the results here as JSON")
+    p.add_argument("--parts", default="train,long,generate", help="comma-separated: train, long, generate")
+    p.add_argument("--steps", type=positive_int, default=10, help="timed training steps per repeat")
+    p.add_argument("--repeats", type=positive_int, default=3, help="timed repeats (the median is kept)")
+    p.add_argument("--warmup", type=positive_int, default=3, help="untimed steps first (compilation)")
+    p.add_argument("--long_T", type=positive_int, default=16384, help="window of the long-context step")
+    p.add_argument("--chunk_size", type=positive_int, default=1024, help="chunk of the long-context step")
+    p.add_argument("--new_bytes", type=positive_int, default=1000, help="bytes to generate")
+    p.add_argument("--n_layer", type=positive_int, default=6, help="layers (default model: 6)")
+    return p
+
+
+def cuda_time(fn, steps: int, repeats: int) -> float:
+    """Median seconds for `steps` calls of fn, timed with CUDA events."""
+    times = []
+    for _ in range(repeats):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(steps):
+            fn()
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end) / 1000)
+    return statistics.median(times)
+
+
+def train_step_fn(model: BDH, path: str, B: int, T: int, device: torch.device, chunk_size: int = 0):
+    """One AdamW training step (bf16, dropout on, gradient clipping) on random bytes."""
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.1, fused=True)
+    idx = torch.randint(0, 256, (B, T), device=device)
+    targets = torch.randint(0, 256, (B, T), device=device)
+    compiled = torch.compile(model) if path == "plain compiled" else model
+
+    def loss_of():
+        if path == "fused":
+            return model(idx, targets, fused=True)[1]
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            if path.startswith("chunked"):
+                return model.forward_chunked(idx, targets, chunk_size=chunk_size, checkpoint=True)[1]
+            return compiled(idx, targets)[1]
+
+    def step():
+        loss = loss_of()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    return step
+
+
+def measure_train(cfg: BDHConfig, path: str, B: int, T: int, args, device, chunk_size: int = 0) -> dict:
+    torch.manual_seed(0)
+    model = BDH(cfg).to(device).train()
+    row = {"path": path, "batch": B, "window": T}
+    try:
+        step = train_step_fn(model, path, B, T, device, chunk_size)
+        for _ in range(args.warmup):
+            step()
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats(device)
+        sec = cuda_time(step, args.steps, args.repeats)
+        row.update(
+            bytes_per_s=B * T * args.steps / sec, peak_gb=torch.cuda.max_memory_allocated(device) / 1e9
+        )
+    except torch.OutOfMemoryError:
+        row.update(bytes_per_s=None, peak_gb=None, error="out of memory")
+    finally:
+        del model
+        torch._dynamo.reset()
+        torch.cuda.empty_cache()
+    print(f"  {path:>16} B={B:<3} T={T:<6} {fmt_rate(row.get('bytes_per_s'))}", file=sys.stderr, flush=True)
+    return row
+
+
+def fmt_rate(x: float | None) -> str:
+    return "-" if x is None else f"{x:,.0f} B/s"
+
+
+def measure_generation(cfg: BDHConfig, args, device) -> dict:
+    torch.manual_seed(0)
+    model = BDH(cfg).to(device).to(torch.bfloat16).eval()
+    prompt = torch.tensor([list(PROMPT)], device=device)
+    out = {"prompt_bytes": prompt.shape[1], "new_bytes": args.new_bytes, "batch": 1, "dtype": "bfloat16"}
+    runs = {
+        "recurrent (CUDA graph)": lambda: model.generate(prompt, args.new_bytes, temperature=0.0),
+        "recurrent (eager)": lambda: model.generate(
+            prompt, args.new_bytes, temperature=0.0, cuda_graph=False
+        ),
+        "recompute prefix": lambda: model.generate_recompute(prompt, args.new_bytes, temperature=0.0),
+    }
+    texts = {}
+    for name, fn in runs.items():
+        fn() if name != "recompute prefix" else model.generate_recompute(
+            prompt, 8, temperature=0.0
+        )  # warm up
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        texts[name] = fn()
+        torch.cuda.synchronize()
+        out[name] = {"seconds": time.perf_counter() - t0}
+        out[name]["bytes_per_s"] = args.new_bytes / out[name]["seconds"]
+        print(f"  {name:>24} {out[name]['seconds']:.3f} s", file=sys.stderr, flush=True)
+    base = out["recompute prefix"]["seconds"]
+    for name in runs:
+        out[name]["speedup_over_recompute"] = base / out[name]["seconds"]
+    # greedy bytes agree until bf16 rounding first tips an argmax one way or the other
+    a, b = texts["recurrent (CUDA graph)"][0], texts["recompute prefix"][0]
+    differ = (a != b).nonzero()
+    out["greedy_bytes_identical_before_first_difference"] = int(
+        (differ[0, 0] - prompt.shape[1]) if len(differ) else args.new_bytes
+    )
+    return out
+
+
+def table(results: list[dict]) -> str:
+    lines = [
+        "| batch x window | path | bytes/s | vs compiled plain | peak memory |",
+        "|---|---|---:|---:|---:|",
+    ]
+    base = {(r["batch"], r["window"]): r["bytes_per_s"] for r in results if r["path"] == "plain compiled"}
+    for r in results:
+        ref = base.get((r["batch"], r["window"]))
+        speed = f"{r['bytes_per_s'] / ref:.2f}x" if r.get("bytes_per_s") and ref else "-"
+        mem = f"{r['peak_gb']:.1f} GB" if r.get("peak_gb") else r.get("error", "-")
+        rate = fmt_rate(r.get("bytes_per_s")) if r.get("bytes_per_s") else r.get("error", "-")
+        lines.append(f"| {r['batch']} x {r['window']} | {r['path']} | {rate} | {speed} | {mem} |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        device = resolve_device(args.device)
+    except UsageError as e:
+        fail(str(e))
+    if device.type != "cuda":
+        fail(f"--device: the benchmark times CUDA kernels, got {args.device!r}")
+    parts = set(args.parts.split(","))
+    if not parts <= {"train", "long", "generate"}:
+        fail(f"--parts: expected a comma-separated subset of train,long,generate, got {args.parts!r}")
+    torch.backends.cuda.matmul.allow_tf32 = True
+    cfg = BDHConfig(n_layer=args.n_layer)
+    report = {
+        "command": "python " + " ".join([sys.argv[0]] + (argv if argv is not None else sys.argv[1:])),
+        "date": date.today().isoformat(),
+        "device": torch.cuda.get_device_name(device),
+        "torch": torch.__version__,
+        "cuda": torch.version.cuda,
+        "python": platform.python_version(),
+        "config": cfg.to_dict(),
+        "train": [],
+    }
+    try:
+        import triton
+
+        report["triton"] = triton.__version__
+    except ImportError:
+        pass
+    if "train" in parts:
+        for B, T in TRAIN_SHAPES:
+            for path in PATHS:
+                if path == "fused" and T > 128:
+                    report["train"].append(
+                        {"path": path, "batch": B, "window": T, "error": "fused kernels take T <= 128"}
+                    )
+                    continue
+                report["train"].append(measure_train(cfg, path, B, T, args, device))
+    if "long" in parts:
+        T, C = args.long_T, args.chunk_size
+        few = argparse.Namespace(**{**vars(args), "warmup": 1, "steps": 1, "repeats": 2})  # seconds a step
+        report["train"].append(measure_train(cfg, f"chunked C={C}", 1, T, few, device, C))
+        report["train"].append(measure_train(cfg, "plain eager", 1, T, few, device))
+    if "generate" in parts:
+        report["generation"] = measure_generation(cfg, args, device)
+    print(table(report["train"]))
+    if "generation" in report:
+        g = report["generation"]
+        print(f"\ngeneration of {g['new_bytes']} bytes after a {g['prompt_bytes']}-byte prompt, batch 1:")
+        for name in ("recurrent (CUDA graph)", "recurrent (eager)", "recompute prefix"):
+            print(f"  {name:>24}: {g[name]['seconds']:.3f} s, {g[name]['speedup_over_recompute']:.1f}x")
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        write_json(args.out, report)
+    print(json.dumps({k: v for k, v in report.items() if k not in ("train", "generation", "config")}))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,416 @@
+"""Fused Triton kernels for BDH-GPU's training step: the n-dimensional neurons stay out of memory.
+
+`fused_forward(model, idx, targets)` computes what `BDH.forward` computes (the plain reference in
+model.py, which stays the CPU path), with each layer's neuron work in four kernels:
+
+    forward   _scores_kernel   S = RoPE(x) RoPE(x)^T            x = relu(v Dx) recomputed per tile
+              _out_kernel      z = (relu(LN(a) Dy) * x * keep) E    keep: dropout, from a seed
+    backward  _grad_y_kernel   y, g_u = dL/d(LN(a) Dy), g_x from the gate       (bf16, transient)
+              _grad_x_kernel   g_x += RoPE^T(G RoPE(x)), times (x > 0)            G = dL/dS + its T
+
+Forward keeps no B x T x n tensor; backward writes three bf16 ones per layer and frees them once
+the weight gradients are taken (by cuBLAS). Operands are bf16, every product accumulates in float32.
+The small parts (a = tril(S) v, the LayerNorms) stay in PyTorch, and autograd differentiates them.
+
+RoPE rotates pairs of neurons. The kernels order each head's neurons as [first of every pair,
+second of every pair] (the "half" layout; an "interleaved" model's weights are permuted into it),
+so that a tile holds whole pairs. Windows of up to MAX_T bytes: one program sees a whole window.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+
+import torch
+import torch.nn.functional as F
+import triton
+import triton.language as tl
+
+from model import BDH, layer_norm, rope_frequencies
+
+MAX_T = 128  # the longest window the fused kernels take (a T x T score tile per program)
+# Triton's CPU interpreter (TRITON_INTERPRET=1, for the tests) multiplies bf16 wrongly: upcast there.
+_INTERPRET = tl.constexpr(os.environ.get("TRITON_INTERPRET", "0") == "1")
+
+
+@triton.jit
+def _dot(a, b, acc):
+    """acc + a b: bf16 operands, float32 accumulation."""
+    if _INTERPRET:
+        out = tl.dot(a.to(tl.float32), b.to(tl.float32), acc)
+    else:
+        out = tl.dot(a, b, acc)
+    return out
+
+
+@triton.jit
+def _pair_products(
+    a_ptr, a_rows, row_mask, w_ptr, cols_a, cols_b, col_mask, K, stride_k, stride_n,
+    BR: tl.constexpr, BK: tl.constexpr, BP: tl.constexpr,
+):  # fmt: skip
+    """A (BR x K, rows at a_rows) times W's columns cols_a and cols_b: two BR x BP float32 tiles."""
+    acc_a = tl.zeros((BR, BP), dtype=tl.float32)
+    acc_b = tl.zeros((BR, BP), dtype=tl.float32)
+    for k0 in range(0, K, BK):
+        kk = k0 + tl.arange(0, BK)
+        k_mask = kk < K
+        a = tl.load(
+            a_ptr + a_rows[:, None] + kk[None, :], mask=row_mask[:, None] & k_mask[None, :], other=0.0
+        )
+        w_mask = k_mask[:, None] & col_mask[None, :]
+        wa = tl.load(w_ptr + kk[:, None] * stride_k + cols_a[None, :] * stride_n, mask=w_mask, other=0.0)
+        wb = tl.load(w_ptr + kk[:, None] * stride_k + cols_b[None, :] * stride_n, mask=w_mask, other=0.0)
+        acc_a = _dot(a, wa, acc_a)
+        acc_b = _dot(a, wb, acc_b)
+    return acc_a, acc_b
+
+
+@triton.jit
+def _keep_scale(seed, rows, cols, N, p_drop):
+    """Inverted dropout: 1 / (1 - p) where the neuron is kept, 0 where dropped. Same in fwd and bwd."""
+    u = tl.rand(seed, rows[:, None] * N + cols[None, :])
+    return tl.where(u >= p_drop, 1.0 / (1.0 - p_drop), 0.0)
+
+
+@triton.jit
+def _scores_kernel(
+    v_ptr, dx_ptr, cos_ptr, sin_ptr, s_ptr, B, T, D, M, H, tiles_per_split,
+    T_PAD: tl.constexpr, BK: tl.constexpr, BP: tl.constexpr,
+):  # fmt: skip
+    """S[split, b, h] = sum over this split's pair tiles of RoPE(x) RoPE(x)^T, x = relu(v_b Dx_h)."""
+    bh = tl.program_id(0)
+    split = tl.program_id(1)
+    b = bh // H
+    h = bh % H
+    half = M // 2
+    t = tl.arange(0, T_PAD)
+    t_mask = t < T
+    acc = tl.zeros((T_PAD, T_PAD), dtype=tl.float32)
+    first = split * tiles_per_split
+    last = tl.minimum(first + tiles_per_split, tl.cdiv(half, BP))
+    for k in range(first, last):
+        p = k * BP + tl.arange(0, BP)
+        p_mask = p < half
+        xa, xb = _pair_products(
+            v_ptr, (b * T + t) * D, t_mask, dx_ptr + h * D * M, p, p + half, p_mask, D, M, 1, T_PAD, BK, BP
+        )
+        xa = tl.maximum(xa, 0.0)
+        xb = tl.maximum(xb, 0.0)
+        cs_offs = t[:, None] * half + p[None, :]
+        cs_mask = t_mask[:, None] & p_mask[None, :]
+        c = tl.load(cos_ptr + cs_offs, mask=cs_mask, other=0.0)
+        s = tl.load(sin_ptr + cs_offs, mask=cs_mask, other=0.0)
+        ra = (xa * c - xb * s).to(tl.bfloat16)
+        rb = (xb * c + xa * s).to(tl.bfloat16)
+        acc = _dot(ra, tl.trans(ra), acc)
+        acc = _dot(rb, tl.trans(rb), acc)
+    out = s_ptr + ((split * B * H + bh) * T + t[:, None]) * T + t[None, :]
+    tl.store(out, acc, mask=t_mask[:, None] & t_mask[None, :])
+
+
+@triton.jit
+def _out_kernel(
+    v_ptr, ah_ptr, dx_ptr, dy_ptr, e_ptr, z_ptr, R, D, M, H, tiles_per_split, p_drop, seed,
+    HAS_DROPOUT: tl.constexpr, BR: tl.constexpr, BK: tl.constexpr, BP: tl.constexpr, D_PAD: tl.constexpr,
+):  # fmt: skip
+    """z[split, rows] = sum over this split's tiles of (relu(LN(a) Dy) * relu(v Dx) * keep) E."""
+    rows = tl.program_id(0) * BR + tl.arange(0, BR)
+    split = tl.program_id(1)
+    r_mask = rows < R
+    half = M // 2
+    tiles_per_head = tl.cdiv(half, BP)
+    dcol = tl.arange(0, D_PAD)
+    d_mask = dcol < D
+    acc = tl.zeros((BR, D_PAD), dtype=tl.float32)
+    first = split * tiles_per_split
+    last = tl.minimum(first + tiles_per_split, H * tiles_per_head)
+    for tile in range(first, last):
+        h = tile // tiles_per_head
+        p = (tile % tiles_per_head) * BP + tl.arange(0, BP)
+        p_mask = p < half
+        w_off = h * D * M
+        xa, xb = _pair_products(
+            v_ptr, rows * D, r_mask, dx_ptr + w_off, p, p + half, p_mask, D, M, 1, BR, BK, BP
+        )
+        ua, ub = _pair_products(
+            ah_ptr, (rows * H + h) * D, r_mask, dy_ptr + w_off, p, p + half, p_mask, D, M, 1, BR, BK, BP
+        )
+        ya = tl.maximum(ua, 0.0) * tl.maximum(xa, 0.0)
+        yb = tl.maximum(ub, 0.0) * tl.maximum(xb, 0.0)
+        if HAS_DROPOUT:
+            ya *= _keep_scale(seed, rows, h * M + p, H * M, p_drop)
+            yb *= _keep_scale(seed, rows, h * M + p + half, H * M, p_drop)
+        e_mask = p_mask[:, None] & d_mask[None, :]
+        ea = tl.load(e_ptr + (h * M + p)[:, None] * D + dcol[None, :], mask=e_mask, other=0.0)
+        eb = tl.load(e_ptr + (h * M + p + half)[:, None] * D + dcol[None, :], mask=e_mask, other=0.0)
+        acc = _dot(ya.to(tl.bfloat16), ea, acc)
+        acc = _dot(yb.to(tl.bfloat16), eb, acc)
+    tl.store(
+        z_ptr + (split * R + rows)[:, None] * D + dcol[None, :], acc, mask=r_mask[:, None] & d_mask[None, :]
+    )
+
+
+@triton.jit
+def _grad_y_kernel(
+    v_ptr, ah_ptr, gz_ptr, dx_ptr, dy_ptr, e_ptr, y_ptr, gu_ptr, gx_ptr, R, D, M, H, p_drop, seed,
+    HAS_DROPOUT: tl.constexpr, BR: tl.constexpr, BK: tl.constexpr, BP: tl.constexpr,
+):  # fmt: skip
+    """Recompute x, u = LN(a) Dy and g_y = g_z E^T on one tile; write y, g_u and g_x (the gate's part)."""
+    rows = tl.program_id(0) * BR + tl.arange(0, BR)
+    r_mask = rows < R
+    half = M // 2
+    tiles_per_head = tl.cdiv(half, BP)
+    h = tl.program_id(1) // tiles_per_head
+    p = (tl.program_id(1) % tiles_per_head) * BP + tl.arange(0, BP)
+    p_mask = p < half
+    w_off = h * D * M
+    xa, xb = _pair_products(v_ptr, rows * D, r_mask, dx_ptr + w_off, p, p + half, p_mask, D, M, 1, BR, BK, BP)
+    ua, ub = _pair_products(
+        ah_ptr, (rows * H + h) * D, r_mask, dy_ptr + w_off, p, p + half, p_mask, D, M, 1, BR, BK, BP
+    )
+    # g_y = g_z E^T: E is (n, d), so E^T's column j is E's row h*M + j
+    ga, gb = _pair_products(
+        gz_ptr, rows * D, r_mask, e_ptr + h * M * D, p, p + half, p_mask, D, 1, D, BR, BK, BP
+    )
+    xa = tl.maximum(xa, 0.0)
+    xb = tl.maximum(xb, 0.0)
+    ya = tl.maximum(ua, 0.0) * xa  # y = relu(u) * x, then dropout
+    yb = tl.maximum(ub, 0.0) * xb
+    if HAS_DROPOUT:
+        ka = _keep_scale(seed, rows, h * M + p, H * M, p_drop)
+        kb = _keep_scale(seed, rows, h * M + p + half, H * M, p_drop)
+        ya *= ka
+        yb *= kb
+        ga *= ka  # from here on, g_y is the gradient of the gate before dropout
+        gb *= kb
+    out_a = rows[:, None] * (H * M) + (h * M + p)[None, :]
+    out_mask = r_mask[:, None] & p_mask[None, :]
+    tl.store(y_ptr + out_a, ya.to(tl.bfloat16), mask=out_mask)
+    tl.store(y_ptr + out_a + half, yb.to(tl.bfloat16), mask=out_mask)
+    tl.store(gu_ptr + out_a, tl.where(ua > 0, ga * xa, 0.0).to(tl.bfloat16), mask=out_mask)
+    tl.store(gu_ptr + out_a + half, tl.where(ub > 0, gb * xb, 0.0).to(tl.bfloat16), mask=out_mask)
+    tl.store(gx_ptr + out_a, (ga * tl.maximum(ua, 0.0)).to(tl.bfloat16), mask=out_mask)
+    tl.store(gx_ptr + out_a + half, (gb * tl.maximum(ub, 0.0)).to(tl.bfloat16), mask=out_mask)
+
+
+@triton.jit
+def _grad_x_kernel(
+    v_ptr, dx_ptr, cos_ptr, sin_ptr, g_ptr, gx_ptr, T, D, M, H,
+    T_PAD: tl.constexpr, BK: tl.constexpr, BP: tl.constexpr,
+):  # fmt: skip
+    """g_x += RoPE^T(G RoPE(x)) on one (window, head, pair tile), then g_x *= (x > 0), in place."""
+    b = tl.program_id(0)
+    half = M // 2
+    tiles_per_head = tl.cdiv(half, BP)
+    h = tl.program_id(1) // tiles_per_head
+    p = (tl.program_id(1) % tiles_per_head) * BP + tl.arange(0, BP)
+    p_mask = p < half
+    t = tl.arange(0, T_PAD)
+    t_mask = t < T
+    xa, xb = _pair_products(
+        v_ptr, (b * T + t) * D, t_mask, dx_ptr + h * D * M, p, p + half, p_mask, D, M, 1, T_PAD, BK, BP
+    )
+    cs_offs = t[:, None] * half + p[None, :]
+    cs_mask = t_mask[:, None] & p_mask[None, :]
+    c = tl.load(cos_ptr + cs_offs, mask=cs_mask, other=0.0)
+    s = tl.load(sin_ptr + cs_offs, mask=cs_mask, other=0.0)
+    ra = (tl.maximum(xa, 0.0) * c - tl.maximum(xb, 0.0) * s).to(tl.bfloat16)
+    rb = (tl.maximum(xb, 0.0) * c + tl.maximum(xa, 0.0) * s).to(tl.bfloat16)
+    g_offs = ((b * H + h) * T + t[:, None]) * T + t[None, :]
+    G = tl.load(g_ptr + g_offs, mask=t_mask[:, None] & t_mask[None, :], other=0.0).to(tl.bfloat16)
+    gra = _dot(G, ra, tl.zeros((T_PAD, BP), dtype=tl.float32))  # T, BP   dL/dRoPE(x)
+    grb = _dot(G, rb, tl.zeros((T_PAD, BP), dtype=tl.float32))
+    out_a = (b * T + t)[:, None] * (H * M) + (h * M + p)[None, :]
+    gxa = tl.load(gx_ptr + out_a, mask=cs_mask, other=0.0).to(tl.float32) + gra * c + grb * s
+    gxb = tl.load(gx_ptr + out_a + half, mask=cs_mask, other=0.0).to(tl.float32) + grb * c - gra * s
+    tl.store(gx_ptr + out_a, tl.where(xa > 0, gxa, 0.0).to(tl.bfloat16), mask=cs_mask)
+    tl.store(gx_ptr + out_a + half, tl.where(xb > 0, gxb, 0.0).to(tl.bfloat16), mask=cs_mask)
+
+
+def _pow2(x: int, least: int = 16) -> int:
+    return max(least, triton.next_power_of_2(x))
+
+
+def _splits(programs: int, tiles: int, target: int) -> tuple[int, int]:
+    """Split a reduction of `tiles` tiles so that programs * splits reaches about `target`."""
+    splits = max(1, min(tiles, math.ceil(target / max(programs, 1))))
+    per_split = math.ceil(tiles / splits)
+    return math.ceil(tiles / per_split), per_split
+
+
+def _target_programs(device: torch.device) -> int:
+    if device.type == "cuda":
+        return 2 * torch.cuda.get_device_properties(device).multi_processor_count
+    return 4
+
+
+def scores(
+    v: torch.Tensor, Dx: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, BP: int = 32
+) -> torch.Tensor:
+    """S = RoPE(x) RoPE(x)^T per window and head, x = relu(v Dx). v: B, T, d. Returns B, h, T, T fp32."""
+    B, T, D = v.shape
+    H, _, M = Dx.shape
+    BP = min(BP, _pow2(M // 2))
+    tiles = triton.cdiv(M // 2, BP)
+    n_split, per_split = _splits(B * H, tiles, _target_programs(v.device))
+    part = torch.empty((n_split, B, H, T, T), device=v.device, dtype=torch.float32)
+    _scores_kernel[(B * H, n_split)](
+        v,
+        Dx,
+        cos,
+        sin,
+        part,
+        B,
+        T,
+        D,
+        M,
+        H,
+        per_split,
+        T_PAD=_pow2(T),
+        BK=min(64, _pow2(D)),
+        BP=BP,
+        num_warps=8,
+    )
+    return part.sum(0) if n_split > 1 else part[0]
+
+
+def gated_output(
+    v: torch.Tensor, ahat: torch.Tensor, Dx: torch.Tensor, Dy: torch.Tensor, E: torch.Tensor,
+    p_drop: float, seed: int, BR: int = 64, BP: int = 32,
+) -> torch.Tensor:  # fmt: skip
+    """z = (relu(ahat Dy) * relu(v Dx) * keep) E. v: R, d; ahat: R, h, d. Returns R, d float32."""
+    R, D = v.shape
+    H, _, M = Dx.shape
+    BP = min(BP, _pow2(M // 2))
+    tiles = H * triton.cdiv(M // 2, BP)
+    n_split, per_split = _splits(triton.cdiv(R, BR), tiles, _target_programs(v.device))
+    part = torch.empty((n_split, R, D), device=v.device, dtype=torch.float32)
+    grid = (triton.cdiv(R, BR), n_split)
+    _out_kernel[grid](
+        v, ahat, Dx, Dy, E, part, R, D, M, H, per_split, p_drop, seed,
+        HAS_DROPOUT=p_drop > 0, BR=BR, BK=min(64, _pow2(D)), BP=BP, D_PAD=_pow2(D), num_warps=8,
+    )  # fmt: skip
+    return part.sum(0) if n_split > 1 else part[0]
+
+
+class FusedNeurons(torch.autograd.Function):
+    """z = (relu(LN(tril(S) v) Dy) * x * keep) E with S = RoPE(x) RoPE(x)^T, x = relu(v Dx): one layer's
+    neuron work, for windows of up to MAX_T bytes. Inputs bf16, neurons in the kernels' pair order."""
+
+    @staticmethod
+    def forward(ctx, v, Dx, Dy, E, cos, sin, p_drop: float, seed: int):  # v: B, T, d bf16
+        B, T, D = v.shape
+        S = scores(v, Dx, cos, sin)  # B, h, T, T
+        ahat = layer_norm(S.tril(-1) @ v.unsqueeze(1).float())  # B, h, T, d
+        ahat = ahat.transpose(1, 2).to(torch.bfloat16).contiguous()  # B, T, h, d
+        z = gated_output(v.view(B * T, D), ahat.view(B * T, -1, D), Dx, Dy, E, p_drop, seed)
+        ctx.save_for_backward(v, Dx, Dy, E, cos, sin, S)
+        ctx.p_drop, ctx.seed = p_drop, seed
+        return z.view(B, T, D)
+
+    @staticmethod
+    def backward(ctx, gz):
+        v, Dx, Dy, E, cos, sin, S = ctx.saved_tensors
+        B, T, D = v.shape
+        H, _, M = Dx.shape
+        R, N = B * T, H * M
+        with torch.enable_grad():  # the small PyTorch part, recomputed and differentiated by autograd
+            S_ = S.detach().requires_grad_()
+            v_ = v.detach().float().requires_grad_()
+            ahat_ = layer_norm(S_.tril(-1) @ v_.unsqueeze(1))  # B, h, T, d
+        ahat = ahat_.detach().transpose(1, 2).to(torch.bfloat16).contiguous()  # B, T, h, d
+        gz = gz.reshape(R, D).to(torch.bfloat16).contiguous()
+        y, gu, gx = (torch.empty((R, N), device=v.device, dtype=torch.bfloat16) for _ in range(3))
+        BR, BP = 64, min(32, _pow2(M // 2))
+        tiles = H * triton.cdiv(M // 2, BP)
+        _grad_y_kernel[(triton.cdiv(R, BR), tiles)](
+            v, ahat, gz, Dx, Dy, E, y, gu, gx, R, D, M, H, ctx.p_drop, ctx.seed,
+            HAS_DROPOUT=ctx.p_drop > 0, BR=BR, BK=min(64, _pow2(D)), BP=BP, num_warps=4,
+        )  # fmt: skip
+        gE = y.mT @ gz  # n, d
+        del y
+        gu_h = gu.view(R, H, M).transpose(0, 1)  # h, R, M
+        gahat = (gu_h @ Dy.mT).transpose(0, 1).reshape(B, T, H, D)  # B, T, h, d
+        gDy = ahat.view(R, H, D).transpose(0, 1).mT @ gu_h  # h, d, M
+        del gu, gu_h
+        torch.autograd.backward(ahat_, gahat.transpose(1, 2).float())
+        G = S_.grad + S_.grad.mT  # B, h, T, T   S is symmetric in RoPE(x)
+        _grad_x_kernel[(B, tiles)](
+            v,
+            Dx,
+            cos,
+            sin,
+            G.contiguous(),
+            gx,
+            T,
+            D,
+            M,
+            H,
+            T_PAD=_pow2(T),
+            BK=min(64, _pow2(D)),
+            BP=BP,
+            num_warps=4,
+        )
+        gx_h = gx.view(R, H, M).transpose(0, 1)  # h, R, M
+        gDx = v.view(R, D).mT @ gx_h  # h, d, M
+        gv = v_.grad.view(R, D) + (gx_h @ Dx.mT).sum(0)  # R, d
+        return gv.view(B, T, D).to(v.dtype), gDx, gDy, gE, None, None, None, None
+
+
+def pair_order(model: BDH) -> torch.Tensor:
+    """Neuron order of the kernels: per head, the first of every RoPE pair, then the second."""
+    cfg = model.config
+    m = cfg.head_size
+    if cfg.rope_style == "half":
+        local = torch.arange(m)
+    else:
+        local = torch.cat((torch.arange(0, m, 2), torch.arange(1, m, 2)))
+    return torch.cat([h * m + local for h in range(cfg.n_head)]).to(model.E.device)
+
+
+def pair_cos_sin(model: BDH, T: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin of every pair's angle at positions 0..T-1, each (T, n/2h) float32."""
+    freq = rope_frequencies(model.config)  # turns per position, per dimension
+    m = model.config.head_size
+    freq = freq[0::2] if model.config.rope_style == "interleaved" else freq[: m // 2]
+    phase = torch.arange(T, dtype=torch.float32)[:, None] * freq
+    angle = torch.remainder(phase, 1.0) * (2 * math.pi)
+    return angle.cos().to(device).contiguous(), angle.sin().to(device).contiguous()
+
+
+def fused_forward(
+    model: BDH, idx: torch.Tensor, targets: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """BDH.forward through the fused kernels (bf16 operands, float32 accumulation). idx: B, T <= MAX_T."""
+    cfg = model.config
+    B, T = idx.shape
+    if T > MAX_T:
+        raise ValueError(f"the fused kernels take windows of up to {MAX_T} bytes, got {T}")
+    if B * T * cfg.n_neurons >= 2**31:
+        raise ValueError(f"batch x window x neurons must stay under 2**31, got {B} x {T} x {cfg.n_neurons}")
+    order = pair_order(model)
+    m = cfg.head_size
+    local = order[:m]
+    bf16 = torch.bfloat16
+    Dx = model.Dx[:, :, local].to(bf16).contiguous()  # h, d, M   (pair order)
+    Dy = model.Dy[:, :, local].to(bf16).contiguous()
+    E = model.E[order].to(bf16).contiguous()  # n, d
+    cos, sin = pair_cos_sin(model, T, idx.device)
+    p_drop = cfg.dropout if model.training else 0.0
+    with torch.autocast(idx.device.type, enabled=False):  # the kernels choose their own precision
+        return _layers(model, idx, targets, Dx, Dy, E, cos, sin, p_drop)
+
+
+def _layers(model, idx, targets, Dx, Dy, E, cos, sin, p_drop):
+    bf16 = torch.bfloat16
+    v = layer_norm(model.embed(idx).float())  # B, T, d
+    for _ in range(model.config.n_layer):
+        seed = int(torch.randint(0, 2**31 - 1, (1,)).item()) if p_drop > 0 else 0
+        z = FusedNeurons.apply(v.to(bf16), Dx, Dy, E, cos, sin, p_drop, seed)  # B, T, d
+        v = layer_norm(v + layer_norm(z))
+    logits = (v.to(bf16) @ model.readout.to(bf16)).float()  # B, T, V
+    loss = None
+    if targets is not None:
+        loss = F.cross_entropy(logits.flatten(0, 1), targets.flatten())
+    return logits, loss

@@ -1,0 +1,114 @@
+"""The fused Triton kernels against the plain PyTorch path.
+
+Without a GPU they run in Triton's CPU interpreter (TRITON_INTERPRET=1, set by conftest.py) at tiny
+sizes; on a GPU the same tests run compiled at the default model's full size.
+"""
+
+import pytest
+import torch
+
+import kernels
+from model import BDH, BDHConfig, layer_norm
+
+CUDA = torch.cuda.is_available()
+DEVICE = "cuda" if CUDA else "cpu"
+# d, h, n/h, B, T: the default model on a GPU; tiny (T not a power of two) in the interpreter
+SIZES = (256, 4, 8192, 8, 128) if CUDA else (32, 2, 64, 2, 21)
+
+
+def rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a.double() - b.double()).norm() / b.double().norm()).item()
+
+
+def make_model(style: str, seed: int = 0, dropout: float = 0.0) -> BDH:
+    d, h, m, _, _ = SIZES
+    torch.manual_seed(seed)
+    cfg = BDHConfig(n_embd=d, n_head=h, n_neurons=h * m, n_layer=2, dropout=dropout, rope_style=style)
+    return BDH(cfg).to(DEVICE)
+
+
+def reference_neurons(v, Dx, Dy, E, cos, sin):
+    """The layer's neuron work in float32 PyTorch, neurons in the kernels' pair order."""
+    B, T, _ = v.shape
+    half = Dx.shape[-1] // 2
+    x = torch.relu(v.unsqueeze(1) @ Dx)  # B, h, T, M
+    xa, xb = x[..., :half], x[..., half:]
+    r = torch.cat((xa * cos - xb * sin, xb * cos + xa * sin), dim=-1)
+    ahat = layer_norm((r @ r.mT).tril(-1) @ v.unsqueeze(1))  # B, h, T, d
+    y = torch.relu(ahat @ Dy) * x
+    return y.transpose(1, 2).reshape(B, T, -1) @ E
+
+
+@pytest.mark.parametrize("style", ["interleaved", "half"])
+def test_fused_layer_values_and_gradients_match_float32(style):
+    d, h, m, B, T = SIZES
+    model = make_model(style)
+    bf16 = torch.bfloat16
+    v = torch.randn(B, T, d, device=DEVICE).to(bf16)
+    weights = [(torch.randn(s, device=DEVICE) * 0.05).to(bf16) for s in ((h, d, m), (h, d, m), (h * m, d))]
+    cos, sin = kernels.pair_cos_sin(model, T, v.device)
+    gz = torch.randn(B, T, d, device=DEVICE)
+    ref_in = [t.float().requires_grad_() for t in (v, *weights)]
+    ref = reference_neurons(*ref_in, cos, sin)
+    ref.backward(gz)
+    ins = [t.clone().requires_grad_() for t in (v, *weights)]
+    out = kernels.FusedNeurons.apply(*ins, cos, sin, 0.0, 0)
+    out.backward(gz)
+    assert torch.isfinite(out).all()
+    assert rel(out, ref) < 1e-2
+    for name, a, b in zip(("v", "Dx", "Dy", "E"), ins, ref_in, strict=True):
+        assert rel(a.grad, b.grad) < 2e-2, name
+
+
+@pytest.mark.parametrize("style", ["interleaved", "half"])
+def test_fused_model_is_as_close_to_float32_as_plain_bf16(style):
+    # the reference is the plain path in float32; the yardstick, the plain path under bf16 autocast
+    _, _, _, B, T = SIZES
+    model = make_model(style, seed=1)
+    idx = torch.randint(0, 256, (B, T), device=DEVICE)
+    targets = torch.randint(0, 256, (B, T), device=DEVICE)
+    params = list(model.parameters())
+
+    def run(**kw):
+        logits, loss = model(idx, targets, **kw)
+        return [logits.float(), *torch.autograd.grad(loss, params)]
+
+    ref = run()
+    with torch.autocast(DEVICE, dtype=torch.bfloat16):
+        plain = run()
+    fused = run(fused=True)
+    names = ["logits"] + [n for n, _ in model.named_parameters()]
+    errors = {n: (rel(f, r), rel(p, r)) for n, f, p, r in zip(names, fused, plain, ref, strict=True)}
+    assert errors["logits"][0] < 1e-2
+    for name, (fused_err, plain_err) in errors.items():  # tiny sizes: a few relu flips are noisy
+        assert fused_err < 3 * plain_err + 5e-3, (name, errors)
+    assert sum(f for f, _ in errors.values()) < 2 * sum(p for _, p in errors.values()), errors
+
+
+def test_dropout_masks_agree_between_forward_and_backward():
+    # z is linear in E, and positively homogeneous of degree 1 in Dy and in Dx (LN(a) ignores the
+    # scale of S), so <dL/dW, W> = <g_z, z> for each: true only if backward drops what forward dropped
+    d, h, m, B, T = SIZES
+    model = make_model("interleaved")
+    bf16 = torch.bfloat16
+    v = torch.randn(B, T, d, device=DEVICE).to(bf16)
+    weights = [(torch.randn(s, device=DEVICE) * 0.05).to(bf16).requires_grad_() for s in ((h, d, m),) * 2]
+    E = (torch.randn(h * m, d, device=DEVICE) * 0.05).to(bf16).requires_grad_()
+    cos, sin = kernels.pair_cos_sin(model, T, v.device)
+    gz = torch.randn(B, T, d, device=DEVICE)
+    z = kernels.FusedNeurons.apply(v, *weights, E, cos, sin, 0.5, 1234)
+    z.backward(gz)
+    dot = (gz * z).sum().item()
+    for w in (*weights, E):
+        assert abs((w.grad.float() * w.float()).sum().item() - dot) < 0.02 * abs(dot)
+    again = kernels.FusedNeurons.apply(v, *weights, E, cos, sin, 0.5, 1234)
+    other = kernels.FusedNeurons.apply(v, *weights, E, cos, sin, 0.5, 99)
+    no_drop = kernels.FusedNeurons.apply(v, *weights, E, cos, sin, 0.0, 1234)
+    assert torch.equal(z, again)
+    assert rel(other, z) > 0.1 and rel(no_drop, z) > 0.1
+
+
+def test_fused_path_refuses_windows_longer_than_its_tile():
+    model = make_model("half")
+    with pytest.raises(ValueError, match="up to 128 bytes"):
+        model(torch.zeros((1, 129), dtype=torch.long, device=DEVICE), fused=True)
