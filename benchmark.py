@@ -165,6 +165,13 @@ def table(results: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def save(path: Path | None, report: dict) -> None:
+    """Write what has been measured so far (a later crash or timeout keeps it)."""
+    if path:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write_json(path, report)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
@@ -203,11 +210,13 @@ def main(argv: list[str] | None = None) -> int:
                     )
                     continue
                 report["train"].append(measure_train(cfg, path, B, T, args, device))
+                save(args.out, report)
     if "long" in parts:
         T, C = args.long_T, args.chunk_size
         few = argparse.Namespace(**{**vars(args), "warmup": 1, "steps": 1, "repeats": 2})  # seconds a step
         report["train"].append(measure_train(cfg, f"chunked C={C}", 1, T, few, device, C))
         report["train"].append(measure_train(cfg, "plain eager", 1, T, few, device))
+        save(args.out, report)
     if "generate" in parts:
         report["generation"] = measure_generation(cfg, args, device)
     print(table(report["train"]))
@@ -216,9 +225,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"\ngeneration of {g['new_bytes']} bytes after a {g['prompt_bytes']}-byte prompt, batch 1:")
         for name in ("recurrent (CUDA graph)", "recurrent (eager)", "recompute prefix"):
             print(f"  {name:>24}: {g[name]['seconds']:.3f} s, {g[name]['speedup_over_recompute']:.1f}x")
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        write_json(args.out, report)
+    save(args.out, report)
     print(json.dumps({k: v for k, v in report.items() if k not in ("train", "generation", "config")}))
     return 0
 

@@ -83,10 +83,10 @@ def layer_norm(x: torch.Tensor) -> torch.Tensor:
     return F.layer_norm(x, x.shape[-1:])
 
 
-def rope_frequencies(config: BDHConfig) -> torch.Tensor:
+def rope_frequencies(config: BDHConfig, device: torch.device | str | None = None) -> torch.Tensor:
     """Per-dimension rotation frequency in turns per position, shape (n/h,), float32."""
     m = config.head_size
-    pair = torch.arange(m // 2, dtype=torch.float32)
+    pair = torch.arange(m // 2, dtype=torch.float32, device=device)
     freq = config.rope_theta ** (-2.0 * pair / m) / (2 * math.pi)  # turns per position
     if config.rope_style == "interleaved":
         return freq.repeat_interleave(2)  # dims 2i, 2i+1 share frequency i
@@ -99,7 +99,7 @@ def rope_cos_sin(config: BDHConfig, positions: torch.Tensor) -> tuple[torch.Tens
     The phase is kept in turns and reduced modulo 1 before it becomes an angle, which keeps
     large positions accurate in float32 (as the paper authors' code does).
     """
-    freq = rope_frequencies(config).to(positions.device)
+    freq = rope_frequencies(config, positions.device)  # made there: no copy (CUDA graphs allow none)
     phase = positions.to(torch.float32)[:, None] * freq  # T, n/h   (turns)
     angle = torch.remainder(phase, 1.0) * (2 * math.pi)
     return angle.cos(), angle.sin()

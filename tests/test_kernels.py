@@ -54,10 +54,20 @@ def test_fused_layer_values_and_gradients_match_float32(style):
     ins = [t.clone().requires_grad_() for t in (v, *weights)]
     out = kernels.FusedNeurons.apply(*ins, cos, sin, 0.0, 0)
     out.backward(gz)
+    plain_in = [t.float().requires_grad_() for t in (v, *weights)]  # yardstick: plain PyTorch in bf16
+    with torch.autocast(DEVICE, dtype=torch.bfloat16):
+        plain = reference_neurons(*plain_in, cos, sin)
+    plain.backward(gz)
     assert torch.isfinite(out).all()
-    assert rel(out, ref) < 1e-2
-    for name, a, b in zip(("v", "Dx", "Dy", "E"), ins, ref_in, strict=True):
-        assert rel(a.grad, b.grad) < 2e-2, name
+    assert 1e-4 < rel(out, ref) < 1e-2  # bf16 operands, float32 accumulation
+    errors = {
+        n: (rel(a.grad, b.grad), rel(p.grad, b.grad))
+        for n, a, p, b in zip("v Dx Dy E".split(), ins, plain_in, ref_in, strict=True)
+    }
+    print("relative error of the gradients (fused, plain bf16):", errors)
+    for name, (fused_err, plain_err) in errors.items():
+        # gradients pass LayerNorm's backward, which amplifies rounding; plain bf16 is the yardstick
+        assert fused_err < max(3e-2, 3 * plain_err), (name, errors)
 
 
 @pytest.mark.parametrize("style", ["interleaved", "half"])
