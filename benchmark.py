@@ -24,7 +24,6 @@ import torch
 from data import Parser, UsageError, fail, positive_int, resolve_device, write_json
 from model import BDH, BDHConfig
 
-TRAIN_SHAPES = ((32, 128), (32, 512), (8, 2048))
 PATHS = ("plain eager", "plain compiled", "fused")
 PROMPT = (
     b" = Valkyria Chronicles III = \n\n Senj\xc5\x8d no Valkyria 3 : Unrecorded Chronicles is a tactical "
@@ -37,6 +36,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="cuda", help="cuda (the numbers mean little elsewhere)")
     p.add_argument("--out", type=Path, default=None, help="write the results here as JSON")
     p.add_argument("--parts", default="train,long,generate", help="comma-separated: train, long, generate")
+    p.add_argument("--shapes", default="32x128,32x512,8x2048", help="training shapes, BATCHxWINDOW,...")
     p.add_argument("--steps", type=positive_int, default=10, help="timed training steps per repeat")
     p.add_argument("--repeats", type=positive_int, default=3, help="timed repeats (the median is kept)")
     p.add_argument("--warmup", type=positive_int, default=3, help="untimed steps first (compilation)")
@@ -183,6 +183,11 @@ def main(argv: list[str] | None = None) -> int:
     parts = set(args.parts.split(","))
     if not parts <= {"train", "long", "generate"}:
         fail(f"--parts: expected a comma-separated subset of train,long,generate, got {args.parts!r}")
+    try:
+        shapes = [tuple(int(n) for n in s.split("x")) for s in args.shapes.split(",")]
+        assert all(len(s) == 2 and min(s) > 0 for s in shapes)
+    except (ValueError, AssertionError):
+        fail(f"--shapes: expected BATCHxWINDOW pairs like 32x128,8x2048, got {args.shapes!r}")
     torch.backends.cuda.matmul.allow_tf32 = True
     cfg = BDHConfig(n_layer=args.n_layer)
     report = {
@@ -202,7 +207,7 @@ def main(argv: list[str] | None = None) -> int:
     except ImportError:
         pass
     if "train" in parts:
-        for B, T in TRAIN_SHAPES:
+        for B, T in shapes:
             for path in PATHS:
                 if path == "fused" and T > 128:
                     report["train"].append(

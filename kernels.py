@@ -246,7 +246,7 @@ def _target_programs(device: torch.device) -> int:
 
 
 def scores(
-    v: torch.Tensor, Dx: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, BP: int = 32
+    v: torch.Tensor, Dx: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, BP: int = 64
 ) -> torch.Tensor:
     """S = RoPE(x) RoPE(x)^T per window and head, x = relu(v Dx). v: B, T, d. Returns B, h, T, T fp32."""
     B, T, D = v.shape
@@ -277,7 +277,7 @@ def scores(
 
 def gated_output(
     v: torch.Tensor, ahat: torch.Tensor, Dx: torch.Tensor, Dy: torch.Tensor, E: torch.Tensor,
-    p_drop: float, seed: int, BR: int = 64, BP: int = 32,
+    p_drop: float, seed: int, BR: int = 64, BP: int = 64,
 ) -> torch.Tensor:  # fmt: skip
     """z = (relu(ahat Dy) * relu(v Dx) * keep) E. v: R, d; ahat: R, h, d. Returns R, d float32."""
     R, D = v.shape
@@ -322,11 +322,11 @@ class FusedNeurons(torch.autograd.Function):
         ahat = ahat_.detach().transpose(1, 2).to(torch.bfloat16).contiguous()  # B, T, h, d
         gz = gz.reshape(R, D).to(torch.bfloat16).contiguous()
         y, gu, gx = (torch.empty((R, N), device=v.device, dtype=torch.bfloat16) for _ in range(3))
-        BR, BP = 64, min(32, _pow2(M // 2))
+        BR, BP = 128, min(32, _pow2(M // 2))
         tiles = H * triton.cdiv(M // 2, BP)
         _grad_y_kernel[(triton.cdiv(R, BR), tiles)](
             v, ahat, gz, Dx, Dy, E, y, gu, gx, R, D, M, H, ctx.p_drop, ctx.seed,
-            HAS_DROPOUT=ctx.p_drop > 0, BR=BR, BK=min(64, _pow2(D)), BP=BP, num_warps=4,
+            HAS_DROPOUT=ctx.p_drop > 0, BR=BR, BK=min(64, _pow2(D)), BP=BP, num_warps=8,
         )  # fmt: skip
         gE = y.mT @ gz  # n, d
         del y
@@ -350,7 +350,7 @@ class FusedNeurons(torch.autograd.Function):
             T_PAD=_pow2(T),
             BK=min(64, _pow2(D)),
             BP=BP,
-            num_warps=4,
+            num_warps=8,
         )
         gx_h = gx.view(R, H, M).transpose(0, 1)  # h, R, M
         gDx = v.view(R, D).mT @ gx_h  # h, d, M
@@ -414,3 +414,40 @@ def _layers(model, idx, targets, Dx, Dy, E, cos, sin, p_drop):
     if targets is not None:
         loss = F.cross_entropy(logits.flatten(0, 1), targets.flatten())
     return logits, loss
+
+
+@triton.jit
+def _state_kernel(
+    s_ptr, r_ptr, v_ptr, a_ptr, H, M, D, BM: tl.constexpr, D_PAD: tl.constexpr,
+):  # fmt: skip
+    """One recurrent step on BM rows of a head's state: a_part = r S (old S), then S += r^T v.
+
+    Rows whose r is zero (most of them: x is sparse) are neither read nor written.
+    """
+    bh = tl.program_id(0)
+    block = tl.program_id(1)
+    rows = block * BM + tl.arange(0, BM)
+    r = tl.load(r_ptr + bh * M + rows, mask=rows < M, other=0.0).to(tl.float32)
+    live = (rows < M) & (r != 0.0)
+    d = tl.arange(0, D_PAD)
+    d_mask = d < D
+    v = tl.load(v_ptr + (bh // H) * D + d, mask=d_mask, other=0.0).to(tl.float32)
+    offs = (bh * M + rows)[:, None] * D + d[None, :]
+    mask = live[:, None] & d_mask[None, :]
+    S = tl.load(s_ptr + offs, mask=mask, other=0.0)
+    tl.store(a_ptr + (bh * tl.num_programs(1) + block) * D + d, tl.sum(r[:, None] * S, axis=0), mask=d_mask)
+    tl.store(s_ptr + offs, S + r[:, None] * v[None, :], mask=mask)
+
+
+def state_step(state: torch.Tensor, r: torch.Tensor, v: torch.Tensor, BM: int = 32) -> torch.Tensor:
+    """a = r state, then state += r^T v, in place, in one pass over the live rows of the state.
+
+    state: B, h, M, d float32; r: B, h, 1, M; v: B, 1, d. Returns a: B, h, 1, d float32.
+    """
+    B, H, M, D = state.shape
+    blocks = triton.cdiv(M, BM)
+    part = torch.empty((B * H, blocks, D), device=state.device, dtype=torch.float32)
+    _state_kernel[(B * H, blocks)](
+        state, r.contiguous(), v.contiguous(), part, H, M, D, BM=BM, D_PAD=_pow2(D), num_warps=4
+    )
+    return part.sum(1).view(B, H, 1, D)

@@ -281,43 +281,45 @@ class BDH(
         return logits, loss, state
 
     @torch.no_grad()
-    def step(self, byte: torch.Tensor, state: RecurrentState) -> torch.Tensor:
+    def step(self, byte: torch.Tensor, state: RecurrentState, fused: bool = False) -> torch.Tensor:
         """The recurrent form: logits (B, V) after one more byte (B,). Updates state in place.
 
         Constant work per byte: each layer reads its B x h x n/h x d state once for the attention
-        and adds RoPE(x)^T v to it.
+        and adds RoPE(x)^T v to it. fused=True does both in one Triton pass that skips the rows
+        where RoPE(x) is zero (kernels.state_step); the plain PyTorch below is its reference.
         """
         cos, sin = rope_cos_sin(self.config, state.pos.view(1))  # 1, n/h
         v = layer_norm(self.embed(byte[:, None]))  # B, 1, d
-        B, _, d = v.shape
-        for H in state.layers:  # B, h, n/h, d
+        for S in state.layers:  # B, h, n/h, d
             x = self.neurons(v)  # B, h, 1, n/h
             r = rope(x, cos, sin, self.config.rope_style)
-            a = (r.to(H.dtype) @ H).to(r.dtype)  # B, h, 1, d   every earlier byte, through the state
-            h, m = r.shape[1], r.shape[-1]
-            r_col = r.to(H.dtype).reshape(B * h, m, 1)
-            v_row = v.to(H.dtype).unsqueeze(1).expand(B, h, 1, d).reshape(B * h, 1, d)
-            H.view(B * h, m, d).baddbmm_(r_col, v_row)  # H += RoPE(x)^T v, in place
+            if fused:
+                from kernels import state_step
+
+                a = state_step(S, r, v).to(r.dtype)  # B, h, 1, d
+            else:
+                a = (r.to(S.dtype) @ S).to(r.dtype)  # B, h, 1, d   every earlier byte, through the state
+                S.addcmul_(r.mT.to(S.dtype), v.unsqueeze(1).to(S.dtype))  # S += RoPE(x)^T v, in place
             v, _ = self.mix(v, x, a)
         state.pos.add_(1)
         return (v @ self.readout)[:, 0]
 
     def graphed_step(self, state: RecurrentState) -> Callable[[torch.Tensor], torch.Tensor]:
-        """step() captured once as a CUDA graph over this state: one launch per byte, no Python."""
+        """step(fused=True) captured once as a CUDA graph over this state: one launch per byte."""
         byte = torch.zeros(state.layers[0].shape[0], dtype=torch.long, device=state.pos.device)
         saved = [H.clone() for H in state.layers] + [state.pos.clone()]
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):  # warm up (cuBLAS handles, allocations) before capturing
             for _ in range(2):
-                self.step(byte, state)
+                self.step(byte, state, fused=True)
         torch.cuda.current_stream().wait_stream(side)
         for live, copy in zip(state.layers + [state.pos], saved, strict=True):
             live.copy_(copy)
         del saved
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):
-            logits = self.step(byte, state)
+            logits = self.step(byte, state, fused=True)
 
         def run(next_byte: torch.Tensor) -> torch.Tensor:
             byte.copy_(next_byte)

@@ -110,7 +110,7 @@ def test_dropout_masks_agree_between_forward_and_backward():
     z.backward(gz)
     dot = (gz * z).sum().item()
     for w in (*weights, E):
-        assert abs((w.grad.float() * w.float()).sum().item() - dot) < 0.02 * abs(dot)
+        assert abs((w.grad.float() * w.float()).sum().item() - dot) < 0.05 * abs(dot)  # a wrong mask: ~50%
     again = kernels.FusedNeurons.apply(v, *weights, E, cos, sin, 0.5, 1234)
     other = kernels.FusedNeurons.apply(v, *weights, E, cos, sin, 0.5, 99)
     no_drop = kernels.FusedNeurons.apply(v, *weights, E, cos, sin, 0.0, 1234)
@@ -122,3 +122,17 @@ def test_fused_path_refuses_windows_longer_than_its_tile():
     model = make_model("half")
     with pytest.raises(ValueError, match="up to 128 bytes"):
         model(torch.zeros((1, 129), dtype=torch.long, device=DEVICE), fused=True)
+
+
+@pytest.mark.parametrize("style", ["interleaved", "half"])
+def test_fused_recurrent_step_matches_the_plain_step(style):
+    model = make_model(style, seed=2).eval()
+    prompt = torch.randint(0, 256, (2, 9), device=DEVICE)
+    _, _, plain = model.forward_chunked(prompt, chunk_size=4)
+    _, _, fused = model.forward_chunked(prompt, chunk_size=4)
+    for byte in torch.randint(0, 256, (5, 2), device=DEVICE):
+        want = model.step(byte, plain)
+        got = model.step(byte, fused, fused=True)
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+    for p, f in zip(plain.layers, fused.layers, strict=True):
+        torch.testing.assert_close(f, p, rtol=1e-5, atol=1e-5)
