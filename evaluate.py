@@ -10,6 +10,7 @@ last T; loss = mean cross-entropy in nats over all targets of the first --max_ch
 from __future__ import annotations
 
 import argparse
+import copy
 import math
 import sys
 from pathlib import Path
@@ -23,7 +24,6 @@ from data import (
     UsageError,
     activation_summary,
     add_device_args,
-    autocast,
     evaluate_loss,
     fail,
     load_bytes_file,
@@ -94,8 +94,8 @@ def sample_text(model: BDH, prompt: str, args: argparse.Namespace, device, dtype
     """The prompt and a sampled continuation, decoded as UTF-8 (invalid bytes replaced)."""
     idx = torch.tensor([list(prompt.encode("utf-8"))], dtype=torch.long, device=device)
     gen = torch.Generator(device=device).manual_seed(args.seed)
-    with autocast(device, dtype):
-        out = model.generate(idx, args.max_new_bytes, args.temperature, args.top_k, generator=gen)
+    sampler = copy.deepcopy(model).to(dtype)  # weights in the dtype itself: a CUDA graph takes no autocast
+    out = sampler.generate(idx, args.max_new_bytes, args.temperature, args.top_k, generator=gen)
     return bytes(out[0].tolist()).decode("utf-8", errors="replace")
 
 

@@ -75,6 +75,11 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="torch.compile the model (default: on for CUDA, off elsewhere)",
     )
+    g.add_argument(
+        "--fused",
+        action="store_true",
+        help="train through the fused Triton kernels (kernels.py; CUDA, windows up to 128 bytes)",
+    )
     g = p.add_argument_group("schedule (the paper's recipe by default)")
     g.add_argument("--epochs", type=positive_int, default=3, help="passes over the train split (3)")
     g.add_argument(
@@ -329,6 +334,10 @@ def prepare(args: argparse.Namespace) -> dict:
     dtype = resolve_dtype(args.dtype, device)
     if args.push_every_epoch and not args.push_to_hub:
         raise UsageError("--push_every_epoch needs --push_to_hub")
+    if args.fused and args.compile:
+        raise UsageError("--fused runs its own kernels: leave out --compile")
+    if args.fused and args.seq_len > 128:
+        raise UsageError(f"--fused takes --seq_len up to 128, got {args.seq_len}")
     if args.push_to_hub and (args.hf_repo_id is None or not REPO_ID.match(args.hf_repo_id)):
         raise UsageError(f"--push_to_hub needs --hf_repo_id USER/NAME (got {args.hf_repo_id!r})")
     resume = find_resume(args)
@@ -459,8 +468,13 @@ def train(args: argparse.Namespace, setup: dict) -> dict:
 
     torch.manual_seed(args.seed)
     model = BDH(config).to(device)
-    use_compile = args.compile if args.compile is not None else device.type == "cuda"
-    fwd = torch.compile(model) if use_compile else model
+    use_compile = args.compile if args.compile is not None else device.type == "cuda" and not args.fused
+    if args.fused:
+        from kernels import Fused
+
+        fwd = Fused(model)
+    else:
+        fwd = torch.compile(model) if use_compile else model
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
@@ -694,6 +708,7 @@ def summarize(
         "device": device_name(device),
         "dtype": str(dtype).removeprefix("torch."),
         "compile": use_compile,
+        "fused": args.fused,
         "torch_version": torch.__version__,
         "command": command,
         "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),

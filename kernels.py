@@ -358,6 +358,17 @@ class FusedNeurons(torch.autograd.Function):
         return gv.view(B, T, D).to(v.dtype), gDx, gDy, gE, None, None, None, None
 
 
+class Fused(torch.nn.Module):
+    """A BDH called through the fused kernels, for loops that call module(idx, targets)."""
+
+    def __init__(self, model: BDH) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None):
+        return self.model(idx, targets, fused=True)
+
+
 def pair_order(model: BDH) -> torch.Tensor:
     """Neuron order of the kernels: per head, the first of every RoPE pair, then the second."""
     cfg = model.config
