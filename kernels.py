@@ -27,7 +27,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from model import BDH, layer_norm, rope_frequencies
+from model import BDH, layer_norm, rope_cos_sin
 
 MAX_T = 128  # the longest window the fused kernels take (a T x T score tile per program)
 # Triton's CPU interpreter (TRITON_INTERPRET=1, for the tests) multiplies bf16 wrongly: upcast there.
@@ -67,6 +67,16 @@ def _pair_products(
 
 
 @triton.jit
+def _rope_pairs(xa, xb, cos_ptr, sin_ptr, t, t_mask, p, p_mask, half):
+    """RoPE of the pair halves xa, xb (T x BP) at positions t: bf16 ra, rb and the cos, sin tiles."""
+    offs = t[:, None] * half + p[None, :]
+    mask = t_mask[:, None] & p_mask[None, :]
+    c = tl.load(cos_ptr + offs, mask=mask, other=0.0)
+    s = tl.load(sin_ptr + offs, mask=mask, other=0.0)
+    return (xa * c - xb * s).to(tl.bfloat16), (xb * c + xa * s).to(tl.bfloat16), c, s
+
+
+@triton.jit
 def _keep_scale(seed, rows, cols, N, p_drop):
     """Inverted dropout: 1 / (1 - p) where the neuron is kept, 0 where dropped. Same in fwd and bwd."""
     u = tl.rand(seed, rows[:, None] * N + cols[None, :])
@@ -97,12 +107,7 @@ def _scores_kernel(
         )
         xa = tl.maximum(xa, 0.0)
         xb = tl.maximum(xb, 0.0)
-        cs_offs = t[:, None] * half + p[None, :]
-        cs_mask = t_mask[:, None] & p_mask[None, :]
-        c = tl.load(cos_ptr + cs_offs, mask=cs_mask, other=0.0)
-        s = tl.load(sin_ptr + cs_offs, mask=cs_mask, other=0.0)
-        ra = (xa * c - xb * s).to(tl.bfloat16)
-        rb = (xb * c + xa * s).to(tl.bfloat16)
+        ra, rb, _, _ = _rope_pairs(xa, xb, cos_ptr, sin_ptr, t, t_mask, p, p_mask, half)
         acc = _dot(ra, tl.trans(ra), acc)
         acc = _dot(rb, tl.trans(rb), acc)
     out = s_ptr + ((split * B * H + bh) * T + t[:, None]) * T + t[None, :]
@@ -211,12 +216,10 @@ def _grad_x_kernel(
     xa, xb = _pair_products(
         v_ptr, (b * T + t) * D, t_mask, dx_ptr + h * D * M, p, p + half, p_mask, D, M, 1, T_PAD, BK, BP
     )
-    cs_offs = t[:, None] * half + p[None, :]
+    ra, rb, c, s = _rope_pairs(
+        tl.maximum(xa, 0.0), tl.maximum(xb, 0.0), cos_ptr, sin_ptr, t, t_mask, p, p_mask, half
+    )
     cs_mask = t_mask[:, None] & p_mask[None, :]
-    c = tl.load(cos_ptr + cs_offs, mask=cs_mask, other=0.0)
-    s = tl.load(sin_ptr + cs_offs, mask=cs_mask, other=0.0)
-    ra = (tl.maximum(xa, 0.0) * c - tl.maximum(xb, 0.0) * s).to(tl.bfloat16)
-    rb = (tl.maximum(xb, 0.0) * c + tl.maximum(xa, 0.0) * s).to(tl.bfloat16)
     g_offs = ((b * H + h) * T + t[:, None]) * T + t[None, :]
     G = tl.load(g_ptr + g_offs, mask=t_mask[:, None] & t_mask[None, :], other=0.0).to(tl.bfloat16)
     gra = _dot(G, ra, tl.zeros((T_PAD, BP), dtype=tl.float32))  # T, BP   dL/dRoPE(x)
@@ -382,12 +385,10 @@ def pair_order(model: BDH) -> torch.Tensor:
 
 def pair_cos_sin(model: BDH, T: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     """cos and sin of every pair's angle at positions 0..T-1, each (T, n/2h) float32."""
-    freq = rope_frequencies(model.config)  # turns per position, per dimension
-    m = model.config.head_size
-    freq = freq[0::2] if model.config.rope_style == "interleaved" else freq[: m // 2]
-    phase = torch.arange(T, dtype=torch.float32)[:, None] * freq
-    angle = torch.remainder(phase, 1.0) * (2 * math.pi)
-    return angle.cos().to(device).contiguous(), angle.sin().to(device).contiguous()
+    cfg = model.config
+    cos, sin = rope_cos_sin(cfg, torch.arange(T, device=device))  # T, n/h: per dimension
+    first = slice(0, None, 2) if cfg.rope_style == "interleaved" else slice(0, cfg.head_size // 2)
+    return cos[:, first].contiguous(), sin[:, first].contiguous()  # the first of every pair
 
 
 def fused_forward(
