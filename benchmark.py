@@ -120,20 +120,16 @@ def measure_generation(cfg: BDHConfig, args, device) -> dict:
     prompt = torch.tensor([list(PROMPT)], device=device)
     out = {"prompt_bytes": prompt.shape[1], "new_bytes": args.new_bytes, "batch": 1, "dtype": "bfloat16"}
     runs = {
-        "recurrent (CUDA graph)": lambda: model.generate(prompt, args.new_bytes, temperature=0.0),
-        "recurrent (eager)": lambda: model.generate(
-            prompt, args.new_bytes, temperature=0.0, cuda_graph=False
-        ),
-        "recompute prefix": lambda: model.generate_recompute(prompt, args.new_bytes, temperature=0.0),
+        "recurrent (CUDA graph)": lambda n: model.generate(prompt, n, temperature=0.0),
+        "recurrent (eager)": lambda n: model.generate(prompt, n, temperature=0.0, cuda_graph=False),
+        "recompute prefix": lambda n: model.generate_recompute(prompt, n, temperature=0.0),
     }
     texts = {}
     for name, fn in runs.items():
-        fn() if name != "recompute prefix" else model.generate_recompute(
-            prompt, 8, temperature=0.0
-        )  # warm up
+        fn(8)  # warm up: kernels, cuBLAS handles, the graph's capture
         torch.cuda.synchronize()
         t0 = time.perf_counter()
-        texts[name] = fn()
+        texts[name] = fn(args.new_bytes)
         torch.cuda.synchronize()
         out[name] = {"seconds": time.perf_counter() - t0}
         out[name]["bytes_per_s"] = args.new_bytes / out[name]["seconds"]

@@ -288,14 +288,14 @@ class BDH(
         and adds RoPE(x)^T v to it. fused=True does both in one Triton pass that skips the rows
         where RoPE(x) is zero (kernels.state_step); the plain PyTorch below is its reference.
         """
+        if fused:
+            from kernels import state_step  # imports Triton; the plain step does not
         cos, sin = rope_cos_sin(self.config, state.pos.view(1))  # 1, n/h
         v = layer_norm(self.embed(byte[:, None]))  # B, 1, d
         for S in state.layers:  # B, h, n/h, d
             x = self.neurons(v)  # B, h, 1, n/h
             r = rope(x, cos, sin, self.config.rope_style)
             if fused:
-                from kernels import state_step
-
                 a = state_step(S, r, v).to(r.dtype)  # B, h, 1, d
             else:
                 a = (r.to(S.dtype) @ S).to(r.dtype)  # B, h, 1, d   every earlier byte, through the state
