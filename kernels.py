@@ -27,7 +27,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from model import BDH, layer_norm, rope_cos_sin
+from model import BDH, RecurrentState, layer_norm, rope_cos_sin, rope_frequencies
 
 MAX_T = 128  # the longest window the fused kernels take (a T x T score tile per program)
 # Triton's CPU interpreter (TRITON_INTERPRET=1, for the tests) multiplies bf16 wrongly: upcast there.
@@ -428,38 +428,171 @@ def _layers(model, idx, targets, Dx, Dy, E, cos, sin, p_drop):
     return logits, loss
 
 
-@triton.jit
-def _state_kernel(
-    s_ptr, r_ptr, v_ptr, a_ptr, H, M, D, BM: tl.constexpr, D_PAD: tl.constexpr,
-):  # fmt: skip
-    """One recurrent step on BM rows of a head's state: a_part = r S (old S), then S += r^T v.
+# The recurrent step (generation): one byte per call, four kernels a layer, sparse reads.
+#
+#     _step_attention_kernel  x = relu(v Dx); a_part = RoPE(x) S; S += RoPE(x)^T v   (live rows of S)
+#     _step_norm_kernel       a = sum of the parts, LN(a)
+#     _step_gate_kernel       y = relu(LN(a) Dy) * x; z_part = y E      (rows of Dy^T, E where x, y > 0)
+#     _step_residual_kernel   v <- LN(v + LN(sum of the z parts))
+#
+# Only Dx is read whole; of the state, Dy and E only the rows of live neurons are read (x is
+# sparse, y sparser). No host synchronisation, so the whole step can be one CUDA graph.
 
-    Rows whose r is zero (most of them: x is sparse) are neither read nor written.
-    """
+
+@triton.jit
+def _step_attention_kernel(
+    v_ptr, dx_ptr, freq_ptr, pos_ptr, s_ptr, x_ptr, a_ptr, H, M, D,
+    INTERLEAVED: tl.constexpr, BP: tl.constexpr, BK: tl.constexpr, D_PAD: tl.constexpr,
+):  # fmt: skip
+    """For BP rotation pairs of head h: x, then a_part = RoPE(x) S (old S) and S += RoPE(x)^T v."""
     bh = tl.program_id(0)
     block = tl.program_id(1)
-    rows = block * BM + tl.arange(0, BM)
-    r = tl.load(r_ptr + bh * M + rows, mask=rows < M, other=0.0).to(tl.float32)
-    live = (rows < M) & (r != 0.0)
+    b = bh // H
+    h = bh % H
+    half = M // 2
+    p = block * BP + tl.arange(0, BP)
+    p_mask = p < half
+    if INTERLEAVED:  # the model's neuron index of each pair's two members
+        ja = 2 * p
+        jb = ja + 1
+    else:
+        ja = p
+        jb = p + half
+    xa = tl.zeros((BP,), dtype=tl.float32)
+    xb = tl.zeros((BP,), dtype=tl.float32)
+    for k0 in range(0, D, BK):  # x = relu(v Dx), a vector times a matrix: no tensor cores
+        k = k0 + tl.arange(0, BK)
+        k_mask = k < D
+        vk = tl.load(v_ptr + b * D + k, mask=k_mask, other=0.0)
+        w_mask = k_mask[:, None] & p_mask[None, :]
+        w = dx_ptr + (h * D + k)[:, None] * M
+        xa += tl.sum(vk[:, None] * tl.load(w + ja[None, :], mask=w_mask, other=0.0).to(tl.float32), 0)
+        xb += tl.sum(vk[:, None] * tl.load(w + jb[None, :], mask=w_mask, other=0.0).to(tl.float32), 0)
+    xa = tl.maximum(xa, 0.0)
+    xb = tl.maximum(xb, 0.0)
+    tl.store(x_ptr + bh * M + ja, xa, mask=p_mask)
+    tl.store(x_ptr + bh * M + jb, xb, mask=p_mask)
+    phase = tl.load(pos_ptr).to(tl.float32) * tl.load(freq_ptr + p, mask=p_mask, other=0.0)  # turns
+    angle = (phase - tl.floor(phase)) * 6.283185307179586
+    c = tl.cos(angle)
+    s = tl.sin(angle)
+    ra = xa * c - xb * s
+    rb = xb * c + xa * s
     d = tl.arange(0, D_PAD)
     d_mask = d < D
-    v = tl.load(v_ptr + (bh // H) * D + d, mask=d_mask, other=0.0).to(tl.float32)
-    offs = (bh * M + rows)[:, None] * D + d[None, :]
-    mask = live[:, None] & d_mask[None, :]
-    S = tl.load(s_ptr + offs, mask=mask, other=0.0)
-    tl.store(a_ptr + (bh * tl.num_programs(1) + block) * D + d, tl.sum(r[:, None] * S, axis=0), mask=d_mask)
-    tl.store(s_ptr + offs, S + r[:, None] * v[None, :], mask=mask)
+    v = tl.load(v_ptr + b * D + d, mask=d_mask, other=0.0)
+    mask_a = (p_mask & (ra != 0.0))[:, None] & d_mask[None, :]  # rows where RoPE(x) is zero: untouched
+    mask_b = (p_mask & (rb != 0.0))[:, None] & d_mask[None, :]
+    rows_a = s_ptr + (bh * M + ja)[:, None] * D + d[None, :]
+    rows_b = s_ptr + (bh * M + jb)[:, None] * D + d[None, :]
+    Sa = tl.load(rows_a, mask=mask_a, other=0.0)
+    Sb = tl.load(rows_b, mask=mask_b, other=0.0)
+    part = tl.sum(ra[:, None] * Sa, 0) + tl.sum(rb[:, None] * Sb, 0)
+    tl.store(a_ptr + (bh * tl.num_programs(1) + block) * D + d, part, mask=d_mask)
+    tl.store(rows_a, Sa + ra[:, None] * v[None, :], mask=mask_a)
+    tl.store(rows_b, Sb + rb[:, None] * v[None, :], mask=mask_b)
 
 
-def state_step(state: torch.Tensor, r: torch.Tensor, v: torch.Tensor, BM: int = 32) -> torch.Tensor:
-    """a = r state, then state += r^T v, in place, in one pass over the live rows of the state.
+@triton.jit
+def _layer_norm_row(z, mask, D):
+    """LayerNorm without weight or bias (eps 1e-5, as F.layer_norm) of a float32 row of D values."""
+    mean = tl.sum(z, 0) / D
+    centred = tl.where(mask, z - mean, 0.0)
+    return centred * tl.rsqrt(tl.sum(centred * centred, 0) / D + 1e-5)
 
-    state: B, h, M, d float32; r: B, h, 1, M; v: B, 1, d. Returns a: B, h, 1, d float32.
+
+@triton.jit
+def _sum_rows(ptr, rows, D, BLOCKS: tl.constexpr, D_PAD: tl.constexpr):
+    """The sum of `rows` consecutive rows of D float32 values at ptr, BLOCKS at a time."""
+    d = tl.arange(0, D_PAD)
+    acc = tl.zeros((D_PAD,), dtype=tl.float32)
+    for r0 in range(0, rows, BLOCKS):
+        r = r0 + tl.arange(0, BLOCKS)
+        mask = (r < rows)[:, None] & (d < D)[None, :]
+        acc += tl.sum(tl.load(ptr + r[:, None] * D + d[None, :], mask=mask, other=0.0), 0)
+    return acc
+
+
+@triton.jit
+def _step_norm_kernel(a_ptr, ln_ptr, blocks, D, BLOCKS: tl.constexpr, D_PAD: tl.constexpr):
+    """LN(a) of one (batch row, head): a is the sum of the attention kernel's parts."""
+    bh = tl.program_id(0)
+    d = tl.arange(0, D_PAD)
+    a = _sum_rows(a_ptr + bh * blocks * D, blocks, D, BLOCKS, D_PAD)
+    tl.store(ln_ptr + bh * D + d, _layer_norm_row(a, d < D, D), mask=d < D)
+
+
+@triton.jit
+def _step_gate_kernel(
+    ln_ptr, x_ptr, dyt_ptr, e_ptr, z_ptr, H, M, D, BN: tl.constexpr, D_PAD: tl.constexpr,
+):  # fmt: skip
+    """For BN neurons of head h: y = relu(LN(a) Dy) * x, z_part = y E (rows where x, y > 0 only)."""
+    bh = tl.program_id(0)
+    block = tl.program_id(1)
+    h = bh % H
+    j = block * BN + tl.arange(0, BN)
+    j_mask = j < M
+    d = tl.arange(0, D_PAD)
+    d_mask = d < D
+    x = tl.load(x_ptr + bh * M + j, mask=j_mask, other=0.0)
+    ln_a = tl.load(ln_ptr + bh * D + d, mask=d_mask, other=0.0)
+    rows = (h * M + j)[:, None] * D + d[None, :]  # Dy^T (h*M, d) and E (n, d) share the row index
+    dy = tl.load(dyt_ptr + rows, mask=(x > 0.0)[:, None] & d_mask[None, :], other=0.0).to(tl.float32)
+    y = tl.maximum(tl.sum(dy * ln_a[None, :], 1), 0.0) * x
+    e = tl.load(e_ptr + rows, mask=(y != 0.0)[:, None] & d_mask[None, :], other=0.0).to(tl.float32)
+    tl.store(z_ptr + (bh * tl.num_programs(1) + block) * D + d, tl.sum(y[:, None] * e, 0), mask=d_mask)
+
+
+@triton.jit
+def _step_residual_kernel(v_ptr, z_ptr, blocks, D, BLOCKS: tl.constexpr, D_PAD: tl.constexpr):
+    """v <- LN(v + LN(z)) for one batch row, z the sum of the gate kernel's parts over all heads."""
+    b = tl.program_id(0)
+    d = tl.arange(0, D_PAD)
+    d_mask = d < D
+    z = _sum_rows(z_ptr + b * blocks * D, blocks, D, BLOCKS, D_PAD)
+    v = tl.load(v_ptr + b * D + d, mask=d_mask, other=0.0) + _layer_norm_row(z, d_mask, D)
+    tl.store(v_ptr + b * D + d, _layer_norm_row(tl.where(d_mask, v, 0.0), d_mask, D), mask=d_mask)
+
+
+class FusedStep:
+    """BDH.step through the step kernels: logits (B, V) after one more byte; the state in place.
+
+    Holds the weights in the layouts the kernels read (Dy transposed, so that a neuron's row is
+    contiguous) in the model's dtype; every sum is float32. Inference only: no dropout.
     """
-    B, H, M, D = state.shape
-    blocks = triton.cdiv(M, BM)
-    part = torch.empty((B * H, blocks, D), device=state.device, dtype=torch.float32)
-    _state_kernel[(B * H, blocks)](
-        state, r.contiguous(), v.contiguous(), part, H, M, D, BM=BM, D_PAD=_pow2(D), num_warps=4
-    )
-    return part.sum(1).view(B, H, 1, D)
+
+    def __init__(self, model: BDH, BP: int = 32, BN: int = 64) -> None:
+        cfg = model.config
+        self.config, self.BP, self.BN = cfg, BP, BN
+        self.embed, self.readout = model.embed.weight, model.readout
+        self.Dx = model.Dx.contiguous()  # h, d, M
+        self.DyT = model.Dy.mT.contiguous()  # h, M, d
+        self.E = model.E.contiguous()  # n, d
+        freq = rope_frequencies(cfg, model.E.device)  # M: both members of a pair share a frequency
+        first = slice(0, None, 2) if cfg.rope_style == "interleaved" else slice(0, cfg.head_size // 2)
+        self.pair_freq = freq[first].contiguous()  # M/2, turns per position
+
+    def __call__(self, byte: torch.Tensor, state: RecurrentState) -> torch.Tensor:
+        cfg = self.config
+        B, H, M, D = state.layers[0].shape
+        D_PAD = _pow2(D)
+        attention_blocks = triton.cdiv(M // 2, self.BP)
+        gate_blocks = triton.cdiv(M, self.BN)
+        dev = state.pos.device
+        v = layer_norm(self.embed[byte].float()).contiguous()  # B, d
+        x = torch.empty((B, H, M), device=dev, dtype=torch.float32)
+        a_parts = torch.empty((B * H, attention_blocks, D), device=dev, dtype=torch.float32)
+        ln_a = torch.empty((B * H, D), device=dev, dtype=torch.float32)
+        z_parts = torch.empty((B, H * gate_blocks, D), device=dev, dtype=torch.float32)
+        for S in state.layers:  # B, h, M, d float32
+            _step_attention_kernel[(B * H, attention_blocks)](
+                v, self.Dx, self.pair_freq, state.pos, S, x, a_parts, H, M, D,
+                INTERLEAVED=cfg.rope_style == "interleaved", BP=self.BP, BK=32, D_PAD=D_PAD, num_warps=4,
+            )  # fmt: skip
+            _step_norm_kernel[(B * H,)](a_parts, ln_a, attention_blocks, D, BLOCKS=16, D_PAD=D_PAD)
+            _step_gate_kernel[(B * H, gate_blocks)](
+                ln_a, x, self.DyT, self.E, z_parts, H, M, D, BN=self.BN, D_PAD=D_PAD, num_warps=4
+            )
+            _step_residual_kernel[(B,)](v, z_parts, H * gate_blocks, D, BLOCKS=16, D_PAD=D_PAD)
+        state.pos.add_(1)
+        return v.to(self.readout.dtype) @ self.readout  # B, V

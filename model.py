@@ -285,41 +285,44 @@ class BDH(
         """The recurrent form: logits (B, V) after one more byte (B,). Updates state in place.
 
         Constant work per byte: each layer reads its B x h x n/h x d state once for the attention
-        and adds RoPE(x)^T v to it. fused=True does both in one Triton pass that skips the rows
-        where RoPE(x) is zero (kernels.state_step); the plain PyTorch below is its reference.
+        and adds RoPE(x)^T v to it. fused=True runs the step through kernels.FusedStep, which reads
+        only the rows of the state, Dy and E that belong to non-zero neurons; the plain PyTorch
+        below is its reference.
         """
         if fused:
-            from kernels import state_step  # imports Triton; the plain step does not
+            from kernels import FusedStep  # imports Triton; the plain step does not
+
+            return FusedStep(self)(byte, state)
         cos, sin = rope_cos_sin(self.config, state.pos.view(1))  # 1, n/h
         v = layer_norm(self.embed(byte[:, None]))  # B, 1, d
         for S in state.layers:  # B, h, n/h, d
             x = self.neurons(v)  # B, h, 1, n/h
             r = rope(x, cos, sin, self.config.rope_style)
-            if fused:
-                a = state_step(S, r, v).to(r.dtype)  # B, h, 1, d
-            else:
-                a = (r.to(S.dtype) @ S).to(r.dtype)  # B, h, 1, d   every earlier byte, through the state
-                S.addcmul_(r.mT.to(S.dtype), v.unsqueeze(1).to(S.dtype))  # S += RoPE(x)^T v, in place
+            a = (r.to(S.dtype) @ S).to(r.dtype)  # B, h, 1, d   every earlier byte, through the state
+            S.addcmul_(r.mT.to(S.dtype), v.unsqueeze(1).to(S.dtype))  # S += RoPE(x)^T v, in place
             v, _ = self.mix(v, x, a)
         state.pos.add_(1)
         return (v @ self.readout)[:, 0]
 
     def graphed_step(self, state: RecurrentState) -> Callable[[torch.Tensor], torch.Tensor]:
-        """step(fused=True) captured once as a CUDA graph over this state: one launch per byte."""
+        """The fused step (kernels.FusedStep) captured once as a CUDA graph over this state."""
+        from kernels import FusedStep
+
+        fused = FusedStep(self)  # its weight layouts are made once, outside the graph
         byte = torch.zeros(state.layers[0].shape[0], dtype=torch.long, device=state.pos.device)
         saved = [H.clone() for H in state.layers] + [state.pos.clone()]
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):  # warm up (cuBLAS handles, allocations) before capturing
+        with torch.cuda.stream(side):  # warm up (compilation, cuBLAS handles) before capturing
             for _ in range(2):
-                self.step(byte, state, fused=True)
+                fused(byte, state)
         torch.cuda.current_stream().wait_stream(side)
         for live, copy in zip(state.layers + [state.pos], saved, strict=True):
             live.copy_(copy)
         del saved
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):
-            logits = self.step(byte, state, fused=True)
+            logits = fused(byte, state)
 
         def run(next_byte: torch.Tensor) -> torch.Tensor:
             byte.copy_(next_byte)

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import kernels
-from model import BDH, BDHConfig, layer_norm
+from model import BDH, BDHConfig, RecurrentState, layer_norm
 
 CUDA = torch.cuda.is_available()
 DEVICE = "cuda" if CUDA else "cpu"
@@ -134,5 +134,21 @@ def test_fused_recurrent_step_matches_the_plain_step(style):
         want = model.step(byte, plain)
         got = model.step(byte, fused, fused=True)
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+    for p, f in zip(plain.layers, fused.layers, strict=True):
+        torch.testing.assert_close(f, p, rtol=1e-5, atol=1e-5)
+
+
+def test_fused_step_takes_sizes_that_fill_no_tile():
+    """d, n/h, n/2h not multiples of any block size; three heads; the partner of a pair far away."""
+    torch.manual_seed(3)
+    cfg = BDHConfig(n_embd=24, n_head=3, n_neurons=3 * 44, n_layer=2, dropout=0.0, rope_style="half")
+    model = BDH(cfg).to(DEVICE).eval()
+    _, _, plain = model.forward_chunked(torch.randint(0, 256, (3, 7), device=DEVICE), chunk_size=3)
+    fused = RecurrentState([S.clone() for S in plain.layers], plain.pos.clone())
+    for byte in torch.randint(0, 256, (4, 3), device=DEVICE):
+        torch.testing.assert_close(
+            model.step(byte, fused, fused=True), model.step(byte, plain), rtol=1e-4, atol=1e-4
+        )
+    assert int(fused.pos) == int(plain.pos) == 11
     for p, f in zip(plain.layers, fused.layers, strict=True):
         torch.testing.assert_close(f, p, rtol=1e-5, atol=1e-5)
