@@ -5,6 +5,9 @@
 
 Protocol: window i covers bytes [i*T, i*T+T+1) of the split; input its first T bytes, targets its
 last T; loss = mean cross-entropy in nats over all targets of the first --max_chunks windows.
+metrics.json also splits the loss by position in the window (0-127, 128-255, 256-511, ...): score
+with a --seq_len longer than the training window to see how far the model's quality carries.
+With --prompt it samples through the recurrent form, keeping at most --context bytes in view.
 """
 
 from __future__ import annotations
@@ -24,11 +27,13 @@ from data import (
     UsageError,
     activation_summary,
     add_device_args,
-    evaluate_loss,
     fail,
     load_bytes_file,
     load_split,
+    loss_by_position,
     make_out_dir,
+    nonneg_int,
+    position_loss_sums,
     positive_int,
     resolve_device,
     resolve_dtype,
@@ -85,9 +90,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max_new_bytes", type=positive_int, default=500, help="bytes to sample (500)")
     p.add_argument("--temperature", type=float, default=0.8, help="sampling temperature (0.8)")
     p.add_argument("--top_k", type=positive_int, default=None, help="sample from the k likeliest bytes")
+    p.add_argument(
+        "--context",
+        type=nonneg_int,
+        default=None,
+        help="bytes the sampler keeps in view; past that it restarts from the last half "
+        "(default: --seq_len, the window it was trained and scored on; 0: the whole text)",
+    )
     p.add_argument("--seed", type=int, default=1337, help="random seed for sampling (1337)")
     p.add_argument("--no_plots", action="store_true", help="skip the weight histograms")
     return p
+
+
+def sample_context(args: argparse.Namespace) -> int | None:
+    """The sampler's window: --context, else --seq_len; 0 means no limit."""
+    context = args.seq_len if args.context is None else args.context
+    return context or None
 
 
 def sample_text(model: BDH, prompt: str, args: argparse.Namespace, device, dtype) -> str:
@@ -95,7 +113,9 @@ def sample_text(model: BDH, prompt: str, args: argparse.Namespace, device, dtype
     idx = torch.tensor([list(prompt.encode("utf-8"))], dtype=torch.long, device=device)
     gen = torch.Generator(device=device).manual_seed(args.seed)
     sampler = copy.deepcopy(model).to(dtype)  # weights in the dtype itself: a CUDA graph takes no autocast
-    out = sampler.generate(idx, args.max_new_bytes, args.temperature, args.top_k, generator=gen)
+    out = sampler.generate(
+        idx, args.max_new_bytes, args.temperature, args.top_k, generator=gen, context=sample_context(args)
+    )
     return bytes(out[0].tolist()).decode("utf-8", errors="replace")
 
 
@@ -152,6 +172,8 @@ def main(argv: list[str] | None = None) -> int:
             raise UsageError(f"--temperature must be >= 0, got {args.temperature}")
         if args.prompt == "":
             raise UsageError("--prompt must not be empty")
+        if sample_context(args) == 1:
+            raise UsageError("--context must be 0 (no limit) or at least 2 bytes, got 1")
         device = resolve_device(args.device)
         dtype = resolve_dtype(args.dtype, device)
         if args.data_file is not None:
@@ -160,21 +182,17 @@ def main(argv: list[str] | None = None) -> int:
             data = load_split(args.split, args.data_dir)
         model, source = load_model(args.model_path, args.checkpoint, args.revision, args.n_layer)
         model = model.to(device).eval()
-        loss, n_bytes = evaluate_loss(
-            model,
-            data,
-            args.seq_len,
-            args.batch_size,
-            device,
-            max_chunks=args.max_chunks,
-            autocast_dtype=dtype,
+        sums, scored = position_loss_sums(
+            model, data, args.seq_len, args.batch_size, device, args.max_chunks, dtype
         )
         out_dir = make_out_dir(args.out_dir or Path("results/eval") / Path(args.model_path).resolve().name)
     except UsageError as e:
         fail(str(e))
 
-    windows = min(8, args.batch_size, args.max_chunks or 8)
-    sparsity = activation_summary(model, data, args.seq_len, windows, device, dtype)
+    shown = min(8, args.batch_size, args.max_chunks or 8)
+    sparsity = activation_summary(model, data, args.seq_len, shown, device, dtype)
+    n_bytes = scored * args.seq_len
+    loss = float(sums.sum() / n_bytes)
     metrics = {
         "loss": loss,
         "perplexity": math.exp(loss),
@@ -191,6 +209,7 @@ def main(argv: list[str] | None = None) -> int:
         "config": model.config.to_dict(),
         "num_params": model.num_params(),
         "activation_nonzero": sparsity,
+        "loss_by_position": loss_by_position(sums, scored),
     }
     if args.prompt is not None:
         sample = sample_text(model, args.prompt, args, device, dtype)
@@ -201,6 +220,7 @@ def main(argv: list[str] | None = None) -> int:
             "temperature": args.temperature,
             "top_k": args.top_k,
             "max_new_bytes": args.max_new_bytes,
+            "context": sample_context(args),
             "seed": args.seed,
         }
     model = model.cpu()
@@ -215,6 +235,9 @@ def main(argv: list[str] | None = None) -> int:
         f"non-zero neurons x {metrics['activation_nonzero']['x_mean']:.1%}, "
         f"y {metrics['activation_nonzero']['y_mean']:.1%}; wrote {out_dir}"
     )
+    by_position = metrics["loss_by_position"]
+    if len(by_position) > 1:
+        print("loss by position: " + ", ".join(f"{k} {v:.4f}" for k, v in by_position.items()))
     return 0
 
 

@@ -339,20 +339,23 @@ class BDH(
         temperature: float = 1.0,
         top_k: int | None = None,
         generator: torch.Generator | None = None,
+        context: int | None = None,
         chunk_size: int = 256,
         cuda_graph: bool = True,
     ) -> torch.Tensor:
         """Append max_new_tokens sampled bytes to idx (B, T), T >= 1.
 
         The prompt goes through the chunked form, then each new byte costs one recurrent step
-        (on CUDA, a captured graph of it unless cuda_graph=False).
+        (on CUDA, a captured graph of the fused step unless cuda_graph=False).
+        context: the most bytes the model sees at once (None: all of them). Once the bytes since the
+        last restart would exceed it, the state restarts from the last context // 2 bytes (one chunked
+        pass), so a model trained on windows of `context` bytes is never asked about longer ones.
         """
-        if temperature < 0:
-            raise ValueError(f"temperature must be >= 0, got {temperature}")
-        if idx.shape[1] == 0:
-            raise ValueError("generate needs a prompt of at least one byte")
-        logits, _, state = self.forward_chunked(idx, chunk_size=chunk_size)
+        check_generate_args(idx, temperature, context)
+        start = 0 if context is None else max(0, idx.shape[1] - context)  # a long prompt: its end
+        logits, _, state = self.forward_chunked(idx[:, start:], chunk_size=chunk_size)
         logits = logits[:, -1]
+        seen = idx.shape[1] - start  # bytes the state covers
         step = self.step
         if cuda_graph and idx.is_cuda and max_new_tokens > 1:
             graphed = self.graphed_step(state)
@@ -361,7 +364,18 @@ class BDH(
         for i in range(max_new_tokens):
             nxt = sample_next(logits, temperature, top_k, generator)  # B, 1
             out.append(nxt)
-            if i + 1 < max_new_tokens:
+            if i + 1 == max_new_tokens:
+                break
+            seen += 1
+            if context is not None and seen > context:  # restart from the last context // 2 bytes
+                logits, _, fresh = self.forward_chunked(
+                    torch.cat(out, 1)[:, -(context // 2) :], chunk_size=chunk_size
+                )
+                logits = logits[:, -1]
+                for live, new in zip(state.layers + [state.pos], fresh.layers + [fresh.pos], strict=True):
+                    live.copy_(new)  # in place: a captured graph reads these very tensors
+                seen = context // 2
+            else:
                 logits = step(nxt[:, 0], state)
         return torch.cat(out, dim=1)
 
@@ -373,12 +387,26 @@ class BDH(
         temperature: float = 1.0,
         top_k: int | None = None,
         generator: torch.Generator | None = None,
+        context: int | None = None,
     ) -> torch.Tensor:
-        """generate() the slow way: the parallel form over the whole prefix for every new byte."""
+        """generate() the slow way: the parallel form over the whole window for every new byte."""
+        check_generate_args(idx, temperature, context)
+        start = 0 if context is None else max(0, idx.shape[1] - context)
         for _ in range(max_new_tokens):
-            logits, _ = self(idx)
+            if context is not None and idx.shape[1] - start > context:
+                start = idx.shape[1] - context // 2
+            logits, _ = self(idx[:, start:])
             idx = torch.cat((idx, sample_next(logits[:, -1], temperature, top_k, generator)), dim=1)
         return idx
+
+
+def check_generate_args(idx: torch.Tensor, temperature: float, context: int | None) -> None:
+    if temperature < 0:
+        raise ValueError(f"temperature must be >= 0, got {temperature}")
+    if idx.shape[1] == 0:
+        raise ValueError("generate needs a prompt of at least one byte")
+    if context is not None and context < 2:
+        raise ValueError(f"context must be at least 2 bytes (or None), got {context}")
 
 
 def sample_next(

@@ -65,6 +65,8 @@ def test_split_shorter_than_one_window(tmp_path, small_data_dir):
         (["--model_path", "/nonexistent/model"], ["--model_path", "/nonexistent/model"]),
         (["--max_chunks", "0"], ["--max_chunks"]),
         (["--split", "dev"], ["--split"]),
+        (["--prompt", "a", "--context", "1"], ["--context", "at least 2"]),
+        (["--context", "-3"], ["--context"]),
     ],
 )
 def test_evaluate_rejects_bad_values(args, needles, small_data_dir):

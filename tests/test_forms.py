@@ -71,6 +71,22 @@ def test_recurrent_generation_equals_recomputing_the_prefix():
     assert torch.equal(fast, slow)
 
 
+def test_generation_with_a_context_window_equals_recomputing_that_window():
+    model = random_model(8, "half")
+    prompt = torch.randint(0, 256, (2, 13))
+    gen = lambda seed: torch.Generator().manual_seed(seed)  # noqa: E731
+    fast = model.generate(prompt, 30, 1.0, None, gen(3), context=8, chunk_size=3)  # restarts 4 times
+    slow = model.generate_recompute(prompt, 30, 1.0, None, gen(3), context=8)
+    assert torch.equal(fast, slow)
+    # a prompt longer than the window: only its last `context` bytes matter
+    cut = model.generate_recompute(prompt[:, -8:], 30, 1.0, None, gen(3), context=8)
+    assert torch.equal(slow[:, -30:], cut[:, -30:])
+    whole = model.generate_recompute(prompt, 30, 1.0, None, gen(3))
+    assert not torch.equal(whole, slow)
+    with pytest.raises(ValueError, match="context"):
+        model.generate(prompt, 3, context=1)
+
+
 def test_generation_rejects_an_empty_prompt():
     model = random_model(6, "half")
     with pytest.raises(ValueError, match="at least one byte"):
