@@ -34,6 +34,25 @@ MAX_T = 128  # the longest window the fused kernels take (a T x T score tile per
 _INTERPRET = tl.constexpr(os.environ.get("TRITON_INTERPRET", "0") == "1")
 
 
+def _tuned(configs: list[triton.Config], key: list[str]):
+    """Autotune over configs on a GPU (the fastest is kept per key); the first alone in the interpreter."""
+    return triton.autotune(configs=configs[:1] if _INTERPRET else configs, key=key)
+
+
+def _configs(*shapes: tuple[int, int, int, int]) -> list[triton.Config]:
+    """(BR, BP, num_warps, num_stages) tuples as Triton configs."""
+    return [triton.Config({"BR": r, "BP": p}, num_warps=w, num_stages=s) for r, p, w, s in shapes]
+
+
+# Tiles tried on a GPU, (BR, BP, warps, stages); the first is the interpreter's. Equal results, other speed.
+SCORES_CONFIGS = [
+    triton.Config({"BP": p}, num_warps=w, num_stages=s)
+    for p, w, s in ((64, 8, 3), (32, 8, 3), (64, 8, 2), (128, 8, 2), (32, 4, 3))
+]
+OUT_CONFIGS = _configs((64, 64, 8, 3), (64, 64, 8, 2), (64, 32, 4, 3), (128, 32, 8, 3), (128, 64, 8, 2))
+GRAD_Y_CONFIGS = _configs((128, 32, 8, 3), (64, 64, 8, 3), (128, 64, 8, 2), (64, 32, 4, 3), (256, 32, 8, 2))
+
+
 @triton.jit
 def _dot(a, b, acc):
     """acc + a b: bf16 operands, float32 accumulation."""
@@ -83,9 +102,10 @@ def _keep_scale(seed, rows, cols, N, p_drop):
     return tl.where(u >= p_drop, 1.0 / (1.0 - p_drop), 0.0)
 
 
+@_tuned(SCORES_CONFIGS, ["B", "T", "D", "M", "H"])
 @triton.jit
 def _scores_kernel(
-    v_ptr, dx_ptr, cos_ptr, sin_ptr, s_ptr, B, T, D, M, H, tiles_per_split,
+    v_ptr, dx_ptr, cos_ptr, sin_ptr, s_ptr, B, T, D, M, H, n_split,
     T_PAD: tl.constexpr, BK: tl.constexpr, BP: tl.constexpr,
 ):  # fmt: skip
     """S[split, b, h] = sum over this split's pair tiles of RoPE(x) RoPE(x)^T, x = relu(v_b Dx_h)."""
@@ -97,6 +117,7 @@ def _scores_kernel(
     t = tl.arange(0, T_PAD)
     t_mask = t < T
     acc = tl.zeros((T_PAD, T_PAD), dtype=tl.float32)
+    tiles_per_split = tl.cdiv(tl.cdiv(half, BP), n_split)
     first = split * tiles_per_split
     last = tl.minimum(first + tiles_per_split, tl.cdiv(half, BP))
     for k in range(first, last):
@@ -114,9 +135,10 @@ def _scores_kernel(
     tl.store(out, acc, mask=t_mask[:, None] & t_mask[None, :])
 
 
+@_tuned(OUT_CONFIGS, ["R", "D", "M", "H"])
 @triton.jit
 def _out_kernel(
-    v_ptr, ah_ptr, dx_ptr, dy_ptr, e_ptr, z_ptr, R, D, M, H, tiles_per_split, p_drop, seed,
+    v_ptr, ah_ptr, dx_ptr, dy_ptr, e_ptr, z_ptr, R, D, M, H, n_split, p_drop, seed,
     HAS_DROPOUT: tl.constexpr, BR: tl.constexpr, BK: tl.constexpr, BP: tl.constexpr, D_PAD: tl.constexpr,
 ):  # fmt: skip
     """z[split, rows] = sum over this split's tiles of (relu(LN(a) Dy) * relu(v Dx) * keep) E."""
@@ -128,6 +150,7 @@ def _out_kernel(
     dcol = tl.arange(0, D_PAD)
     d_mask = dcol < D
     acc = tl.zeros((BR, D_PAD), dtype=tl.float32)
+    tiles_per_split = tl.cdiv(H * tiles_per_head, n_split)
     first = split * tiles_per_split
     last = tl.minimum(first + tiles_per_split, H * tiles_per_head)
     for tile in range(first, last):
@@ -156,6 +179,7 @@ def _out_kernel(
     )
 
 
+@_tuned(GRAD_Y_CONFIGS, ["R", "D", "M", "H"])
 @triton.jit
 def _grad_y_kernel(
     v_ptr, ah_ptr, gz_ptr, dx_ptr, dy_ptr, e_ptr, y_ptr, gu_ptr, gx_ptr, R, D, M, H, p_drop, seed,
@@ -248,51 +272,32 @@ def _target_programs(device: torch.device) -> int:
     return 4
 
 
-def scores(
-    v: torch.Tensor, Dx: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, BP: int = 64
-) -> torch.Tensor:
+def scores(v: torch.Tensor, Dx: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """S = RoPE(x) RoPE(x)^T per window and head, x = relu(v Dx). v: B, T, d. Returns B, h, T, T fp32."""
     B, T, D = v.shape
     H, _, M = Dx.shape
-    BP = min(BP, _pow2(M // 2))
-    tiles = triton.cdiv(M // 2, BP)
-    n_split, per_split = _splits(B * H, tiles, _target_programs(v.device))
+    tiles = triton.cdiv(M // 2, 64)  # splits sized for 64-pair tiles; the tuned tile may differ
+    n_split, _ = _splits(B * H, tiles, _target_programs(v.device))
     part = torch.empty((n_split, B, H, T, T), device=v.device, dtype=torch.float32)
     _scores_kernel[(B * H, n_split)](
-        v,
-        Dx,
-        cos,
-        sin,
-        part,
-        B,
-        T,
-        D,
-        M,
-        H,
-        per_split,
-        T_PAD=_pow2(T),
-        BK=min(64, _pow2(D)),
-        BP=BP,
-        num_warps=8,
-    )
+        v, Dx, cos, sin, part, B, T, D, M, H, n_split, T_PAD=_pow2(T), BK=min(64, _pow2(D)),
+    )  # fmt: skip
     return part.sum(0) if n_split > 1 else part[0]
 
 
 def gated_output(
     v: torch.Tensor, ahat: torch.Tensor, Dx: torch.Tensor, Dy: torch.Tensor, E: torch.Tensor,
-    p_drop: float, seed: int, BR: int = 64, BP: int = 64,
+    p_drop: float, seed: int,
 ) -> torch.Tensor:  # fmt: skip
     """z = (relu(ahat Dy) * relu(v Dx) * keep) E. v: R, d; ahat: R, h, d. Returns R, d float32."""
     R, D = v.shape
     H, _, M = Dx.shape
-    BP = min(BP, _pow2(M // 2))
-    tiles = H * triton.cdiv(M // 2, BP)
-    n_split, per_split = _splits(triton.cdiv(R, BR), tiles, _target_programs(v.device))
+    tiles = H * triton.cdiv(M // 2, 64)  # splits sized for 64 x 64 tiles; the tuned tile may differ
+    n_split, _ = _splits(triton.cdiv(R, 64), tiles, _target_programs(v.device))
     part = torch.empty((n_split, R, D), device=v.device, dtype=torch.float32)
-    grid = (triton.cdiv(R, BR), n_split)
-    _out_kernel[grid](
-        v, ahat, Dx, Dy, E, part, R, D, M, H, per_split, p_drop, seed,
-        HAS_DROPOUT=p_drop > 0, BR=BR, BK=min(64, _pow2(D)), BP=BP, D_PAD=_pow2(D), num_warps=8,
+    _out_kernel[lambda meta: (triton.cdiv(R, meta["BR"]), n_split)](
+        v, ahat, Dx, Dy, E, part, R, D, M, H, n_split, p_drop, seed,
+        HAS_DROPOUT=p_drop > 0, BK=min(64, _pow2(D)), D_PAD=_pow2(D),
     )  # fmt: skip
     return part.sum(0) if n_split > 1 else part[0]
 
@@ -325,11 +330,9 @@ class FusedNeurons(torch.autograd.Function):
         ahat = ahat_.detach().transpose(1, 2).to(torch.bfloat16).contiguous()  # B, T, h, d
         gz = gz.reshape(R, D).to(torch.bfloat16).contiguous()
         y, gu, gx = (torch.empty((R, N), device=v.device, dtype=torch.bfloat16) for _ in range(3))
-        BR, BP = 128, min(32, _pow2(M // 2))
-        tiles = H * triton.cdiv(M // 2, BP)
-        _grad_y_kernel[(triton.cdiv(R, BR), tiles)](
+        _grad_y_kernel[lambda meta: (triton.cdiv(R, meta["BR"]), H * triton.cdiv(M // 2, meta["BP"]))](
             v, ahat, gz, Dx, Dy, E, y, gu, gx, R, D, M, H, ctx.p_drop, ctx.seed,
-            HAS_DROPOUT=ctx.p_drop > 0, BR=BR, BK=min(64, _pow2(D)), BP=BP, num_warps=8,
+            HAS_DROPOUT=ctx.p_drop > 0, BK=min(64, _pow2(D)),
         )  # fmt: skip
         gE = y.mT @ gz  # n, d
         del y
@@ -339,7 +342,8 @@ class FusedNeurons(torch.autograd.Function):
         del gu, gu_h
         torch.autograd.backward(ahat_, gahat.transpose(1, 2).float())
         G = S_.grad + S_.grad.mT  # B, h, T, T   S is symmetric in RoPE(x)
-        _grad_x_kernel[(B, tiles)](
+        BP = min(32, _pow2(M // 2))
+        _grad_x_kernel[(B, H * triton.cdiv(M // 2, BP))](
             v,
             Dx,
             cos,

@@ -41,6 +41,25 @@ def reference_neurons(v, Dx, Dy, E, cos, sin):
 
 @pytest.mark.parametrize("style", ["interleaved", "half"])
 def test_fused_layer_values_and_gradients_match_float32(style):
+    check_layer_against_float32(style)
+
+
+TUNED = (
+    (kernels._scores_kernel, kernels.SCORES_CONFIGS),
+    (kernels._out_kernel, kernels.OUT_CONFIGS),
+    (kernels._grad_y_kernel, kernels.GRAD_Y_CONFIGS),
+)
+
+
+@pytest.mark.parametrize("which", range(len(kernels.OUT_CONFIGS)))
+def test_every_tile_the_autotuner_may_pick_computes_the_same_layer(which, monkeypatch):
+    """On a GPU the autotuner picks among these tiles (the interpreter runs the first only): each works."""
+    for kernel, configs in TUNED:
+        monkeypatch.setattr(kernel, "configs", [configs[which % len(configs)]])
+    check_layer_against_float32("half")
+
+
+def check_layer_against_float32(style: str) -> None:
     d, h, m, B, T = SIZES
     model = make_model(style)
     bf16 = torch.bfloat16
