@@ -15,6 +15,10 @@ The small parts (a = tril(S) v, the LayerNorms) stay in PyTorch, and autograd di
 RoPE rotates pairs of neurons. The kernels order each head's neurons as [first of every pair,
 second of every pair] (the "half" layout; an "interleaved" model's weights are permuted into it),
 so that a tile holds whole pairs. Windows of up to MAX_T bytes: one program sees a whole window.
+On a GPU the three heaviest kernels autotune their tiles (*_CONFIGS); every candidate is tested.
+
+`FusedStep` is the recurrent step (generation) in four kernels a layer: it reads Dx whole but, of
+the state, Dy and E, only the rows of neurons that are non-zero. `BDH.step` is its reference.
 """
 
 from __future__ import annotations
@@ -528,23 +532,27 @@ def _step_norm_kernel(a_ptr, ln_ptr, blocks, D, BLOCKS: tl.constexpr, D_PAD: tl.
 
 @triton.jit
 def _step_gate_kernel(
-    ln_ptr, x_ptr, dyt_ptr, e_ptr, z_ptr, H, M, D, BN: tl.constexpr, D_PAD: tl.constexpr,
+    ln_ptr, x_ptr, dyt_ptr, e_ptr, z_ptr, H, M, D, BN: tl.constexpr, CHUNKS: tl.constexpr,
+    D_PAD: tl.constexpr,
 ):  # fmt: skip
-    """For BN neurons of head h: y = relu(LN(a) Dy) * x, z_part = y E (rows where x, y > 0 only)."""
+    """For CHUNKS x BN neurons of head h: y = relu(LN(a) Dy) * x, z_part = y E (rows where x, y > 0)."""
     bh = tl.program_id(0)
     block = tl.program_id(1)
     h = bh % H
-    j = block * BN + tl.arange(0, BN)
-    j_mask = j < M
     d = tl.arange(0, D_PAD)
     d_mask = d < D
-    x = tl.load(x_ptr + bh * M + j, mask=j_mask, other=0.0)
     ln_a = tl.load(ln_ptr + bh * D + d, mask=d_mask, other=0.0)
-    rows = (h * M + j)[:, None] * D + d[None, :]  # Dy^T (h*M, d) and E (n, d) share the row index
-    dy = tl.load(dyt_ptr + rows, mask=(x > 0.0)[:, None] & d_mask[None, :], other=0.0).to(tl.float32)
-    y = tl.maximum(tl.sum(dy * ln_a[None, :], 1), 0.0) * x
-    e = tl.load(e_ptr + rows, mask=(y != 0.0)[:, None] & d_mask[None, :], other=0.0).to(tl.float32)
-    tl.store(z_ptr + (bh * tl.num_programs(1) + block) * D + d, tl.sum(y[:, None] * e, 0), mask=d_mask)
+    z = tl.zeros((D_PAD,), dtype=tl.float32)
+    for c in range(CHUNKS):  # a few chunks a program: fewer parts for the residual kernel to sum
+        j = (block * CHUNKS + c) * BN + tl.arange(0, BN)
+        j_mask = j < M
+        x = tl.load(x_ptr + bh * M + j, mask=j_mask, other=0.0)
+        rows = (h * M + j)[:, None] * D + d[None, :]  # Dy^T (h*M, d) and E (n, d) share the row index
+        dy = tl.load(dyt_ptr + rows, mask=(x > 0.0)[:, None] & d_mask[None, :], other=0.0).to(tl.float32)
+        y = tl.maximum(tl.sum(dy * ln_a[None, :], 1), 0.0) * x
+        e = tl.load(e_ptr + rows, mask=(y != 0.0)[:, None] & d_mask[None, :], other=0.0).to(tl.float32)
+        z += tl.sum(y[:, None] * e, 0)
+    tl.store(z_ptr + (bh * tl.num_programs(1) + block) * D + d, z, mask=d_mask)
 
 
 @triton.jit
@@ -565,9 +573,9 @@ class FusedStep:
     contiguous) in the model's dtype; every sum is float32. Inference only: no dropout.
     """
 
-    def __init__(self, model: BDH, BP: int = 32, BN: int = 64) -> None:
+    def __init__(self, model: BDH, BP: int = 32, BN: int = 64, CHUNKS: int = 8) -> None:
         cfg = model.config
-        self.config, self.BP, self.BN = cfg, BP, BN
+        self.config, self.BP, self.BN, self.CHUNKS = cfg, BP, BN, CHUNKS
         self.embed, self.readout = model.embed.weight, model.readout
         self.Dx = model.Dx.contiguous()  # h, d, M
         self.DyT = model.Dy.mT.contiguous()  # h, M, d
@@ -581,7 +589,7 @@ class FusedStep:
         B, H, M, D = state.layers[0].shape
         D_PAD = _pow2(D)
         attention_blocks = triton.cdiv(M // 2, self.BP)
-        gate_blocks = triton.cdiv(M, self.BN)
+        gate_blocks = triton.cdiv(M, self.BN * self.CHUNKS)
         dev = state.pos.device
         v = layer_norm(self.embed[byte].float()).contiguous()  # B, d
         x = torch.empty((B, H, M), device=dev, dtype=torch.float32)
@@ -595,8 +603,9 @@ class FusedStep:
             )  # fmt: skip
             _step_norm_kernel[(B * H,)](a_parts, ln_a, attention_blocks, D, BLOCKS=16, D_PAD=D_PAD)
             _step_gate_kernel[(B * H, gate_blocks)](
-                ln_a, x, self.DyT, self.E, z_parts, H, M, D, BN=self.BN, D_PAD=D_PAD, num_warps=4
-            )
+                ln_a, x, self.DyT, self.E, z_parts, H, M, D,
+                BN=self.BN, CHUNKS=self.CHUNKS, D_PAD=D_PAD, num_warps=4,
+            )  # fmt: skip
             _step_residual_kernel[(B,)](v, z_parts, H * gate_blocks, D, BLOCKS=16, D_PAD=D_PAD)
         state.pos.add_(1)
         return v.to(self.readout.dtype) @ self.readout  # B, V

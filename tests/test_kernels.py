@@ -157,17 +157,18 @@ def test_fused_recurrent_step_matches_the_plain_step(style):
         torch.testing.assert_close(f, p, rtol=1e-5, atol=1e-5)
 
 
-def test_fused_step_takes_sizes_that_fill_no_tile():
-    """d, n/h, n/2h not multiples of any block size; three heads; the partner of a pair far away."""
+@pytest.mark.parametrize("tiles", [{}, {"BP": 4, "BN": 8, "CHUNKS": 2}])
+def test_fused_step_takes_sizes_that_fill_no_tile(tiles):
+    """d, n/h, n/2h not multiples of any block size; three heads; the partner of a pair far away;
+    with small tiles, several blocks a head, the last one partial."""
     torch.manual_seed(3)
     cfg = BDHConfig(n_embd=24, n_head=3, n_neurons=3 * 44, n_layer=2, dropout=0.0, rope_style="half")
     model = BDH(cfg).to(DEVICE).eval()
     _, _, plain = model.forward_chunked(torch.randint(0, 256, (3, 7), device=DEVICE), chunk_size=3)
     fused = RecurrentState([S.clone() for S in plain.layers], plain.pos.clone())
+    step = kernels.FusedStep(model, **tiles)
     for byte in torch.randint(0, 256, (4, 3), device=DEVICE):
-        torch.testing.assert_close(
-            model.step(byte, fused, fused=True), model.step(byte, plain), rtol=1e-4, atol=1e-4
-        )
+        torch.testing.assert_close(step(byte, fused), model.step(byte, plain), rtol=1e-4, atol=1e-4)
     assert int(fused.pos) == int(plain.pos) == 11
     for p, f in zip(plain.layers, fused.layers, strict=True):
         torch.testing.assert_close(f, p, rtol=1e-5, atol=1e-5)
