@@ -3,6 +3,7 @@ fused Triton path, a long-context step through the chunked form, and generation 
 recomputing the prefix). Prints a table of speed-ups over the compiled plain path and writes JSON.
 
     python benchmark.py --device cuda --out results/benchmark/h100.json
+    python benchmark.py --parts generate --model_path <trained checkpoint>    # generation only
 
 Every number is measured in this run (CUDA events around warm steps, median of repeats), so ratios
 between paths are comparable; absolute rates depend on the machine.
@@ -22,6 +23,7 @@ from pathlib import Path
 import torch
 
 from data import Parser, UsageError, fail, positive_int, resolve_device, write_json
+from hub import load_model
 from model import BDH, BDHConfig
 
 PATHS = ("plain eager", "plain compiled", "fused")
@@ -44,6 +46,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--chunk_size", type=positive_int, default=1024, help="chunk of the long-context step")
     p.add_argument("--new_bytes", type=positive_int, default=1000, help="bytes to generate")
     p.add_argument("--n_layer", type=positive_int, default=6, help="layers (default model: 6)")
+    p.add_argument(
+        "--model_path",
+        default=None,
+        help="generate from this checkpoint (default: a freshly initialised model; a trained one has "
+        "sparser neurons, which the fused step skips)",
+    )
     return p
 
 
@@ -114,11 +122,12 @@ def fmt_rate(x: float | None) -> str:
     return "-" if x is None else f"{x:,.0f} B/s"
 
 
-def measure_generation(cfg: BDHConfig, args, device) -> dict:
+def measure_generation(cfg: BDHConfig, args, device, trained: BDH | None = None) -> dict:
     torch.manual_seed(0)
-    model = BDH(cfg).to(device).to(torch.bfloat16).eval()
+    model = (trained if trained is not None else BDH(cfg)).to(device).to(torch.bfloat16).eval()
     prompt = torch.tensor([list(PROMPT)], device=device)
     out = {"prompt_bytes": prompt.shape[1], "new_bytes": args.new_bytes, "batch": 1, "dtype": "bfloat16"}
+    out["model"] = args.model_path or "freshly initialised (seed 0)"
     runs = {
         "recurrent (CUDA graph)": lambda n: model.generate(prompt, n, temperature=0.0),
         "recurrent (eager)": lambda n: model.generate(prompt, n, temperature=0.0, cuda_graph=False),
@@ -170,12 +179,6 @@ def save(path: Path | None, report: dict) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    try:
-        device = resolve_device(args.device)
-    except UsageError as e:
-        fail(str(e))
-    if device.type != "cuda":
-        fail(f"--device: the benchmark times CUDA kernels, got {args.device!r}")
     parts = set(args.parts.split(","))
     if not parts <= {"train", "long", "generate"}:
         fail(f"--parts: expected a comma-separated subset of train,long,generate, got {args.parts!r}")
@@ -184,6 +187,18 @@ def main(argv: list[str] | None = None) -> int:
         assert all(len(s) == 2 and min(s) > 0 for s in shapes)
     except (ValueError, AssertionError):
         fail(f"--shapes: expected BATCHxWINDOW pairs like 32x128,8x2048, got {args.shapes!r}")
+    trained = None
+    if args.model_path is not None and "generate" in parts:
+        try:
+            trained, _ = load_model(args.model_path)
+        except UsageError as e:
+            fail(str(e))
+    try:
+        device = resolve_device(args.device)
+    except UsageError as e:
+        fail(str(e))
+    if device.type != "cuda":
+        fail(f"--device: the benchmark times CUDA kernels, got {args.device!r}")
     torch.backends.cuda.matmul.allow_tf32 = True
     cfg = BDHConfig(n_layer=args.n_layer)
     report = {
@@ -219,7 +234,7 @@ def main(argv: list[str] | None = None) -> int:
         report["train"].append(measure_train(cfg, "plain eager", 1, T, few, device))
         save(args.out, report)
     if "generate" in parts:
-        report["generation"] = measure_generation(cfg, args, device)
+        report["generation"] = measure_generation(cfg, args, device, trained)
     print(table(report["train"]))
     if "generation" in report:
         g = report["generation"]

@@ -110,3 +110,16 @@ def test_help_explains_every_flag():
 def test_missing_shared_folder_fails_with_a_clear_message(tmp_path):
     with pytest.raises(pytest.fail.Exception, match="shared data folder is missing"):
         require_shared(tmp_path / "no-shared")
+
+
+@pytest.mark.parametrize(
+    "args, needles",
+    [
+        (["--parts", "train,speed"], ["--parts", "speed"]),
+        (["--shapes", "32by128"], ["--shapes", "32by128"]),
+        (["--model_path", "/nonexistent/model"], ["--model_path", "/nonexistent/model"]),
+        (["--device", "cpu"], ["--device", "CUDA"]),
+    ],
+)
+def test_benchmark_rejects_bad_values(args, needles):
+    assert_clean_error(run_script("benchmark.py", *args, timeout=60), *needles)
