@@ -270,6 +270,7 @@ def activation_summary(
     model.train(was_training)
     return {
         "x_mean": float(np.mean([s["x_nonzero"] for s in per_layer])),
+        "rope_x_mean": float(np.mean([s["rope_x_nonzero"] for s in per_layer])),
         "y_mean": float(np.mean([s["y_nonzero"] for s in per_layer])),
         "per_layer": per_layer,
     }

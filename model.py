@@ -217,16 +217,20 @@ class BDH(
 
     @torch.no_grad()
     def activation_stats(self, idx: torch.Tensor) -> list[dict[str, float]]:
-        """Fraction of non-zero neurons in x and y at every layer, for a batch of bytes."""
+        """Fraction of non-zero neurons in x, RoPE(x) and y at every layer, for a batch of bytes.
+
+        RoPE(x) is non-zero where either neuron of a rotation pair is: the rows of the attention
+        state that a recurrent step reads and writes (kernels.FusedStep skips the others).
+        """
         T = idx.shape[1]
         cos, sin = rope_cos_sin(self.config, torch.arange(T, device=idx.device))
         v = layer_norm(self.embed(idx))
         stats = []
         for _ in range(self.config.n_layer):
             v, x, y = self.layer(v, cos, sin)
-            stats.append(
-                {"x_nonzero": (x > 0).float().mean().item(), "y_nonzero": (y > 0).float().mean().item()}
-            )
+            r = rope(x, cos, sin, self.config.rope_style)
+            fraction = lambda t: (t != 0).float().mean().item()  # noqa: E731
+            stats.append({"x_nonzero": fraction(x), "rope_x_nonzero": fraction(r), "y_nonzero": fraction(y)})
         return stats
 
     def initial_state(self, batch_size: int, device: torch.device | str | None = None) -> RecurrentState:

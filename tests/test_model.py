@@ -128,3 +128,16 @@ def test_save_and_load_roundtrip(tmp_path):
     assert loaded.config == model.config
     idx = torch.randint(0, 256, (1, 10))
     torch.testing.assert_close(model.eval()(idx)[0], loaded.eval()(idx)[0])
+
+
+@pytest.mark.parametrize("style", ["interleaved", "half"])
+def test_activation_stats_count_the_live_neurons(style):
+    torch.manual_seed(0)
+    model = BDH(BDHConfig(n_embd=32, n_head=2, n_neurons=128, n_layer=2, rope_style=style)).eval()
+    stats = model.activation_stats(torch.randint(0, 256, (2, 16)))
+    assert len(stats) == 2
+    for s in stats:
+        # relu of random projections: about half of x; a pair is live if either member is; y = relu(.) * x
+        assert 0.3 < s["x_nonzero"] < 0.7
+        assert s["x_nonzero"] < s["rope_x_nonzero"] <= 1 - (1 - s["x_nonzero"]) ** 2 + 0.1
+        assert 0 < s["y_nonzero"] <= s["x_nonzero"]

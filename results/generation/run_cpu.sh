@@ -14,3 +14,5 @@ uv run evaluate.py "${common[@]}" --seq_len 1024 --batch_size 4 --max_chunks 32 
 uv run evaluate.py "${common[@]}" --seq_len 128 --max_chunks 32 "${sample[@]}" --out_dir "$OUT/context-128"
 # 3. the same, the whole text in view
 uv run evaluate.py "${common[@]}" --seq_len 128 --max_chunks 32 "${sample[@]}" --context 0 --out_dir "$OUT/context-all"
+# 4. (added later, run on its own) the fraction of live neurons: x, RoPE(x) (the state rows a recurrent step touches), y
+uv run evaluate.py "${common[@]}" --seq_len 128 --max_chunks 32 --out_dir "$OUT/valid-128"
