@@ -31,7 +31,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from model import BDH, RecurrentState, layer_norm, rope_cos_sin, rope_frequencies
+from model import BDH, BDHConfig, RecurrentState, layer_norm, rope_cos_sin, rope_frequencies
 
 MAX_T = 128  # the longest window the fused kernels take (a T x T score tile per program)
 # Triton's CPU interpreter (TRITON_INTERPRET=1, for the tests) multiplies bf16 wrongly: upcast there.
@@ -263,11 +263,10 @@ def _pow2(x: int, least: int = 16) -> int:
     return max(least, triton.next_power_of_2(x))
 
 
-def _splits(programs: int, tiles: int, target: int) -> tuple[int, int]:
-    """Split a reduction of `tiles` tiles so that programs * splits reaches about `target`."""
+def _splits(programs: int, tiles: int, target: int) -> int:
+    """How many splits of a reduction of `tiles` tiles make programs * splits reach about `target`."""
     splits = max(1, min(tiles, math.ceil(target / max(programs, 1))))
-    per_split = math.ceil(tiles / splits)
-    return math.ceil(tiles / per_split), per_split
+    return math.ceil(tiles / math.ceil(tiles / splits))  # none left empty
 
 
 def _target_programs(device: torch.device) -> int:
@@ -281,7 +280,7 @@ def scores(v: torch.Tensor, Dx: torch.Tensor, cos: torch.Tensor, sin: torch.Tens
     B, T, D = v.shape
     H, _, M = Dx.shape
     tiles = triton.cdiv(M // 2, 64)  # splits sized for 64-pair tiles; the tuned tile may differ
-    n_split, _ = _splits(B * H, tiles, _target_programs(v.device))
+    n_split = _splits(B * H, tiles, _target_programs(v.device))
     part = torch.empty((n_split, B, H, T, T), device=v.device, dtype=torch.float32)
     _scores_kernel[(B * H, n_split)](
         v, Dx, cos, sin, part, B, T, D, M, H, n_split, T_PAD=_pow2(T), BK=min(64, _pow2(D)),
@@ -297,7 +296,7 @@ def gated_output(
     R, D = v.shape
     H, _, M = Dx.shape
     tiles = H * triton.cdiv(M // 2, 64)  # splits sized for 64 x 64 tiles; the tuned tile may differ
-    n_split, _ = _splits(triton.cdiv(R, 64), tiles, _target_programs(v.device))
+    n_split = _splits(triton.cdiv(R, 64), tiles, _target_programs(v.device))
     part = torch.empty((n_split, R, D), device=v.device, dtype=torch.float32)
     _out_kernel[lambda meta: (triton.cdiv(R, meta["BR"]), n_split)](
         v, ahat, Dx, Dy, E, part, R, D, M, H, n_split, p_drop, seed,
@@ -391,12 +390,16 @@ def pair_order(model: BDH) -> torch.Tensor:
     return torch.cat([h * m + local for h in range(cfg.n_head)]).to(model.E.device)
 
 
+def first_of_pairs(cfg: BDHConfig) -> slice:
+    """Which of a head's n/h dimensions come first in their RoPE pair (each pair has one angle)."""
+    return slice(0, None, 2) if cfg.rope_style == "interleaved" else slice(0, cfg.head_size // 2)
+
+
 def pair_cos_sin(model: BDH, T: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     """cos and sin of every pair's angle at positions 0..T-1, each (T, n/2h) float32."""
-    cfg = model.config
-    cos, sin = rope_cos_sin(cfg, torch.arange(T, device=device))  # T, n/h: per dimension
-    first = slice(0, None, 2) if cfg.rope_style == "interleaved" else slice(0, cfg.head_size // 2)
-    return cos[:, first].contiguous(), sin[:, first].contiguous()  # the first of every pair
+    cos, sin = rope_cos_sin(model.config, torch.arange(T, device=device))  # T, n/h: per dimension
+    first = first_of_pairs(model.config)
+    return cos[:, first].contiguous(), sin[:, first].contiguous()
 
 
 def fused_forward(
@@ -563,7 +566,7 @@ def _step_residual_kernel(v_ptr, z_ptr, blocks, D, BLOCKS: tl.constexpr, D_PAD: 
     d_mask = d < D
     z = _sum_rows(z_ptr + b * blocks * D, blocks, D, BLOCKS, D_PAD)
     v = tl.load(v_ptr + b * D + d, mask=d_mask, other=0.0) + _layer_norm_row(z, d_mask, D)
-    tl.store(v_ptr + b * D + d, _layer_norm_row(tl.where(d_mask, v, 0.0), d_mask, D), mask=d_mask)
+    tl.store(v_ptr + b * D + d, _layer_norm_row(v, d_mask, D), mask=d_mask)  # padding stays 0
 
 
 class FusedStep:
@@ -581,8 +584,7 @@ class FusedStep:
         self.DyT = model.Dy.mT.contiguous()  # h, M, d
         self.E = model.E.contiguous()  # n, d
         freq = rope_frequencies(cfg, model.E.device)  # M: both members of a pair share a frequency
-        first = slice(0, None, 2) if cfg.rope_style == "interleaved" else slice(0, cfg.head_size // 2)
-        self.pair_freq = freq[first].contiguous()  # M/2, turns per position
+        self.pair_freq = freq[first_of_pairs(cfg)].contiguous()  # M/2, turns per position
 
     def __call__(self, byte: torch.Tensor, state: RecurrentState) -> torch.Tensor:
         cfg = self.config

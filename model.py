@@ -35,6 +35,14 @@ class RecurrentState:
     layers: list[torch.Tensor]  # per layer: B, h, n/h, d float32, sum of RoPE(x_s)^T v_s over s < pos
     pos: torch.Tensor  # 0-dim int64: absolute position of the next byte (RoPE continues from it)
 
+    def clone(self) -> RecurrentState:
+        return RecurrentState([S.clone() for S in self.layers], self.pos.clone())
+
+    def copy_(self, other: RecurrentState) -> None:
+        """Take other's values in place (a captured CUDA graph reads these very tensors)."""
+        for live, new in zip(self.layers + [self.pos], other.layers + [other.pos], strict=True):
+            live.copy_(new)
+
 
 @dataclass
 class BDHConfig:
@@ -314,15 +322,14 @@ class BDH(
 
         fused = FusedStep(self)  # its weight layouts are made once, outside the graph
         byte = torch.zeros(state.layers[0].shape[0], dtype=torch.long, device=state.pos.device)
-        saved = [H.clone() for H in state.layers] + [state.pos.clone()]
+        saved = state.clone()
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):  # warm up (compilation, cuBLAS handles) before capturing
             for _ in range(2):
                 fused(byte, state)
         torch.cuda.current_stream().wait_stream(side)
-        for live, copy in zip(state.layers + [state.pos], saved, strict=True):
-            live.copy_(copy)
+        state.copy_(saved)
         del saved
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):
@@ -376,8 +383,7 @@ class BDH(
                     torch.cat(out, 1)[:, -(context // 2) :], chunk_size=chunk_size
                 )
                 logits = logits[:, -1]
-                for live, new in zip(state.layers + [state.pos], fresh.layers + [fresh.pos], strict=True):
-                    live.copy_(new)  # in place: a captured graph reads these very tensors
+                state.copy_(fresh)
                 seen = context // 2
             else:
                 logits = step(nxt[:, 0], state)

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import kernels
-from model import BDH, BDHConfig, RecurrentState, layer_norm
+from model import BDH, BDHConfig, layer_norm
 
 CUDA = torch.cuda.is_available()
 DEVICE = "cuda" if CUDA else "cpu"
@@ -165,7 +165,7 @@ def test_fused_step_takes_sizes_that_fill_no_tile(tiles):
     cfg = BDHConfig(n_embd=24, n_head=3, n_neurons=3 * 44, n_layer=2, dropout=0.0, rope_style="half")
     model = BDH(cfg).to(DEVICE).eval()
     _, _, plain = model.forward_chunked(torch.randint(0, 256, (3, 7), device=DEVICE), chunk_size=3)
-    fused = RecurrentState([S.clone() for S in plain.layers], plain.pos.clone())
+    fused = plain.clone()
     step = kernels.FusedStep(model, **tiles)
     for byte in torch.randint(0, 256, (4, 3), device=DEVICE):
         torch.testing.assert_close(step(byte, fused), model.step(byte, plain), rtol=1e-4, atol=1e-4)
