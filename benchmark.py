@@ -128,6 +128,9 @@ def measure_generation(cfg: BDHConfig, args, device, trained: BDH | None = None)
     prompt = torch.tensor([list(PROMPT)], device=device)
     out = {"prompt_bytes": prompt.shape[1], "new_bytes": args.new_bytes, "batch": 1, "dtype": "bfloat16"}
     out["model"] = args.model_path or "freshly initialised (seed 0)"
+    from kernels import FusedStep  # imports Triton
+
+    out["step_tiles"] = {"attention": FusedStep.ATTENTION_TILES, "gate": FusedStep.GATE_TILES}
     runs = {
         "recurrent (CUDA graph)": lambda n: model.generate(prompt, n, temperature=0.0),
         "recurrent (eager)": lambda n: model.generate(prompt, n, temperature=0.0, cuda_graph=False),

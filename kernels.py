@@ -453,7 +453,7 @@ def _layers(model, idx, targets, Dx, Dy, E, cos, sin, p_drop):
 @triton.jit
 def _step_attention_kernel(
     v_ptr, dx_ptr, freq_ptr, pos_ptr, s_ptr, x_ptr, a_ptr, H, M, D,
-    INTERLEAVED: tl.constexpr, BP: tl.constexpr, BK: tl.constexpr, D_PAD: tl.constexpr,
+    INTERLEAVED: tl.constexpr, BP: tl.constexpr, BK: tl.constexpr, BD: tl.constexpr,
 ):  # fmt: skip
     """For BP rotation pairs of head h: x, then a_part = RoPE(x) S (old S) and S += RoPE(x)^T v."""
     bh = tl.program_id(0)
@@ -469,18 +469,18 @@ def _step_attention_kernel(
     else:
         ja = p
         jb = p + half
-    xa = tl.zeros((BP,), dtype=tl.float32)
-    xb = tl.zeros((BP,), dtype=tl.float32)
-    for k0 in range(0, D, BK):  # x = relu(v Dx), a vector times a matrix: no tensor cores
+    xa = tl.zeros((BK, BP), dtype=tl.float32)  # x = relu(v Dx), a vector times a matrix: no tensor
+    xb = tl.zeros((BK, BP), dtype=tl.float32)  # cores; summed over k once, after the loop
+    for k0 in range(0, D, BK):
         k = k0 + tl.arange(0, BK)
         k_mask = k < D
         vk = tl.load(v_ptr + b * D + k, mask=k_mask, other=0.0)
         w_mask = k_mask[:, None] & p_mask[None, :]
         w = dx_ptr + (h * D + k)[:, None] * M
-        xa += tl.sum(vk[:, None] * tl.load(w + ja[None, :], mask=w_mask, other=0.0).to(tl.float32), 0)
-        xb += tl.sum(vk[:, None] * tl.load(w + jb[None, :], mask=w_mask, other=0.0).to(tl.float32), 0)
-    xa = tl.maximum(xa, 0.0)
-    xb = tl.maximum(xb, 0.0)
+        xa += vk[:, None] * tl.load(w + ja[None, :], mask=w_mask, other=0.0).to(tl.float32)
+        xb += vk[:, None] * tl.load(w + jb[None, :], mask=w_mask, other=0.0).to(tl.float32)
+    xa = tl.maximum(tl.sum(xa, 0), 0.0)
+    xb = tl.maximum(tl.sum(xb, 0), 0.0)
     tl.store(x_ptr + bh * M + ja, xa, mask=p_mask)
     tl.store(x_ptr + bh * M + jb, xb, mask=p_mask)
     phase = tl.load(pos_ptr).to(tl.float32) * tl.load(freq_ptr + p, mask=p_mask, other=0.0)  # turns
@@ -489,19 +489,22 @@ def _step_attention_kernel(
     s = tl.sin(angle)
     ra = xa * c - xb * s
     rb = xb * c + xa * s
-    d = tl.arange(0, D_PAD)
-    d_mask = d < D
-    v = tl.load(v_ptr + b * D + d, mask=d_mask, other=0.0)
-    mask_a = (p_mask & (ra != 0.0))[:, None] & d_mask[None, :]  # rows where RoPE(x) is zero: untouched
-    mask_b = (p_mask & (rb != 0.0))[:, None] & d_mask[None, :]
-    rows_a = s_ptr + (bh * M + ja)[:, None] * D + d[None, :]
-    rows_b = s_ptr + (bh * M + jb)[:, None] * D + d[None, :]
-    Sa = tl.load(rows_a, mask=mask_a, other=0.0)
-    Sb = tl.load(rows_b, mask=mask_b, other=0.0)
-    part = tl.sum(ra[:, None] * Sa, 0) + tl.sum(rb[:, None] * Sb, 0)
-    tl.store(a_ptr + (bh * tl.num_programs(1) + block) * D + d, part, mask=d_mask)
-    tl.store(rows_a, Sa + ra[:, None] * v[None, :], mask=mask_a)
-    tl.store(rows_b, Sb + rb[:, None] * v[None, :], mask=mask_b)
+    live_a = p_mask & (ra != 0.0)  # rows where RoPE(x) is zero are neither read nor written
+    live_b = p_mask & (rb != 0.0)
+    for d0 in range(0, D, BD):  # BD columns of the state rows at a time
+        d = d0 + tl.arange(0, BD)
+        d_mask = d < D
+        v = tl.load(v_ptr + b * D + d, mask=d_mask, other=0.0)
+        rows_a = s_ptr + (bh * M + ja)[:, None] * D + d[None, :]
+        rows_b = s_ptr + (bh * M + jb)[:, None] * D + d[None, :]
+        mask_a = live_a[:, None] & d_mask[None, :]
+        mask_b = live_b[:, None] & d_mask[None, :]
+        Sa = tl.load(rows_a, mask=mask_a, other=0.0)
+        Sb = tl.load(rows_b, mask=mask_b, other=0.0)
+        part = tl.sum(ra[:, None] * Sa, 0) + tl.sum(rb[:, None] * Sb, 0)
+        tl.store(a_ptr + (bh * tl.num_programs(1) + block) * D + d, part, mask=d_mask)
+        tl.store(rows_a, Sa + ra[:, None] * v[None, :], mask=mask_a)
+        tl.store(rows_b, Sb + rb[:, None] * v[None, :], mask=mask_b)
 
 
 @triton.jit
@@ -516,12 +519,12 @@ def _layer_norm_row(z, mask, D):
 def _sum_rows(ptr, rows, D, BLOCKS: tl.constexpr, D_PAD: tl.constexpr):
     """The sum of `rows` consecutive rows of D float32 values at ptr, BLOCKS at a time."""
     d = tl.arange(0, D_PAD)
-    acc = tl.zeros((D_PAD,), dtype=tl.float32)
+    acc = tl.zeros((BLOCKS, D_PAD), dtype=tl.float32)
     for r0 in range(0, rows, BLOCKS):
         r = r0 + tl.arange(0, BLOCKS)
         mask = (r < rows)[:, None] & (d < D)[None, :]
-        acc += tl.sum(tl.load(ptr + r[:, None] * D + d[None, :], mask=mask, other=0.0), 0)
-    return acc
+        acc += tl.load(ptr + r[:, None] * D + d[None, :], mask=mask, other=0.0)
+    return tl.sum(acc, 0)  # once, after the loop
 
 
 @triton.jit
@@ -535,27 +538,33 @@ def _step_norm_kernel(a_ptr, ln_ptr, blocks, D, BLOCKS: tl.constexpr, D_PAD: tl.
 
 @triton.jit
 def _step_gate_kernel(
-    ln_ptr, x_ptr, dyt_ptr, e_ptr, z_ptr, H, M, D, BN: tl.constexpr, CHUNKS: tl.constexpr,
-    D_PAD: tl.constexpr,
+    ln_ptr, x_ptr, dyt_ptr, e_ptr, z_ptr, H, M, D,
+    BN: tl.constexpr, CHUNKS: tl.constexpr, BD: tl.constexpr, D_PAD: tl.constexpr,
 ):  # fmt: skip
     """For CHUNKS x BN neurons of head h: y = relu(LN(a) Dy) * x, z_part = y E (rows where x, y > 0)."""
     bh = tl.program_id(0)
     block = tl.program_id(1)
     h = bh % H
-    d = tl.arange(0, D_PAD)
-    d_mask = d < D
-    ln_a = tl.load(ln_ptr + bh * D + d, mask=d_mask, other=0.0)
     z = tl.zeros((D_PAD,), dtype=tl.float32)
     for c in range(CHUNKS):  # a few chunks a program: fewer parts for the residual kernel to sum
         j = (block * CHUNKS + c) * BN + tl.arange(0, BN)
-        j_mask = j < M
-        x = tl.load(x_ptr + bh * M + j, mask=j_mask, other=0.0)
-        rows = (h * M + j)[:, None] * D + d[None, :]  # Dy^T (h*M, d) and E (n, d) share the row index
-        dy = tl.load(dyt_ptr + rows, mask=(x > 0.0)[:, None] & d_mask[None, :], other=0.0).to(tl.float32)
-        y = tl.maximum(tl.sum(dy * ln_a[None, :], 1), 0.0) * x
-        e = tl.load(e_ptr + rows, mask=(y != 0.0)[:, None] & d_mask[None, :], other=0.0).to(tl.float32)
-        z += tl.sum(y[:, None] * e, 0)
-    tl.store(z_ptr + (bh * tl.num_programs(1) + block) * D + d, z, mask=d_mask)
+        x = tl.load(x_ptr + bh * M + j, mask=j < M, other=0.0)
+        rows = (h * M + j)[:, None] * D  # Dy^T (h*M, d) and E (n, d) share the row index
+        y = tl.zeros((BN, BD), dtype=tl.float32)  # LN(a) Dy, BD columns of Dy^T's live rows at a time
+        for d0 in range(0, D, BD):
+            d = d0 + tl.arange(0, BD)
+            ln_a = tl.load(ln_ptr + bh * D + d, mask=d < D, other=0.0)
+            live = (x > 0.0)[:, None] & (d < D)[None, :]
+            y += tl.load(dyt_ptr + rows + d[None, :], mask=live, other=0.0).to(tl.float32) * ln_a[None, :]
+        y = tl.maximum(tl.sum(y, 1), 0.0) * x
+        if tl.max(y, 0) > 0.0:  # y is sparser than x: most chunks have no row of E to read
+            d = tl.arange(0, D_PAD)
+            live = (y != 0.0)[:, None] & (d < D)[None, :]
+            z += tl.sum(
+                y[:, None] * tl.load(e_ptr + rows + d[None, :], mask=live, other=0.0).to(tl.float32), 0
+            )
+    d = tl.arange(0, D_PAD)
+    tl.store(z_ptr + (bh * tl.num_programs(1) + block) * D + d, z, mask=d < D)
 
 
 @triton.jit
@@ -576,9 +585,15 @@ class FusedStep:
     contiguous) in the model's dtype; every sum is float32. Inference only: no dropout.
     """
 
-    def __init__(self, model: BDH, BP: int = 32, BN: int = 64, CHUNKS: int = 8) -> None:
+    ATTENTION_TILES = {"BP": 64, "BK": 8, "BD": 64, "num_warps": 8}  # pairs, Dx rows, state columns
+    GATE_TILES = {"BN": 128, "CHUNKS": 2, "BD": 128, "num_warps": 4}  # neurons, chunks, Dy^T columns
+
+    def __init__(self, model: BDH, attention: dict | None = None, gate: dict | None = None) -> None:
+        """attention, gate: tiles that replace some of ATTENTION_TILES, GATE_TILES (kernel arguments)."""
         cfg = model.config
-        self.config, self.BP, self.BN, self.CHUNKS = cfg, BP, BN, CHUNKS
+        self.config = cfg
+        self.attention = {**self.ATTENTION_TILES, **(attention or {})}
+        self.gate = {**self.GATE_TILES, **(gate or {})}
         self.embed, self.readout = model.embed.weight, model.readout
         self.Dx = model.Dx.contiguous()  # h, d, M
         self.DyT = model.Dy.mT.contiguous()  # h, M, d
@@ -590,8 +605,8 @@ class FusedStep:
         cfg = self.config
         B, H, M, D = state.layers[0].shape
         D_PAD = _pow2(D)
-        attention_blocks = triton.cdiv(M // 2, self.BP)
-        gate_blocks = triton.cdiv(M, self.BN * self.CHUNKS)
+        attention_blocks = triton.cdiv(M // 2, self.attention["BP"])
+        gate_blocks = triton.cdiv(M, self.gate["BN"] * self.gate["CHUNKS"])
         dev = state.pos.device
         v = layer_norm(self.embed[byte].float()).contiguous()  # B, d
         x = torch.empty((B, H, M), device=dev, dtype=torch.float32)
@@ -601,13 +616,14 @@ class FusedStep:
         for S in state.layers:  # B, h, M, d float32
             _step_attention_kernel[(B * H, attention_blocks)](
                 v, self.Dx, self.pair_freq, state.pos, S, x, a_parts, H, M, D,
-                INTERLEAVED=cfg.rope_style == "interleaved", BP=self.BP, BK=32, D_PAD=D_PAD, num_warps=4,
+                INTERLEAVED=cfg.rope_style == "interleaved", **self.attention,
             )  # fmt: skip
-            _step_norm_kernel[(B * H,)](a_parts, ln_a, attention_blocks, D, BLOCKS=16, D_PAD=D_PAD)
+            _step_norm_kernel[(B * H,)](
+                a_parts, ln_a, attention_blocks, D, BLOCKS=32, D_PAD=D_PAD, num_warps=8
+            )
             _step_gate_kernel[(B * H, gate_blocks)](
-                ln_a, x, self.DyT, self.E, z_parts, H, M, D,
-                BN=self.BN, CHUNKS=self.CHUNKS, D_PAD=D_PAD, num_warps=4,
+                ln_a, x, self.DyT, self.E, z_parts, H, M, D, D_PAD=D_PAD, **self.gate
             )  # fmt: skip
-            _step_residual_kernel[(B,)](v, z_parts, H * gate_blocks, D, BLOCKS=16, D_PAD=D_PAD)
+            _step_residual_kernel[(B,)](v, z_parts, H * gate_blocks, D, BLOCKS=32, D_PAD=D_PAD, num_warps=8)
         state.pos.add_(1)
         return v.to(self.readout.dtype) @ self.readout  # B, V

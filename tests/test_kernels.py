@@ -157,7 +157,9 @@ def test_fused_recurrent_step_matches_the_plain_step(style):
         torch.testing.assert_close(f, p, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("tiles", [{}, {"BP": 4, "BN": 8, "CHUNKS": 2}])
+@pytest.mark.parametrize(
+    "tiles", [{}, {"attention": {"BP": 4, "BK": 8, "BD": 16}, "gate": {"BN": 8, "CHUNKS": 2, "BD": 16}}]
+)
 def test_fused_step_takes_sizes_that_fill_no_tile(tiles):
     """d, n/h, n/2h not multiples of any block size; three heads; the partner of a pair far away;
     with small tiles, several blocks a head, the last one partial."""
