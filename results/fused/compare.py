@@ -1,0 +1,46 @@
+"""Validation loss of the fused run against the plain foundation run: results/fused/compare.png.
+
+uv run results/fused/compare.py
+"""
+
+import csv
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+HERE = Path(__file__).resolve().parent
+RUNS = {
+    "fused (Triton kernels)": HERE / "run/log.csv",
+    "plain (torch.compile)": HERE / "../foundation/run/log.csv",
+}
+COLUMNS = {"val_loss": "raw validation", "val_loss_wiki_valid_tokens": "tokenized validation"}
+
+
+def validation_rows(path: Path) -> list[dict]:
+    with open(path) as f:
+        return [r for r in csv.DictReader(f) if r["val_loss"]]
+
+
+def main() -> None:
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    for ax, (column, title) in zip(axes, COLUMNS.items(), strict=True):
+        for (label, path), style in zip(RUNS.items(), ("-o", "--s"), strict=True):
+            rows = validation_rows(path)
+            ax.plot(
+                [int(r["step"]) for r in rows], [float(r[column]) for r in rows], style, label=label, ms=4
+            )
+        ax.set(title=f"{title} loss", xlabel="step", ylabel="nats/byte")
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.suptitle("BDH-GPU d=256 h=4 n=32768 L=6, 3 epochs, H100 bf16: fused vs plain")
+    fig.tight_layout()
+    fig.savefig(HERE / "compare.png", dpi=120)
+    for column in COLUMNS:
+        print(column, {label: validation_rows(path)[-1][column] for label, path in RUNS.items()})
+
+
+if __name__ == "__main__":
+    main()
