@@ -469,20 +469,21 @@ def _step_attention_kernel(
     else:
         ja = p
         jb = p + half
-    xa = tl.zeros((BK, BP), dtype=tl.float32)  # x = relu(v Dx), a vector times a matrix: no tensor
-    xb = tl.zeros((BK, BP), dtype=tl.float32)  # cores; summed over k once, after the loop
-    for k0 in range(0, D, BK):
+    pair = tl.arange(0, 2)  # the columns of each pair's two members: one (BK, BP, 2) load a step
+    j2 = ja[:, None] + pair[None, :] * (jb - ja)[:, None]  # BP, 2 (interleaved: contiguous)
+    j2_mask = p_mask[:, None] & (pair < 2)[None, :]
+    acc = tl.zeros((BK, BP, 2), dtype=tl.float32)  # x = relu(v Dx), a vector times a matrix: no
+    for k0 in range(0, D, BK):  # tensor cores; summed over k once, after the loop
         k = k0 + tl.arange(0, BK)
         k_mask = k < D
         vk = tl.load(v_ptr + b * D + k, mask=k_mask, other=0.0)
-        w_mask = k_mask[:, None] & p_mask[None, :]
-        w = dx_ptr + (h * D + k)[:, None] * M
-        xa += vk[:, None] * tl.load(w + ja[None, :], mask=w_mask, other=0.0).to(tl.float32)
-        xb += vk[:, None] * tl.load(w + jb[None, :], mask=w_mask, other=0.0).to(tl.float32)
-    xa = tl.maximum(tl.sum(xa, 0), 0.0)
-    xb = tl.maximum(tl.sum(xb, 0), 0.0)
-    tl.store(x_ptr + bh * M + ja, xa, mask=p_mask)
-    tl.store(x_ptr + bh * M + jb, xb, mask=p_mask)
+        w = dx_ptr + (h * D + k)[:, None, None] * M + j2[None, :, :]
+        w_mask = k_mask[:, None, None] & j2_mask[None, :, :]
+        acc += vk[:, None, None] * tl.load(w, mask=w_mask, other=0.0).to(tl.float32)
+    x2 = tl.maximum(tl.sum(acc, 0), 0.0)  # BP, 2
+    tl.store(x_ptr + bh * M + j2, x2, mask=j2_mask)
+    xa = tl.sum(tl.where(pair[None, :] == 0, x2, 0.0), 1)
+    xb = tl.sum(tl.where(pair[None, :] == 1, x2, 0.0), 1)
     phase = tl.load(pos_ptr).to(tl.float32) * tl.load(freq_ptr + p, mask=p_mask, other=0.0)  # turns
     angle = (phase - tl.floor(phase)) * 6.283185307179586
     c = tl.cos(angle)
@@ -585,7 +586,7 @@ class FusedStep:
     contiguous) in the model's dtype; every sum is float32. Inference only: no dropout.
     """
 
-    ATTENTION_TILES = {"BP": 64, "BK": 8, "BD": 64, "num_warps": 8}  # pairs, Dx rows, state columns
+    ATTENTION_TILES = {"BP": 32, "BK": 8, "BD": 64, "num_warps": 4}  # pairs, Dx rows, state columns
     GATE_TILES = {"BN": 128, "CHUNKS": 2, "BD": 128, "num_warps": 4}  # neurons, chunks, Dy^T columns
 
     def __init__(self, model: BDH, attention: dict | None = None, gate: dict | None = None) -> None:

@@ -78,14 +78,14 @@ def main() -> None:
         best_att = min(
             (
                 {"BP": bp, "BK": bk, "BD": bd, "num_warps": w}
-                for bp, bk, bd, w in itertools.product([64, 128], [8, 16, 32], [32, 64], [4, 8])
+                for bp, bk, bd, w in itertools.product([32, 64, 128], [8, 16], [64], [4, 8])
             ),
             key=lambda att: run(att, gate0),
         )
         best_gate = min(
             (
                 {"BN": bn, "CHUNKS": c, "BD": bd, "num_warps": w}
-                for bn, c, bd, w in itertools.product([32, 64, 128], [2, 4, 8], [64, 128], [4])
+                for bn, c, bd, w in itertools.product([64, 128], [2, 4], [128], [4])
             ),
             key=lambda gate: run(best_att, gate),
         )
