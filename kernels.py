@@ -592,6 +592,10 @@ class FusedStep:
     def __init__(self, model: BDH, attention: dict | None = None, gate: dict | None = None) -> None:
         """attention, gate: tiles that replace some of ATTENTION_TILES, GATE_TILES (kernel arguments)."""
         cfg = model.config
+        if model.training and cfg.dropout > 0:
+            raise ValueError(
+                "FusedStep applies no dropout: call model.eval() first (BDH.step would apply it)"
+            )
         self.config = cfg
         self.attention = {**self.ATTENTION_TILES, **(attention or {})}
         self.gate = {**self.GATE_TILES, **(gate or {})}

@@ -357,7 +357,8 @@ class BDH(
         """Append max_new_tokens sampled bytes to idx (B, T), T >= 1.
 
         The prompt goes through the chunked form, then each new byte costs one recurrent step
-        (on CUDA, a captured graph of the fused step unless cuda_graph=False).
+        (on CUDA, a captured graph of the fused step unless cuda_graph=False or the model is in
+        training mode with dropout: call model.eval() first, as for any sampling).
         context: the most bytes the model sees at once (None: all of them). Once the bytes since the
         last restart would exceed it, the state restarts from the last context // 2 bytes (one chunked
         pass), so a model trained on windows of `context` bytes is never asked about longer ones.
@@ -368,7 +369,8 @@ class BDH(
         logits = logits[:, -1]
         seen = idx.shape[1] - start  # bytes the state covers
         step = self.step
-        if cuda_graph and idx.is_cuda and max_new_tokens > 1:
+        dropout = self.training and self.config.dropout > 0  # the plain step applies it; FusedStep cannot
+        if cuda_graph and idx.is_cuda and max_new_tokens > 1 and not dropout:
             graphed = self.graphed_step(state)
             step = lambda byte, state: graphed(byte)  # noqa: E731
         out = [idx]

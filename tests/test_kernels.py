@@ -157,6 +157,13 @@ def test_fused_recurrent_step_matches_the_plain_step(style):
         torch.testing.assert_close(f, p, rtol=1e-5, atol=1e-5)
 
 
+def test_fused_step_refuses_a_model_that_would_apply_dropout():
+    model = make_model("half", dropout=0.1)
+    with pytest.raises(ValueError, match="model.eval"):
+        kernels.FusedStep(model.train())
+    kernels.FusedStep(model.eval())
+
+
 @pytest.mark.parametrize(
     "tiles", [{}, {"attention": {"BP": 4, "BK": 8, "BD": 16}, "gate": {"BN": 8, "CHUNKS": 2, "BD": 16}}]
 )
