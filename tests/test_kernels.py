@@ -165,7 +165,7 @@ def test_fused_step_refuses_a_model_that_would_apply_dropout():
 
 
 @pytest.mark.parametrize(
-    "tiles", [{}, {"attention": {"BP": 4, "BK": 8, "BD": 16}, "gate": {"BN": 8, "CHUNKS": 2, "BD": 16}}]
+    "tiles", [{}, {"attention": {"BP": 8, "BK": 8, "BD": 16}, "gate": {"BN": 16, "CHUNKS": 2, "BD": 16}}]
 )
 def test_fused_step_takes_sizes_that_fill_no_tile(tiles):
     """d, n/h, n/2h not multiples of any block size; three heads; the partner of a pair far away;
