@@ -447,7 +447,9 @@ def _layers(model, idx, targets, Dx, Dy, E, cos, sin, p_drop):
 #     _step_residual_kernel   v <- LN(v + LN(sum of the z parts))
 #
 # Only Dx is read whole; of the state, Dy and E only the rows of live neurons are read (x is
-# sparse, y sparser). No host synchronisation, so the whole step can be one CUDA graph.
+# sparse, y sparser). No host synchronisation, so the whole step can be one CUDA graph. Sums stay
+# tiles inside loops and are reduced once after them; the tiles (FusedStep.*_TILES) are the fastest
+# of a sweep on an H100 (results/benchmark/step_tiles.py).
 
 
 @triton.jit
