@@ -420,7 +420,7 @@ def fused_forward(
     Dy = model.Dy[:, :, local].to(bf16).contiguous()
     E = model.E[order].to(bf16).contiguous()  # n, d
     cos, sin = pair_cos_sin(model, T, idx.device)
-    p_drop = cfg.dropout if model.training else 0.0
+    p_drop = model.active_dropout
     with torch.autocast(idx.device.type, enabled=False):  # the kernels choose their own precision
         return _layers(model, idx, targets, Dx, Dy, E, cos, sin, p_drop)
 
@@ -594,7 +594,7 @@ class FusedStep:
     def __init__(self, model: BDH, attention: dict | None = None, gate: dict | None = None) -> None:
         """attention, gate: tiles that replace some of ATTENTION_TILES, GATE_TILES (kernel arguments)."""
         cfg = model.config
-        if model.training and cfg.dropout > 0:
+        if model.active_dropout > 0:
             raise ValueError(
                 "FusedStep applies no dropout: call model.eval() first (BDH.step would apply it)"
             )

@@ -165,6 +165,11 @@ class BDH(
     def num_params(self) -> int:
         return sum(p.numel() for p in self.parameters())
 
+    @property
+    def active_dropout(self) -> float:
+        """The dropout probability a pass applies now: the config's in training mode, else 0."""
+        return self.dropout.p if self.training else 0.0
+
     def neurons(self, v: torch.Tensor) -> torch.Tensor:
         """x = relu(v Dx), the sparse positive neurons. v: B, T, d. Returns B, h, T, n/h."""
         return F.relu(v.unsqueeze(1) @ self.Dx)
@@ -369,8 +374,8 @@ class BDH(
         logits = logits[:, -1]
         seen = idx.shape[1] - start  # bytes the state covers
         step = self.step
-        dropout = self.training and self.config.dropout > 0  # the plain step applies it; FusedStep cannot
-        if cuda_graph and idx.is_cuda and max_new_tokens > 1 and not dropout:
+        no_dropout = self.active_dropout == 0  # the plain step applies dropout; FusedStep cannot
+        if cuda_graph and idx.is_cuda and max_new_tokens > 1 and no_dropout:
             graphed = self.graphed_step(state)
             step = lambda byte, state: graphed(byte)  # noqa: E731
         out = [idx]
