@@ -59,9 +59,11 @@ GRAD_Y_CONFIGS = _configs((128, 32, 8, 3), (64, 64, 8, 3), (128, 64, 8, 2), (64,
 
 @triton.jit
 def _dot(a, b, acc):
-    """acc + a b: bf16 operands, float32 accumulation."""
+    """acc + a b: float32 accumulation (bf16 operands on tensor cores; float32 ones exactly, not tf32)."""
     if _INTERPRET:
         out = tl.dot(a.to(tl.float32), b.to(tl.float32), acc)
+    elif a.dtype == tl.float32:
+        out = tl.dot(a, b, acc, input_precision="ieee")
     else:
         out = tl.dot(a, b, acc)
     return out
@@ -439,75 +441,57 @@ def _layers(model, idx, targets, Dx, Dy, E, cos, sin, p_drop):
     return logits, loss
 
 
-# The recurrent step (generation): one byte per call, four kernels a layer, sparse reads.
+# The recurrent step (generation): one byte per call, two kernels a layer, sparse reads.
 #
 #     _step_attention_kernel  x = relu(v Dx); a_part = RoPE(x) S; S += RoPE(x)^T v   (live rows of S)
-#     _step_norm_kernel       a = sum of the parts, LN(a)
+#                             the last program of a head: a = sum of the parts, LN(a)
 #     _step_gate_kernel       y = relu(LN(a) Dy) * x; z_part = y E      (rows of Dy^T, E where x, y > 0)
-#     _step_residual_kernel   v <- LN(v + LN(sum of the z parts))
+#                             the last program of a batch row: v <- LN(v + LN(sum of the z parts))
 #
 # Only Dx is read whole; of the state, Dy and E only the rows of live neurons are read (x is
-# sparse, y sparser). No host synchronisation, so the whole step can be one CUDA graph. Sums stay
-# tiles inside loops and are reduced once after them; the tiles (FusedStep.*_TILES) are the fastest
-# of a sweep on an H100 (results/benchmark/step_tiles.py).
+# sparse, y sparser). The sums over programs happen inside the kernels: each program stores its
+# part and takes a ticket from an atomic counter; the last of every GROUP parts sums them, and the
+# last of the groups sums those (_finish_sum). The order of every addition is fixed, so the step is
+# deterministic. No host synchronisation, so the whole step can be one CUDA graph. The tiles
+# (FusedStep.*_TILES) are the fastest of a sweep on an H100 (results/benchmark/step_tiles.py).
+
+BATCH_TILE = 16  # batch rows per attention program (the fewest rows tl.dot takes); each Dx tile read once
 
 
 @triton.jit
-def _step_attention_kernel(
-    v_ptr, dx_ptr, freq_ptr, pos_ptr, s_ptr, x_ptr, a_ptr, H, M, D,
-    INTERLEAVED: tl.constexpr, BP: tl.constexpr, BK: tl.constexpr, BD: tl.constexpr,
+def _rows_times_columns(
+    a_ptr, a_rows, row_mask, w_ptr, cols, col_mask, K, stride_k,
+    BR: tl.constexpr, BK: tl.constexpr, BN: tl.constexpr,
 ):  # fmt: skip
-    """For BP rotation pairs of head h: x, then a_part = RoPE(x) S (old S) and S += RoPE(x)^T v."""
-    bh = tl.program_id(0)
-    block = tl.program_id(1)
-    b = bh // H
-    h = bh % H
-    half = M // 2
-    p = block * BP + tl.arange(0, BP)
-    p_mask = p < half
-    if INTERLEAVED:  # the model's neuron index of each pair's two members
-        ja = 2 * p
-        jb = ja + 1
-    else:
-        ja = p
-        jb = p + half
-    pair = tl.arange(0, 2)  # the columns of each pair's two members: one (BK, BP, 2) load a step
-    j2 = ja[:, None] + pair[None, :] * (jb - ja)[:, None]  # BP, 2 (interleaved: contiguous)
-    j2_mask = p_mask[:, None] & (pair < 2)[None, :]
-    acc = tl.zeros((BK, BP, 2), dtype=tl.float32)  # x = relu(v Dx), a vector times a matrix: no
-    for k0 in range(0, D, BK):  # tensor cores; summed over k once, after the loop
+    """A (BR x K, rows at a_rows, any float dtype) times W's columns cols: a BR x BN float32 tile."""
+    acc = tl.zeros((BR, BN), dtype=tl.float32)
+    for k0 in range(0, K, BK):  # a dot loop: Triton prefetches the next tiles of W while this one runs
         k = k0 + tl.arange(0, BK)
-        k_mask = k < D
-        vk = tl.load(v_ptr + b * D + k, mask=k_mask, other=0.0)
-        w = dx_ptr + (h * D + k)[:, None, None] * M + j2[None, :, :]
-        w_mask = k_mask[:, None, None] & j2_mask[None, :, :]
-        acc += vk[:, None, None] * tl.load(w, mask=w_mask, other=0.0).to(tl.float32)
-    x2 = tl.maximum(tl.sum(acc, 0), 0.0)  # BP, 2
-    tl.store(x_ptr + bh * M + j2, x2, mask=j2_mask)
-    xa = tl.sum(tl.where(pair[None, :] == 0, x2, 0.0), 1)
-    xb = tl.sum(tl.where(pair[None, :] == 1, x2, 0.0), 1)
-    phase = tl.load(pos_ptr).to(tl.float32) * tl.load(freq_ptr + p, mask=p_mask, other=0.0)  # turns
-    angle = (phase - tl.floor(phase)) * 6.283185307179586
-    c = tl.cos(angle)
-    s = tl.sin(angle)
-    ra = xa * c - xb * s
-    rb = xb * c + xa * s
-    live_a = p_mask & (ra != 0.0)  # rows where RoPE(x) is zero are neither read nor written
-    live_b = p_mask & (rb != 0.0)
-    for d0 in range(0, D, BD):  # BD columns of the state rows at a time
-        d = d0 + tl.arange(0, BD)
-        d_mask = d < D
-        v = tl.load(v_ptr + b * D + d, mask=d_mask, other=0.0)
-        rows_a = s_ptr + (bh * M + ja)[:, None] * D + d[None, :]
-        rows_b = s_ptr + (bh * M + jb)[:, None] * D + d[None, :]
-        mask_a = live_a[:, None] & d_mask[None, :]
-        mask_b = live_b[:, None] & d_mask[None, :]
-        Sa = tl.load(rows_a, mask=mask_a, other=0.0)
-        Sb = tl.load(rows_b, mask=mask_b, other=0.0)
-        part = tl.sum(ra[:, None] * Sa, 0) + tl.sum(rb[:, None] * Sb, 0)
-        tl.store(a_ptr + (bh * tl.num_programs(1) + block) * D + d, part, mask=d_mask)
-        tl.store(rows_a, Sa + ra[:, None] * v[None, :], mask=mask_a)
-        tl.store(rows_b, Sb + rb[:, None] * v[None, :], mask=mask_b)
+        k_mask = k < K
+        a = tl.load(a_ptr + a_rows[:, None] + k[None, :], mask=row_mask[:, None] & k_mask[None, :], other=0.0)
+        w_mask = k_mask[:, None] & col_mask[None, :]
+        w = tl.load(w_ptr + k[:, None] * stride_k + cols[None, :], mask=w_mask, other=0.0)
+        acc = _dot(a.to(w.dtype), w, acc)
+    return acc
+
+
+@triton.jit
+def _last_to_arrive(count_ptr, arrivals):
+    """Whether this program is the last of `arrivals` to arrive at count_ptr (an int32, zero before).
+    Whatever the others stored before arriving is then visible to it (read it with .cg)."""
+    tl.debug_barrier()  # all this program's stores are made before its arrival (released, GPU scope)
+    ticket = tl.atomic_add(count_ptr, 1, sem="acq_rel")
+    tl.debug_barrier()
+    return ticket == arrivals - 1
+
+
+@triton.jit
+def _sum_parts(ptr, n, D, ROWS: tl.constexpr, D_PAD: tl.constexpr):
+    """The sum of n <= ROWS rows of D float32 values at ptr that other programs stored (read from L2)."""
+    r = tl.arange(0, ROWS)
+    d = tl.arange(0, D_PAD)
+    mask = (r < n)[:, None] & (d < D)[None, :]
+    return tl.sum(tl.load(ptr + r[:, None] * D + d[None, :], mask=mask, other=0.0, cache_modifier=".cg"), 0)
 
 
 @triton.jit
@@ -519,66 +503,153 @@ def _layer_norm_row(z, mask, D):
 
 
 @triton.jit
-def _sum_rows(ptr, rows, D, BLOCKS: tl.constexpr, D_PAD: tl.constexpr):
-    """The sum of `rows` consecutive rows of D float32 values at ptr, BLOCKS at a time."""
+def _finish_sum(
+    parts_ptr, groups_ptr, count_ptr, out_ptr, part, n_parts, row0, row_stride, rows, D,
+    RESIDUAL: tl.constexpr, GROUP: tl.constexpr, GROUPS: tl.constexpr, D_PAD: tl.constexpr,
+):  # fmt: skip
+    """Called by every program once it has stored part `part` (of n_parts) of each of its rows.
+
+    parts: (row, n_parts, D); groups: (row, cdiv(n_parts, GROUP) <= GROUPS, D); count_ptr: that many
+    counters plus one, zero (and zero again after the kernel). The last program of each GROUP parts
+    sums them; the last of the groups sums the groups: out[row] = LN(total), or with RESIDUAL
+    out[row] = LN(out[row] + LN(total)).
+    """
     d = tl.arange(0, D_PAD)
-    acc = tl.zeros((BLOCKS, D_PAD), dtype=tl.float32)
-    for r0 in range(0, rows, BLOCKS):
-        r = r0 + tl.arange(0, BLOCKS)
-        mask = (r < rows)[:, None] & (d < D)[None, :]
-        acc += tl.load(ptr + r[:, None] * D + d[None, :], mask=mask, other=0.0)
-    return tl.sum(acc, 0)  # once, after the loop
+    d_mask = d < D
+    n_groups = tl.cdiv(n_parts, GROUP)
+    group = part // GROUP
+    first = group * GROUP
+    size = tl.minimum(GROUP, n_parts - first)
+    if _last_to_arrive(count_ptr + group, size):
+        tl.store(count_ptr + group, 0)  # no one else uses it in this launch: zero for the next one
+        for i in range(rows):
+            row = row0 + i * row_stride
+            s = _sum_parts(parts_ptr + (row * n_parts + first) * D, size, D, GROUP, D_PAD)
+            tl.store(groups_ptr + (row * n_groups + group) * D + d, s, mask=d_mask)
+        if _last_to_arrive(count_ptr + n_groups, n_groups):
+            tl.store(count_ptr + n_groups, 0)
+            for i in range(rows):
+                row = row0 + i * row_stride
+                total = _sum_parts(groups_ptr + row * n_groups * D, n_groups, D, GROUPS, D_PAD)
+                total = _layer_norm_row(total, d_mask, D)
+                if RESIDUAL:
+                    v = tl.load(out_ptr + row * D + d, mask=d_mask, other=0.0)
+                    total = _layer_norm_row(v + total, d_mask, D)
+                tl.store(out_ptr + row * D + d, total, mask=d_mask)
 
 
 @triton.jit
-def _step_norm_kernel(a_ptr, ln_ptr, blocks, D, BLOCKS: tl.constexpr, D_PAD: tl.constexpr):
-    """LN(a) of one (batch row, head): a is the sum of the attention kernel's parts."""
-    bh = tl.program_id(0)
-    d = tl.arange(0, D_PAD)
-    a = _sum_rows(a_ptr + bh * blocks * D, blocks, D, BLOCKS, D_PAD)
-    tl.store(ln_ptr + bh * D + d, _layer_norm_row(a, d < D, D), mask=d < D)
+def _step_attention_kernel(
+    v_ptr, dx_ptr, freq_ptr, pos_ptr, s_ptr, x_ptr, a_ptr, groups_ptr, count_ptr, ln_ptr, B, H, M, D,
+    INTERLEAVED: tl.constexpr, BB: tl.constexpr, BP: tl.constexpr, BK: tl.constexpr, BD: tl.constexpr,
+    GROUP: tl.constexpr, GROUPS: tl.constexpr, D_PAD: tl.constexpr,
+):  # fmt: skip
+    """For BP rotation pairs of head h and BB batch rows: x = relu(v Dx), then per row a_part = RoPE(x) S
+    (old S) and S += RoPE(x)^T v. The last program of the head writes LN(a), a the sum of the parts."""
+    tile_h = tl.program_id(0)
+    block = tl.program_id(1)
+    blocks = tl.num_programs(1)
+    b0 = (tile_h // H) * BB
+    h = tile_h % H
+    half = M // 2
+    bb = b0 + tl.arange(0, BB)
+    c = tl.arange(0, 2 * BP)  # the 2 BP neurons of BP pairs, each pair's two members side by side
+    p_of_c = block * BP + c // 2
+    if INTERLEAVED:  # the model's neuron index of each column
+        j = 2 * p_of_c + c % 2
+    else:
+        j = p_of_c + (c % 2) * half
+    x = _rows_times_columns(v_ptr, bb * D, bb < B, dx_ptr + h * D * M, j, p_of_c < half, D, M, BB, BK, 2 * BP)
+    x = tl.maximum(x, 0.0)  # BB, 2 BP
+    x_mask = (bb < B)[:, None] & (p_of_c < half)[None, :]
+    tl.store(x_ptr + (bb * H + h)[:, None] * M + j[None, :], x, mask=x_mask)
+    xa, xb = tl.split(tl.reshape(x, (BB, BP, 2)))  # BB, BP: first and second members of the pairs
+    p = block * BP + tl.arange(0, BP)
+    p_mask = p < half
+    phase = tl.load(pos_ptr).to(tl.float32) * tl.load(freq_ptr + p, mask=p_mask, other=0.0)  # turns
+    angle = (phase - tl.floor(phase)) * 6.283185307179586
+    cos = tl.cos(angle)[None, :]
+    sin = tl.sin(angle)[None, :]
+    ra = xa * cos - xb * sin
+    rb = xb * cos + xa * sin
+    if INTERLEAVED:
+        ja = 2 * p
+        jb = ja + 1
+    else:
+        ja = p
+        jb = p + half
+    rows = tl.minimum(BB, B - b0)
+    for i in range(rows):  # each batch row has its own state
+        pick = (tl.arange(0, BB) == i)[:, None]
+        ra_i = tl.sum(tl.where(pick, ra, 0.0), 0)  # BP
+        rb_i = tl.sum(tl.where(pick, rb, 0.0), 0)
+        live_a = p_mask & (ra_i != 0.0)  # rows where RoPE(x) is zero are neither read nor written
+        live_b = p_mask & (rb_i != 0.0)
+        bh = (b0 + i) * H + h
+        for d0 in range(0, D, BD):  # BD columns of the state rows at a time
+            d = d0 + tl.arange(0, BD)
+            d_mask = d < D
+            v = tl.load(v_ptr + (b0 + i) * D + d, mask=d_mask, other=0.0)
+            rows_a = s_ptr + (bh * M + ja)[:, None] * D + d[None, :]
+            rows_b = s_ptr + (bh * M + jb)[:, None] * D + d[None, :]
+            mask_a = live_a[:, None] & d_mask[None, :]
+            mask_b = live_b[:, None] & d_mask[None, :]
+            Sa = tl.load(rows_a, mask=mask_a, other=0.0)
+            Sb = tl.load(rows_b, mask=mask_b, other=0.0)
+            part = tl.sum(ra_i[:, None] * Sa, 0) + tl.sum(rb_i[:, None] * Sb, 0)
+            tl.store(a_ptr + (bh * blocks + block) * D + d, part, mask=d_mask)
+            tl.store(rows_a, Sa + ra_i[:, None] * v[None, :], mask=mask_a)
+            tl.store(rows_b, Sb + rb_i[:, None] * v[None, :], mask=mask_b)
+    count_ptr += tile_h * (tl.cdiv(blocks, GROUP) + 1)  # this (batch tile, head)'s counters
+    _finish_sum(
+        a_ptr, groups_ptr, count_ptr, ln_ptr, block, blocks, b0 * H + h, H, rows, D,
+        RESIDUAL=False, GROUP=GROUP, GROUPS=GROUPS, D_PAD=D_PAD,
+    )  # fmt: skip
 
 
 @triton.jit
 def _step_gate_kernel(
-    ln_ptr, x_ptr, dyt_ptr, e_ptr, z_ptr, H, M, D,
-    BN: tl.constexpr, CHUNKS: tl.constexpr, BD: tl.constexpr, D_PAD: tl.constexpr,
+    ln_ptr, x_ptr, dyt_ptr, e_ptr, z_ptr, groups_ptr, count_ptr, v_ptr, H, M, D,
+    BN: tl.constexpr, BD: tl.constexpr, GROUP: tl.constexpr, GROUPS: tl.constexpr, D_PAD: tl.constexpr,
 ):  # fmt: skip
-    """For CHUNKS x BN neurons of head h: y = relu(LN(a) Dy) * x, z_part = y E (rows where x, y > 0)."""
+    """For BN neurons of head h: y = relu(LN(a) Dy) * x, z_part = y E (rows where x, y > 0). The
+    last program of the batch row writes v <- LN(v + LN(z)), z the sum of the parts of all heads."""
     bh = tl.program_id(0)
     block = tl.program_id(1)
+    blocks = tl.num_programs(1)
+    b = bh // H
     h = bh % H
-    z = tl.zeros((D_PAD,), dtype=tl.float32)
-    for c in range(CHUNKS):  # a few chunks a program: fewer parts for the residual kernel to sum
-        j = (block * CHUNKS + c) * BN + tl.arange(0, BN)
-        x = tl.load(x_ptr + bh * M + j, mask=j < M, other=0.0)
-        rows = (h * M + j)[:, None] * D  # Dy^T (h*M, d) and E (n, d) share the row index
-        y = tl.zeros((BN, BD), dtype=tl.float32)  # LN(a) Dy, BD columns of Dy^T's live rows at a time
-        for d0 in range(0, D, BD):
-            d = d0 + tl.arange(0, BD)
-            ln_a = tl.load(ln_ptr + bh * D + d, mask=d < D, other=0.0)
-            live = (x > 0.0)[:, None] & (d < D)[None, :]
-            y += tl.load(dyt_ptr + rows + d[None, :], mask=live, other=0.0).to(tl.float32) * ln_a[None, :]
-        y = tl.maximum(tl.sum(y, 1), 0.0) * x
-        if tl.max(y, 0) > 0.0:  # y is sparser than x: most chunks have no row of E to read
-            d = tl.arange(0, D_PAD)
-            live = (y != 0.0)[:, None] & (d < D)[None, :]
-            z += tl.sum(
-                y[:, None] * tl.load(e_ptr + rows + d[None, :], mask=live, other=0.0).to(tl.float32), 0
-            )
-    d = tl.arange(0, D_PAD)
-    tl.store(z_ptr + (bh * tl.num_programs(1) + block) * D + d, z, mask=d < D)
+    j = block * BN + tl.arange(0, BN)
+    x = tl.load(x_ptr + bh * M + j, mask=j < M, other=0.0)
+    rows = (h * M + j)[:, None] * D  # Dy^T (h*M, d) and E (n, d) share the row index
+    y = tl.zeros((BN, BD), dtype=tl.float32)  # LN(a) Dy, BD columns of Dy^T's live rows at a time
+    for d0 in range(0, D, BD):
+        d = d0 + tl.arange(0, BD)
+        ln_a = tl.load(ln_ptr + bh * D + d, mask=d < D, other=0.0)
+        live = (x > 0.0)[:, None] & (d < D)[None, :]
+        y += tl.load(dyt_ptr + rows + d[None, :], mask=live, other=0.0).to(tl.float32) * ln_a[None, :]
+    y = tl.maximum(tl.sum(y, 1), 0.0) * x  # BN; sparser than x
+    part = z_ptr + (bh * blocks + block) * D  # part h * blocks + block of batch row b
+    for d0 in range(0, D, BD):  # z_part = y E, BD columns of E's live rows at a time
+        d = d0 + tl.arange(0, BD)
+        live = (y != 0.0)[:, None] & (d < D)[None, :]
+        e = tl.load(e_ptr + rows + d[None, :], mask=live, other=0.0).to(tl.float32)
+        tl.store(part + d, tl.sum(y[:, None] * e, 0), mask=d < D)
+    count_ptr += b * (tl.cdiv(H * blocks, GROUP) + 1)  # this batch row's counters
+    _finish_sum(
+        z_ptr, groups_ptr, count_ptr, v_ptr, h * blocks + block, H * blocks, b, 1, 1, D,
+        RESIDUAL=True, GROUP=GROUP, GROUPS=GROUPS, D_PAD=D_PAD,
+    )  # fmt: skip
 
 
 @triton.jit
-def _step_residual_kernel(v_ptr, z_ptr, blocks, D, BLOCKS: tl.constexpr, D_PAD: tl.constexpr):
-    """v <- LN(v + LN(z)) for one batch row, z the sum of the gate kernel's parts over all heads."""
+def _step_embed_kernel(byte_ptr, embed_ptr, v_ptr, D, D_PAD: tl.constexpr):
+    """v = LN(embedding of the byte), float32, for one batch row."""
     b = tl.program_id(0)
     d = tl.arange(0, D_PAD)
-    d_mask = d < D
-    z = _sum_rows(z_ptr + b * blocks * D, blocks, D, BLOCKS, D_PAD)
-    v = tl.load(v_ptr + b * D + d, mask=d_mask, other=0.0) + _layer_norm_row(z, d_mask, D)
-    tl.store(v_ptr + b * D + d, _layer_norm_row(v, d_mask, D), mask=d_mask)  # padding stays 0
+    row = tl.load(byte_ptr + b)
+    e = tl.load(embed_ptr + row * D + d, mask=d < D, other=0.0).to(tl.float32)
+    tl.store(v_ptr + b * D + d, _layer_norm_row(e, d < D, D), mask=d < D)
 
 
 class FusedStep:
@@ -588,8 +659,9 @@ class FusedStep:
     contiguous) in the model's dtype; every sum is float32. Inference only: no dropout.
     """
 
-    ATTENTION_TILES = {"BP": 32, "BK": 8, "BD": 64, "num_warps": 4}  # pairs, Dx rows, state columns
-    GATE_TILES = {"BN": 128, "CHUNKS": 2, "BD": 128, "num_warps": 4}  # neurons, chunks, Dy^T columns
+    # pairs, Dx rows, state columns; parts a group (see _finish_sum)
+    ATTENTION_TILES = {"BP": 32, "BK": 64, "BD": 64, "GROUP": 8, "num_warps": 2, "num_stages": 3}
+    GATE_TILES = {"BN": 64, "BD": 128, "GROUP": 32, "num_warps": 2}  # neurons, columns; parts a group
 
     def __init__(self, model: BDH, attention: dict | None = None, gate: dict | None = None) -> None:
         """attention, gate: tiles that replace some of ATTENTION_TILES, GATE_TILES (kernel arguments)."""
@@ -607,30 +679,40 @@ class FusedStep:
         self.E = model.E.contiguous()  # n, d
         freq = rope_frequencies(cfg, model.E.device)  # M: both members of a pair share a frequency
         self.pair_freq = freq[first_of_pairs(cfg)].contiguous()  # M/2, turns per position
+        self.counts: dict[int, torch.Tensor] = {}  # per batch size: the sums' counters, zero between kernels
 
     def __call__(self, byte: torch.Tensor, state: RecurrentState) -> torch.Tensor:
         cfg = self.config
         B, H, M, D = state.layers[0].shape
-        D_PAD = _pow2(D)
-        attention_blocks = triton.cdiv(M // 2, self.attention["BP"])
-        gate_blocks = triton.cdiv(M, self.gate["BN"] * self.gate["CHUNKS"])
+        att, gate = self.attention, self.gate
+        att_blocks = triton.cdiv(M // 2, att["BP"])  # parts of each (batch row, head)'s a
+        gate_blocks = triton.cdiv(M, gate["BN"])  # parts of each head's share of z
+        att_groups = triton.cdiv(att_blocks, att["GROUP"])
+        gate_groups = triton.cdiv(H * gate_blocks, gate["GROUP"])
+        tiles = triton.cdiv(B, BATCH_TILE)
+        att_counts = tiles * H * (att_groups + 1)
         dev = state.pos.device
-        v = layer_norm(self.embed[byte].float()).contiguous()  # B, d
-        x = torch.empty((B, H, M), device=dev, dtype=torch.float32)
-        a_parts = torch.empty((B * H, attention_blocks, D), device=dev, dtype=torch.float32)
-        ln_a = torch.empty((B * H, D), device=dev, dtype=torch.float32)
-        z_parts = torch.empty((B, H * gate_blocks, D), device=dev, dtype=torch.float32)
+        if B not in self.counts:  # made once (before any CUDA graph captures the step)
+            self.counts[B] = torch.zeros(att_counts + B * (gate_groups + 1), device=dev, dtype=torch.int32)
+        counts = self.counts[B]
+        f32 = torch.float32
+        v = torch.empty((B, D), device=dev, dtype=f32)
+        x = torch.empty((B, H, M), device=dev, dtype=f32)
+        a_parts = torch.empty((B * H, att_blocks, D), device=dev, dtype=f32)
+        a_groups = torch.empty((B * H, att_groups, D), device=dev, dtype=f32)
+        ln_a = torch.empty((B * H, D), device=dev, dtype=f32)
+        z_parts = torch.empty((B, H * gate_blocks, D), device=dev, dtype=f32)
+        z_groups = torch.empty((B, gate_groups, D), device=dev, dtype=f32)
+        _step_embed_kernel[(B,)](byte, self.embed, v, D, D_PAD=_pow2(D))  # v = LN(embedding)
         for S in state.layers:  # B, h, M, d float32
-            _step_attention_kernel[(B * H, attention_blocks)](
-                v, self.Dx, self.pair_freq, state.pos, S, x, a_parts, H, M, D,
-                INTERLEAVED=cfg.rope_style == "interleaved", **self.attention,
+            _step_attention_kernel[(tiles * H, att_blocks)](
+                v, self.Dx, self.pair_freq, state.pos, S, x, a_parts, a_groups, counts, ln_a, B, H, M, D,
+                INTERLEAVED=cfg.rope_style == "interleaved", BB=BATCH_TILE, GROUPS=_pow2(att_groups, 1),
+                D_PAD=_pow2(D), **att,
             )  # fmt: skip
-            _step_norm_kernel[(B * H,)](
-                a_parts, ln_a, attention_blocks, D, BLOCKS=32, D_PAD=D_PAD, num_warps=8
-            )
             _step_gate_kernel[(B * H, gate_blocks)](
-                ln_a, x, self.DyT, self.E, z_parts, H, M, D, D_PAD=D_PAD, **self.gate
+                ln_a, x, self.DyT, self.E, z_parts, z_groups, counts[att_counts:], v, H, M, D,
+                GROUPS=_pow2(gate_groups, 1), D_PAD=_pow2(D), **gate,
             )  # fmt: skip
-            _step_residual_kernel[(B,)](v, z_parts, H * gate_blocks, D, BLOCKS=32, D_PAD=D_PAD, num_warps=8)
         state.pos.add_(1)
         return v.to(self.readout.dtype) @ self.readout  # B, V

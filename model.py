@@ -321,11 +321,17 @@ class BDH(
         state.pos.add_(1)
         return (v @ self.readout)[:, 0]
 
-    def graphed_step(self, state: RecurrentState) -> Callable[[torch.Tensor], torch.Tensor]:
-        """The fused step (kernels.FusedStep) captured once as a CUDA graph over this state."""
-        from kernels import FusedStep
+    def graphed_step(
+        self, state: RecurrentState, fused: Callable | None = None
+    ) -> Callable[[torch.Tensor], torch.Tensor]:
+        """The fused step captured once as a CUDA graph over this state: run(byte) -> logits.
 
-        fused = FusedStep(self)  # its weight layouts are made once, outside the graph
+        fused: the step to capture, called as fused(byte, state) (default: kernels.FusedStep(self)).
+        """
+        if fused is None:
+            from kernels import FusedStep
+
+            fused = FusedStep(self)  # its weight layouts are made once, outside the graph
         byte = torch.zeros(state.layers[0].shape[0], dtype=torch.long, device=state.pos.device)
         saved = state.clone()
         side = torch.cuda.Stream()
@@ -345,6 +351,7 @@ class BDH(
             graph.replay()
             return logits
 
+        run.fused = fused  # the graph reads the step's own tensors (weight layouts, counters): keep them
         return run
 
     @torch.no_grad()

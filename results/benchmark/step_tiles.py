@@ -1,16 +1,19 @@
 """Tile sweep for kernels.FusedStep (the recurrent step of generation) on one GPU.
 
-Times one step of the whole model (all layers, readout) replayed as a CUDA graph, for tiles of the
-attention kernel (gate tiles at their defaults), then for gate tiles (the fastest attention tiles),
-checks each against the default tiles' logits, and runs `benchmark.py --parts generate` with the
-fastest: those become FusedStep's defaults.
+Times one step of the whole model (all layers, readout) as generation runs it: `BDH.graphed_step`,
+a CUDA graph replayed per byte. Sweeps the attention kernel's tiles (gate tiles at their defaults),
+then the gate kernel's (the fastest attention tiles), then the group size of both kernels' sums;
+checks each step's logits against the plain PyTorch step; profiles the fastest eagerly; and runs
+`benchmark.py --parts generate` with the fastest tiles, which become FusedStep's defaults.
+--before times the FusedStep of an earlier kernels.py (with its own default tiles) in the same run.
 
-    python3 results/benchmark/step_tiles.py --model_path .gpu/model --out OUT_DIR
+    python3 results/benchmark/step_tiles.py --model_path .gpu/model --out OUT_DIR [--before FILE]
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import itertools
 import json
 import sys
@@ -23,34 +26,22 @@ import benchmark  # noqa: E402
 from hub import load_model  # noqa: E402
 from kernels import FusedStep  # noqa: E402
 
-BEFORE = (  # the tiles timed before this sweep (state and Dy^T read a whole row at a time)
-    {"BP": 32, "BK": 32, "BD": 256, "num_warps": 4},
-    {"BN": 64, "CHUNKS": 8, "BD": 256, "num_warps": 4},
-)
 
-
-def ms_per_step(model, state0, byte, attention: dict, gate: dict, reference: torch.Tensor | None):
-    fused = FusedStep(model, attention, gate)
-    state = state0.clone()
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        first = fused(byte, state).float()  # compiles
-    torch.cuda.current_stream().wait_stream(side)
-    if reference is not None:
-        torch.testing.assert_close(first, reference, rtol=2e-2, atol=2e-2)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        fused(byte, state)
+def ms_per_step(model, state0, byte, fused, reference: torch.Tensor) -> tuple[float, float]:
+    """Milliseconds per replay of the captured step, and its first logits' error against reference."""
+    run = model.graphed_step(state0.clone(), fused)
+    first = run(byte).float()
+    err = ((first - reference).norm() / reference.norm()).item()
     for _ in range(10):
-        graph.replay()
-    return 1000 * benchmark.cuda_time(graph.replay, 100, 3) / 100, first
+        run(byte)
+    return 1000 * benchmark.cuda_time(lambda: run(byte), 100, 3) / 100, err
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model_path", required=True)
     p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--before", type=Path, help="an earlier kernels.py whose FusedStep to time alongside")
     args = p.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     model, _ = load_model(args.model_path)
@@ -60,48 +51,60 @@ def main() -> None:
     rows = []
     with torch.no_grad():
         _, _, state0 = model.forward_chunked(prompt, chunk_size=256)
-        before, ref = ms_per_step(model, state0, byte, *BEFORE, None)
-        rows.append({"attention": BEFORE[0], "gate": BEFORE[1], "ms": before, "note": "before"})
-        print(f"before: {before:.3f} ms {BEFORE}", flush=True)
+        reference = model.step(byte, state0.clone()).float()  # the plain PyTorch step, bf16
 
-        def run(att, gate):
+        def run(att: dict, gate: dict, make=FusedStep, note: str = "") -> float:
             try:
-                ms, _ = ms_per_step(model, state0, byte, att, gate, ref)
+                ms, err = ms_per_step(model, state0, byte, make(model, att, gate), reference)
             except Exception as e:  # a tile the GPU cannot take (registers, shared memory)
-                ms = None
-                print(f"failed {att} {gate}: {str(e)[:200]}", flush=True)
-            rows.append({"attention": att, "gate": gate, "ms": ms})
-            print(f"{'-' if ms is None else f'{ms:.3f}'} ms {att} {gate}", flush=True)
-            return ms if ms is not None else float("inf")
+                ms, err = None, None
+                print(f"failed {att} {gate}: {str(e)[:300]}", flush=True)
+            rows.append({"attention": att, "gate": gate, "ms": ms, "rel_err_vs_plain": err, "note": note})
+            shown = "-" if ms is None else f"{ms:.3f} ms, error {err:.1e}"
+            print(f"{shown} {note} {att} {gate}", flush=True)
+            return float("inf") if ms is None or err > 5e-2 else ms
 
-        gate0 = dict(FusedStep.GATE_TILES)
+        if args.before:
+            spec = importlib.util.spec_from_file_location("kernels_before", args.before)
+            before = importlib.util.module_from_spec(spec)
+            spec.loader.exec_module(before)
+            run(None, None, before.FusedStep, f"before ({args.before.name}, its default tiles)")
+        att0, gate0 = dict(FusedStep.ATTENTION_TILES), dict(FusedStep.GATE_TILES)
+        run(att0, gate0, note="default tiles")
         best_att = min(
             (
-                {"BP": bp, "BK": bk, "BD": bd, "num_warps": w}
-                for bp, bk, bd, w in itertools.product([32, 64, 128], [8, 16], [64], [4, 8])
+                {**att0, "BP": bp, "BK": bk, "num_warps": w, "num_stages": st}
+                for bp, bk, w, st in itertools.product([32, 64], [64, 128], [2, 4], [2, 3])
             ),
             key=lambda att: run(att, gate0),
         )
         best_gate = min(
             (
-                {"BN": bn, "CHUNKS": c, "BD": bd, "num_warps": w}
-                for bn, c, bd, w in itertools.product([64, 128], [2, 4], [128], [4])
+                {**gate0, "BN": bn, "BD": bd, "num_warps": w}
+                for bn, bd, w in itertools.product([64, 128, 256], [64, 128], [2, 4, 8])
+                if bn * bd <= 128 * 128
             ),
             key=lambda gate: run(best_att, gate),
         )
-        best = run(best_att, best_gate)
-        print(f"fastest: {best:.3f} ms (before {before:.3f} ms) {best_att} {best_gate}", flush=True)
+        best_att, best_gate = min(
+            (
+                ({**best_att, "GROUP": g1}, {**best_gate, "GROUP": g2})
+                for g1, g2 in itertools.product([8, 16, 32], [8, 16, 32])
+            ),
+            key=lambda tiles: run(*tiles),
+        )
+        best = run(best_att, best_gate, note="fastest")
+        print(f"fastest: {best:.3f} ms {best_att} {best_gate}", flush=True)
         from torch.profiler import ProfilerActivity, profile
 
-        for label, tiles in (("before", BEFORE), ("fastest", (best_att, best_gate))):
-            fused, state = FusedStep(model, *tiles), state0.clone()
-            fused(byte, state)
-            with profile(activities=[ProfilerActivity.CUDA]) as prof:
-                for _ in range(20):
-                    fused(byte, state)
-                torch.cuda.synchronize()
-            print(label, "(eager, 20 steps)")
-            print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=8))
+        fused, state = FusedStep(model, best_att, best_gate), state0.clone()
+        fused(byte, state)
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            for _ in range(20):
+                fused(byte, state)
+            torch.cuda.synchronize()
+        print("fastest tiles, eager, 20 steps")
+        print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=8))
     (args.out / "step_tiles.json").write_text(
         json.dumps({"best": {"attention": best_att, "gate": best_gate}, "rows": rows}, indent=1)
     )
