@@ -511,11 +511,13 @@ def _finish_sum(
 
     parts: (row, n_parts, D); groups: (row, cdiv(n_parts, GROUP) <= GROUPS, D); count_ptr: that many
     counters plus one, zero (and zero again after the kernel). The last program of each GROUP parts
-    sums them; the last of the groups sums the groups: out[row] = LN(total), or with RESIDUAL
-    out[row] = LN(out[row] + LN(total)).
+    sums them; the last of the groups sums the groups: out[row] = LN(total), or with RESIDUAL (one
+    row only) out[row] = LN(out[row] + LN(total)).
     """
     d = tl.arange(0, D_PAD)
     d_mask = d < D
+    if RESIDUAL:  # loaded by every program, so that the last one need not wait for it (rows == 1)
+        v = tl.load(out_ptr + row0 * D + d, mask=d_mask, other=0.0)
     n_groups = tl.cdiv(n_parts, GROUP)
     group = part // GROUP
     first = group * GROUP
@@ -533,7 +535,6 @@ def _finish_sum(
                 total = _sum_parts(groups_ptr + row * n_groups * D, n_groups, D, GROUPS, D_PAD)
                 total = _layer_norm_row(total, d_mask, D)
                 if RESIDUAL:
-                    v = tl.load(out_ptr + row * D + d, mask=d_mask, other=0.0)
                     total = _layer_norm_row(v + total, d_mask, D)
                 tl.store(out_ptr + row * D + d, total, mask=d_mask)
 
@@ -622,13 +623,14 @@ def _step_gate_kernel(
     j = block * BN + tl.arange(0, BN)
     x = tl.load(x_ptr + bh * M + j, mask=j < M, other=0.0)
     rows = (h * M + j)[:, None] * D  # Dy^T (h*M, d) and E (n, d) share the row index
-    y = tl.zeros((BN, BD), dtype=tl.float32)  # LN(a) Dy, BD columns of Dy^T's live rows at a time
+    y = tl.zeros((BN,), dtype=tl.float32)  # LN(a) Dy, BD columns of Dy^T's live rows at a time
     for d0 in range(0, D, BD):
         d = d0 + tl.arange(0, BD)
         ln_a = tl.load(ln_ptr + bh * D + d, mask=d < D, other=0.0)
         live = (x > 0.0)[:, None] & (d < D)[None, :]
-        y += tl.load(dyt_ptr + rows + d[None, :], mask=live, other=0.0).to(tl.float32) * ln_a[None, :]
-    y = tl.maximum(tl.sum(y, 1), 0.0) * x  # BN; sparser than x
+        dyt = tl.load(dyt_ptr + rows + d[None, :], mask=live, other=0.0).to(tl.float32)
+        y += tl.sum(dyt * ln_a[None, :], 1)
+    y = tl.maximum(y, 0.0) * x  # BN; sparser than x
     part = z_ptr + (bh * blocks + block) * D  # part h * blocks + block of batch row b
     for d0 in range(0, D, BD):  # z_part = y E, BD columns of E's live rows at a time
         d = d0 + tl.arange(0, BD)
@@ -643,9 +645,14 @@ def _step_gate_kernel(
 
 
 @triton.jit
-def _step_embed_kernel(byte_ptr, embed_ptr, v_ptr, D, D_PAD: tl.constexpr):
-    """v = LN(embedding of the byte), float32, for one batch row."""
+def _step_embed_kernel(byte_ptr, embed_ptr, v_ptr, pos_ptr, pos_now_ptr, D, D_PAD: tl.constexpr):
+    """v = LN(embedding of the byte), float32, for one batch row; the first also moves the position on
+    (pos_now: this byte's position, which the attention kernels read)."""
     b = tl.program_id(0)
+    if b == 0:
+        pos = tl.load(pos_ptr)
+        tl.store(pos_now_ptr, pos)
+        tl.store(pos_ptr, pos + 1)
     d = tl.arange(0, D_PAD)
     row = tl.load(byte_ptr + b)
     e = tl.load(embed_ptr + row * D + d, mask=d < D, other=0.0).to(tl.float32)
@@ -660,7 +667,7 @@ class FusedStep:
     """
 
     # pairs, Dx rows, state columns; parts a group (see _finish_sum)
-    ATTENTION_TILES = {"BP": 32, "BK": 64, "BD": 64, "GROUP": 8, "num_warps": 2, "num_stages": 3}
+    ATTENTION_TILES = {"BP": 32, "BK": 64, "BD": 64, "GROUP": 16, "num_warps": 2, "num_stages": 3}
     GATE_TILES = {"BN": 64, "BD": 128, "GROUP": 32, "num_warps": 2}  # neurons, columns; parts a group
 
     def __init__(self, model: BDH, attention: dict | None = None, gate: dict | None = None) -> None:
@@ -703,10 +710,11 @@ class FusedStep:
         ln_a = torch.empty((B * H, D), device=dev, dtype=f32)
         z_parts = torch.empty((B, H * gate_blocks, D), device=dev, dtype=f32)
         z_groups = torch.empty((B, gate_groups, D), device=dev, dtype=f32)
-        _step_embed_kernel[(B,)](byte, self.embed, v, D, D_PAD=_pow2(D))  # v = LN(embedding)
+        pos_now = torch.empty((), device=dev, dtype=state.pos.dtype)
+        _step_embed_kernel[(B,)](byte, self.embed, v, state.pos, pos_now, D, D_PAD=_pow2(D))  # v = LN(embed)
         for S in state.layers:  # B, h, M, d float32
             _step_attention_kernel[(tiles * H, att_blocks)](
-                v, self.Dx, self.pair_freq, state.pos, S, x, a_parts, a_groups, counts, ln_a, B, H, M, D,
+                v, self.Dx, self.pair_freq, pos_now, S, x, a_parts, a_groups, counts, ln_a, B, H, M, D,
                 INTERLEAVED=cfg.rope_style == "interleaved", BB=BATCH_TILE, GROUPS=_pow2(att_groups, 1),
                 D_PAD=_pow2(D), **att,
             )  # fmt: skip
@@ -714,5 +722,4 @@ class FusedStep:
                 ln_a, x, self.DyT, self.E, z_parts, z_groups, counts[att_counts:], v, H, M, D,
                 GROUPS=_pow2(gate_groups, 1), D_PAD=_pow2(D), **gate,
             )  # fmt: skip
-        state.pos.add_(1)
         return v.to(self.readout.dtype) @ self.readout  # B, V

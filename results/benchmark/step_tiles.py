@@ -4,7 +4,8 @@ Times one step of the whole model (all layers, readout) as generation runs it: `
 a CUDA graph replayed per byte. Sweeps the attention kernel's tiles (gate tiles at their defaults),
 then the gate kernel's (the fastest attention tiles), then the group size of both kernels' sums;
 checks each step's logits against the plain PyTorch step; profiles the fastest eagerly; and runs
-`benchmark.py --parts generate` with the fastest tiles, which become FusedStep's defaults.
+`benchmark.py --parts generate` with the fastest tiles (which become FusedStep's defaults) for the
+trained model and for a freshly initialised one.
 --before times the FusedStep of an earlier kernels.py (with its own default tiles) in the same run.
 
     python3 results/benchmark/step_tiles.py --model_path .gpu/model --out OUT_DIR [--before FILE]
@@ -112,6 +113,7 @@ def main() -> None:
     benchmark.main(
         ["--parts", "generate", "--model_path", args.model_path, "--out", str(args.out / "generate.json")]
     )
+    benchmark.main(["--parts", "generate", "--out", str(args.out / "generate-init.json")])  # a fresh model
 
 
 if __name__ == "__main__":

@@ -1,0 +1,38 @@
+"""A against B: the step of an earlier kernels.py and of the working tree, each at its default tiles,
+alternating three times in one run. Ad-hoc, from the repository root:
+
+    git show COMMIT:kernels.py > .gpu/kernels_before.py
+    python3 results/benchmark/step-tiles/explore/ab.py .gpu/kernels_before.py
+
+ab-1-position-and-v-prefetch.log: commit e77f3da against the embedding kernel moving the position on
+and the residual's v loaded before the arrivals. ab-2-gate-sum-per-block.log: that against the gate
+summing LN(a) Dy per block of columns (a BN vector) instead of in a BN x BD tile.
+"""
+
+import importlib.util
+import sys
+
+import torch
+
+sys.path.insert(0, "results/benchmark")
+sys.path.insert(0, ".")
+import step_tiles  # noqa: E402
+
+import benchmark  # noqa: E402
+from hub import load_model  # noqa: E402
+from kernels import FusedStep  # noqa: E402
+
+spec = importlib.util.spec_from_file_location("kernels_before", sys.argv[1])
+before = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(before)
+model, _ = load_model(".gpu/model")
+model = model.cuda().to(torch.bfloat16).eval()
+prompt = torch.tensor([list(benchmark.PROMPT)], device="cuda")
+byte = torch.tensor([101], device="cuda")
+with torch.no_grad():
+    _, _, s0 = model.forward_chunked(prompt, chunk_size=256)
+    ref = model.step(byte, s0.clone()).float()
+    for _ in range(3):
+        for name, make in ((sys.argv[1], before.FusedStep), ("working tree", FusedStep)):
+            ms, err = step_tiles.ms_per_step(model, s0, byte, make(model), ref)
+            print(f"{name}: {ms:.4f} ms err {err:.1e}", flush=True)
