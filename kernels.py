@@ -452,27 +452,13 @@ def _layers(model, idx, targets, Dx, Dy, E, cos, sin, p_drop):
 # sparse, y sparser). The sums over programs happen inside the kernels: each program stores its
 # part and takes a ticket from an atomic counter; the last of every GROUP parts sums them, and the
 # last of the groups sums those (_finish_sum). The order of every addition is fixed, so the step is
-# deterministic. No host synchronisation, so the whole step can be one CUDA graph. The tiles
-# (FusedStep.*_TILES) are the fastest of a sweep on an H100 (results/benchmark/step_tiles.py).
+# deterministic. No host synchronisation, so the whole step can be one CUDA graph. On Hopper and
+# later each kernel is a programmatic dependent launch: it starts while the kernel before it ends
+# (the attention kernel reads its columns of Dx meanwhile) and waits for it before reading what it
+# wrote. The tiles (FusedStep.*_TILES) are the fastest of a sweep on an H100
+# (results/benchmark/step_tiles.py).
 
 BATCH_TILE = 16  # batch rows per attention program (the fewest rows tl.dot takes); each Dx tile read once
-
-
-@triton.jit
-def _rows_times_columns(
-    a_ptr, a_rows, row_mask, w_ptr, cols, col_mask, K, stride_k,
-    BR: tl.constexpr, BK: tl.constexpr, BN: tl.constexpr,
-):  # fmt: skip
-    """A (BR x K, rows at a_rows, any float dtype) times W's columns cols: a BR x BN float32 tile."""
-    acc = tl.zeros((BR, BN), dtype=tl.float32)
-    for k0 in range(0, K, BK):  # a dot loop: Triton prefetches the next tiles of W while this one runs
-        k = k0 + tl.arange(0, BK)
-        k_mask = k < K
-        a = tl.load(a_ptr + a_rows[:, None] + k[None, :], mask=row_mask[:, None] & k_mask[None, :], other=0.0)
-        w_mask = k_mask[:, None] & col_mask[None, :]
-        w = tl.load(w_ptr + k[:, None] * stride_k + cols[None, :], mask=w_mask, other=0.0)
-        acc = _dot(a.to(w.dtype), w, acc)
-    return acc
 
 
 @triton.jit
@@ -542,11 +528,12 @@ def _finish_sum(
 @triton.jit
 def _step_attention_kernel(
     v_ptr, dx_ptr, freq_ptr, pos_ptr, s_ptr, x_ptr, a_ptr, groups_ptr, count_ptr, ln_ptr, B, H, M, D,
-    INTERLEAVED: tl.constexpr, BB: tl.constexpr, BP: tl.constexpr, BK: tl.constexpr, BD: tl.constexpr,
-    GROUP: tl.constexpr, GROUPS: tl.constexpr, D_PAD: tl.constexpr,
+    INTERLEAVED: tl.constexpr, BB: tl.constexpr, BP: tl.constexpr, BD: tl.constexpr,
+    GROUP: tl.constexpr, GROUPS: tl.constexpr, D_PAD: tl.constexpr, PDL: tl.constexpr,
 ):  # fmt: skip
     """For BP rotation pairs of head h and BB batch rows: x = relu(v Dx), then per row a_part = RoPE(x) S
-    (old S) and S += RoPE(x)^T v. The last program of the head writes LN(a), a the sum of the parts."""
+    (old S) and S += RoPE(x)^T v. The last program of the head writes LN(a), a the sum of the parts.
+    PDL: launched while the previous kernel ends; its columns of Dx are read before waiting for it."""
     tile_h = tl.program_id(0)
     block = tl.program_id(1)
     blocks = tl.num_programs(1)
@@ -560,8 +547,15 @@ def _step_attention_kernel(
         j = 2 * p_of_c + c % 2
     else:
         j = p_of_c + (c % 2) * half
-    x = _rows_times_columns(v_ptr, bb * D, bb < B, dx_ptr + h * D * M, j, p_of_c < half, D, M, BB, BK, 2 * BP)
-    x = tl.maximum(x, 0.0)  # BB, 2 BP
+    k = tl.arange(0, D_PAD)
+    w_mask = (k < D)[:, None] & (p_of_c < half)[None, :]
+    w = tl.load(dx_ptr + (h * D + k)[:, None] * M + j[None, :], mask=w_mask, other=0.0)  # D, 2 BP of Dx
+    if PDL:
+        tl.extra.cuda.gdc_launch_dependents()  # the gate kernel may start (it waits for this one)
+        tl.extra.cuda.gdc_wait()  # the previous kernel has finished: v is written
+    v_mask = (bb < B)[:, None] & (k < D)[None, :]
+    v_rows = tl.load(v_ptr + bb[:, None] * D + k[None, :], mask=v_mask, other=0.0)  # BB, D
+    x = tl.maximum(_dot(v_rows.to(w.dtype), w, tl.zeros((BB, 2 * BP), dtype=tl.float32)), 0.0)  # BB, 2 BP
     x_mask = (bb < B)[:, None] & (p_of_c < half)[None, :]
     tl.store(x_ptr + (bb * H + h)[:, None] * M + j[None, :], x, mask=x_mask)
     xa, xb = tl.split(tl.reshape(x, (BB, BP, 2)))  # BB, BP: first and second members of the pairs
@@ -612,9 +606,14 @@ def _step_attention_kernel(
 def _step_gate_kernel(
     ln_ptr, x_ptr, dyt_ptr, e_ptr, z_ptr, groups_ptr, count_ptr, v_ptr, H, M, D,
     BN: tl.constexpr, BD: tl.constexpr, GROUP: tl.constexpr, GROUPS: tl.constexpr, D_PAD: tl.constexpr,
+    PDL: tl.constexpr,
 ):  # fmt: skip
     """For BN neurons of head h: y = relu(LN(a) Dy) * x, z_part = y E (rows where x, y > 0). The
-    last program of the batch row writes v <- LN(v + LN(z)), z the sum of the parts of all heads."""
+    last program of the batch row writes v <- LN(v + LN(z)), z the sum of the parts of all heads.
+    PDL: launched while the attention kernel ends, and waits for it."""
+    if PDL:
+        tl.extra.cuda.gdc_launch_dependents()
+        tl.extra.cuda.gdc_wait()
     bh = tl.program_id(0)
     block = tl.program_id(1)
     blocks = tl.num_programs(1)
@@ -666,8 +665,8 @@ class FusedStep:
     contiguous) in the model's dtype; every sum is float32. Inference only: no dropout.
     """
 
-    # pairs, Dx rows, state columns; parts a group (see _finish_sum)
-    ATTENTION_TILES = {"BP": 32, "BK": 64, "BD": 64, "GROUP": 16, "num_warps": 2, "num_stages": 3}
+    # pairs, state columns; parts a group (see _finish_sum)
+    ATTENTION_TILES = {"BP": 32, "BD": 64, "GROUP": 16, "num_warps": 2}
     GATE_TILES = {"BN": 64, "BD": 128, "GROUP": 32, "num_warps": 2}  # neurons, columns; parts a group
 
     def __init__(self, model: BDH, attention: dict | None = None, gate: dict | None = None) -> None:
@@ -687,6 +686,9 @@ class FusedStep:
         freq = rope_frequencies(cfg, model.E.device)  # M: both members of a pair share a frequency
         self.pair_freq = freq[first_of_pairs(cfg)].contiguous()  # M/2, turns per position
         self.counts: dict[int, torch.Tensor] = {}  # per batch size: the sums' counters, zero between kernels
+        # Programmatic dependent launch (Hopper on): each kernel starts while the one before ends
+        dev = model.E.device
+        self.pdl = dev.type == "cuda" and not _INTERPRET and torch.cuda.get_device_capability(dev)[0] >= 9
 
     def __call__(self, byte: torch.Tensor, state: RecurrentState) -> torch.Tensor:
         cfg = self.config
@@ -716,10 +718,10 @@ class FusedStep:
             _step_attention_kernel[(tiles * H, att_blocks)](
                 v, self.Dx, self.pair_freq, pos_now, S, x, a_parts, a_groups, counts, ln_a, B, H, M, D,
                 INTERLEAVED=cfg.rope_style == "interleaved", BB=BATCH_TILE, GROUPS=_pow2(att_groups, 1),
-                D_PAD=_pow2(D), **att,
+                D_PAD=_pow2(D), PDL=self.pdl, launch_pdl=self.pdl, **att,
             )  # fmt: skip
             _step_gate_kernel[(B * H, gate_blocks)](
                 ln_a, x, self.DyT, self.E, z_parts, z_groups, counts[att_counts:], v, H, M, D,
-                GROUPS=_pow2(gate_groups, 1), D_PAD=_pow2(D), **gate,
+                GROUPS=_pow2(gate_groups, 1), D_PAD=_pow2(D), PDL=self.pdl, launch_pdl=self.pdl, **gate,
             )  # fmt: skip
         return v.to(self.readout.dtype) @ self.readout  # B, V

@@ -165,7 +165,7 @@ def test_fused_step_refuses_a_model_that_would_apply_dropout():
 
 
 SMALL_TILES = {
-    "attention": {"BP": 8, "BK": 16, "BD": 16, "GROUP": 2},
+    "attention": {"BP": 8, "BD": 16, "GROUP": 2},
     "gate": {"BN": 16, "BD": 16, "GROUP": 2},
 }
 

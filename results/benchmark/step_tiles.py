@@ -74,8 +74,8 @@ def main() -> None:
         run(att0, gate0, note="default tiles")
         best_att = min(
             (
-                {**att0, "BP": bp, "BK": bk, "num_warps": w, "num_stages": st}
-                for bp, bk, w, st in itertools.product([32, 64], [64, 128], [2, 4], [2, 3])
+                {**att0, "BP": bp, "BD": bd, "num_warps": w}
+                for bp, bd, w in itertools.product([16, 32, 64], [32, 64, 128], [2, 4])
             ),
             key=lambda att: run(att, gate0),
         )

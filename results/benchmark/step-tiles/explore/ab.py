@@ -7,6 +7,8 @@ alternating three times in one run. Ad-hoc, from the repository root:
 ab-1-position-and-v-prefetch.log: commit e77f3da against the embedding kernel moving the position on
 and the residual's v loaded before the arrivals. ab-2-gate-sum-per-block.log: that against the gate
 summing LN(a) Dy per block of columns (a BN vector) instead of in a BN x BD tile.
+ab-3-pdl.log (a second argument, "pdl"): that against programmatic dependent launch, with the
+attention kernel reading its columns of Dx in one load before waiting, and the same without PDL.
 """
 
 import importlib.util
@@ -36,3 +38,8 @@ with torch.no_grad():
         for name, make in ((sys.argv[1], before.FusedStep), ("working tree", FusedStep)):
             ms, err = step_tiles.ms_per_step(model, s0, byte, make(model), ref)
             print(f"{name}: {ms:.4f} ms err {err:.1e}", flush=True)
+        if len(sys.argv) > 2:  # also the working tree's step without programmatic dependent launch
+            fused = FusedStep(model)
+            fused.pdl = False
+            ms, err = step_tiles.ms_per_step(model, s0, byte, fused, ref)
+            print(f"working tree, no PDL: {ms:.4f} ms err {err:.1e}", flush=True)
