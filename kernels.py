@@ -644,9 +644,13 @@ def _step_gate_kernel(
 
 
 @triton.jit
-def _step_embed_kernel(byte_ptr, embed_ptr, v_ptr, pos_ptr, pos_now_ptr, D, D_PAD: tl.constexpr):
+def _step_embed_kernel(
+    byte_ptr, embed_ptr, v_ptr, pos_ptr, pos_now_ptr, D, D_PAD: tl.constexpr, PDL: tl.constexpr
+):  # fmt: skip
     """v = LN(embedding of the byte), float32, for one batch row; the first also moves the position on
     (pos_now: this byte's position, which the attention kernels read)."""
+    if PDL:
+        tl.extra.cuda.gdc_launch_dependents()  # the first attention kernel may start reading Dx
     b = tl.program_id(0)
     if b == 0:
         pos = tl.load(pos_ptr)
@@ -713,7 +717,7 @@ class FusedStep:
         z_parts = torch.empty((B, H * gate_blocks, D), device=dev, dtype=f32)
         z_groups = torch.empty((B, gate_groups, D), device=dev, dtype=f32)
         pos_now = torch.empty((), device=dev, dtype=state.pos.dtype)
-        _step_embed_kernel[(B,)](byte, self.embed, v, state.pos, pos_now, D, D_PAD=_pow2(D))  # v = LN(embed)
+        _step_embed_kernel[(B,)](byte, self.embed, v, state.pos, pos_now, D, D_PAD=_pow2(D), PDL=self.pdl)
         for S in state.layers:  # B, h, M, d float32
             _step_attention_kernel[(tiles * H, att_blocks)](
                 v, self.Dx, self.pair_freq, pos_now, S, x, a_parts, a_groups, counts, ln_a, B, H, M, D,

@@ -437,9 +437,9 @@ def sample_next(
     logits: torch.Tensor, temperature: float, top_k: int | None, generator: torch.Generator | None
 ) -> torch.Tensor:
     """One byte per row from logits (B, V): greedy at temperature 0, else top-k sampling. B, 1."""
-    logits = logits.float()
     if temperature == 0:
-        return logits.argmax(dim=-1, keepdim=True)
+        return logits.argmax(dim=-1, keepdim=True)  # in any dtype: casting keeps the order
+    logits = logits.float()
     logits = logits / temperature
     if top_k is not None:
         kth = torch.topk(logits, min(top_k, logits.shape[-1])).values[:, -1:]
