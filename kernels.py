@@ -17,7 +17,7 @@ second of every pair] (the "half" layout; an "interleaved" model's weights are p
 so that a tile holds whole pairs. Windows of up to MAX_T bytes: one program sees a whole window.
 On a GPU the three heaviest kernels autotune their tiles (*_CONFIGS); every candidate is tested.
 
-`FusedStep` is the recurrent step (generation) in four kernels a layer: it reads Dx whole but, of
+`FusedStep` is the recurrent step (generation) in two kernels a layer: it reads Dx whole but, of
 the state, Dy and E, only the rows of neurons that are non-zero. `BDH.step` is its reference.
 """
 
