@@ -11,7 +11,7 @@ ab-3-pdl.log (a second argument, "pdl"): that against programmatic dependent lau
 attention kernel reading its columns of Dx in one load before waiting, and the same without PDL.
 ab-4-gate-sums-a.log: commit 68fba39 against a version (not kept) in which every gate program sums
 the attention kernel's group sums of a itself and the attention kernel has no second arrival: no
-change (0.1773 against 0.1773 ms, means of three).
+change (0.1773 against 0.1774 ms, means of three).
 """
 
 import importlib.util
