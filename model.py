@@ -304,7 +304,8 @@ class BDH(
         Constant work per byte: each layer reads its B x h x n/h x d state once for the attention
         and adds RoPE(x)^T v to it. fused=True runs the step through kernels.FusedStep, which reads
         only the rows of the state, Dy and E that belong to non-zero neurons; the plain PyTorch
-        below is its reference.
+        below is its reference. fused=True lays the weights out anew on every call (a copy of Dy):
+        for many steps make one kernels.FusedStep and call it, as graphed_step does.
         """
         if fused:
             from kernels import FusedStep  # imports Triton; the plain step does not

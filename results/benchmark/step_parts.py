@@ -22,8 +22,10 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import step_tiles  # noqa: E402
+
 import benchmark  # noqa: E402
-from hub import load_model  # noqa: E402
 from kernels import FusedStep  # noqa: E402
 
 
@@ -47,10 +49,8 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model_path", required=True)
     args = p.parse_args()
-    model, _ = load_model(args.model_path)
-    model = model.cuda().to(torch.bfloat16).eval()
+    model, _, byte, _ = step_tiles.prepared(args.model_path)
     prompt = torch.tensor([list(benchmark.PROMPT)], device="cuda")
-    byte = torch.tensor([101], device="cuda")
     no_e = copy.deepcopy(model)
     no_e.Dy.data.zero_()
     nothing = copy.deepcopy(model)

@@ -28,6 +28,19 @@ from hub import load_model  # noqa: E402
 from kernels import FusedStep  # noqa: E402
 
 
+@torch.no_grad()
+def prepared(model_path: str) -> tuple:
+    """What every step timing starts from: the model in bf16 on the GPU (eval), its state after
+    benchmark.PROMPT, the byte each step takes, and the plain PyTorch step's logits for that byte."""
+    model, _ = load_model(model_path)
+    model = model.cuda().to(torch.bfloat16).eval()
+    prompt = torch.tensor([list(benchmark.PROMPT)], device="cuda")
+    byte = torch.tensor([101], device="cuda")
+    _, _, state0 = model.forward_chunked(prompt, chunk_size=256)
+    reference = model.step(byte, state0.clone()).float()  # the plain PyTorch step, bf16
+    return model, state0, byte, reference
+
+
 def ms_per_step(model, state0, byte, fused, reference: torch.Tensor) -> tuple[float, float]:
     """Milliseconds per replay of the captured step, and its first logits' error against reference."""
     run = model.graphed_step(state0.clone(), fused)
@@ -45,14 +58,9 @@ def main() -> None:
     p.add_argument("--before", type=Path, help="an earlier kernels.py whose FusedStep to time alongside")
     args = p.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
-    model, _ = load_model(args.model_path)
-    model = model.cuda().to(torch.bfloat16).eval()
-    prompt = torch.tensor([list(benchmark.PROMPT)], device="cuda")
-    byte = torch.tensor([101], device="cuda")
+    model, state0, byte, reference = prepared(args.model_path)
     rows = []
     with torch.no_grad():
-        _, _, state0 = model.forward_chunked(prompt, chunk_size=256)
-        reference = model.step(byte, state0.clone()).float()  # the plain PyTorch step, bf16
 
         def run(att: dict, gate: dict, make=FusedStep, note: str = "") -> float:
             try:

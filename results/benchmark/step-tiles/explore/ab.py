@@ -23,20 +23,13 @@ sys.path.insert(0, "results/benchmark")
 sys.path.insert(0, ".")
 import step_tiles  # noqa: E402
 
-import benchmark  # noqa: E402
-from hub import load_model  # noqa: E402
 from kernels import FusedStep  # noqa: E402
 
 spec = importlib.util.spec_from_file_location("kernels_before", sys.argv[1])
 before = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(before)
-model, _ = load_model(".gpu/model")
-model = model.cuda().to(torch.bfloat16).eval()
-prompt = torch.tensor([list(benchmark.PROMPT)], device="cuda")
-byte = torch.tensor([101], device="cuda")
+model, s0, byte, ref = step_tiles.prepared(".gpu/model")
 with torch.no_grad():
-    _, _, s0 = model.forward_chunked(prompt, chunk_size=256)
-    ref = model.step(byte, s0.clone()).float()
     for _ in range(3):
         for name, make in ((sys.argv[1], before.FusedStep), ("working tree", FusedStep)):
             ms, err = step_tiles.ms_per_step(model, s0, byte, make(model), ref)

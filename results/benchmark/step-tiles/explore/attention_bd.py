@@ -2,6 +2,9 @@
 earlier/5-two-kernels-attention-bd.log. Ad-hoc, from the repository root:
 
     python3 results/benchmark/step-tiles/explore/attention_bd.py
+
+Ran on an uncommitted first version of e77f3da (earlier/5-*); it still runs on
+later kernels, which time differently.
 """
 
 import itertools
@@ -13,17 +16,10 @@ sys.path.insert(0, "results/benchmark")
 sys.path.insert(0, ".")
 import step_tiles
 
-import benchmark
-from hub import load_model
 from kernels import FusedStep
 
-model, _ = load_model(".gpu/model")
-model = model.cuda().to(torch.bfloat16).eval()
-prompt = torch.tensor([list(benchmark.PROMPT)], device="cuda")
-byte = torch.tensor([101], device="cuda")
+model, s0, byte, ref = step_tiles.prepared(".gpu/model")
 with torch.no_grad():
-    _, _, s0 = model.forward_chunked(prompt, chunk_size=256)
-    ref = model.step(byte, s0.clone()).float()
     for bp, bd, w in itertools.product([32, 64], [32, 64, 128, 256], [4, 8]):
         if bp * bd > 64 * 128 and w == 4:
             continue

@@ -2,6 +2,9 @@
 root:
 
     python3 results/benchmark/step-tiles/explore/one_step.py
+
+Ran at commit e77f3da; its attention tiles (BK, num_stages) left with 4dddd29, so
+rerun it at that commit.
 """
 
 import sys

@@ -2,6 +2,9 @@
 repository root:
 
     python3 results/benchmark/step-tiles/explore/registers.py
+
+Ran at commit e77f3da; its attention tiles (BK, num_stages) left with 4dddd29, so
+rerun it at that commit.
 """
 
 import itertools
@@ -13,14 +16,9 @@ sys.path.insert(0, "results/benchmark")
 sys.path.insert(0, ".")
 import step_tiles
 
-import benchmark
-from hub import load_model
 from kernels import FusedStep
 
-model, _ = load_model(".gpu/model")
-model = model.cuda().to(torch.bfloat16).eval()
-prompt = torch.tensor([list(benchmark.PROMPT)], device="cuda")
-byte = torch.tensor([101], device="cuda")
+model, s0, byte, ref = step_tiles.prepared(".gpu/model")
 A0 = {"BP": 32, "BK": 64, "BD": 64, "GROUP": 8, "num_warps": 2, "num_stages": 3}
 G0 = {"BN": 64, "BD": 128, "GROUP": 32, "num_warps": 2}
 
@@ -34,8 +32,6 @@ def t(att, gate):
 
 
 with torch.no_grad():
-    _, _, s0 = model.forward_chunked(prompt, chunk_size=256)
-    ref = model.step(byte, s0.clone()).float()
     t(A0, G0)
     for bp, w, r in itertools.product([16, 32, 64], [2, 4, 8], [None, 64, 96, 128]):
         t({**A0, "BP": bp, "num_warps": w, "maxnreg": r}, G0)
