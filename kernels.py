@@ -462,6 +462,12 @@ BATCH_TILE = 16  # batch rows per attention program (the fewest rows tl.dot take
 
 
 @triton.jit
+def _relu(x):
+    """max(x, 0) that keeps NaN, as torch.relu does (tl.maximum alone would return 0)."""
+    return tl.maximum(x, 0.0, propagate_nan=tl.PropagateNan.ALL)
+
+
+@triton.jit
 def _last_to_arrive(count_ptr, arrivals):
     """Whether this program is the last of `arrivals` to arrive at count_ptr (an int32, zero before).
     Whatever the others stored before arriving is then visible to it (read it with .cg)."""
@@ -555,7 +561,7 @@ def _step_attention_kernel(
         tl.extra.cuda.gdc_wait()  # the previous kernel has finished: v is written
     v_mask = (bb < B)[:, None] & (k < D)[None, :]
     v_rows = tl.load(v_ptr + bb[:, None] * D + k[None, :], mask=v_mask, other=0.0)  # BB, D
-    x = tl.maximum(_dot(v_rows.to(w.dtype), w, tl.zeros((BB, 2 * BP), dtype=tl.float32)), 0.0)  # BB, 2 BP
+    x = _relu(_dot(v_rows.to(w.dtype), w, tl.zeros((BB, 2 * BP), dtype=tl.float32)))  # BB, 2 BP
     x_mask = (bb < B)[:, None] & (p_of_c < half)[None, :]
     tl.store(x_ptr + (bb * H + h)[:, None] * M + j[None, :], x, mask=x_mask)
     xa, xb = tl.split(tl.reshape(x, (BB, BP, 2)))  # BB, BP: first and second members of the pairs
@@ -629,7 +635,7 @@ def _step_gate_kernel(
         live = (x > 0.0)[:, None] & (d < D)[None, :]
         dyt = tl.load(dyt_ptr + rows + d[None, :], mask=live, other=0.0).to(tl.float32)
         y += tl.sum(dyt * ln_a[None, :], 1)
-    y = tl.maximum(y, 0.0) * x  # BN; sparser than x
+    y = _relu(y) * x  # BN; sparser than x
     part = z_ptr + (bh * blocks + block) * D  # part h * blocks + block of batch row b
     for d0 in range(0, D, BD):  # z_part = y E, BD columns of E's live rows at a time
         d = d0 + tl.arange(0, BD)

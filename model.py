@@ -323,34 +323,58 @@ class BDH(
         return (v @ self.readout)[:, 0]
 
     def graphed_step(
-        self, state: RecurrentState, fused: Callable | None = None
-    ) -> Callable[[torch.Tensor], torch.Tensor]:
-        """The fused step captured once as a CUDA graph over this state: run(byte) -> logits.
+        self,
+        state: RecurrentState,
+        fused: Callable | None = None,
+        sample: Callable[[torch.Tensor], torch.Tensor] | None = None,
+        generator: torch.Generator | None = None,
+    ) -> Callable[..., torch.Tensor]:
+        """The fused step captured once as a CUDA graph over this state.
 
-        fused: the step to capture, called as fused(byte, state) (default: kernels.FusedStep(self)).
+        Without sample: run(byte) -> logits (B, V). With sample (logits -> next bytes (B, 1), with no
+        host synchronisation), the graph samples as well and keeps the sampled bytes as its next
+        input: run() -> the next bytes (B, 1), overwritten by the next call; run(byte) steps on byte
+        instead. generator: the one sample draws from, if not the default. fused: the step to
+        capture, called as fused(byte, state) (default: kernels.FusedStep(self)).
         """
         if fused is None:
             from kernels import FusedStep
 
             fused = FusedStep(self)  # its weight layouts are made once, outside the graph
         byte = torch.zeros(state.layers[0].shape[0], dtype=torch.long, device=state.pos.device)
+
+        def body() -> torch.Tensor:
+            logits = fused(byte, state)
+            if sample is None:
+                return logits
+            nxt = sample(logits)  # B, 1
+            byte.copy_(nxt[:, 0])
+            return nxt
+
         saved = state.clone()
+        rng = generator.get_state() if generator is not None else torch.cuda.get_rng_state()
+        graph = torch.cuda.CUDAGraph()
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):  # warm up (compilation, cuBLAS handles) before capturing
-            for _ in range(2):
-                fused(byte, state)
+        with torch.cuda.stream(side):
+            body()  # warm up outside the graph: compiles the kernels, makes cuBLAS's handle
+            state.copy_(saved)
+            if generator is not None:
+                generator.set_state(rng)
+                graph.register_generator_state(generator)
+            else:
+                torch.cuda.set_rng_state(rng)
+            graph.capture_begin()  # not torch.cuda.graph(), which empties the allocator's cache
+            out = body()
+            graph.capture_end()
         torch.cuda.current_stream().wait_stream(side)
-        state.copy_(saved)
         del saved
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            logits = fused(byte, state)
 
-        def run(next_byte: torch.Tensor) -> torch.Tensor:
-            byte.copy_(next_byte)
+        def run(next_byte: torch.Tensor | None = None) -> torch.Tensor:
+            if next_byte is not None:
+                byte.copy_(next_byte)
             graph.replay()
-            return logits
+            return out
 
         run.fused = fused  # the graph reads the step's own tensors (weight layouts, counters): keep them
         return run
@@ -370,39 +394,41 @@ class BDH(
         """Append max_new_tokens sampled bytes to idx (B, T), T >= 1.
 
         The prompt goes through the chunked form, then each new byte costs one recurrent step
-        (on CUDA, a captured graph of the fused step unless cuda_graph=False or the model is in
-        training mode with dropout: call model.eval() first, as for any sampling).
+        (on CUDA, a captured graph of the fused step and the sampling, unless cuda_graph=False or the
+        model is in training mode with dropout: call model.eval() first, as for any sampling).
         context: the most bytes the model sees at once (None: all of them). Once the bytes since the
         last restart would exceed it, the state restarts from the last context // 2 bytes (one chunked
         pass), so a model trained on windows of `context` bytes is never asked about longer ones.
         """
         check_generate_args(idx, temperature, context)
+
+        def pick(logits: torch.Tensor) -> torch.Tensor:
+            return sample_next(logits, temperature, top_k, generator)
+
         start = 0 if context is None else max(0, idx.shape[1] - context)  # a long prompt: its end
         logits, _, state = self.forward_chunked(idx[:, start:], chunk_size=chunk_size)
-        logits = logits[:, -1]
         seen = idx.shape[1] - start  # bytes the state covers
-        step = self.step
         no_dropout = self.active_dropout == 0  # the plain step applies dropout; FusedStep cannot
+        graphed = None
         if cuda_graph and idx.is_cuda and max_new_tokens > 1 and no_dropout:
-            graphed = self.graphed_step(state)
-            step = lambda byte, state: graphed(byte)  # noqa: E731
-        out = [idx]
-        for i in range(max_new_tokens):
-            nxt = sample_next(logits, temperature, top_k, generator)  # B, 1
-            out.append(nxt)
-            if i + 1 == max_new_tokens:
-                break
+            graphed = self.graphed_step(state, sample=pick, generator=generator)
+        out = [idx, pick(logits[:, -1])]  # B, 1 a byte
+        fed = False  # whether the graph holds the last byte as its next input already
+        for _ in range(max_new_tokens - 1):
             seen += 1
             if context is not None and seen > context:  # restart from the last context // 2 bytes
                 logits, _, fresh = self.forward_chunked(
                     torch.cat(out, 1)[:, -(context // 2) :], chunk_size=chunk_size
                 )
-                logits = logits[:, -1]
                 state.copy_(fresh)
                 seen = context // 2
+                nxt, fed = pick(logits[:, -1]), False
+            elif graphed is not None:  # step and sample in the graph; it keeps the byte for the next
+                nxt, fed = graphed(None if fed else out[-1][:, 0]).clone(), True
             else:
-                logits = step(nxt[:, 0], state)
-        return torch.cat(out, dim=1)
+                nxt = pick(self.step(out[-1][:, 0], state))
+            out.append(nxt)
+        return torch.cat(out[: 1 + max(max_new_tokens, 0)], dim=1)
 
     @torch.no_grad()
     def generate_recompute(
@@ -445,4 +471,7 @@ def sample_next(
     if top_k is not None:
         kth = torch.topk(logits, min(top_k, logits.shape[-1])).values[:, -1:]
         logits = logits.masked_fill(logits < kth, float("-inf"))
-    return torch.multinomial(F.softmax(logits, dim=-1), num_samples=1, generator=generator)
+    probs = F.softmax(logits, dim=-1)
+    # torch.multinomial's own draw of one sample (the same bytes for the same generator state),
+    # without its check of probs, which waits for the GPU: so that a CUDA graph can hold it
+    return (probs / torch.empty_like(probs).exponential_(generator=generator)).argmax(dim=-1, keepdim=True)

@@ -199,3 +199,35 @@ def test_fused_step_is_deterministic():
     for a, b in zip(*(s.layers for s in runs), strict=True):
         assert torch.equal(a, b)
     assert not step.counts[2].any()  # the kernels leave their counters at zero for the next launch
+
+
+def test_fused_step_keeps_nan_as_the_plain_step_does():
+    """A non-finite value reaches the logits as NaN, as in the plain step (not lost to a relu)."""
+    model = make_model("half", seed=5).eval()
+    byte = torch.tensor([7, 200], device=DEVICE)
+    _, _, state = model.forward_chunked(torch.randint(0, 256, (2, 9), device=DEVICE), chunk_size=4)
+    for S in state.layers:
+        S.fill_(float("inf"))  # a is then infinite or NaN, and LN(a) NaN
+    assert model.step(byte, state.clone()).isnan().all()
+    assert kernels.FusedStep(model)(byte, state).isnan().all()
+
+
+def test_generation_through_the_cuda_graph_equals_the_plain_steps():
+    """On a GPU, generate() captures FusedStep and the sampling in one CUDA graph; it must give the
+    plain steps' bytes, greedy and sampled (the graph draws what the generator would). On the CPU
+    both runs take the plain steps."""
+    torch.manual_seed(6)
+    cfg = BDHConfig(n_embd=64, n_head=2, n_neurons=2 * 256, n_layer=2, dropout=0.0)
+    model = BDH(cfg).to(DEVICE).eval()
+    model.reset_parameters(std=0.1)  # distinct logits: no near-ties for float32 rounding to tip
+    prompt = torch.randint(0, 256, (2, 5), device=DEVICE)
+    graphed = model.generate(prompt, 24, temperature=0.0, chunk_size=4)
+    plain = model.generate(prompt, 24, temperature=0.0, chunk_size=4, cuda_graph=False)
+    assert torch.equal(graphed, plain)
+    seeded = lambda: torch.Generator(DEVICE).manual_seed(11)  # noqa: E731
+    graphed = model.generate(prompt, 24, 1.0, 20, seeded(), context=12, chunk_size=4)  # restarts twice
+    plain = model.generate(prompt, 24, 1.0, 20, seeded(), context=12, chunk_size=4, cuda_graph=False)
+    assert torch.equal(graphed, plain)
+    assert not torch.equal(
+        graphed, model.generate(prompt, 24, 1.0, 20, torch.Generator(DEVICE).manual_seed(12))
+    )
