@@ -12,6 +12,11 @@ attention kernel reading its columns of Dx in one load before waiting, and the s
 ab-4-gate-sums-a.log: commit 68fba39 against a version (not kept) in which every gate program sums
 the attention kernel's group sums of a itself and the attention kernel has no second arrival: no
 change (0.1773 against 0.1774 ms, means of three).
+ab-5, ab-6, ab-7 (next session, 2026-11-23): commit 68fba39's kernels (the working tree's, for ab-6
+and ab-7) against the variants in the .diff beside each log: the sums as int64 fixed point through
+atomics (slower, 0.218 against 0.178 ms), the gate's loops unrolled, an L2 prefetch of the gate's
+rows, both, and the gate reading x and Dy early (no gain). In ab-5 and ab-7 the working tree held
+the variant and the first argument the kept kernels; in ab-6 the first argument was the variant.
 """
 
 import importlib.util
