@@ -3,7 +3,7 @@ import math
 import pytest
 import torch
 
-from model import BDH, BDHConfig, rope_cos_sin, rope_frequencies, rotate_pairs
+from model import BDH, BDHConfig, rope_cos_sin, rope_frequencies, rotate_pairs, sample_next
 
 
 def tiny(**kw) -> BDH:
@@ -141,3 +141,16 @@ def test_activation_stats_count_the_live_neurons(style):
         assert 0.3 < s["x_nonzero"] < 0.7
         assert s["x_nonzero"] < s["rope_x_nonzero"] <= 1 - (1 - s["x_nonzero"]) ** 2 + 0.1
         assert 0 < s["y_nonzero"] <= s["x_nonzero"]
+
+
+def test_sampling_draws_what_torch_multinomial_draws():
+    """sample_next skips multinomial's check (it waits for the GPU) but draws the same bytes."""
+    logits = torch.randn(4, 256) * 3
+    for seed in range(20):
+        want = torch.multinomial(
+            torch.softmax(logits / 0.7, -1), 1, generator=torch.Generator().manual_seed(seed)
+        )
+        got = sample_next(logits, 0.7, None, torch.Generator().manual_seed(seed))
+        assert torch.equal(got, want)
+    top = sample_next(logits, 1.0, 3, torch.Generator().manual_seed(0))
+    assert (logits.gather(1, top) >= logits.topk(3).values[:, -1:]).all()
