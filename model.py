@@ -401,6 +401,8 @@ class BDH(
         pass), so a model trained on windows of `context` bytes is never asked about longer ones.
         """
         check_generate_args(idx, temperature, context)
+        if max_new_tokens <= 0:
+            return idx.clone()
 
         def pick(logits: torch.Tensor) -> torch.Tensor:
             return sample_next(logits, temperature, top_k, generator)
@@ -428,7 +430,7 @@ class BDH(
             else:
                 nxt = pick(self.step(out[-1][:, 0], state))
             out.append(nxt)
-        return torch.cat(out[: 1 + max(max_new_tokens, 0)], dim=1)
+        return torch.cat(out, dim=1)
 
     @torch.no_grad()
     def generate_recompute(

@@ -28,6 +28,15 @@ from hub import load_model  # noqa: E402
 from kernels import FusedStep  # noqa: E402
 
 
+def module_from_file(path: str | Path, name: str):
+    """Import the Python file at path as module `name`: an earlier kernels.py or model.py, say."""
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module  # a module's dataclasses look themselves up there
+    spec.loader.exec_module(module)
+    return module
+
+
 @torch.no_grad()
 def prepared(model_path: str) -> tuple:
     """What every step timing starts from: the model in bf16 on the GPU (eval), its state after
@@ -74,9 +83,7 @@ def main() -> None:
             return float("inf") if ms is None or err > 5e-2 else ms
 
         if args.before:
-            spec = importlib.util.spec_from_file_location("kernels_before", args.before)
-            before = importlib.util.module_from_spec(spec)
-            spec.loader.exec_module(before)
+            before = module_from_file(args.before, "kernels_before")
             run(None, None, before.FusedStep, f"before ({args.before.name}, its default tiles)")
         att0, gate0 = dict(FusedStep.ATTENTION_TILES), dict(FusedStep.GATE_TILES)
         run(att0, gate0, note="default tiles")

@@ -19,7 +19,6 @@ rows, both, and the gate reading x and Dy early (no gain). In ab-5 and ab-7 the 
 the variant and the first argument the kept kernels; in ab-6 the first argument was the variant.
 """
 
-import importlib.util
 import sys
 
 import torch
@@ -30,9 +29,7 @@ import step_tiles  # noqa: E402
 
 from kernels import FusedStep  # noqa: E402
 
-spec = importlib.util.spec_from_file_location("kernels_before", sys.argv[1])
-before = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(before)
+before = step_tiles.module_from_file(sys.argv[1], "kernels_before")
 model, s0, byte, ref = step_tiles.prepared(".gpu/model")
 with torch.no_grad():
     for _ in range(3):

@@ -7,20 +7,19 @@ Ad-hoc, from the repository root:
     python3 results/benchmark/step-tiles/explore/sampled.py .gpu/model_28eaf3e.py
 """
 
-import importlib.util
 import sys
 import time
 
 import torch
 
+sys.path.insert(0, "results/benchmark")
 sys.path.insert(0, ".")
+import step_tiles  # noqa: E402
+
 import benchmark  # noqa: E402
 from hub import load_model  # noqa: E402
 
-spec = importlib.util.spec_from_file_location("model_before", sys.argv[1])
-before = importlib.util.module_from_spec(spec)
-sys.modules["model_before"] = before  # its dataclasses look themselves up there
-spec.loader.exec_module(before)
+before = step_tiles.module_from_file(sys.argv[1], "model_before")
 model, _ = load_model(".gpu/model")
 model = model.cuda().to(torch.bfloat16).eval()
 prompt = torch.tensor([list(benchmark.PROMPT)], device="cuda")

@@ -15,7 +15,6 @@ ab-5-fixed-point.diff (its phase columns are in ms: an earlier version of this s
 1000 twice). timeline-3-graph-sampling.log: the kernels of 68fba39 with generate() of 8274cef.
 """
 
-import importlib.util
 import sys
 import tempfile
 import time
@@ -99,12 +98,10 @@ def patched(source: str) -> str:
 
 
 def load(path: Path, stamps: bool = True):
-    out = Path(tempfile.mkdtemp()) / "kernels_timeline.py"
+    name = "kernels_timeline" if stamps else "kernels_untimed"
+    out = Path(tempfile.mkdtemp()) / f"{name}.py"
     out.write_text(patched(path.read_text()) if stamps else path.read_text())
-    spec = importlib.util.spec_from_file_location("kernels_timeline", out)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return step_tiles.module_from_file(out, name)
 
 
 def q(t: torch.Tensor) -> str:
