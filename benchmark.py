@@ -228,11 +228,6 @@ def main(argv: list[str] | None = None) -> int:
     if "train" in parts:
         for B, T in shapes:
             for path in PATHS:
-                if path == "fused" and T > 128:
-                    report["train"].append(
-                        {"path": path, "batch": B, "window": T, "error": "fused kernels take T <= 128"}
-                    )
-                    continue
                 report["train"].append(measure_train(cfg, path, B, T, args, device))
                 save(args.out, report)
     if "long" in parts:

@@ -78,7 +78,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument(
         "--fused",
         action="store_true",
-        help="train through the fused Triton kernels (kernels.py; CUDA, windows up to 128 bytes)",
+        help="train through the fused Triton kernels (kernels.py; CUDA)",
     )
     g = p.add_argument_group("schedule (the paper's recipe by default)")
     g.add_argument("--epochs", type=positive_int, default=3, help="passes over the train split (3)")
@@ -336,8 +336,6 @@ def prepare(args: argparse.Namespace) -> dict:
         raise UsageError("--push_every_epoch needs --push_to_hub")
     if args.fused and args.compile:
         raise UsageError("--fused runs its own kernels: leave out --compile")
-    if args.fused and args.seq_len > 128:
-        raise UsageError(f"--fused takes --seq_len up to 128, got {args.seq_len}")
     if args.push_to_hub and (args.hf_repo_id is None or not REPO_ID.match(args.hf_repo_id)):
         raise UsageError(f"--push_to_hub needs --hf_repo_id USER/NAME (got {args.hf_repo_id!r})")
     resume = find_resume(args)

@@ -1,21 +1,30 @@
-"""Fused Triton kernels for BDH-GPU's training step: the n-dimensional neurons stay out of memory.
+"""Triton kernels for BDH-GPU's training step and its recurrent step (generation).
 
 `fused_forward(model, idx, targets)` computes what `BDH.forward` computes (the plain reference in
-model.py, which stays the CPU path), with each layer's neuron work in four kernels:
+model.py, which stays the CPU path). cuBLAS runs each layer's matrix products in bf16 with float32
+sums; four Triton kernels do everything between them, one pass each over a B*T x n tensor:
 
-    forward   _scores_kernel   S = RoPE(x) RoPE(x)^T            x = relu(v Dx) recomputed per tile
-              _out_kernel      z = (relu(LN(a) Dy) * x * keep) E    keep: dropout, from a seed
-    backward  _grad_y_kernel   y, g_u = dL/d(LN(a) Dy), g_x from the gate       (bf16, transient)
-              _grad_x_kernel   g_x += RoPE^T(G RoPE(x)), times (x > 0)            G = dL/dS + its T
+    forward   x = v Dx                  cuBLAS     (before the relu)
+              _rope_kernel              RoPE(relu(x)), per head
+              S = tril(RoPE(x) RoPE(x)^T, -1), a = S v, LN(a), u = LN(a) Dy     cuBLAS and PyTorch
+              _gate_kernel              y = relu(u) * relu(x) * keep     keep: dropout, from a seed
+              z = y E                   cuBLAS
+    backward  x, u again; g_y = g_z E^T                                    cuBLAS
+              _gate_grad_kernel         y, g_u = dL/du and the gate's part of g_x
+              dL/dE, dL/dDy, dL/dLN(a), then autograd through LN(S v)   cuBLAS and PyTorch
+              _rope_kernel; g_r = G RoPE(x), G = dL/dS + its transpose     cuBLAS
+              _grad_x_kernel            g_x = (g_x + RoPE^T(g_r)) * (x > 0)
+              dL/dDx, dL/dv             cuBLAS
 
-Forward keeps no B x T x n tensor; backward writes three bf16 ones per layer and frees them once
-the weight gradients are taken (by cuBLAS). Operands are bf16, every product accumulates in float32.
-The small parts (a = tril(S) v, the LayerNorms) stay in PyTorch, and autograd differentiates them.
+No B x T x n tensor outlives its layer's pass: forward keeps only S (B x h x T x T) for backward, and
+backward computes x and u again. (An earlier design fused the products into Triton kernels as well,
+so that no B x T x n tensor was written at all; those ran at 120-250 TFLOP/s against cuBLAS's
+600-770 on an H100, and the training step was no faster than compiled plain PyTorch:
+results/benchmark/README.md.)
 
 RoPE rotates pairs of neurons. The kernels order each head's neurons as [first of every pair,
 second of every pair] (the "half" layout; an "interleaved" model's weights are permuted into it),
-so that a tile holds whole pairs. Windows of up to MAX_T bytes: one program sees a whole window.
-On a GPU the three heaviest kernels autotune their tiles (*_CONFIGS); every candidate is tested.
+so that a tile holds whole pairs.
 
 `FusedStep` is the recurrent step (generation) in two kernels a layer: it reads Dx whole but, of
 the state, Dy and E, only the rows of neurons that are non-zero. `BDH.step` is its reference.
@@ -23,7 +32,6 @@ the state, Dy and E, only the rows of neurons that are non-zero. `BDH.step` is i
 
 from __future__ import annotations
 
-import math
 import os
 
 import torch
@@ -33,28 +41,9 @@ import triton.language as tl
 
 from model import BDH, BDHConfig, RecurrentState, layer_norm, rope_cos_sin, rope_frequencies
 
-MAX_T = 128  # the longest window the fused kernels take (a T x T score tile per program)
 # Triton's CPU interpreter (TRITON_INTERPRET=1, for the tests) multiplies bf16 wrongly: upcast there.
 _INTERPRET = tl.constexpr(os.environ.get("TRITON_INTERPRET", "0") == "1")
-
-
-def _tuned(configs: list[triton.Config], key: list[str]):
-    """Autotune over configs on a GPU (the fastest is kept per key); the first alone in the interpreter."""
-    return triton.autotune(configs=configs[:1] if _INTERPRET else configs, key=key)
-
-
-def _configs(*shapes: tuple[int, int, int, int]) -> list[triton.Config]:
-    """(BR, BP, num_warps, num_stages) tuples as Triton configs."""
-    return [triton.Config({"BR": r, "BP": p}, num_warps=w, num_stages=s) for r, p, w, s in shapes]
-
-
-# Tiles tried on a GPU, (BR, BP, warps, stages); the first is the interpreter's. Equal results, other speed.
-SCORES_CONFIGS = [
-    triton.Config({"BP": p}, num_warps=w, num_stages=s)
-    for p, w, s in ((64, 8, 3), (32, 8, 3), (64, 8, 2), (128, 8, 2), (32, 4, 3))
-]
-OUT_CONFIGS = _configs((64, 64, 8, 3), (64, 64, 8, 2), (64, 32, 4, 3), (128, 32, 8, 3), (128, 64, 8, 2))
-GRAD_Y_CONFIGS = _configs((128, 32, 8, 3), (64, 64, 8, 3), (128, 64, 8, 2), (64, 32, 4, 3), (256, 32, 8, 2))
+BR, BP = 32, 64  # tile of the training kernels: rows, and pairs of neurons (BP first halves, BP second)
 
 
 @triton.jit
@@ -70,35 +59,35 @@ def _dot(a, b, acc):
 
 
 @triton.jit
-def _pair_products(
-    a_ptr, a_rows, row_mask, w_ptr, cols_a, cols_b, col_mask, K, stride_k, stride_n,
-    BR: tl.constexpr, BK: tl.constexpr, BP: tl.constexpr,
-):  # fmt: skip
-    """A (BR x K, rows at a_rows) times W's columns cols_a and cols_b: two BR x BP float32 tiles."""
-    acc_a = tl.zeros((BR, BP), dtype=tl.float32)
-    acc_b = tl.zeros((BR, BP), dtype=tl.float32)
-    for k0 in range(0, K, BK):
-        kk = k0 + tl.arange(0, BK)
-        k_mask = kk < K
-        a = tl.load(
-            a_ptr + a_rows[:, None] + kk[None, :], mask=row_mask[:, None] & k_mask[None, :], other=0.0
-        )
-        w_mask = k_mask[:, None] & col_mask[None, :]
-        wa = tl.load(w_ptr + kk[:, None] * stride_k + cols_a[None, :] * stride_n, mask=w_mask, other=0.0)
-        wb = tl.load(w_ptr + kk[:, None] * stride_k + cols_b[None, :] * stride_n, mask=w_mask, other=0.0)
-        acc_a = _dot(a, wa, acc_a)
-        acc_b = _dot(a, wb, acc_b)
-    return acc_a, acc_b
+def _tile(R, M, BR: tl.constexpr, BP: tl.constexpr):
+    """This program's rows and its head's pairs of neurons: the first of each pair at h*M + p, the
+    second at h*M + p + M/2 (the kernels' pair order). Grid: (row tiles, heads x pair tiles)."""
+    rows = tl.program_id(0) * BR + tl.arange(0, BR)
+    half = M // 2
+    tiles_per_head = tl.cdiv(half, BP)
+    p = (tl.program_id(1) % tiles_per_head) * BP + tl.arange(0, BP)
+    mask = (rows < R)[:, None] & (p < half)[None, :]
+    return rows, tl.program_id(1) // tiles_per_head, p, half, mask
 
 
 @triton.jit
-def _rope_pairs(xa, xb, cos_ptr, sin_ptr, t, t_mask, p, p_mask, half):
-    """RoPE of the pair halves xa, xb (T x BP) at positions t: bf16 ra, rb and the cos, sin tiles."""
+def _load_pair(ptr, offs, half, mask):
+    """The two halves of a tile of pairs at ptr + offs, as float32."""
+    a = tl.load(ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    return a, tl.load(ptr + offs + half, mask=mask, other=0.0).to(tl.float32)
+
+
+@triton.jit
+def _store_pair(ptr, offs, half, mask, a, b):
+    tl.store(ptr + offs, a.to(ptr.dtype.element_ty), mask=mask)
+    tl.store(ptr + offs + half, b.to(ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _cos_sin(cos_ptr, sin_ptr, t, p, half, mask):
+    """cos and sin of the pairs' angles at positions t (tables T x M/2)."""
     offs = t[:, None] * half + p[None, :]
-    mask = t_mask[:, None] & p_mask[None, :]
-    c = tl.load(cos_ptr + offs, mask=mask, other=0.0)
-    s = tl.load(sin_ptr + offs, mask=mask, other=0.0)
-    return (xa * c - xb * s).to(tl.bfloat16), (xb * c + xa * s).to(tl.bfloat16), c, s
+    return tl.load(cos_ptr + offs, mask=mask, other=0.0), tl.load(sin_ptr + offs, mask=mask, other=0.0)
 
 
 @triton.jit
@@ -108,216 +97,121 @@ def _keep_scale(seed, rows, cols, N, p_drop):
     return tl.where(u >= p_drop, 1.0 / (1.0 - p_drop), 0.0)
 
 
-@_tuned(SCORES_CONFIGS, ["B", "T", "D", "M", "H"])
 @triton.jit
-def _scores_kernel(
-    v_ptr, dx_ptr, cos_ptr, sin_ptr, s_ptr, B, T, D, M, H, n_split,
-    T_PAD: tl.constexpr, BK: tl.constexpr, BP: tl.constexpr,
-):  # fmt: skip
-    """S[split, b, h] = sum over this split's pair tiles of RoPE(x) RoPE(x)^T, x = relu(v_b Dx_h)."""
-    bh = tl.program_id(0)
-    split = tl.program_id(1)
-    b = bh // H
-    h = bh % H
-    half = M // 2
-    t = tl.arange(0, T_PAD)
-    t_mask = t < T
-    acc = tl.zeros((T_PAD, T_PAD), dtype=tl.float32)
-    tiles_per_split = tl.cdiv(tl.cdiv(half, BP), n_split)
-    first = split * tiles_per_split
-    last = tl.minimum(first + tiles_per_split, tl.cdiv(half, BP))
-    for k in range(first, last):
-        p = k * BP + tl.arange(0, BP)
-        p_mask = p < half
-        xa, xb = _pair_products(
-            v_ptr, (b * T + t) * D, t_mask, dx_ptr + h * D * M, p, p + half, p_mask, D, M, 1, T_PAD, BK, BP
-        )
-        xa = tl.maximum(xa, 0.0)
-        xb = tl.maximum(xb, 0.0)
-        ra, rb, _, _ = _rope_pairs(xa, xb, cos_ptr, sin_ptr, t, t_mask, p, p_mask, half)
-        acc = _dot(ra, tl.trans(ra), acc)
-        acc = _dot(rb, tl.trans(rb), acc)
-    out = s_ptr + ((split * B * H + bh) * T + t[:, None]) * T + t[None, :]
-    tl.store(out, acc, mask=t_mask[:, None] & t_mask[None, :])
+def _rope_kernel(x_ptr, cos_ptr, sin_ptr, r_ptr, R, T, M, H, BR: tl.constexpr, BP: tl.constexpr):
+    """r[h, b, t] = RoPE(relu(x[b, t, h])) on one tile. x: R x n (v Dx, before the relu); r: h, R, M."""
+    rows, h, p, half, mask = _tile(R, M, BR, BP)
+    xa, xb = _load_pair(x_ptr, rows[:, None] * (H * M) + h * M + p[None, :], half, mask)
+    xa, xb = _relu(xa), _relu(xb)
+    c, s = _cos_sin(cos_ptr, sin_ptr, rows % T, p, half, mask)
+    r_offs = (h * R + rows).to(tl.int64)[:, None] * M + p[None, :]
+    _store_pair(r_ptr, r_offs, half, mask, xa * c - xb * s, xb * c + xa * s)
 
 
-@_tuned(OUT_CONFIGS, ["R", "D", "M", "H"])
 @triton.jit
-def _out_kernel(
-    v_ptr, ah_ptr, dx_ptr, dy_ptr, e_ptr, z_ptr, R, D, M, H, n_split, p_drop, seed,
-    HAS_DROPOUT: tl.constexpr, BR: tl.constexpr, BK: tl.constexpr, BP: tl.constexpr, D_PAD: tl.constexpr,
+def _gate_kernel(
+    x_ptr, u_ptr, y_ptr, R, M, H, p_drop, seed,
+    HAS_DROPOUT: tl.constexpr, BR: tl.constexpr, BP: tl.constexpr,
 ):  # fmt: skip
-    """z[split, rows] = sum over this split's tiles of (relu(LN(a) Dy) * relu(v Dx) * keep) E."""
-    rows = tl.program_id(0) * BR + tl.arange(0, BR)
-    split = tl.program_id(1)
-    r_mask = rows < R
-    half = M // 2
-    tiles_per_head = tl.cdiv(half, BP)
-    dcol = tl.arange(0, D_PAD)
-    d_mask = dcol < D
-    acc = tl.zeros((BR, D_PAD), dtype=tl.float32)
-    tiles_per_split = tl.cdiv(H * tiles_per_head, n_split)
-    first = split * tiles_per_split
-    last = tl.minimum(first + tiles_per_split, H * tiles_per_head)
-    for tile in range(first, last):
-        h = tile // tiles_per_head
-        p = (tile % tiles_per_head) * BP + tl.arange(0, BP)
-        p_mask = p < half
-        w_off = h * D * M
-        xa, xb = _pair_products(
-            v_ptr, rows * D, r_mask, dx_ptr + w_off, p, p + half, p_mask, D, M, 1, BR, BK, BP
-        )
-        ua, ub = _pair_products(
-            ah_ptr, (rows * H + h) * D, r_mask, dy_ptr + w_off, p, p + half, p_mask, D, M, 1, BR, BK, BP
-        )
-        ya = tl.maximum(ua, 0.0) * tl.maximum(xa, 0.0)
-        yb = tl.maximum(ub, 0.0) * tl.maximum(xb, 0.0)
-        if HAS_DROPOUT:
-            ya *= _keep_scale(seed, rows, h * M + p, H * M, p_drop)
-            yb *= _keep_scale(seed, rows, h * M + p + half, H * M, p_drop)
-        e_mask = p_mask[:, None] & d_mask[None, :]
-        ea = tl.load(e_ptr + (h * M + p)[:, None] * D + dcol[None, :], mask=e_mask, other=0.0)
-        eb = tl.load(e_ptr + (h * M + p + half)[:, None] * D + dcol[None, :], mask=e_mask, other=0.0)
-        acc = _dot(ya.to(tl.bfloat16), ea, acc)
-        acc = _dot(yb.to(tl.bfloat16), eb, acc)
-    tl.store(
-        z_ptr + (split * R + rows)[:, None] * D + dcol[None, :], acc, mask=r_mask[:, None] & d_mask[None, :]
-    )
+    """y = relu(u) * relu(x) * keep on one tile. x, y: R x n; u = LN(a) Dy: h, R, M."""
+    rows, h, p, half, mask = _tile(R, M, BR, BP)
+    offs = rows[:, None] * (H * M) + h * M + p[None, :]
+    xa, xb = _load_pair(x_ptr, offs, half, mask)
+    ua, ub = _load_pair(u_ptr, (h * R + rows).to(tl.int64)[:, None] * M + p[None, :], half, mask)
+    ya, yb = _relu(ua) * _relu(xa), _relu(ub) * _relu(xb)
+    if HAS_DROPOUT:
+        ya *= _keep_scale(seed, rows, h * M + p, H * M, p_drop)
+        yb *= _keep_scale(seed, rows, h * M + p + half, H * M, p_drop)
+    _store_pair(y_ptr, offs, half, mask, ya, yb)
 
 
-@_tuned(GRAD_Y_CONFIGS, ["R", "D", "M", "H"])
 @triton.jit
-def _grad_y_kernel(
-    v_ptr, ah_ptr, gz_ptr, dx_ptr, dy_ptr, e_ptr, y_ptr, gu_ptr, gx_ptr, R, D, M, H, p_drop, seed,
-    HAS_DROPOUT: tl.constexpr, BR: tl.constexpr, BK: tl.constexpr, BP: tl.constexpr,
+def _gate_grad_kernel(
+    x_ptr, u_ptr, gy_ptr, y_ptr, gu_ptr, gx_ptr, R, M, H, p_drop, seed,
+    HAS_DROPOUT: tl.constexpr, BR: tl.constexpr, BP: tl.constexpr,
 ):  # fmt: skip
-    """Recompute x, u = LN(a) Dy and g_y = g_z E^T on one tile; write y, g_u and g_x (the gate's part)."""
-    rows = tl.program_id(0) * BR + tl.arange(0, BR)
-    r_mask = rows < R
-    half = M // 2
-    tiles_per_head = tl.cdiv(half, BP)
-    h = tl.program_id(1) // tiles_per_head
-    p = (tl.program_id(1) % tiles_per_head) * BP + tl.arange(0, BP)
-    p_mask = p < half
-    w_off = h * D * M
-    xa, xb = _pair_products(v_ptr, rows * D, r_mask, dx_ptr + w_off, p, p + half, p_mask, D, M, 1, BR, BK, BP)
-    ua, ub = _pair_products(
-        ah_ptr, (rows * H + h) * D, r_mask, dy_ptr + w_off, p, p + half, p_mask, D, M, 1, BR, BK, BP
-    )
-    # g_y = g_z E^T: E is (n, d), so E^T's column j is E's row h*M + j
-    ga, gb = _pair_products(
-        gz_ptr, rows * D, r_mask, e_ptr + h * M * D, p, p + half, p_mask, D, 1, D, BR, BK, BP
-    )
-    xa = tl.maximum(xa, 0.0)
-    xb = tl.maximum(xb, 0.0)
-    ya = tl.maximum(ua, 0.0) * xa  # y = relu(u) * x, then dropout
-    yb = tl.maximum(ub, 0.0) * xb
+    """From x, u and g_y = dL/dy on one tile: y again (for dL/dE), g_u = dL/du and the gate's part of
+    g_x = dL/dx (before the relu's mask, which _grad_x_kernel applies). Layouts as in _gate_kernel."""
+    rows, h, p, half, mask = _tile(R, M, BR, BP)
+    offs = rows[:, None] * (H * M) + h * M + p[None, :]
+    xa, xb = _load_pair(x_ptr, offs, half, mask)
+    ua, ub = _load_pair(u_ptr, (h * R + rows).to(tl.int64)[:, None] * M + p[None, :], half, mask)
+    ga, gb = _load_pair(gy_ptr, offs, half, mask)
+    ya, yb = _relu(ua) * _relu(xa), _relu(ub) * _relu(xb)
     if HAS_DROPOUT:
         ka = _keep_scale(seed, rows, h * M + p, H * M, p_drop)
         kb = _keep_scale(seed, rows, h * M + p + half, H * M, p_drop)
-        ya *= ka
-        yb *= kb
-        ga *= ka  # from here on, g_y is the gradient of the gate before dropout
-        gb *= kb
-    out_a = rows[:, None] * (H * M) + (h * M + p)[None, :]
-    out_mask = r_mask[:, None] & p_mask[None, :]
-    tl.store(y_ptr + out_a, ya.to(tl.bfloat16), mask=out_mask)
-    tl.store(y_ptr + out_a + half, yb.to(tl.bfloat16), mask=out_mask)
-    tl.store(gu_ptr + out_a, tl.where(ua > 0, ga * xa, 0.0).to(tl.bfloat16), mask=out_mask)
-    tl.store(gu_ptr + out_a + half, tl.where(ub > 0, gb * xb, 0.0).to(tl.bfloat16), mask=out_mask)
-    tl.store(gx_ptr + out_a, (ga * tl.maximum(ua, 0.0)).to(tl.bfloat16), mask=out_mask)
-    tl.store(gx_ptr + out_a + half, (gb * tl.maximum(ub, 0.0)).to(tl.bfloat16), mask=out_mask)
+        ya, yb, ga, gb = ya * ka, yb * kb, ga * ka, gb * kb  # g from here on: before dropout
+    _store_pair(y_ptr, offs, half, mask, ya, yb)
+    _store_pair(
+        gu_ptr, offs, half, mask, tl.where(ua > 0, ga * _relu(xa), 0.0), tl.where(ub > 0, gb * _relu(xb), 0.0)
+    )
+    _store_pair(gx_ptr, offs, half, mask, ga * _relu(ua), gb * _relu(ub))
 
 
 @triton.jit
-def _grad_x_kernel(
-    v_ptr, dx_ptr, cos_ptr, sin_ptr, g_ptr, gx_ptr, T, D, M, H,
-    T_PAD: tl.constexpr, BK: tl.constexpr, BP: tl.constexpr,
-):  # fmt: skip
-    """g_x += RoPE^T(G RoPE(x)) on one (window, head, pair tile), then g_x *= (x > 0), in place."""
-    b = tl.program_id(0)
-    half = M // 2
-    tiles_per_head = tl.cdiv(half, BP)
-    h = tl.program_id(1) // tiles_per_head
-    p = (tl.program_id(1) % tiles_per_head) * BP + tl.arange(0, BP)
-    p_mask = p < half
-    t = tl.arange(0, T_PAD)
-    t_mask = t < T
-    xa, xb = _pair_products(
-        v_ptr, (b * T + t) * D, t_mask, dx_ptr + h * D * M, p, p + half, p_mask, D, M, 1, T_PAD, BK, BP
-    )
-    ra, rb, c, s = _rope_pairs(
-        tl.maximum(xa, 0.0), tl.maximum(xb, 0.0), cos_ptr, sin_ptr, t, t_mask, p, p_mask, half
-    )
-    cs_mask = t_mask[:, None] & p_mask[None, :]
-    g_offs = ((b * H + h) * T + t[:, None]) * T + t[None, :]
-    G = tl.load(g_ptr + g_offs, mask=t_mask[:, None] & t_mask[None, :], other=0.0).to(tl.bfloat16)
-    gra = _dot(G, ra, tl.zeros((T_PAD, BP), dtype=tl.float32))  # T, BP   dL/dRoPE(x)
-    grb = _dot(G, rb, tl.zeros((T_PAD, BP), dtype=tl.float32))
-    out_a = (b * T + t)[:, None] * (H * M) + (h * M + p)[None, :]
-    gxa = tl.load(gx_ptr + out_a, mask=cs_mask, other=0.0).to(tl.float32) + gra * c + grb * s
-    gxb = tl.load(gx_ptr + out_a + half, mask=cs_mask, other=0.0).to(tl.float32) + grb * c - gra * s
-    tl.store(gx_ptr + out_a, tl.where(xa > 0, gxa, 0.0).to(tl.bfloat16), mask=cs_mask)
-    tl.store(gx_ptr + out_a + half, tl.where(xb > 0, gxb, 0.0).to(tl.bfloat16), mask=cs_mask)
+def _grad_x_kernel(x_ptr, gr_ptr, cos_ptr, sin_ptr, gx_ptr, R, T, M, H, BR: tl.constexpr, BP: tl.constexpr):
+    """g_x = (g_x + RoPE^T(g_r)) * (x > 0) on one tile, in place. g_r = dL/dRoPE(x): h, R, M."""
+    rows, h, p, half, mask = _tile(R, M, BR, BP)
+    offs = rows[:, None] * (H * M) + h * M + p[None, :]
+    xa, xb = _load_pair(x_ptr, offs, half, mask)
+    gra, grb = _load_pair(gr_ptr, (h * R + rows).to(tl.int64)[:, None] * M + p[None, :], half, mask)
+    gxa, gxb = _load_pair(gx_ptr, offs, half, mask)
+    c, s = _cos_sin(cos_ptr, sin_ptr, rows % T, p, half, mask)
+    gxa += gra * c + grb * s
+    gxb += grb * c - gra * s
+    _store_pair(gx_ptr, offs, half, mask, tl.where(xa > 0, gxa, 0.0), tl.where(xb > 0, gxb, 0.0))
 
 
 def _pow2(x: int, least: int = 16) -> int:
     return max(least, triton.next_power_of_2(x))
 
 
-def _splits(programs: int, tiles: int, target: int) -> int:
-    """How many splits of a reduction of `tiles` tiles make programs * splits reach about `target`."""
-    splits = max(1, min(tiles, math.ceil(target / max(programs, 1))))
-    return math.ceil(tiles / math.ceil(tiles / splits))  # none left empty
+def _grid(R: int, H: int, M: int) -> tuple[int, int]:
+    return triton.cdiv(R, BR), H * triton.cdiv(M // 2, BP)
 
 
-def _target_programs(device: torch.device) -> int:
-    if device.type == "cuda":
-        return 2 * torch.cuda.get_device_properties(device).multi_processor_count
-    return 4
+def rotated(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, T: int, H: int) -> torch.Tensor:
+    """RoPE(relu(x)) per head, bf16. x: R, n (v Dx in pair order, R = B*T). Returns h, R, n/h."""
+    R, N = x.shape
+    r = torch.empty((H, R, N // H), device=x.device, dtype=torch.bfloat16)
+    _rope_kernel[_grid(R, H, N // H)](x, cos, sin, r, R, T, N // H, H, BR=BR, BP=BP)
+    return r
 
 
-def scores(v: torch.Tensor, Dx: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """S = RoPE(x) RoPE(x)^T per window and head, x = relu(v Dx). v: B, T, d. Returns B, h, T, T fp32."""
-    B, T, D = v.shape
-    H, _, M = Dx.shape
-    tiles = triton.cdiv(M // 2, 64)  # splits sized for 64-pair tiles; the tuned tile may differ
-    n_split = _splits(B * H, tiles, _target_programs(v.device))
-    part = torch.empty((n_split, B, H, T, T), device=v.device, dtype=torch.float32)
-    _scores_kernel[(B * H, n_split)](
-        v, Dx, cos, sin, part, B, T, D, M, H, n_split, T_PAD=_pow2(T), BK=min(64, _pow2(D)),
-    )  # fmt: skip
-    return part.sum(0) if n_split > 1 else part[0]
+def _attention(S: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """LN(a), a = S v per head with S masked already: S h, B, T, T bf16; v B, T, d. Returns h, B, T, d
+    float32. bf16 operands, as in the plain path under autocast."""
+    return layer_norm((S @ v.to(S.dtype)).float())
 
 
-def gated_output(
-    v: torch.Tensor, ahat: torch.Tensor, Dx: torch.Tensor, Dy: torch.Tensor, E: torch.Tensor,
-    p_drop: float, seed: int,
-) -> torch.Tensor:  # fmt: skip
-    """z = (relu(ahat Dy) * relu(v Dx) * keep) E. v: R, d; ahat: R, h, d. Returns R, d float32."""
-    R, D = v.shape
-    H, _, M = Dx.shape
-    tiles = H * triton.cdiv(M // 2, 64)  # splits sized for 64 x 64 tiles; the tuned tile may differ
-    n_split = _splits(triton.cdiv(R, 64), tiles, _target_programs(v.device))
-    part = torch.empty((n_split, R, D), device=v.device, dtype=torch.float32)
-    _out_kernel[lambda meta: (triton.cdiv(R, meta["BR"]), n_split)](
-        v, ahat, Dx, Dy, E, part, R, D, M, H, n_split, p_drop, seed,
-        HAS_DROPOUT=p_drop > 0, BK=min(64, _pow2(D)), D_PAD=_pow2(D),
-    )  # fmt: skip
-    return part.sum(0) if n_split > 1 else part[0]
+def _pre_relu(v: torch.Tensor, Dx: torch.Tensor) -> torch.Tensor:
+    """v Dx, before the relu (cuBLAS, bf16). v: B, T, d; Dx: h, d, M. Returns R, n in pair order."""
+    H, D, M = Dx.shape
+    return v.reshape(-1, D) @ Dx.transpose(0, 1).reshape(D, H * M)
 
 
 class FusedNeurons(torch.autograd.Function):
-    """z = (relu(LN(tril(S) v) Dy) * x * keep) E with S = RoPE(x) RoPE(x)^T, x = relu(v Dx): one layer's
-    neuron work, for windows of up to MAX_T bytes. Inputs bf16, neurons in the kernels' pair order."""
+    """z = (relu(LN(tril(S, -1) v) Dy) * x * keep) E with S = RoPE(x) RoPE(x)^T, x = relu(v Dx): one
+    layer's neuron work. Inputs bf16, neurons in the kernels' pair order. cuBLAS multiplies; the Triton
+    kernels do everything between the products in one pass each. No B x T x n tensor is kept for
+    backward: backward multiplies x and u again."""
 
     @staticmethod
     def forward(ctx, v, Dx, Dy, E, cos, sin, p_drop: float, seed: int):  # v: B, T, d bf16
         B, T, D = v.shape
-        S = scores(v, Dx, cos, sin)  # B, h, T, T
-        ahat = layer_norm(S.tril(-1) @ v.unsqueeze(1).float())  # B, h, T, d
-        ahat = ahat.transpose(1, 2).to(torch.bfloat16).contiguous()  # B, T, h, d
-        z = gated_output(v.view(B * T, D), ahat.view(B * T, -1, D), Dx, Dy, E, p_drop, seed)
+        H, _, M = Dx.shape
+        R = B * T
+        x = _pre_relu(v, Dx)  # R, n
+        r = rotated(x, cos, sin, T, H).view(H, B, T, M)
+        S = (r @ r.mT).tril_(-1)  # h, B, T, T
+        del r
+        ahat = _attention(S, v).to(torch.bfloat16)  # h, B, T, d
+        u = ahat.view(H, R, D) @ Dy  # h, R, M
+        y = torch.empty_like(x)
+        _gate_kernel[_grid(R, H, M)](x, u, y, R, M, H, p_drop, seed, HAS_DROPOUT=p_drop > 0, BR=BR, BP=BP)
+        del x, u
+        z = y @ E  # R, d
         ctx.save_for_backward(v, Dx, Dy, E, cos, sin, S)
         ctx.p_drop, ctx.seed = p_drop, seed
         return z.view(B, T, D)
@@ -327,43 +221,33 @@ class FusedNeurons(torch.autograd.Function):
         v, Dx, Dy, E, cos, sin, S = ctx.saved_tensors
         B, T, D = v.shape
         H, _, M = Dx.shape
-        R, N = B * T, H * M
+        R = B * T
         with torch.enable_grad():  # the small PyTorch part, recomputed and differentiated by autograd
             S_ = S.detach().requires_grad_()
             v_ = v.detach().float().requires_grad_()
-            ahat_ = layer_norm(S_.tril(-1) @ v_.unsqueeze(1))  # B, h, T, d
-        ahat = ahat_.detach().transpose(1, 2).to(torch.bfloat16).contiguous()  # B, T, h, d
-        gz = gz.reshape(R, D).to(torch.bfloat16).contiguous()
-        y, gu, gx = (torch.empty((R, N), device=v.device, dtype=torch.bfloat16) for _ in range(3))
-        _grad_y_kernel[lambda meta: (triton.cdiv(R, meta["BR"]), H * triton.cdiv(M // 2, meta["BP"]))](
-            v, ahat, gz, Dx, Dy, E, y, gu, gx, R, D, M, H, ctx.p_drop, ctx.seed,
-            HAS_DROPOUT=ctx.p_drop > 0, BK=min(64, _pow2(D)),
-        )  # fmt: skip
+            ahat_ = _attention(S_, v_)  # h, B, T, d
+        ahat = ahat_.detach().to(torch.bfloat16)
+        gz = gz.reshape(R, D).to(torch.bfloat16)
+        x, u = _pre_relu(v, Dx), ahat.view(H, R, D) @ Dy  # R, n and h, R, M: as in forward
+        gy = gz @ E.mT  # R, n
+        y, gu, gx = torch.empty_like(x), torch.empty_like(x), gy  # g_x overwrites g_y, element by element
+        _gate_grad_kernel[_grid(R, H, M)](
+            x, u, gy, y, gu, gx, R, M, H, ctx.p_drop, ctx.seed, HAS_DROPOUT=ctx.p_drop > 0, BR=BR, BP=BP
+        )
+        del u
         gE = y.mT @ gz  # n, d
         del y
         gu_h = gu.view(R, H, M).transpose(0, 1)  # h, R, M
-        gahat = (gu_h @ Dy.mT).transpose(0, 1).reshape(B, T, H, D)  # B, T, h, d
-        gDy = ahat.view(R, H, D).transpose(0, 1).mT @ gu_h  # h, d, M
+        gahat = gu_h @ Dy.mT  # h, R, d
+        gDy = ahat.view(H, R, D).mT @ gu_h  # h, d, M
         del gu, gu_h
-        torch.autograd.backward(ahat_, gahat.transpose(1, 2).float())
-        G = S_.grad + S_.grad.mT  # B, h, T, T   S is symmetric in RoPE(x)
-        BP = min(32, _pow2(M // 2))
-        _grad_x_kernel[(B, H * triton.cdiv(M // 2, BP))](
-            v,
-            Dx,
-            cos,
-            sin,
-            G.contiguous(),
-            gx,
-            T,
-            D,
-            M,
-            H,
-            T_PAD=_pow2(T),
-            BK=min(64, _pow2(D)),
-            BP=BP,
-            num_warps=8,
-        )
+        torch.autograd.backward(ahat_, gahat.view(H, B, T, D).float())
+        G = S_.grad.tril(-1)
+        G = G + G.mT  # h, B, T, T   S = tril(RoPE(x) RoPE(x)^T, -1)
+        gr = G @ rotated(x, cos, sin, T, H).view(H, B, T, M)  # dL/dRoPE(x)
+        del G
+        _grad_x_kernel[_grid(R, H, M)](x, gr, cos, sin, gx, R, T, M, H, BR=BR, BP=BP)
+        del x, gr
         gx_h = gx.view(R, H, M).transpose(0, 1)  # h, R, M
         gDx = v.view(R, D).mT @ gx_h  # h, d, M
         gv = v_.grad.view(R, D) + (gx_h @ Dx.mT).sum(0)  # R, d
@@ -392,6 +276,24 @@ def pair_order(model: BDH) -> torch.Tensor:
     return torch.cat([h * m + local for h in range(cfg.n_head)]).to(model.E.device)
 
 
+class _InPairOrder(torch.autograd.Function):
+    """w.index_select(dim, order).to(bf16) for a permutation `order`. Its gradient is a gather through
+    the inverse permutation: autograd's scatter for indexing took about 4 ms of a 39 ms step."""
+
+    @staticmethod
+    def forward(ctx, w, dim: int, order):
+        ctx.dim, ctx.dtype = dim, w.dtype
+        ctx.save_for_backward(order)
+        return w.index_select(dim, order).to(torch.bfloat16).contiguous()
+
+    @staticmethod
+    def backward(ctx, g):
+        (order,) = ctx.saved_tensors
+        inverse = torch.empty_like(order)
+        inverse[order] = torch.arange(len(order), device=order.device)
+        return g.index_select(ctx.dim, inverse).to(ctx.dtype), None, None
+
+
 def first_of_pairs(cfg: BDHConfig) -> slice:
     """Which of a head's n/h dimensions come first in their RoPE pair (each pair has one angle)."""
     return slice(0, None, 2) if cfg.rope_style == "interleaved" else slice(0, cfg.head_size // 2)
@@ -407,20 +309,16 @@ def pair_cos_sin(model: BDH, T: int, device: torch.device) -> tuple[torch.Tensor
 def fused_forward(
     model: BDH, idx: torch.Tensor, targets: torch.Tensor | None = None
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """BDH.forward through the fused kernels (bf16 operands, float32 accumulation). idx: B, T <= MAX_T."""
+    """BDH.forward through the fused kernels (bf16 operands, float32 accumulation). idx: B, T."""
     cfg = model.config
     B, T = idx.shape
-    if T > MAX_T:
-        raise ValueError(f"the fused kernels take windows of up to {MAX_T} bytes, got {T}")
     if B * T * cfg.n_neurons >= 2**31:
         raise ValueError(f"batch x window x neurons must stay under 2**31, got {B} x {T} x {cfg.n_neurons}")
     order = pair_order(model)
-    m = cfg.head_size
-    local = order[:m]
-    bf16 = torch.bfloat16
-    Dx = model.Dx[:, :, local].to(bf16).contiguous()  # h, d, M   (pair order)
-    Dy = model.Dy[:, :, local].to(bf16).contiguous()
-    E = model.E[order].to(bf16).contiguous()  # n, d
+    local = order[: cfg.head_size]
+    Dx = _InPairOrder.apply(model.Dx, 2, local)  # h, d, M   bf16, pair order
+    Dy = _InPairOrder.apply(model.Dy, 2, local)
+    E = _InPairOrder.apply(model.E, 0, order)  # n, d
     cos, sin = pair_cos_sin(model, T, idx.device)
     p_drop = model.active_dropout
     with torch.autocast(idx.device.type, enabled=False):  # the kernels choose their own precision
@@ -433,7 +331,7 @@ def _layers(model, idx, targets, Dx, Dy, E, cos, sin, p_drop):
     for _ in range(model.config.n_layer):
         seed = int(torch.randint(0, 2**31 - 1, (1,)).item()) if p_drop > 0 else 0
         z = FusedNeurons.apply(v.to(bf16), Dx, Dy, E, cos, sin, p_drop, seed)  # B, T, d
-        v = layer_norm(v + layer_norm(z))
+        v = layer_norm(v + layer_norm(z.float()))
     logits = (v.to(bf16) @ model.readout.to(bf16)).float()  # B, T, V
     loss = None
     if targets is not None:
