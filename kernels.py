@@ -59,15 +59,19 @@ def _dot(a, b, acc):
 
 
 @triton.jit
-def _tile(R, M, BR: tl.constexpr, BP: tl.constexpr):
+def _tile(R, M, H, BR: tl.constexpr, BP: tl.constexpr):
     """This program's rows and its head's pairs of neurons: the first of each pair at h*M + p, the
-    second at h*M + p + M/2 (the kernels' pair order). Grid: (row tiles, heads x pair tiles)."""
+    second at h*M + p + M/2 (the kernels' pair order). Grid: (row tiles, heads x pair tiles).
+    Also the first halves' offsets in the two layouts: R x n (offs) and h x R x M (head_offs)."""
     rows = tl.program_id(0) * BR + tl.arange(0, BR)
     half = M // 2
     tiles_per_head = tl.cdiv(half, BP)
+    h = tl.program_id(1) // tiles_per_head
     p = (tl.program_id(1) % tiles_per_head) * BP + tl.arange(0, BP)
     mask = (rows < R)[:, None] & (p < half)[None, :]
-    return rows, tl.program_id(1) // tiles_per_head, p, half, mask
+    offs = rows[:, None] * (H * M) + h * M + p[None, :]
+    head_offs = (h * R + rows).to(tl.int64)[:, None] * M + p[None, :]
+    return rows, h, p, half, mask, offs, head_offs
 
 
 @triton.jit
@@ -98,14 +102,20 @@ def _keep_scale(seed, rows, cols, N, p_drop):
 
 
 @triton.jit
+def _keep_pair(seed, rows, h, p, half, M, H, p_drop):
+    """_keep_scale for both halves of a tile of pairs."""
+    cols = h * M + p
+    return _keep_scale(seed, rows, cols, H * M, p_drop), _keep_scale(seed, rows, cols + half, H * M, p_drop)
+
+
+@triton.jit
 def _rope_kernel(x_ptr, cos_ptr, sin_ptr, r_ptr, R, T, M, H, BR: tl.constexpr, BP: tl.constexpr):
     """r[h, b, t] = RoPE(relu(x[b, t, h])) on one tile. x: R x n (v Dx, before the relu); r: h, R, M."""
-    rows, h, p, half, mask = _tile(R, M, BR, BP)
-    xa, xb = _load_pair(x_ptr, rows[:, None] * (H * M) + h * M + p[None, :], half, mask)
+    rows, h, p, half, mask, offs, head_offs = _tile(R, M, H, BR, BP)
+    xa, xb = _load_pair(x_ptr, offs, half, mask)
     xa, xb = _relu(xa), _relu(xb)
     c, s = _cos_sin(cos_ptr, sin_ptr, rows % T, p, half, mask)
-    r_offs = (h * R + rows).to(tl.int64)[:, None] * M + p[None, :]
-    _store_pair(r_ptr, r_offs, half, mask, xa * c - xb * s, xb * c + xa * s)
+    _store_pair(r_ptr, head_offs, half, mask, xa * c - xb * s, xb * c + xa * s)
 
 
 @triton.jit
@@ -114,14 +124,13 @@ def _gate_kernel(
     HAS_DROPOUT: tl.constexpr, BR: tl.constexpr, BP: tl.constexpr,
 ):  # fmt: skip
     """y = relu(u) * relu(x) * keep on one tile. x, y: R x n; u = LN(a) Dy: h, R, M."""
-    rows, h, p, half, mask = _tile(R, M, BR, BP)
-    offs = rows[:, None] * (H * M) + h * M + p[None, :]
+    rows, h, p, half, mask, offs, head_offs = _tile(R, M, H, BR, BP)
     xa, xb = _load_pair(x_ptr, offs, half, mask)
-    ua, ub = _load_pair(u_ptr, (h * R + rows).to(tl.int64)[:, None] * M + p[None, :], half, mask)
+    ua, ub = _load_pair(u_ptr, head_offs, half, mask)
     ya, yb = _relu(ua) * _relu(xa), _relu(ub) * _relu(xb)
     if HAS_DROPOUT:
-        ya *= _keep_scale(seed, rows, h * M + p, H * M, p_drop)
-        yb *= _keep_scale(seed, rows, h * M + p + half, H * M, p_drop)
+        ka, kb = _keep_pair(seed, rows, h, p, half, M, H, p_drop)
+        ya, yb = ya * ka, yb * kb
     _store_pair(y_ptr, offs, half, mask, ya, yb)
 
 
@@ -132,15 +141,13 @@ def _gate_grad_kernel(
 ):  # fmt: skip
     """From x, u and g_y = dL/dy on one tile: y again (for dL/dE), g_u = dL/du and the gate's part of
     g_x = dL/dx (before the relu's mask, which _grad_x_kernel applies). Layouts as in _gate_kernel."""
-    rows, h, p, half, mask = _tile(R, M, BR, BP)
-    offs = rows[:, None] * (H * M) + h * M + p[None, :]
+    rows, h, p, half, mask, offs, head_offs = _tile(R, M, H, BR, BP)
     xa, xb = _load_pair(x_ptr, offs, half, mask)
-    ua, ub = _load_pair(u_ptr, (h * R + rows).to(tl.int64)[:, None] * M + p[None, :], half, mask)
+    ua, ub = _load_pair(u_ptr, head_offs, half, mask)
     ga, gb = _load_pair(gy_ptr, offs, half, mask)
     ya, yb = _relu(ua) * _relu(xa), _relu(ub) * _relu(xb)
     if HAS_DROPOUT:
-        ka = _keep_scale(seed, rows, h * M + p, H * M, p_drop)
-        kb = _keep_scale(seed, rows, h * M + p + half, H * M, p_drop)
+        ka, kb = _keep_pair(seed, rows, h, p, half, M, H, p_drop)
         ya, yb, ga, gb = ya * ka, yb * kb, ga * ka, gb * kb  # g from here on: before dropout
     _store_pair(y_ptr, offs, half, mask, ya, yb)
     _store_pair(
@@ -152,10 +159,9 @@ def _gate_grad_kernel(
 @triton.jit
 def _grad_x_kernel(x_ptr, gr_ptr, cos_ptr, sin_ptr, gx_ptr, R, T, M, H, BR: tl.constexpr, BP: tl.constexpr):
     """g_x = (g_x + RoPE^T(g_r)) * (x > 0) on one tile, in place. g_r = dL/dRoPE(x): h, R, M."""
-    rows, h, p, half, mask = _tile(R, M, BR, BP)
-    offs = rows[:, None] * (H * M) + h * M + p[None, :]
+    rows, h, p, half, mask, offs, head_offs = _tile(R, M, H, BR, BP)
     xa, xb = _load_pair(x_ptr, offs, half, mask)
-    gra, grb = _load_pair(gr_ptr, (h * R + rows).to(tl.int64)[:, None] * M + p[None, :], half, mask)
+    gra, grb = _load_pair(gr_ptr, head_offs, half, mask)
     gxa, gxb = _load_pair(gx_ptr, offs, half, mask)
     c, s = _cos_sin(cos_ptr, sin_ptr, rows % T, p, half, mask)
     gxa += gra * c + grb * s
