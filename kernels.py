@@ -2,7 +2,8 @@
 
 `fused_forward(model, idx, targets)` computes what `BDH.forward` computes (the plain reference in
 model.py, which stays the CPU path). cuBLAS runs each layer's matrix products in bf16 with float32
-sums; four Triton kernels do everything between them, one pass each over a B*T x n tensor:
+sums; four Triton kernels do everything between them, one pass each over a B*T x n tensor (and a
+fifth, _mirror_kernel, one over the B x h x T x T gradient of the scores):
 
     forward   x = v Dx                  cuBLAS     (before the relu)
               _rope_kernel              RoPE(relu(x)), per head
@@ -12,7 +13,8 @@ sums; four Triton kernels do everything between them, one pass each over a B*T x
     backward  x, u again; g_y = g_z E^T                                    cuBLAS
               _gate_grad_kernel         y, g_u = dL/du and the gate's part of g_x
               dL/dE, dL/dDy, dL/dLN(a), then autograd through LN(S v)   cuBLAS and PyTorch
-              _rope_kernel; g_r = G RoPE(x), G = dL/dS + its transpose     cuBLAS
+              _mirror_kernel            G = L + L^T, L = tril(dL/dS, -1)
+              _rope_kernel; g_r = G RoPE(x)                                 cuBLAS
               _grad_x_kernel            g_x = (g_x + RoPE^T(g_r)) * (x > 0)
               dL/dDx, dL/dv             cuBLAS
 
@@ -95,17 +97,14 @@ def _cos_sin(cos_ptr, sin_ptr, t, p, half, mask):
 
 
 @triton.jit
-def _keep_scale(seed, rows, cols, N, p_drop):
-    """Inverted dropout: 1 / (1 - p) where the neuron is kept, 0 where dropped. Same in fwd and bwd."""
-    u = tl.rand(seed, rows[:, None] * N + cols[None, :])
-    return tl.where(u >= p_drop, 1.0 / (1.0 - p_drop), 0.0)
-
-
-@triton.jit
 def _keep_pair(seed, rows, h, p, half, M, H, p_drop):
-    """_keep_scale for both halves of a tile of pairs."""
-    cols = h * M + p
-    return _keep_scale(seed, rows, cols, H * M, p_drop), _keep_scale(seed, rows, cols + half, H * M, p_drop)
+    """Inverted dropout for both halves of a tile of pairs: 1 / (1 - p) where a neuron is kept, 0 where
+    dropped; the same in forward and backward. One Philox draw per pair gives four numbers: the
+    first decides the pair's first member, the second its second."""
+    pair = rows[:, None] * (H * half) + (h * half + p)[None, :]  # the pair's index among all B*T*n/2
+    ua, ub, _, _ = tl.rand4x(seed, pair)
+    scale = 1.0 / (1.0 - p_drop)
+    return tl.where(ua >= p_drop, scale, 0.0), tl.where(ub >= p_drop, scale, 0.0)
 
 
 @triton.jit
@@ -167,6 +166,37 @@ def _grad_x_kernel(x_ptr, gr_ptr, cos_ptr, sin_ptr, gx_ptr, R, T, M, H, BR: tl.c
     gxa += gra * c + grb * s
     gxb += grb * c - gra * s
     _store_pair(gx_ptr, offs, half, mask, tl.where(xa > 0, gxa, 0.0), tl.where(xb > 0, gxb, 0.0))
+
+
+@triton.jit
+def _mirror_kernel(ds_ptr, g_ptr, T, BT: tl.constexpr):
+    """G = L + L^T, L = tril(dS, -1), on tile (i, j) of one T x T matrix (grid: matrices, T/BT, T/BT).
+    A tile below the diagonal also writes its mirror (j, i); a tile above it has nothing left to do."""
+    ti, tj = tl.program_id(1), tl.program_id(2)
+    if ti >= tj:
+        base = tl.program_id(0).to(tl.int64) * T * T
+        i = ti * BT + tl.arange(0, BT)
+        j = tj * BT + tl.arange(0, BT)
+        mask = (i < T)[:, None] & (j < T)[None, :]
+        ij = base + i[:, None] * T + j[None, :]
+        L = tl.load(ds_ptr + ij, mask=mask & (i[:, None] > j[None, :]), other=0.0)
+        if ti == tj:
+            tl.store(g_ptr + ij, L + tl.trans(L), mask=mask)  # one of the two is zero: exact
+        else:
+            tl.store(g_ptr + ij, L, mask=mask)
+            tl.store(g_ptr + base + j[:, None] * T + i[None, :], tl.trans(L), mask=tl.trans(mask))
+
+
+def mirrored(dS: torch.Tensor, BT: int = 64) -> torch.Tensor:
+    """G = L + L^T with L = tril(dS, -1), over the last two dims: the gradient of S = RoPE(x) RoPE(x)^T
+    masked to tril(S, -1), as one factor. One pass; tril and a transposed add took two, the second
+    at a third of the bandwidth."""
+    T = dS.shape[-1]
+    dS = dS.contiguous()
+    G = torch.empty_like(dS)
+    tiles = triton.cdiv(T, BT)
+    _mirror_kernel[(dS.numel() // (T * T), tiles, tiles)](dS, G, T, BT=BT)
+    return G
 
 
 def _pow2(x: int, least: int = 16) -> int:
@@ -248,8 +278,7 @@ class FusedNeurons(torch.autograd.Function):
         gDy = ahat.view(H, R, D).mT @ gu_h  # h, d, M
         del gu, gu_h
         torch.autograd.backward(ahat_, gahat.view(H, B, T, D).float())
-        G = S_.grad.tril(-1)
-        G = G + G.mT  # h, B, T, T   S = tril(RoPE(x) RoPE(x)^T, -1)
+        G = mirrored(S_.grad)  # h, B, T, T   S = tril(RoPE(x) RoPE(x)^T, -1)
         gr = G @ rotated(x, cos, sin, T, H).view(H, B, T, M)  # dL/dRoPE(x)
         del G
         _grad_x_kernel[_grid(R, H, M)](x, gr, cos, sin, gx, R, T, M, H, BR=BR, BP=BP)

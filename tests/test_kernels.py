@@ -152,6 +152,27 @@ def test_dropout_masks_agree_between_forward_and_backward():
     check_layer_against_float32("interleaved", p_drop=0.5, seed=1234)
 
 
+def test_dropout_drops_each_neuron_independently_at_its_rate():
+    """The two members of a pair share one Philox draw (two of its four numbers): they, and
+    neighbouring rows, must still be dropped independently, each at rate p."""
+    R, H, M = 4096, 2, 64
+    for p_drop in (0.1, 0.5):
+        kept = (dropout_keep(R, H, M, p_drop, 7) > 0).float().view(R, H, 2, M // 2)  # row, head, member, pair
+        assert abs(kept.mean().item() - (1 - p_drop)) < 0.005, p_drop
+        both_members = (kept[:, :, 0] * kept[:, :, 1]).mean().item()
+        next_row = (kept[1:] * kept[:-1]).mean().item()
+        assert abs(both_members - (1 - p_drop) ** 2) < 0.005, (p_drop, both_members)
+        assert abs(next_row - (1 - p_drop) ** 2) < 0.005, (p_drop, next_row)
+
+
+@pytest.mark.parametrize("T", [1, 37, 64, 130])
+def test_mirrored_gradient_of_the_scores(T):
+    """G = L + L^T with L = tril(dS, -1), by tiles (smaller than T, and not dividing it)."""
+    dS = torch.randn(3, 2, T, T, device=DEVICE).to(torch.bfloat16)
+    L = dS.tril(-1)
+    assert torch.equal(kernels.mirrored(dS, BT=16), L + L.mT)
+
+
 @pytest.mark.parametrize("style", ["interleaved", "half"])
 def test_fused_recurrent_step_matches_the_plain_step(style):
     model = make_model(style, seed=2).eval()

@@ -1,10 +1,10 @@
-"""The fused training step of an earlier kernels.py against this one, on one GPU.
+"""The fused training step of earlier (or other) kernels.py files against this one, on one GPU.
 
 Times `benchmark.py`'s fused training step (AdamW, bf16, dropout, clipping) at each shape through
-both versions, alternating twice in one run; then profiles one step of this version at each shape
+every version, alternating twice in one run; then profiles one step of this version at each shape
 and prints the kernels that take the most GPU time.
 
-    python3 results/benchmark/train_ab.py OLD_kernels.py > OUT.log
+    python3 results/benchmark/train_ab.py OLD_kernels.py [OTHER_kernels.py ...] > OUT.log
 """
 
 from __future__ import annotations
@@ -27,12 +27,13 @@ SHAPES = ((32, 128), (32, 512), (8, 2048))
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__)
-    p.add_argument("before", help="an earlier kernels.py")
-    before = p.parse_args().before
+    p.add_argument("others", nargs="+", help="earlier or other kernels.py files, each named by its file name")
+    others = p.parse_args().others
     device = torch.device("cuda")
     cfg = BDHConfig()
     args = argparse.Namespace(warmup=3, steps=10, repeats=3)
-    versions = {"before": module_from_file(before, "kernels_before"), "now": kernels}
+    versions = {Path(f).stem: module_from_file(f, f"kernels_{i}") for i, f in enumerate(others)}
+    versions["now"] = kernels
     for B, T in SHAPES:
         for _ in range(2):
             for name, module in versions.items():
