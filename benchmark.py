@@ -23,6 +23,7 @@ from pathlib import Path
 import torch
 
 from data import Parser, UsageError, fail, positive_int, resolve_device, write_json
+from generate import generate, generate_recompute
 from hub import load_model
 from model import BDH, BDHConfig
 
@@ -75,10 +76,12 @@ def train_step_fn(model: BDH, path: str, B: int, T: int, device: torch.device, c
     idx = torch.randint(0, 256, (B, T), device=device)
     targets = torch.randint(0, 256, (B, T), device=device)
     compiled = torch.compile(model) if path == "plain compiled" else model
+    if path == "fused":
+        from kernels import fused_forward  # imports Triton
 
     def loss_of():
         if path == "fused":
-            return model(idx, targets, fused=True)[1]
+            return fused_forward(model, idx, targets)[1]
         with torch.autocast("cuda", dtype=torch.bfloat16):
             if path.startswith("chunked"):
                 return model.forward_chunked(idx, targets, chunk_size=chunk_size, checkpoint=True)[1]
@@ -131,14 +134,14 @@ def measure_generation(cfg: BDHConfig, args, device, trained: BDH | None = None)
     from kernels import FusedStep  # imports Triton
 
     out["step_tiles"] = {"attention": FusedStep.ATTENTION_TILES, "gate": FusedStep.GATE_TILES}
-    sampled = lambda n: model.generate(  # noqa: E731
-        prompt, n, temperature=1.0, top_k=40, generator=torch.Generator(device).manual_seed(0)
+    sampled = lambda n: generate(  # noqa: E731
+        model, prompt, n, temperature=1.0, top_k=40, generator=torch.Generator(device).manual_seed(0)
     )
     runs = {
-        "recurrent (CUDA graph)": lambda n: model.generate(prompt, n, temperature=0.0),
+        "recurrent (CUDA graph)": lambda n: generate(model, prompt, n, temperature=0.0),
         "recurrent (CUDA graph), sampled": sampled,  # temperature 1, top-k 40: sampling in the graph too
-        "recurrent (eager)": lambda n: model.generate(prompt, n, temperature=0.0, cuda_graph=False),
-        "recompute prefix": lambda n: model.generate_recompute(prompt, n, temperature=0.0),
+        "recurrent (eager)": lambda n: generate(model, prompt, n, temperature=0.0, cuda_graph=False),
+        "recompute prefix": lambda n: generate_recompute(model, prompt, n, temperature=0.0),
     }
     out["runs"] = list(runs)
     texts = {}

@@ -39,6 +39,7 @@ from data import (
     resolve_dtype,
     write_json,
 )
+from generate import generate
 from hub import load_model
 from model import BDH
 
@@ -113,9 +114,8 @@ def sample_text(model: BDH, prompt: str, args: argparse.Namespace, device, dtype
     idx = torch.tensor([list(prompt.encode("utf-8"))], dtype=torch.long, device=device)
     gen = torch.Generator(device=device).manual_seed(args.seed)
     sampler = copy.deepcopy(model).to(dtype)  # weights in the dtype itself: a CUDA graph takes no autocast
-    out = sampler.generate(
-        idx, args.max_new_bytes, args.temperature, args.top_k, generator=gen, context=sample_context(args)
-    )
+    context = sample_context(args)
+    out = generate(sampler, idx, args.max_new_bytes, args.temperature, args.top_k, gen, context)
     return bytes(out[0].tolist()).decode("utf-8", errors="replace")
 
 

@@ -1,9 +1,10 @@
 """Triton kernels for BDH-GPU's training step and its recurrent step (generation).
 
 `fused_forward(model, idx, targets)` computes what `BDH.forward` computes (the plain reference in
-model.py, which stays the CPU path). cuBLAS runs each layer's matrix products in bf16 with float32
-sums; four Triton kernels do everything between them, one pass each over a B*T x n tensor (and a
-fifth, _mirror_kernel, one over the B x h x T x T gradient of the scores):
+model.py, which stays the CPU path and knows nothing of this file). cuBLAS runs each layer's
+matrix products in bf16 with float32 sums; four Triton kernels do everything between them, one pass
+each over a B*T x n tensor (and a fifth, _mirror_kernel, one over the B x h x T x T gradient of the
+scores):
 
     forward   x = v Dx                  cuBLAS     (before the relu)
               _rope_kernel              RoPE(relu(x)), per head
@@ -297,7 +298,7 @@ class Fused(torch.nn.Module):
         self.model = model
 
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None):
-        return self.model(idx, targets, fused=True)
+        return fused_forward(self.model, idx, targets)
 
 
 def pair_order(model: BDH) -> torch.Tensor:

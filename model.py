@@ -16,7 +16,6 @@ The paper authors' code names them the other way round (their `encoder` is our D
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
 from dataclasses import asdict, dataclass
 
 import torch
@@ -207,16 +206,12 @@ class BDH(
         return v, state
 
     def forward(
-        self, idx: torch.Tensor, targets: torch.Tensor | None = None, fused: bool = False
+        self, idx: torch.Tensor, targets: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """idx: B, T bytes. Returns logits (B, T, V) and, with targets, the mean cross-entropy.
 
-        fused=True runs the same function through the Triton kernels of kernels.py (CUDA, bf16).
+        kernels.fused_forward computes the same function through Triton kernels (CUDA, bf16).
         """
-        if fused:
-            from kernels import fused_forward  # imports Triton; the plain path below does not
-
-            return fused_forward(self, idx, targets)
         T = idx.shape[1]
         cos, sin = rope_cos_sin(self.config, torch.arange(T, device=idx.device))  # T, n/h
         v = layer_norm(self.embed(idx))  # B, T, d
@@ -298,19 +293,13 @@ class BDH(
         return logits, loss, state
 
     @torch.no_grad()
-    def step(self, byte: torch.Tensor, state: RecurrentState, fused: bool = False) -> torch.Tensor:
+    def step(self, byte: torch.Tensor, state: RecurrentState) -> torch.Tensor:
         """The recurrent form: logits (B, V) after one more byte (B,). Updates state in place.
 
         Constant work per byte: each layer reads its B x h x n/h x d state once for the attention
-        and adds RoPE(x)^T v to it. fused=True runs the step through kernels.FusedStep, which reads
-        only the rows of the state, Dy and E that belong to non-zero neurons; the plain PyTorch
-        below is its reference. fused=True lays the weights out anew on every call (a copy of Dy):
-        for many steps make one kernels.FusedStep and call it, as graphed_step does.
+        and adds RoPE(x)^T v to it. kernels.FusedStep is the same step in Triton, reading only the
+        rows of the state, Dy and E that belong to non-zero neurons; this is its reference.
         """
-        if fused:
-            from kernels import FusedStep  # imports Triton; the plain step does not
-
-            return FusedStep(self)(byte, state)
         cos, sin = rope_cos_sin(self.config, state.pos.view(1))  # 1, n/h
         v = layer_norm(self.embed(byte[:, None]))  # B, 1, d
         for S in state.layers:  # B, h, n/h, d
@@ -321,159 +310,3 @@ class BDH(
             v, _ = self.mix(v, x, a)
         state.pos.add_(1)
         return (v @ self.readout)[:, 0]
-
-    def graphed_step(
-        self,
-        state: RecurrentState,
-        fused: Callable | None = None,
-        sample: Callable[[torch.Tensor], torch.Tensor] | None = None,
-        generator: torch.Generator | None = None,
-    ) -> Callable[..., torch.Tensor]:
-        """The fused step captured once as a CUDA graph over this state.
-
-        Without sample: run(byte) -> logits (B, V). With sample (logits -> next bytes (B, 1), with no
-        host synchronisation), the graph samples as well and keeps the sampled bytes as its next
-        input: run() -> the next bytes (B, 1), overwritten by the next call; run(byte) steps on byte
-        instead. generator: the one sample draws from, if not the default. fused: the step to
-        capture, called as fused(byte, state) (default: kernels.FusedStep(self)).
-        """
-        if fused is None:
-            from kernels import FusedStep
-
-            fused = FusedStep(self)  # its weight layouts are made once, outside the graph
-        byte = torch.zeros(state.layers[0].shape[0], dtype=torch.long, device=state.pos.device)
-
-        def body() -> torch.Tensor:
-            logits = fused(byte, state)
-            if sample is None:
-                return logits
-            nxt = sample(logits)  # B, 1
-            byte.copy_(nxt[:, 0])
-            return nxt
-
-        saved = state.clone()
-        rng = generator.get_state() if generator is not None else torch.cuda.get_rng_state()
-        graph = torch.cuda.CUDAGraph()
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
-            body()  # warm up outside the graph: compiles the kernels, makes cuBLAS's handle
-            state.copy_(saved)
-            if generator is not None:
-                generator.set_state(rng)
-                graph.register_generator_state(generator)
-            else:
-                torch.cuda.set_rng_state(rng)
-            graph.capture_begin()  # not torch.cuda.graph(), which empties the allocator's cache
-            out = body()
-            graph.capture_end()
-        torch.cuda.current_stream().wait_stream(side)
-        del saved
-
-        def run(next_byte: torch.Tensor | None = None) -> torch.Tensor:
-            if next_byte is not None:
-                byte.copy_(next_byte)
-            graph.replay()
-            return out
-
-        run.fused = fused  # the graph reads the step's own tensors (weight layouts, counters): keep them
-        return run
-
-    @torch.no_grad()
-    def generate(
-        self,
-        idx: torch.Tensor,
-        max_new_tokens: int,
-        temperature: float = 1.0,
-        top_k: int | None = None,
-        generator: torch.Generator | None = None,
-        context: int | None = None,
-        chunk_size: int = 256,
-        cuda_graph: bool = True,
-    ) -> torch.Tensor:
-        """Append max_new_tokens sampled bytes to idx (B, T), T >= 1.
-
-        The prompt goes through the chunked form, then each new byte costs one recurrent step
-        (on CUDA, a captured graph of the fused step and the sampling, unless cuda_graph=False or the
-        model is in training mode with dropout: call model.eval() first, as for any sampling).
-        context: the most bytes the model sees at once (None: all of them). Once the bytes since the
-        last restart would exceed it, the state restarts from the last context // 2 bytes (one chunked
-        pass), so a model trained on windows of `context` bytes is never asked about longer ones.
-        """
-        check_generate_args(idx, temperature, context)
-        if max_new_tokens <= 0:
-            return idx.clone()
-
-        def pick(logits: torch.Tensor) -> torch.Tensor:
-            return sample_next(logits, temperature, top_k, generator)
-
-        start = 0 if context is None else max(0, idx.shape[1] - context)  # a long prompt: its end
-        logits, _, state = self.forward_chunked(idx[:, start:], chunk_size=chunk_size)
-        seen = idx.shape[1] - start  # bytes the state covers
-        no_dropout = self.active_dropout == 0  # the plain step applies dropout; FusedStep cannot
-        graphed = None
-        if cuda_graph and idx.is_cuda and max_new_tokens > 1 and no_dropout:
-            graphed = self.graphed_step(state, sample=pick, generator=generator)
-        out = [idx, pick(logits[:, -1])]  # B, 1 a byte
-        fed = False  # whether the graph holds the last byte as its next input already
-        for _ in range(max_new_tokens - 1):
-            seen += 1
-            if context is not None and seen > context:  # restart from the last context // 2 bytes
-                logits, _, fresh = self.forward_chunked(
-                    torch.cat(out, 1)[:, -(context // 2) :], chunk_size=chunk_size
-                )
-                state.copy_(fresh)
-                seen = context // 2
-                nxt, fed = pick(logits[:, -1]), False
-            elif graphed is not None:  # step and sample in the graph; it keeps the byte for the next
-                nxt, fed = graphed(None if fed else out[-1][:, 0]).clone(), True
-            else:
-                nxt = pick(self.step(out[-1][:, 0], state))
-            out.append(nxt)
-        return torch.cat(out, dim=1)
-
-    @torch.no_grad()
-    def generate_recompute(
-        self,
-        idx: torch.Tensor,
-        max_new_tokens: int,
-        temperature: float = 1.0,
-        top_k: int | None = None,
-        generator: torch.Generator | None = None,
-        context: int | None = None,
-    ) -> torch.Tensor:
-        """generate() the slow way: the parallel form over the whole window for every new byte."""
-        check_generate_args(idx, temperature, context)
-        start = 0 if context is None else max(0, idx.shape[1] - context)
-        for _ in range(max_new_tokens):
-            if context is not None and idx.shape[1] - start > context:
-                start = idx.shape[1] - context // 2
-            logits, _ = self(idx[:, start:])
-            idx = torch.cat((idx, sample_next(logits[:, -1], temperature, top_k, generator)), dim=1)
-        return idx
-
-
-def check_generate_args(idx: torch.Tensor, temperature: float, context: int | None) -> None:
-    if temperature < 0:
-        raise ValueError(f"temperature must be >= 0, got {temperature}")
-    if idx.shape[1] == 0:
-        raise ValueError("generate needs a prompt of at least one byte")
-    if context is not None and context < 2:
-        raise ValueError(f"context must be at least 2 bytes (or None), got {context}")
-
-
-def sample_next(
-    logits: torch.Tensor, temperature: float, top_k: int | None, generator: torch.Generator | None
-) -> torch.Tensor:
-    """One byte per row from logits (B, V): greedy at temperature 0, else top-k sampling. B, 1."""
-    if temperature == 0:
-        return logits.argmax(dim=-1, keepdim=True)  # in any dtype: casting keeps the order
-    logits = logits.float()
-    logits = logits / temperature
-    if top_k is not None:
-        kth = torch.topk(logits, min(top_k, logits.shape[-1])).values[:, -1:]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    probs = F.softmax(logits, dim=-1)
-    # torch.multinomial's own draw of one sample (the same bytes for the same generator state),
-    # without its check of probs, which waits for the GPU: so that a CUDA graph can hold it
-    return (probs / torch.empty_like(probs).exponential_(generator=generator)).argmax(dim=-1, keepdim=True)

@@ -60,36 +60,7 @@ def test_chunked_gradients_match_parallel(checkpoint):
         torch.testing.assert_close(g, r, rtol=1e-4, atol=1e-5, msg=lambda m, n=name: f"{n}: {m}")
 
 
-def test_recurrent_generation_equals_recomputing_the_prefix():
-    model = random_model(5, "interleaved")
-    prompt = torch.randint(0, 256, (2, 11))
-    fast = model.generate(prompt, 20, temperature=0.0, chunk_size=4)
-    slow = model.generate_recompute(prompt, 20, temperature=0.0)
-    assert torch.equal(fast, slow)
-    fast = model.generate(prompt, 20, 0.8, 10, torch.Generator().manual_seed(7), chunk_size=4)
-    slow = model.generate_recompute(prompt, 20, 0.8, 10, torch.Generator().manual_seed(7))
-    assert torch.equal(fast, slow)
-
-
-def test_generation_with_a_context_window_equals_recomputing_that_window():
-    model = random_model(8, "half")
-    prompt = torch.randint(0, 256, (2, 13))
-    gen = lambda seed: torch.Generator().manual_seed(seed)  # noqa: E731
-    fast = model.generate(prompt, 30, 1.0, None, gen(3), context=8, chunk_size=3)  # restarts 4 times
-    slow = model.generate_recompute(prompt, 30, 1.0, None, gen(3), context=8)
-    assert torch.equal(fast, slow)
-    # a prompt longer than the window: only its last `context` bytes matter
-    cut = model.generate_recompute(prompt[:, -8:], 30, 1.0, None, gen(3), context=8)
-    assert torch.equal(slow[:, -30:], cut[:, -30:])
-    whole = model.generate_recompute(prompt, 30, 1.0, None, gen(3))
-    assert not torch.equal(whole, slow)
-    with pytest.raises(ValueError, match="context"):
-        model.generate(prompt, 3, context=1)
-
-
-def test_generation_rejects_an_empty_prompt():
+def test_chunked_form_rejects_a_chunk_size_that_is_not_positive():
     model = random_model(6, "half")
-    with pytest.raises(ValueError, match="at least one byte"):
-        model.generate(torch.zeros((1, 0), dtype=torch.long), 3)
     with pytest.raises(ValueError, match="chunk_size"):
         model.forward_chunked(torch.zeros((1, 4), dtype=torch.long), chunk_size=0)

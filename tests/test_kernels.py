@@ -8,6 +8,7 @@ import pytest
 import torch
 
 import kernels
+from generate import generate
 from model import BDH, BDHConfig, layer_norm
 
 CUDA = torch.cuda.is_available()
@@ -126,8 +127,8 @@ def check_model_against_float32(style: str, B: int, T: int) -> None:
     targets = torch.randint(0, 256, (B, T), device=DEVICE)
     params = list(model.parameters())
 
-    def run(**kw):
-        logits, loss = model(idx, targets, **kw)
+    def run(fused: bool = False):
+        logits, loss = kernels.fused_forward(model, idx, targets) if fused else model(idx, targets)
         return [logits.float(), *torch.autograd.grad(loss, params)]
 
     ref = run()
@@ -181,7 +182,7 @@ def test_fused_recurrent_step_matches_the_plain_step(style):
     _, _, fused = model.forward_chunked(prompt, chunk_size=4)
     for byte in torch.randint(0, 256, (5, 2), device=DEVICE):
         want = model.step(byte, plain)
-        got = model.step(byte, fused, fused=True)
+        got = kernels.FusedStep(model)(byte, fused)
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
     for p, f in zip(plain.layers, fused.layers, strict=True):
         torch.testing.assert_close(f, p, rtol=1e-5, atol=1e-5)
@@ -251,13 +252,13 @@ def test_generation_through_the_cuda_graph_equals_the_plain_steps():
     model = BDH(cfg).to(DEVICE).eval()
     model.reset_parameters(std=0.1)  # distinct logits: no near-ties for float32 rounding to tip
     prompt = torch.randint(0, 256, (2, 5), device=DEVICE)
-    graphed = model.generate(prompt, 24, temperature=0.0, chunk_size=4)
-    plain = model.generate(prompt, 24, temperature=0.0, chunk_size=4, cuda_graph=False)
+    graphed = generate(model, prompt, 24, temperature=0.0, chunk_size=4)
+    plain = generate(model, prompt, 24, temperature=0.0, chunk_size=4, cuda_graph=False)
     assert torch.equal(graphed, plain)
     seeded = lambda: torch.Generator(DEVICE).manual_seed(11)  # noqa: E731
-    graphed = model.generate(prompt, 24, 1.0, 20, seeded(), context=12, chunk_size=4)  # restarts twice
-    plain = model.generate(prompt, 24, 1.0, 20, seeded(), context=12, chunk_size=4, cuda_graph=False)
+    graphed = generate(model, prompt, 24, 1.0, 20, seeded(), context=12, chunk_size=4)  # restarts twice
+    plain = generate(model, prompt, 24, 1.0, 20, seeded(), context=12, chunk_size=4, cuda_graph=False)
     assert torch.equal(graphed, plain)
     assert not torch.equal(
-        graphed, model.generate(prompt, 24, 1.0, 20, torch.Generator(DEVICE).manual_seed(12))
+        graphed, generate(model, prompt, 24, 1.0, 20, torch.Generator(DEVICE).manual_seed(12))
     )

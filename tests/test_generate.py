@@ -1,0 +1,71 @@
+"""Sampling: the recurrent form with a context window, against recomputing the prefix."""
+
+import pytest
+import torch
+from test_forms import random_model
+
+from generate import generate, generate_recompute, sample_next
+from model import BDH, BDHConfig
+
+
+def tiny() -> BDH:
+    torch.manual_seed(0)
+    return BDH(BDHConfig(n_embd=32, n_head=2, n_neurons=128, n_layer=2, dropout=0.0))
+
+
+def test_generate_appends_bytes_and_is_greedy_at_zero_temperature():
+    model = tiny().eval()
+    prompt = torch.tensor([list(b"Hello")])
+    out = generate(model, prompt, 6, temperature=0.0)
+    assert out.shape == (1, 11) and torch.equal(out[:, :5], prompt)
+    again = generate(model, prompt, 6, temperature=0.0)
+    assert torch.equal(out, again)
+    g = torch.Generator().manual_seed(1)
+    sampled = generate(model, prompt, 6, temperature=1.0, top_k=5, generator=g)
+    assert sampled.shape == (1, 11) and int(sampled.max()) < 256
+
+
+def test_recurrent_generation_equals_recomputing_the_prefix():
+    model = random_model(5, "interleaved")
+    prompt = torch.randint(0, 256, (2, 11))
+    fast = generate(model, prompt, 20, temperature=0.0, chunk_size=4)
+    slow = generate_recompute(model, prompt, 20, temperature=0.0)
+    assert torch.equal(fast, slow)
+    fast = generate(model, prompt, 20, 0.8, 10, torch.Generator().manual_seed(7), chunk_size=4)
+    slow = generate_recompute(model, prompt, 20, 0.8, 10, torch.Generator().manual_seed(7))
+    assert torch.equal(fast, slow)
+
+
+def test_generation_with_a_context_window_equals_recomputing_that_window():
+    model = random_model(8, "half")
+    prompt = torch.randint(0, 256, (2, 13))
+    gen = lambda seed: torch.Generator().manual_seed(seed)  # noqa: E731
+    fast = generate(model, prompt, 30, 1.0, None, gen(3), context=8, chunk_size=3)  # restarts 4 times
+    slow = generate_recompute(model, prompt, 30, 1.0, None, gen(3), context=8)
+    assert torch.equal(fast, slow)
+    # a prompt longer than the window: only its last `context` bytes matter
+    cut = generate_recompute(model, prompt[:, -8:], 30, 1.0, None, gen(3), context=8)
+    assert torch.equal(slow[:, -30:], cut[:, -30:])
+    whole = generate_recompute(model, prompt, 30, 1.0, None, gen(3))
+    assert not torch.equal(whole, slow)
+    with pytest.raises(ValueError, match="context"):
+        generate(model, prompt, 3, context=1)
+
+
+def test_generation_rejects_an_empty_prompt():
+    model = random_model(6, "half")
+    with pytest.raises(ValueError, match="at least one byte"):
+        generate(model, torch.zeros((1, 0), dtype=torch.long), 3)
+
+
+def test_sampling_draws_what_torch_multinomial_draws():
+    """sample_next skips multinomial's check (it waits for the GPU) but draws the same bytes."""
+    logits = torch.randn(4, 256) * 3
+    for seed in range(20):
+        want = torch.multinomial(
+            torch.softmax(logits / 0.7, -1), 1, generator=torch.Generator().manual_seed(seed)
+        )
+        got = sample_next(logits, 0.7, None, torch.Generator().manual_seed(seed))
+        assert torch.equal(got, want)
+    top = sample_next(logits, 1.0, 3, torch.Generator().manual_seed(0))
+    assert (logits.gather(1, top) >= logits.topk(3).values[:, -1:]).all()
