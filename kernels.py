@@ -42,7 +42,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from model import BDH, BDHConfig, RecurrentState, layer_norm, rope_cos_sin, rope_frequencies
+from model import BDH, BDHConfig, RecurrentState, chunk_decay, layer_norm, rope_cos_sin, rope_frequencies
 
 # Triton's CPU interpreter (TRITON_INTERPRET=1, for the tests) multiplies bf16 wrongly: upcast there.
 _INTERPRET = tl.constexpr(os.environ.get("TRITON_INTERPRET", "0") == "1")
@@ -72,7 +72,7 @@ def _tile(R, M, H, BR: tl.constexpr, BP: tl.constexpr):
     h = tl.program_id(1) // tiles_per_head
     p = (tl.program_id(1) % tiles_per_head) * BP + tl.arange(0, BP)
     mask = (rows < R)[:, None] & (p < half)[None, :]
-    offs = rows[:, None] * (H * M) + h * M + p[None, :]
+    offs = rows.to(tl.int64)[:, None] * (H * M) + h * M + p[None, :]  # 64 bits: R x n may pass 2**31
     head_offs = (h * R + rows).to(tl.int64)[:, None] * M + p[None, :]
     return rows, h, p, half, mask, offs, head_offs
 
@@ -228,20 +228,25 @@ def _pre_relu(v: torch.Tensor, Dx: torch.Tensor) -> torch.Tensor:
     return v.reshape(-1, D) @ Dx.transpose(0, 1).reshape(D, H * M)
 
 
+def _mask_scores(S: torch.Tensor, decay: torch.Tensor | None) -> torch.Tensor:
+    """In place: tril(S, -1), or S * decay (h, T, T, zero on and above the diagonal). S: h, B, T, T."""
+    return S.tril_(-1) if decay is None else S.mul_(decay.unsqueeze(1))
+
+
 class FusedNeurons(torch.autograd.Function):
-    """z = (relu(LN(tril(S, -1) v) Dy) * x * keep) E with S = RoPE(x) RoPE(x)^T, x = relu(v Dx): one
-    layer's neuron work. Inputs bf16, neurons in the kernels' pair order. cuBLAS multiplies; the Triton
-    kernels do everything between the products in one pass each. No B x T x n tensor is kept for
-    backward: backward multiplies x and u again."""
+    """z = (relu(LN(W * S) v) Dy) * x * keep) E with S = RoPE(x) RoPE(x)^T, x = relu(v Dx): one layer's
+    neuron work, W = tril(1, -1) or the model's decay. Inputs bf16, neurons in the kernels' pair order.
+    cuBLAS multiplies; the Triton kernels do everything between the products in one pass each. No
+    B x T x n tensor is kept for backward: backward multiplies x and u again."""
 
     @staticmethod
-    def forward(ctx, v, Dx, Dy, E, cos, sin, p_drop: float, seed: int):  # v: B, T, d bf16
+    def forward(ctx, v, Dx, Dy, E, cos, sin, p_drop: float, seed: int, decay=None):  # v: B, T, d bf16
         B, T, D = v.shape
         H, _, M = Dx.shape
         R = B * T
         x = _pre_relu(v, Dx)  # R, n
         r = rotated(x, cos, sin, T, H).view(H, B, T, M)
-        S = (r @ r.mT).tril_(-1)  # h, B, T, T
+        S = _mask_scores(r @ r.mT, decay)  # h, B, T, T
         del r
         ahat = _attention(S, v).to(torch.bfloat16)  # h, B, T, d
         u = ahat.view(H, R, D) @ Dy  # h, R, M
@@ -249,13 +254,13 @@ class FusedNeurons(torch.autograd.Function):
         _gate_kernel[_grid(R, H, M)](x, u, y, R, M, H, p_drop, seed, HAS_DROPOUT=p_drop > 0, BR=BR, BP=BP)
         del x, u
         z = y @ E  # R, d
-        ctx.save_for_backward(v, Dx, Dy, E, cos, sin, S)
+        ctx.save_for_backward(v, Dx, Dy, E, cos, sin, S, decay)
         ctx.p_drop, ctx.seed = p_drop, seed
         return z.view(B, T, D)
 
     @staticmethod
     def backward(ctx, gz):
-        v, Dx, Dy, E, cos, sin, S = ctx.saved_tensors
+        v, Dx, Dy, E, cos, sin, S, decay = ctx.saved_tensors
         B, T, D = v.shape
         H, _, M = Dx.shape
         R = B * T
@@ -279,7 +284,7 @@ class FusedNeurons(torch.autograd.Function):
         gDy = ahat.view(H, R, D).mT @ gu_h  # h, d, M
         del gu, gu_h
         torch.autograd.backward(ahat_, gahat.view(H, B, T, D).float())
-        G = mirrored(S_.grad)  # h, B, T, T   S = tril(RoPE(x) RoPE(x)^T, -1)
+        G = mirrored(S_.grad if decay is None else S_.grad * decay.unsqueeze(1))  # h, B, T, T
         gr = G @ rotated(x, cos, sin, T, H).view(H, B, T, M)  # dL/dRoPE(x)
         del G
         _grad_x_kernel[_grid(R, H, M)](x, gr, cos, sin, gx, R, T, M, H, BR=BR, BP=BP)
@@ -287,7 +292,7 @@ class FusedNeurons(torch.autograd.Function):
         gx_h = gx.view(R, H, M).transpose(0, 1)  # h, R, M
         gDx = v.view(R, D).mT @ gx_h  # h, d, M
         gv = v_.grad.view(R, D) + (gx_h @ Dx.mT).sum(0)  # R, d
-        return gv.view(B, T, D).to(v.dtype), gDx, gDy, gE, None, None, None, None
+        return gv.view(B, T, D).to(v.dtype), gDx, gDy, gE, None, None, None, None, None
 
 
 class Fused(torch.nn.Module):
@@ -348,25 +353,25 @@ def fused_forward(
     """BDH.forward through the fused kernels (bf16 operands, float32 accumulation). idx: B, T."""
     cfg = model.config
     B, T = idx.shape
-    if B * T * cfg.n_neurons >= 2**31:
-        raise ValueError(f"batch x window x neurons must stay under 2**31, got {B} x {T} x {cfg.n_neurons}")
     order = pair_order(model)
     local = order[: cfg.head_size]
     Dx = _InPairOrder.apply(model.Dx, 2, local)  # h, d, M   bf16, pair order
     Dy = _InPairOrder.apply(model.Dy, 2, local)
     E = _InPairOrder.apply(model.E, 0, order)  # n, d
     cos, sin = pair_cos_sin(model, T, idx.device)
+    decay = model.decay_weights(T, idx.device)  # h, T, T or None
+    decay = None if decay is None else decay.to(torch.bfloat16)
     p_drop = model.active_dropout
     with torch.autocast(idx.device.type, enabled=False):  # the kernels choose their own precision
-        return _layers(model, idx, targets, Dx, Dy, E, cos, sin, p_drop)
+        return _layers(model, idx, targets, Dx, Dy, E, cos, sin, p_drop, decay)
 
 
-def _layers(model, idx, targets, Dx, Dy, E, cos, sin, p_drop):
+def _layers(model, idx, targets, Dx, Dy, E, cos, sin, p_drop, decay):
     bf16 = torch.bfloat16
     v = layer_norm(model.embed(idx).float())  # B, T, d
     for _ in range(model.config.n_layer):
         seed = int(torch.randint(0, 2**31 - 1, (1,)).item()) if p_drop > 0 else 0
-        z = FusedNeurons.apply(v.to(bf16), Dx, Dy, E, cos, sin, p_drop, seed)  # B, T, d
+        z = FusedNeurons.apply(v.to(bf16), Dx, Dy, E, cos, sin, p_drop, seed, decay)  # B, T, d
         v = layer_norm(v + layer_norm(z.float()))
     logits = (v.to(bf16) @ model.readout.to(bf16)).float()  # B, T, V
     loss = None
@@ -467,13 +472,16 @@ def _finish_sum(
 
 @triton.jit
 def _step_attention_kernel(
-    v_ptr, dx_ptr, freq_ptr, pos_ptr, s_ptr, x_ptr, a_ptr, groups_ptr, count_ptr, ln_ptr, B, H, M, D,
+    v_ptr, dx_ptr, freq_ptr, pos_ptr, s_ptr, x_ptr, a_ptr, groups_ptr, count_ptr, ln_ptr, gamma_ptr,
+    B, H, M, D,
     INTERLEAVED: tl.constexpr, BB: tl.constexpr, BP: tl.constexpr, BD: tl.constexpr,
-    GROUP: tl.constexpr, GROUPS: tl.constexpr, D_PAD: tl.constexpr, PDL: tl.constexpr,
+    GROUP: tl.constexpr, GROUPS: tl.constexpr, D_PAD: tl.constexpr, PDL: tl.constexpr, DECAY: tl.constexpr,
 ):  # fmt: skip
     """For BP rotation pairs of head h and BB batch rows: x = relu(v Dx), then per row a_part = RoPE(x) S
-    (old S) and S += RoPE(x)^T v. The last program of the head writes LN(a), a the sum of the parts.
-    PDL: launched while the previous kernel ends; its columns of Dx are read before waiting for it."""
+    (old S) and S += RoPE(x)^T v (S <- gamma_h S + RoPE(x)^T v with DECAY: then every row of S is
+    read and written, not only the live ones). The last program of the head writes LN(a), a the sum
+    of the parts. PDL: launched while the previous kernel ends; its columns of Dx are read before
+    waiting for it."""
     tile_h = tl.program_id(0)
     block = tl.program_id(1)
     blocks = tl.num_programs(1)
@@ -514,12 +522,18 @@ def _step_attention_kernel(
         ja = p
         jb = p + half
     rows = tl.minimum(BB, B - b0)
+    if DECAY:
+        gamma = tl.load(gamma_ptr + h)
     for i in range(rows):  # each batch row has its own state
         pick = (tl.arange(0, BB) == i)[:, None]
         ra_i = tl.sum(tl.where(pick, ra, 0.0), 0)  # BP
         rb_i = tl.sum(tl.where(pick, rb, 0.0), 0)
-        live_a = p_mask & (ra_i != 0.0)  # rows where RoPE(x) is zero are neither read nor written
-        live_b = p_mask & (rb_i != 0.0)
+        if DECAY:  # every row decays
+            live_a = p_mask
+            live_b = p_mask
+        else:  # rows where RoPE(x) is zero are neither read nor written
+            live_a = p_mask & (ra_i != 0.0)
+            live_b = p_mask & (rb_i != 0.0)
         bh = (b0 + i) * H + h
         for d0 in range(0, D, BD):  # BD columns of the state rows at a time
             d = d0 + tl.arange(0, BD)
@@ -533,6 +547,9 @@ def _step_attention_kernel(
             Sb = tl.load(rows_b, mask=mask_b, other=0.0)
             part = tl.sum(ra_i[:, None] * Sa, 0) + tl.sum(rb_i[:, None] * Sb, 0)
             tl.store(a_ptr + (bh * blocks + block) * D + d, part, mask=d_mask)
+            if DECAY:
+                Sa *= gamma
+                Sb *= gamma
             tl.store(rows_a, Sa + ra_i[:, None] * v[None, :], mask=mask_a)
             tl.store(rows_b, Sb + rb_i[:, None] * v[None, :], mask=mask_b)
     count_ptr += tile_h * (tl.cdiv(blocks, GROUP) + 1)  # this (batch tile, head)'s counters
@@ -629,6 +646,8 @@ class FusedStep:
         self.E = model.E.contiguous()  # n, d
         freq = rope_frequencies(cfg, model.E.device)  # M: both members of a pair share a frequency
         self.pair_freq = freq[first_of_pairs(cfg)].contiguous()  # M/2, turns per position
+        decay = chunk_decay(cfg, 1, model.E.device)  # gamma per head, or None
+        self.gamma = decay.whole.flatten().contiguous() if decay is not None else self.pair_freq  # unread
         self.counts: dict[int, torch.Tensor] = {}  # per batch size: the sums' counters, zero between kernels
         # Programmatic dependent launch (Hopper on): each kernel starts while the one before ends
         dev = model.E.device
@@ -660,9 +679,10 @@ class FusedStep:
         _step_embed_kernel[(B,)](byte, self.embed, v, state.pos, pos_now, D, D_PAD=_pow2(D), PDL=self.pdl)
         for S in state.layers:  # B, h, M, d float32
             _step_attention_kernel[(tiles * H, att_blocks)](
-                v, self.Dx, self.pair_freq, pos_now, S, x, a_parts, a_groups, counts, ln_a, B, H, M, D,
-                INTERLEAVED=cfg.rope_style == "interleaved", BB=BATCH_TILE, GROUPS=_pow2(att_groups, 1),
-                D_PAD=_pow2(D), PDL=self.pdl, launch_pdl=self.pdl, **att,
+                v, self.Dx, self.pair_freq, pos_now, S, x, a_parts, a_groups, counts, ln_a, self.gamma,
+                B, H, M, D, INTERLEAVED=cfg.rope_style == "interleaved", BB=BATCH_TILE,
+                GROUPS=_pow2(att_groups, 1), D_PAD=_pow2(D), PDL=self.pdl, DECAY=cfg.half_lives is not None,
+                launch_pdl=self.pdl, **att,
             )  # fmt: skip
             _step_gate_kernel[(B * H, gate_blocks)](
                 ln_a, x, self.DyT, self.E, z_parts, z_groups, counts[att_counts:], v, H, M, D,

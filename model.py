@@ -57,6 +57,10 @@ class BDHConfig:
     # "interleaved": dims (2i, 2i+1) paired, frequency theta^(-2i/m) (the paper authors' code);
     # "half": dims (i, i+m/2) paired, frequency theta^(-2i/m) (the reference report's code).
     rope_style: str = "interleaved"
+    # Per head, in bytes: the attention state's weight on a byte halves every half_lives[h] bytes
+    # (a_t = sum_{s<t} gamma^(t-1-s) <RoPE(x_t), RoPE(x_s)> v_s, gamma = 2^(-1/half_life)).
+    # None: no decay, every earlier byte counts fully (the paper's model).
+    half_lives: list[float] | None = None
 
     def __post_init__(self) -> None:
         for name in ("n_embd", "n_head", "n_neurons", "n_layer", "vocab_size"):
@@ -75,6 +79,13 @@ class BDHConfig:
             raise ValueError(f"rope_style must be one of {ROPE_STYLES}, got {self.rope_style!r}")
         if self.rope_theta <= 1.0:
             raise ValueError(f"rope_theta must be > 1, got {self.rope_theta}")
+        if self.half_lives is not None:
+            self.half_lives = [float(t) for t in self.half_lives]
+            if len(self.half_lives) != self.n_head or not all(0 < t < math.inf for t in self.half_lives):
+                raise ValueError(
+                    f"half_lives must be {self.n_head} positive numbers of bytes (one a head), "
+                    f"got {self.half_lives}"
+                )
 
     @property
     def head_size(self) -> int:
@@ -125,13 +136,43 @@ def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, style: str) -> t
     return (x * cos).to(x.dtype) + (rotate_pairs(x, style) * sin).to(x.dtype)
 
 
-def causal_linear_attention(qk: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """a_t = sum_{s<t} <qk_t, qk_s> v_s: linear attention, queries = keys, diagonal masked.
+def causal_linear_attention(
+    qk: torch.Tensor, v: torch.Tensor, decay: torch.Tensor | None = None
+) -> torch.Tensor:
+    """a_t = sum_{s<t} w_ts <qk_t, qk_s> v_s: linear attention, queries = keys, diagonal masked.
 
+    w = 1 (the paper's model), or decay (h, T, T) = gamma_h^(t-1-s) for s < t and 0 elsewhere.
     qk: B, h, T, n/h    v: B, 1, T, d    returns B, h, T, d
     """
-    scores = (qk @ qk.mT).tril(diagonal=-1)  # B, h, T, T
+    scores = qk @ qk.mT  # B, h, T, T
+    scores = scores.tril(diagonal=-1) if decay is None else scores * decay.to(scores.dtype)
     return scores @ v
+
+
+@dataclass
+class ChunkDecay:
+    """The decay of the attention state over a chunk of C bytes, per head (float32)."""
+
+    weights: torch.Tensor  # h, C, C: gamma^(i-1-j) for j < i, else 0 (inside the chunk)
+    since_start: torch.Tensor  # h, C, 1: gamma^i, what is left at byte i of the state before the chunk
+    to_end: torch.Tensor  # h, C, 1: gamma^(C-1-j), what is left of byte j's term when the chunk ends
+    whole: torch.Tensor  # h, 1, 1: gamma^C, what is left of the state before the chunk when it ends
+
+
+def chunk_decay(config: BDHConfig, C: int, device: torch.device | str | None = None) -> ChunkDecay | None:
+    """The decay factors of a chunk of C bytes; None for a model without decay."""
+    if config.half_lives is None:
+        return None
+    half = torch.tensor(config.half_lives, dtype=torch.float32, device=device)[:, None, None]  # h, 1, 1
+    i = torch.arange(C, dtype=torch.float32, device=device)
+    lag = i[:, None] - i[None, :] - 1  # C, C: t - 1 - s
+    weights = torch.where(lag >= 0, torch.exp2(-lag.clamp(min=0) / half), 0.0)
+    return ChunkDecay(
+        weights=weights,
+        since_start=torch.exp2(-i[:, None] / half),
+        to_end=torch.exp2(-(C - 1 - i)[:, None] / half),
+        whole=torch.exp2(-C / half),
+    )
 
 
 class BDH(
@@ -181,27 +222,40 @@ class BDH(
         return layer_norm(v + layer_norm(y_flat @ self.E)), y  # B, T, d
 
     def layer(
-        self, v: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
+        self, v: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, decay: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """One BDH-GPU layer, parallel form. v: B, T, d. Returns the new v and the neurons x, y."""
         x = self.neurons(v)  # B, h, T, n/h
-        a = causal_linear_attention(rope(x, cos, sin, self.config.rope_style), v.unsqueeze(1))  # B, h, T, d
+        r = rope(x, cos, sin, self.config.rope_style)
+        a = causal_linear_attention(r, v.unsqueeze(1), decay)  # B, h, T, d
         v, y = self.mix(v, x, a)
         return v, x, y
 
     def layer_chunk(
-        self, v: torch.Tensor, state: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
+        self,
+        v: torch.Tensor,
+        state: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        decay: ChunkDecay | None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """One layer over a chunk of C bytes that carries the attention state of all earlier bytes.
 
-        state: B, h, n/h, d (float32 or wider), the sum of RoPE(x_s)^T v_s over every earlier position s.
-        Inside the chunk the attention is the quadratic one; earlier chunks come in through the state.
+        state: B, h, n/h, d (float32 or wider), the sum of RoPE(x_s)^T v_s over every earlier position s
+        (each term weighted gamma^(pos-1-s) with decay). Inside the chunk the attention is the quadratic
+        one; earlier chunks come in through the state.
         """
         v1 = v.unsqueeze(1)  # B, 1, C, d
         x = self.neurons(v)  # B, h, C, n/h
         r = rope(x, cos, sin, self.config.rope_style)  # B, h, C, n/h
-        a = causal_linear_attention(r, v1) + r @ state.to(r.dtype)  # B, h, C, d
-        state = state + (r.mT @ v1).to(state.dtype)  # B, h, n/h, d
+        if decay is None:
+            a = causal_linear_attention(r, v1) + r @ state.to(r.dtype)  # B, h, C, d
+            state = state + (r.mT @ v1).to(state.dtype)  # B, h, n/h, d
+        else:
+            a = causal_linear_attention(r, v1, decay.weights) + (
+                r * decay.since_start.to(r.dtype)
+            ) @ state.to(r.dtype)
+            state = decay.whole * state + ((r * decay.to_end.to(r.dtype)).mT @ v1).to(state.dtype)
         v, _ = self.mix(v, x, a)
         return v, state
 
@@ -214,14 +268,20 @@ class BDH(
         """
         T = idx.shape[1]
         cos, sin = rope_cos_sin(self.config, torch.arange(T, device=idx.device))  # T, n/h
+        decay = self.decay_weights(T, idx.device)  # h, T, T or None
         v = layer_norm(self.embed(idx))  # B, T, d
         for _ in range(self.config.n_layer):
-            v, _, _ = self.layer(v, cos, sin)
+            v, _, _ = self.layer(v, cos, sin, decay)
         logits = v @ self.readout  # B, T, V
         loss = None
         if targets is not None:
             loss = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten())
         return logits, loss
+
+    def decay_weights(self, T: int, device: torch.device | str | None = None) -> torch.Tensor | None:
+        """gamma_h^(t-1-s) for s < t, else 0 (h, T, T) float32; None for a model without decay."""
+        decay = chunk_decay(self.config, T, device)
+        return None if decay is None else decay.weights
 
     @torch.no_grad()
     def activation_stats(self, idx: torch.Tensor) -> list[dict[str, float]]:
@@ -232,10 +292,11 @@ class BDH(
         """
         T = idx.shape[1]
         cos, sin = rope_cos_sin(self.config, torch.arange(T, device=idx.device))
+        decay = self.decay_weights(T, idx.device)
         v = layer_norm(self.embed(idx))
         stats = []
         for _ in range(self.config.n_layer):
-            v, x, y = self.layer(v, cos, sin)
+            v, x, y = self.layer(v, cos, sin, decay)
             r = rope(x, cos, sin, self.config.rope_style)
             fraction = lambda t: (t != 0).float().mean().item()  # noqa: E731
             stats.append({"x_nonzero": fraction(x), "rope_x_nonzero": fraction(r), "y_nonzero": fraction(y)})
@@ -255,10 +316,11 @@ class BDH(
         C = idx.shape[1]
         positions = state.pos + torch.arange(C, device=idx.device)
         cos, sin = rope_cos_sin(self.config, positions)  # C, n/h   (absolute positions)
+        decay = chunk_decay(self.config, C, idx.device)
         v = layer_norm(self.embed(idx))  # B, C, d
         layer_states = []
         for layer_state in state.layers:  # the same weights in every layer, one state each
-            v, layer_state = self.layer_chunk(v, layer_state, cos, sin)
+            v, layer_state = self.layer_chunk(v, layer_state, cos, sin, decay)
             layer_states.append(layer_state)
         return v @ self.readout, RecurrentState(layer_states, state.pos + C)
 
@@ -297,15 +359,19 @@ class BDH(
         """The recurrent form: logits (B, V) after one more byte (B,). Updates state in place.
 
         Constant work per byte: each layer reads its B x h x n/h x d state once for the attention
-        and adds RoPE(x)^T v to it. kernels.FusedStep is the same step in Triton, reading only the
-        rows of the state, Dy and E that belong to non-zero neurons; this is its reference.
+        and adds RoPE(x)^T v to it (S <- gamma S + RoPE(x)^T v with decay). kernels.FusedStep is the
+        same step in Triton, reading only the rows of the state, Dy and E that belong to non-zero
+        neurons; this is its reference.
         """
         cos, sin = rope_cos_sin(self.config, state.pos.view(1))  # 1, n/h
+        decay = chunk_decay(self.config, 1, state.pos.device)  # whole: h, 1, 1, gamma per head
         v = layer_norm(self.embed(byte[:, None]))  # B, 1, d
         for S in state.layers:  # B, h, n/h, d
             x = self.neurons(v)  # B, h, 1, n/h
             r = rope(x, cos, sin, self.config.rope_style)
             a = (r.to(S.dtype) @ S).to(r.dtype)  # B, h, 1, d   every earlier byte, through the state
+            if decay is not None:
+                S.mul_(decay.whole.to(S.dtype))
             S.addcmul_(r.mT.to(S.dtype), v.unsqueeze(1).to(S.dtype))  # S += RoPE(x)^T v, in place
             v, _ = self.mix(v, x, a)
         state.pos.add_(1)

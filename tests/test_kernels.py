@@ -21,22 +21,29 @@ def rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a.double() - b.double()).norm() / b.double().norm()).item()
 
 
-def make_model(style: str, seed: int = 0, dropout: float = 0.0) -> BDH:
+HALF_LIVES = [3.0, 40.0, 7.0, 1000.0]  # bytes, one a head (the first h of them)
+
+
+def make_model(style: str, seed: int = 0, dropout: float = 0.0, decay: bool = False) -> BDH:
     d, h, m, _, _ = SIZES
     torch.manual_seed(seed)
-    cfg = BDHConfig(n_embd=d, n_head=h, n_neurons=h * m, n_layer=2, dropout=dropout, rope_style=style)
+    cfg = BDHConfig(
+        n_embd=d, n_head=h, n_neurons=h * m, n_layer=2, dropout=dropout, rope_style=style,
+        half_lives=HALF_LIVES[:h] if decay else None,
+    )  # fmt: skip
     return BDH(cfg).to(DEVICE)
 
 
-def reference_neurons(v, Dx, Dy, E, cos, sin, keep=None):
+def reference_neurons(v, Dx, Dy, E, cos, sin, keep=None, decay=None):
     """The layer's neuron work in float32 PyTorch, neurons in the kernels' pair order. keep: B*T x n,
-    dropout's 0 or 1 / (1 - p) per neuron."""
+    dropout's 0 or 1 / (1 - p) per neuron; decay: h, T, T (the model's decay weights)."""
     B, T, _ = v.shape
     half = Dx.shape[-1] // 2
     x = torch.relu(v.unsqueeze(1) @ Dx)  # B, h, T, M
     xa, xb = x[..., :half], x[..., half:]
     r = torch.cat((xa * cos - xb * sin, xb * cos + xa * sin), dim=-1)
-    ahat = layer_norm((r @ r.mT).tril(-1) @ v.unsqueeze(1))  # B, h, T, d
+    scores = (r @ r.mT).tril(-1) if decay is None else (r @ r.mT) * decay.float()
+    ahat = layer_norm(scores @ v.unsqueeze(1))  # B, h, T, d
     y = (torch.relu(ahat @ Dy) * x).transpose(1, 2).reshape(B, T, -1)
     if keep is not None:
         y = y * keep.view(B, T, -1)
@@ -54,9 +61,9 @@ def dropout_keep(R: int, H: int, M: int, p_drop: float, seed: int) -> torch.Tens
     return y.float()
 
 
-@pytest.mark.parametrize("style", ["interleaved", "half"])
-def test_fused_layer_values_and_gradients_match_float32(style):
-    check_layer_against_float32(style)
+@pytest.mark.parametrize("style, decay", [("interleaved", False), ("half", False), ("interleaved", True)])
+def test_fused_layer_values_and_gradients_match_float32(style, decay):
+    check_layer_against_float32(style, decay=decay)
 
 
 # A longer window on a GPU; in the interpreter, small tiles: several pair tiles a head, the last row
@@ -83,25 +90,28 @@ def test_fused_model_with_small_tiles_or_a_long_window(style, monkeypatch):
 
 
 def check_layer_against_float32(
-    style: str, B: int = SIZES[3], T: int = SIZES[4], p_drop: float = 0.0, seed: int = 0
+    style: str, B: int = SIZES[3], T: int = SIZES[4], p_drop: float = 0.0, seed: int = 0, decay: bool = False
 ) -> None:
     d, h, m, _, _ = SIZES
     keep = dropout_keep(B * T, h, m, p_drop, seed) if p_drop > 0 else None
-    model = make_model(style)
+    model = make_model(style, decay=decay)
+    weights_of_decay = model.decay_weights(T, DEVICE)
+    if weights_of_decay is not None:
+        weights_of_decay = weights_of_decay.to(torch.bfloat16)
     bf16 = torch.bfloat16
     v = torch.randn(B, T, d, device=DEVICE).to(bf16)
     weights = [(torch.randn(s, device=DEVICE) * 0.05).to(bf16) for s in ((h, d, m), (h, d, m), (h * m, d))]
     cos, sin = kernels.pair_cos_sin(model, T, v.device)
     gz = torch.randn(B, T, d, device=DEVICE)
     ref_in = [t.float().requires_grad_() for t in (v, *weights)]
-    ref = reference_neurons(*ref_in, cos, sin, keep)
+    ref = reference_neurons(*ref_in, cos, sin, keep, weights_of_decay)
     ref.backward(gz)
     ins = [t.clone().requires_grad_() for t in (v, *weights)]
-    out = kernels.FusedNeurons.apply(*ins, cos, sin, p_drop, seed)
+    out = kernels.FusedNeurons.apply(*ins, cos, sin, p_drop, seed, weights_of_decay)
     out.backward(gz)
     plain_in = [t.float().requires_grad_() for t in (v, *weights)]  # yardstick: plain PyTorch in bf16
     with torch.autocast(DEVICE, dtype=torch.bfloat16):
-        plain = reference_neurons(*plain_in, cos, sin, keep)
+        plain = reference_neurons(*plain_in, cos, sin, keep, weights_of_decay)
     plain.backward(gz)
     assert torch.isfinite(out).all()
     assert 1e-4 < rel(out, ref) < 1e-2  # bf16 operands, float32 accumulation
@@ -115,14 +125,14 @@ def check_layer_against_float32(
         assert fused_err < max(3e-2, 3 * plain_err), (name, errors)
 
 
-@pytest.mark.parametrize("style", ["interleaved", "half"])
-def test_fused_model_is_as_close_to_float32_as_plain_bf16(style):
-    check_model_against_float32(style, *SIZES[3:])
+@pytest.mark.parametrize("style, decay", [("interleaved", False), ("half", False), ("half", True)])
+def test_fused_model_is_as_close_to_float32_as_plain_bf16(style, decay):
+    check_model_against_float32(style, *SIZES[3:], decay=decay)
 
 
-def check_model_against_float32(style: str, B: int, T: int) -> None:
+def check_model_against_float32(style: str, B: int, T: int, decay: bool = False) -> None:
     # the reference is the plain path in float32; the yardstick, the plain path under bf16 autocast
-    model = make_model(style, seed=1)
+    model = make_model(style, seed=1, decay=decay)
     idx = torch.randint(0, 256, (B, T), device=DEVICE)
     targets = torch.randint(0, 256, (B, T), device=DEVICE)
     params = list(model.parameters())
@@ -174,9 +184,9 @@ def test_mirrored_gradient_of_the_scores(T):
     assert torch.equal(kernels.mirrored(dS, BT=16), L + L.mT)
 
 
-@pytest.mark.parametrize("style", ["interleaved", "half"])
-def test_fused_recurrent_step_matches_the_plain_step(style):
-    model = make_model(style, seed=2).eval()
+@pytest.mark.parametrize("style, decay", [("interleaved", False), ("half", False), ("interleaved", True)])
+def test_fused_recurrent_step_matches_the_plain_step(style, decay):
+    model = make_model(style, seed=2, decay=decay).eval()
     prompt = torch.randint(0, 256, (2, 9), device=DEVICE)
     _, _, plain = model.forward_chunked(prompt, chunk_size=4)
     _, _, fused = model.forward_chunked(prompt, chunk_size=4)

@@ -109,11 +109,12 @@ def test_config_rejects_bad_dimensions(kw, message):
         BDHConfig(**kw)
 
 
-def test_save_and_load_roundtrip(tmp_path):
-    model = tiny(rope_style="half", rope_theta=10000.0)
+@pytest.mark.parametrize("half_lives", [None, [8.0, 300.0]])
+def test_save_and_load_roundtrip(tmp_path, half_lives):
+    model = tiny(rope_style="half", rope_theta=10000.0, half_lives=half_lives)
     model.save_pretrained(tmp_path)
     loaded = BDH.from_pretrained(tmp_path)
-    assert loaded.config == model.config
+    assert loaded.config == model.config and loaded.config.half_lives == half_lives
     idx = torch.randint(0, 256, (1, 10))
     torch.testing.assert_close(model.eval()(idx)[0], loaded.eval()(idx)[0])
 
