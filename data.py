@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import hashlib
-import itertools
 import json
 import math
 import os
@@ -195,85 +194,6 @@ def epoch_offsets(n_bytes: int, seq_len: int, epoch: int, seed: int) -> np.ndarr
     shift = int(rng.integers(seq_len))
     count = (n_bytes - 1 - shift) // seq_len
     return shift + seq_len * rng.permutation(count)
-
-
-@torch.no_grad()
-def position_loss_sums(
-    model: torch.nn.Module,
-    data: np.ndarray,
-    seq_len: int,
-    batch_size: int,
-    device: torch.device,
-    max_chunks: int | None = None,
-    autocast_dtype: torch.dtype | None = None,
-) -> tuple[np.ndarray, int]:
-    """Cross-entropy (nats) summed over the windows at each position 0..T-1, and the windows scored."""
-    was_training = model.training
-    model.eval()
-    sums, windows = np.zeros(seq_len), 0
-    for x, y in window_batches(data, seq_len, batch_size, max_chunks):
-        x, y = x.to(device), y.to(device)
-        with autocast(device, autocast_dtype):
-            logits, _ = model(x)
-        loss = torch.nn.functional.cross_entropy(logits.float().mT, y, reduction="none")  # B, T
-        sums += loss.sum(0).double().cpu().numpy()
-        windows += y.shape[0]
-    model.train(was_training)
-    if windows == 0:
-        raise UsageError(f"the split ({len(data)} bytes) is shorter than one window of {seq_len + 1}")
-    return sums, windows
-
-
-def evaluate_loss(
-    model: torch.nn.Module,
-    data: np.ndarray,
-    seq_len: int,
-    batch_size: int,
-    device: torch.device,
-    max_chunks: int | None = None,
-    autocast_dtype: torch.dtype | None = None,
-) -> tuple[float, int]:
-    """Mean cross-entropy (nats per byte) over all targets of the windows, and the bytes scored."""
-    sums, windows = position_loss_sums(model, data, seq_len, batch_size, device, max_chunks, autocast_dtype)
-    return float(sums.sum() / (windows * seq_len)), windows * seq_len
-
-
-def loss_by_position(sums: np.ndarray, windows: int) -> dict[str, float]:
-    """Mean loss over positions [0, 128), [128, 256), [256, 512), ... of the window (a model trained
-    on short windows may not carry its quality to later positions)."""
-    edges = [0, 128]
-    while edges[-1] < len(sums):
-        edges.append(edges[-1] * 2)
-    edges[-1] = len(sums)
-    return {
-        f"{a}-{b - 1}": float(sums[a:b].sum() / (windows * (b - a)))
-        for a, b in itertools.pairwise(edges)
-        if a < b
-    }
-
-
-@torch.no_grad()
-def activation_summary(
-    model: torch.nn.Module,
-    data: np.ndarray,
-    seq_len: int,
-    windows: int,
-    device: torch.device,
-    autocast_dtype: torch.dtype | None = None,
-) -> dict:
-    """Fraction of non-zero neurons x and y, per layer and averaged, on the first `windows` windows."""
-    idx = next(window_batches(data, seq_len, windows))[0].to(device)
-    was_training = model.training
-    model.eval()
-    with autocast(device, autocast_dtype):
-        per_layer = model.activation_stats(idx)
-    model.train(was_training)
-    return {
-        "x_mean": float(np.mean([s["x_nonzero"] for s in per_layer])),
-        "rope_x_mean": float(np.mean([s["rope_x_nonzero"] for s in per_layer])),
-        "y_mean": float(np.mean([s["y_nonzero"] for s in per_layer])),
-        "per_layer": per_layer,
-    }
 
 
 def autocast(device: torch.device, dtype: torch.dtype | None):

@@ -14,29 +14,31 @@ from __future__ import annotations
 
 import argparse
 import copy
+import itertools
 import math
 import sys
 from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
+from tqdm import tqdm
 
 from data import (
     SPLITS,
     Parser,
     UsageError,
-    activation_summary,
     add_device_args,
+    autocast,
     fail,
     load_bytes_file,
     load_split,
-    loss_by_position,
     make_out_dir,
     nonneg_int,
-    position_loss_sums,
     positive_int,
     resolve_device,
     resolve_dtype,
+    window_batches,
     write_json,
 )
 from generate import generate
@@ -75,6 +77,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--max_chunks", type=positive_int, default=None, help="score only the first N windows (default: all)"
     )
+    p.add_argument(
+        "--stream",
+        action="store_true",
+        help="read the text as one, the state carried from its first byte to its last (the chunked form), "
+        "instead of in windows of --seq_len",
+    )
+    p.add_argument(
+        "--chunk_size",
+        type=positive_int,
+        default=CHUNK_SIZE,
+        help="bytes the chunked form reads at a time, for --stream and for windows longer than this "
+        f"({CHUNK_SIZE})",
+    )
     add_device_args(p)
     p.add_argument(
         "--data_dir",
@@ -101,6 +116,160 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=1337, help="random seed for sampling (1337)")
     p.add_argument("--no_plots", action="store_true", help="skip the weight histograms")
     return p
+
+
+# ----------------------------------------------------------------------------- scoring
+
+EVAL_BATCH_BYTES = 65536  # an evaluation batch holds at most this many bytes (fewer windows when long)
+CHUNK_SIZE = 1024  # the chunked form's chunk: --stream reads this many bytes at a time
+
+
+def eval_batch_windows(batch_size: int, seq_len: int, batch_bytes: int = EVAL_BATCH_BYTES) -> int:
+    """Windows per evaluation batch: batch_size, fewer for long windows, at least one."""
+    return max(1, min(batch_size, batch_bytes // seq_len))
+
+
+def position_buckets(length: int) -> list[tuple[int, int]]:
+    """Positions [0, 128), [128, 256), [256, 512), ... doubling, the last one ending at length."""
+    edges = [0, min(128, length)]
+    while edges[-1] < length:
+        edges.append(min(2 * edges[-1], length))
+    return list(itertools.pairwise(edges))
+
+
+def by_bucket(sums: np.ndarray, counts: np.ndarray, buckets: list[tuple[int, int]]) -> dict[str, float]:
+    """Mean loss in each bucket, keyed "first-last" position."""
+    return {f"{a}-{b - 1}": float(s / c) for (a, b), s, c in zip(buckets, sums, counts, strict=True) if c}
+
+
+@torch.no_grad()
+def position_loss_sums(
+    model: torch.nn.Module,
+    data: np.ndarray,
+    seq_len: int,
+    batch_size: int,
+    device: torch.device,
+    max_chunks: int | None = None,
+    autocast_dtype: torch.dtype | None = None,
+    chunk_size: int | None = None,
+) -> tuple[np.ndarray, int]:
+    """Cross-entropy (nats) summed over the windows at each position 0..T-1, and the windows scored.
+
+    chunk_size: read each window through model.forward_chunked, chunk_size bytes at a time (memory
+    linear in T); None: one parallel pass a window (model(x), which may be a compiled or fused model).
+    """
+    was_training = model.training
+    model.eval()
+    sums, windows = np.zeros(seq_len), 0
+    for x, y in window_batches(data, seq_len, batch_size, max_chunks):
+        x, y = x.to(device), y.to(device)
+        with autocast(device, autocast_dtype):
+            logits = model.forward_chunked(x, chunk_size=chunk_size)[0] if chunk_size else model(x)[0]
+        loss = F.cross_entropy(logits.float().mT, y, reduction="none")  # B, T
+        sums += loss.sum(0).double().cpu().numpy()
+        windows += y.shape[0]
+    model.train(was_training)
+    if windows == 0:
+        raise UsageError(f"the split ({len(data)} bytes) is shorter than one window of {seq_len + 1}")
+    return sums, windows
+
+
+def evaluate_loss(
+    model: torch.nn.Module,
+    data: np.ndarray,
+    seq_len: int,
+    batch_size: int,
+    device: torch.device,
+    max_chunks: int | None = None,
+    autocast_dtype: torch.dtype | None = None,
+) -> tuple[float, int]:
+    """Mean cross-entropy (nats per byte) over all targets of the windows, and the bytes scored."""
+    sums, windows = position_loss_sums(model, data, seq_len, batch_size, device, max_chunks, autocast_dtype)
+    return float(sums.sum() / (windows * seq_len)), windows * seq_len
+
+
+def loss_by_position(sums: np.ndarray, windows: int) -> dict[str, float]:
+    """Mean loss over positions 0-127, 128-255, 256-511, ... of the window (a model trained on short
+    windows may not carry its quality to later positions)."""
+    buckets = position_buckets(len(sums))
+    return by_bucket(
+        np.array([sums[a:b].sum() for a, b in buckets]), [windows * (b - a) for a, b in buckets], buckets
+    )
+
+
+@torch.no_grad()
+def stream_loss_sums(
+    model: BDH,
+    data: np.ndarray,
+    device: torch.device,
+    autocast_dtype: torch.dtype | None = None,
+    chunk_size: int = CHUNK_SIZE,
+) -> tuple[np.ndarray, np.ndarray, list[tuple[int, int]]]:
+    """The text read as one: the chunked form carries its state from the first byte to the last.
+
+    Byte i + 1 is scored at position i, having seen bytes 0..i. Returns the cross-entropy summed
+    in each position bucket, the bytes in each, and the buckets (position_buckets). Memory does not
+    grow with the text: one chunk, the state (float32, B = 1) and the sums.
+    """
+    was_training = model.training
+    model.eval()
+    buckets = position_buckets(len(data) - 1)
+    starts = np.array([a for a, _ in buckets])
+    sums, counts = np.zeros(len(buckets)), np.zeros(len(buckets), dtype=np.int64)
+    state = model.initial_state(1, device)
+    for p0 in tqdm(range(0, len(data) - 1, chunk_size), desc="stream", unit="chunk", disable=None):
+        chunk = torch.from_numpy(np.asarray(data[p0 : p0 + chunk_size + 1]).astype(np.int64)).to(device)
+        with autocast(device, autocast_dtype):
+            logits, _, state = model.forward_chunked(chunk[None, :-1], chunk_size=chunk_size, state=state)
+        loss = F.cross_entropy(logits[0].float(), chunk[1:], reduction="none").double().cpu().numpy()
+        which = np.searchsorted(starts, np.arange(p0, p0 + len(loss)), side="right") - 1
+        np.add.at(sums, which, loss)
+        np.add.at(counts, which, 1)
+    model.train(was_training)
+    return sums, counts, buckets
+
+
+@torch.no_grad()
+def activation_summary(
+    model: torch.nn.Module,
+    data: np.ndarray,
+    seq_len: int,
+    windows: int,
+    device: torch.device,
+    autocast_dtype: torch.dtype | None = None,
+) -> dict:
+    """Fraction of non-zero neurons x and y, per layer and averaged, on the first `windows` windows."""
+    idx = next(window_batches(data, seq_len, windows))[0].to(device)
+    was_training = model.training
+    model.eval()
+    with autocast(device, autocast_dtype):
+        per_layer = model.activation_stats(idx)
+    model.train(was_training)
+    return {
+        "x_mean": float(np.mean([s["x_nonzero"] for s in per_layer])),
+        "rope_x_mean": float(np.mean([s["rope_x_nonzero"] for s in per_layer])),
+        "y_mean": float(np.mean([s["y_nonzero"] for s in per_layer])),
+        "per_layer": per_layer,
+    }
+
+
+def plot_loss_by_position(by_position: dict[str, float], path: Path, title: str) -> None:
+    """Loss against position (log scale): one point per bucket, at its geometric middle."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    spans = [tuple(int(p) for p in k.split("-")) for k in by_position]
+    middles = [math.sqrt(max(a, 1) * (b + 1)) for a, b in spans]
+    fig, ax = plt.subplots(figsize=(7, 4.2))
+    ax.plot(middles, list(by_position.values()), "o-")
+    ax.set_xscale("log")
+    ax.set(xlabel="position (bytes seen before the scored byte)", ylabel="loss (nats/byte)", title=title)
+    ax.grid(alpha=0.3, which="both")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
 
 
 def sample_context(args: argparse.Namespace) -> int | None:
@@ -165,6 +334,32 @@ def plot_histograms(model: BDH, stats: dict, path: Path, title: str) -> None:
     plt.close(fig)
 
 
+def score(model: BDH, data: np.ndarray, args: argparse.Namespace, device, dtype) -> dict:
+    """Loss, bits/byte, perplexity and loss by position: of windows (the protocol), or of the whole
+    text read as one (--stream)."""
+    if args.stream:
+        sums, counts, buckets = stream_loss_sums(model, data, device, dtype, args.chunk_size)
+        by_position = by_bucket(sums, counts, buckets)
+        n_bytes, loss = int(counts.sum()), float(sums.sum() / counts.sum())
+    else:
+        chunked = args.chunk_size if args.seq_len > args.chunk_size else None  # long windows: linear memory
+        batch = eval_batch_windows(args.batch_size, args.seq_len)
+        sums, windows = position_loss_sums(
+            model, data, args.seq_len, batch, device, args.max_chunks, dtype, chunk_size=chunked
+        )
+        by_position = loss_by_position(sums, windows)
+        n_bytes = windows * args.seq_len
+        loss = float(sums.sum() / n_bytes)
+    return {
+        "loss": loss,
+        "perplexity": math.exp(loss),
+        "bpb": loss / math.log(2),
+        "bytes": n_bytes,
+        "mode": "stream" if args.stream else "windows",
+        "loss_by_position": by_position,
+    }
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
@@ -174,43 +369,44 @@ def main(argv: list[str] | None = None) -> int:
             raise UsageError("--prompt must not be empty")
         if sample_context(args) == 1:
             raise UsageError("--context must be 0 (no limit) or at least 2 bytes, got 1")
+        if args.stream and args.max_chunks is not None:
+            raise UsageError(
+                "--max_chunks counts windows; --stream reads the whole text (cut it with --data_file)"
+            )
         device = resolve_device(args.device)
         dtype = resolve_dtype(args.dtype, device)
         if args.data_file is not None:
             data = load_bytes_file(args.data_file, what="--data_file")
         else:
             data = load_split(args.split, args.data_dir)
+        if args.stream and len(data) < 2:
+            raise UsageError(f"--stream needs a text of at least 2 bytes, got {len(data)}")
+        out_dir = make_out_dir(args.out_dir or Path("results/eval") / Path(args.model_path).resolve().name)
         model, source = load_model(args.model_path, args.checkpoint, args.revision, args.n_layer)
         model = model.to(device).eval()
-        sums, scored = position_loss_sums(
-            model, data, args.seq_len, args.batch_size, device, args.max_chunks, dtype
-        )
-        out_dir = make_out_dir(args.out_dir or Path("results/eval") / Path(args.model_path).resolve().name)
+        metrics = score(model, data, args, device, dtype)
     except UsageError as e:
         fail(str(e))
 
     shown = min(8, args.batch_size, args.max_chunks or 8)
-    sparsity = activation_summary(model, data, args.seq_len, shown, device, dtype)
-    n_bytes = scored * args.seq_len
-    loss = float(sums.sum() / n_bytes)
-    metrics = {
-        "loss": loss,
-        "perplexity": math.exp(loss),
-        "bpb": loss / math.log(2),
-        "bytes": n_bytes,
-        "split": args.split if args.data_file is None else None,
-        "data_file": args.data_file,
-        "seq_len": args.seq_len,
-        "max_chunks": args.max_chunks,
-        "model_path": str(args.model_path),
-        "model_source": source,
-        "data_dir": args.data_dir,
-        "dtype": str(dtype).removeprefix("torch."),
-        "config": model.config.to_dict(),
-        "num_params": model.num_params(),
-        "activation_nonzero": sparsity,
-        "loss_by_position": loss_by_position(sums, scored),
-    }
+    metrics.update(
+        {
+            "split": args.split if args.data_file is None else None,
+            "data_file": args.data_file,
+            "seq_len": None if args.stream else args.seq_len,
+            "chunk_size": args.chunk_size,
+            "max_chunks": args.max_chunks,
+            "model_path": str(args.model_path),
+            "model_source": source,
+            "data_dir": args.data_dir,
+            "dtype": str(dtype).removeprefix("torch."),
+            "config": model.config.to_dict(),
+            "num_params": model.num_params(),
+            "activation_nonzero": activation_summary(
+                model, data, min(args.seq_len, len(data) - 1), shown, device, dtype
+            ),
+        }
+    )
     if args.prompt is not None:
         sample = sample_text(model, args.prompt, args, device, dtype)
         (out_dir / "sample.txt").write_text(sample)
@@ -227,11 +423,19 @@ def main(argv: list[str] | None = None) -> int:
     stats = weight_stats(model)
     write_json(out_dir / "metrics.json", metrics)
     write_json(out_dir / "weight_stats.json", stats)
+    what = args.data_file or args.split
     if not args.no_plots:
         plot_histograms(model, stats, out_dir / "weights.png", f"BDH-GPU weights: {args.model_path}")
+        read = "one text, state carried" if args.stream else f"windows of {args.seq_len} bytes"
+        plot_loss_by_position(
+            metrics["loss_by_position"],
+            out_dir / "loss_by_position.png",
+            f"{what} ({read}): {args.model_path}",
+        )
     print(
-        f"{args.data_file or args.split}: loss {loss:.4f} nats/byte, perplexity {metrics['perplexity']:.4f}, "
-        f"{metrics['bpb']:.4f} bits/byte over {n_bytes:,} bytes; "
+        f"{what}{' (stream)' if args.stream else ''}: loss {metrics['loss']:.4f} nats/byte, "
+        f"perplexity {metrics['perplexity']:.4f}, {metrics['bpb']:.4f} bits/byte "
+        f"over {metrics['bytes']:,} bytes; "
         f"non-zero neurons x {metrics['activation_nonzero']['x_mean']:.1%}, "
         f"y {metrics['activation_nonzero']['y_mean']:.1%}; wrote {out_dir}"
     )

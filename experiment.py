@@ -24,13 +24,11 @@ from tqdm import tqdm
 from data import (
     Parser,
     UsageError,
-    activation_summary,
     add_device_args,
     autocast,
     checkpoint_folder,
     describe_source,
     epoch_offsets,
-    evaluate_loss,
     fail,
     load_bytes_file,
     load_split,
@@ -45,9 +43,11 @@ from data import (
     resolve_device,
     resolve_dtype,
     save_checkpoint,
+    window_batches,
     windows_at,
     write_json,
 )
+from evaluate import activation_summary, eval_batch_windows, evaluate_loss
 from hub import REPO_ID, try_push
 from model import BDH, BDHConfig
 
@@ -119,6 +119,14 @@ def build_parser() -> argparse.ArgumentParser:
         default="interleaved",
         help="RoPE pairing: interleaved (paper authors) or half (reference report)",
     )
+    g.add_argument(
+        "--half_lives",
+        type=half_lives,
+        default=None,
+        metavar="H1,H2,...",
+        help="attention decay: per head, the bytes after which the state's weight on a byte halves "
+        "(one number: every head; default: no decay, the paper's model)",
+    )
     g = p.add_argument_group("data and output")
     g.add_argument(
         "--data_dir",
@@ -165,6 +173,17 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--hf_private", action="store_true", help="create the repo private")
     g.add_argument("--no_progress", action="store_true", help="no progress bar")
     return p
+
+
+def half_lives(text: str) -> list[float]:
+    """--half_lives: comma-separated positive numbers of bytes."""
+    try:
+        values = [float(t) for t in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers of bytes, got {text!r}") from None
+    if not all(0 < v < math.inf for v in values):
+        raise argparse.ArgumentTypeError(f"expected positive numbers of bytes, got {text!r}")
+    return values
 
 
 def lr_at(step: int, total: int, args: argparse.Namespace) -> float:
@@ -304,6 +323,7 @@ RESUME_MUST_MATCH = (
     "dropout",
     "rope_theta",
     "rope_style",
+    "half_lives",
     "train_file",
     "data_dir",
 )
@@ -358,6 +378,9 @@ def prepare(args: argparse.Namespace) -> dict:
             dropout=args.dropout,
             rope_theta=args.rope_theta,
             rope_style=args.rope_style,
+            half_lives=args.half_lives * args.n_head
+            if args.half_lives and len(args.half_lives) == 1
+            else args.half_lives,
         )
     except ValueError as e:
         raise UsageError(f"model config: {e}") from e
@@ -426,6 +449,10 @@ def resume_argv(argv: list[str], out_dir: Path) -> list[str]:
     return [*kept, "--resume", "auto"]
 
 
+class RunFailed(Exception):
+    """An unexpected exception stopped the run; what the last whole step holds was saved."""
+
+
 class Interrupted(Exception):
     """SIGINT or SIGTERM arrived; the run was saved and can be resumed."""
 
@@ -453,6 +480,25 @@ def kept_checkpoint(out_dir: Path) -> str:
         return "No checkpoint had been saved yet."
     step = load_training_state(folder)["step"]
     return f"The last good checkpoint (step {step}) is kept in {folder}."
+
+
+@torch.no_grad()
+def check_validation_fits(fwd, valid, seq_len: int, batch: int, device: torch.device, dtype) -> None:
+    """One validation batch before the first step: a run whose validation cannot run fails at its
+    start, not at its first validation hours later."""
+    x, _ = next(window_batches(valid, seq_len, batch))
+    was_training = fwd.training
+    fwd.eval()
+    try:
+        with autocast(device, dtype):
+            fwd(x.to(device))
+    except torch.OutOfMemoryError:
+        raise UsageError(
+            f"a validation batch of {batch} x {seq_len} bytes does not fit on {device} (out of memory); "
+            "lower --eval_batch_size or --seq_len"
+        ) from None
+    finally:
+        fwd.train(was_training)
 
 
 def train(args: argparse.Namespace, setup: dict) -> dict:
@@ -505,16 +551,25 @@ def train(args: argparse.Namespace, setup: dict) -> dict:
         + (f"; resuming at step {start_step}" if resumed is not None else "")
     )
 
+    # a validation batch holds no more bytes than a training batch (or 64 x 128): every window that
+    # trains also validates
+    eval_batch = eval_batch_windows(
+        args.eval_batch_size, args.seq_len, max(args.batch_size * args.seq_len, 8192)
+    )
+
+    def validate() -> dict:
+        loss, _ = evaluate_loss(fwd, valid, args.seq_len, eval_batch, device, autocast_dtype=dtype)
+        out = {"val_loss": loss, "val_bpb": loss / LN2}
+        for label, data in extra.items():
+            lx, _ = evaluate_loss(fwd, data, args.seq_len, eval_batch, device, autocast_dtype=dtype)
+            out.update({f"val_loss_{label}": lx, f"val_bpb_{label}": lx / LN2})
+        return out
+
+    check_validation_fits(fwd, valid, args.seq_len, eval_batch, device, dtype)
     fields = CSV_FIELDS + [f"{k}_{label}" for label in extra for k in ("val_loss", "val_bpb")]
     log = CsvLog(out_dir / "log.csv", fields, resume_step=start_step if resumed is not None else None)
 
-    def validate() -> dict:
-        loss, _ = evaluate_loss(fwd, valid, args.seq_len, args.eval_batch_size, device, autocast_dtype=dtype)
-        out = {"val_loss": loss, "val_bpb": loss / LN2}
-        for label, data in extra.items():
-            lx, _ = evaluate_loss(fwd, data, args.seq_len, args.eval_batch_size, device, autocast_dtype=dtype)
-            out.update({f"val_loss_{label}": lx, f"val_bpb_{label}": lx / LN2})
-        return out
+    saved = [start_step if resumed is not None else None]  # the step of the last checkpoint
 
     def save(done: int, which: tuple[str, ...] = ("last",)) -> None:
         state = {
@@ -529,6 +584,7 @@ def train(args: argparse.Namespace, setup: dict) -> dict:
         }
         for name in which:
             save_checkpoint(model, out_dir / "checkpoints" / name, state)
+        saved[0] = done
 
     def write_results(done: int, finished: bool) -> dict:
         metrics = summarize(
@@ -567,6 +623,24 @@ def train(args: argparse.Namespace, setup: dict) -> dict:
     )
     model.train()
     t0 = time.time()
+    consistent: int | None = start_step  # steps the weights and optimizer state hold (None: mid-update)
+
+    def rescue(error: Exception) -> str:
+        """After an unexpected exception: save what the last whole step holds, say how to resume."""
+        message = str(error).splitlines()[0][:300] if str(error) else ""
+        if consistent is not None and consistent > 0 and consistent != saved[0]:
+            try:
+                save(consistent)
+            except Exception:  # e.g. a full disk: the previous checkpoint stays as it was
+                pass
+        try:
+            write_results(saved[0] or 0, finished=False)
+        except Exception:
+            pass
+        when = f"after step {consistent}" if consistent is not None else "during an optimizer update"
+        kept = kept_checkpoint(out_dir)
+        return f"{type(error).__name__} {when}: {message}. {kept} Resume with: {resume_command}"
+
     try:
         for step in range(start_step, total_steps):
             epoch, pos = divmod(step, steps_per_epoch)
@@ -583,7 +657,9 @@ def train(args: argparse.Namespace, setup: dict) -> dict:
             loss.backward()
             if args.grad_clip > 0:
                 torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
+            consistent = None
             optimizer.step()
+            consistent = step + 1
             optimizer.zero_grad(set_to_none=True)
             loss_sum += loss.detach()
             loss_count += 1
@@ -650,13 +726,17 @@ def train(args: argparse.Namespace, setup: dict) -> dict:
                     )
                 t0 = time.time()
             bar.update(1)
+        metrics = write_results(total_steps, finished=True)
+    except (Interrupted, FloatingPointError):
+        raise
+    except Exception as e:  # validation, plotting, a push, the data: lose no more than the last step
+        raise RunFailed(rescue(e)) from e
     finally:
         bar.close()
         log.close()
         for s, h in handlers.items():
             signal.signal(s, h)
 
-    metrics = write_results(total_steps, finished=True)
     print(
         f"done: val loss {metrics['final_val_loss']:.4f} nats/byte, "
         f"{metrics['final_val_bpb']:.4f} bits/byte, "
@@ -723,7 +803,7 @@ def main(argv: list[str] | None = None) -> int:
         metrics = train(args, setup)
     except UsageError as e:
         fail(str(e))
-    except FloatingPointError as e:
+    except (FloatingPointError, RunFailed) as e:
         fail(str(e), code=1)
     except Interrupted as e:
         fail(str(e), code=e.code)

@@ -8,7 +8,8 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import HF_TOKEN, _free_port, run_script, tiny_run
-from data import UsageError, evaluate_loss, load_split
+from data import UsageError, load_split
+from evaluate import evaluate_loss
 from hub import load_model
 from model import BDH
 

@@ -272,3 +272,16 @@ def test_generation_through_the_cuda_graph_equals_the_plain_steps():
     assert not torch.equal(
         graphed, generate(model, prompt, 24, 1.0, 20, torch.Generator(DEVICE).manual_seed(12))
     )
+
+
+@pytest.mark.skipif(not CUDA, reason="2**31 neurons a batch: a GPU's size (the interpreter runs tiny tiles)")
+def test_fused_forward_takes_batches_of_more_than_2_31_neurons():
+    """B x T x n past 2**31: the kernels index rows in 64 bits (validation of long windows)."""
+    model = make_model("interleaved", seed=7).eval()
+    T = 1024
+    B = 2**31 // (T * model.config.n_neurons) + 2
+    idx = torch.randint(0, 256, (B, T), device=DEVICE)
+    with torch.no_grad():
+        logits, _ = kernels.fused_forward(model, idx)
+        last, _ = kernels.fused_forward(model, idx[-1:])
+    torch.testing.assert_close(logits[-1:], last, rtol=1e-3, atol=1e-3)

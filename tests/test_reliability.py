@@ -253,3 +253,85 @@ def test_evaluate_n_layer_that_disagrees(finished_run, small_data):
 def test_resume_without_a_checkpoint(tmp_path, small_data_dir):
     result = run_script(*tiny_run(small_data_dir, tmp_path / "empty", "--max_steps 1"), "--resume", "auto")
     assert_clean_error(result, "--resume auto", "no checkpoint")
+
+
+def run_in_process(argv: list[str], capsys) -> tuple[int, str]:
+    """experiment.main in this process (no interpreter start-up): its exit code and stderr."""
+    import experiment
+
+    try:
+        code = experiment.main(argv)
+    except SystemExit as e:
+        code = e.code
+    return code, capsys.readouterr().err
+
+
+def test_an_exception_in_validation_costs_at_most_the_step_it_happened_after(
+    tmp_path, small_data, capsys, monkeypatch
+):
+    """A failure outside the training step (here the second validation) saves what that step
+    holds; --resume auto then ends where a run that never failed ends, weight for weight."""
+    import experiment
+
+    flags = f"{FAST} --max_steps 9 --eval_every 3"
+    whole, broken = tmp_path / "whole", tmp_path / "broken"
+    assert run_in_process(tiny_run(small_data, whole, flags)[1:], capsys)[0] == 0
+    real, calls = experiment.evaluate_loss, []
+
+    def fails_the_second_time(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise RuntimeError("the validation broke")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(experiment, "evaluate_loss", fails_the_second_time)
+    code, err = run_in_process(tiny_run(small_data, broken, flags)[1:], capsys)
+    assert code == 1 and "Traceback" not in err and len(err.strip().splitlines()) == 1, err
+    assert "RuntimeError after step 6: the validation broke" in err and "--resume auto" in err
+    assert load_training_state(checkpoint_folder(broken, "last"))["step"] == 6
+    assert not json.loads((broken / "metrics.json").read_text())["finished"]
+    monkeypatch.setattr(experiment, "evaluate_loss", real)
+    assert run_in_process(tiny_run(small_data, broken, flags + " --resume auto")[1:], capsys)[0] == 0
+    want, got = dict(train_losses(whole)), dict(train_losses(broken))
+    assert set(want) - set(got) == {6}  # the row the failed validation was to complete
+    assert all(got[s] == want[s] for s in got)
+    for name, w in load_file(whole / "checkpoints" / "last" / "model.safetensors").items():
+        assert torch.equal(w, load_file(broken / "checkpoints" / "last" / "model.safetensors")[name]), name
+
+
+def test_an_exception_while_plotting_keeps_the_finished_run(tmp_path, small_data, capsys, monkeypatch):
+    import experiment
+
+    def broken_plots(*args, **kwargs):
+        raise OSError("no space left for a plot")
+
+    run = tmp_path / "run"
+    monkeypatch.setattr(experiment, "make_plots", broken_plots)
+    code, err = run_in_process(tiny_run(small_data, run, f"{FAST} --max_steps 4 --eval_every 2")[1:], capsys)
+    assert code == 1 and "OSError after step 4: no space left for a plot" in err, err
+    assert load_training_state(checkpoint_folder(run, "last"))["step"] == 4
+    monkeypatch.undo()
+    code, err = run_in_process(
+        tiny_run(small_data, run, f"{FAST} --max_steps 4 --eval_every 2 --resume auto")[1:], capsys
+    )
+    assert code == 0, err
+    assert json.loads((run / "metrics.json").read_text())["finished"] and (run / "loss.png").is_file()
+
+
+def test_a_validation_that_cannot_fit_fails_at_the_start(tmp_path, small_data, capsys, monkeypatch):
+    """One validation batch runs before the first step: a window that trains but cannot validate
+    is refused at once (one line, exit 2), not after hours of training."""
+    import model
+
+    forward = model.BDH.forward
+
+    def out_of_memory_in_eval(self, *args, **kwargs):
+        if not self.training:
+            raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+        return forward(self, *args, **kwargs)
+
+    monkeypatch.setattr(model.BDH, "forward", out_of_memory_in_eval)
+    run = tmp_path / "run"
+    code, err = run_in_process(tiny_run(small_data, run, f"{FAST} --max_steps 4")[1:], capsys)
+    assert code == 2 and "a validation batch of 64 x 32 bytes does not fit" in err, err
+    assert "--eval_batch_size" in err and not (run / "log.csv").exists()

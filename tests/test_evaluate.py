@@ -1,0 +1,83 @@
+"""Scoring: the whole text read as one (--stream), long windows, loss by position."""
+
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+import evaluate
+from evaluate import eval_batch_windows, position_buckets, position_loss_sums, stream_loss_sums
+from model import BDH, BDHConfig
+
+
+def tiny(half_lives=None) -> BDH:
+    torch.manual_seed(0)
+    cfg = BDHConfig(n_embd=16, n_head=2, n_neurons=64, n_layer=2, dropout=0.0, half_lives=half_lives)
+    model = BDH(cfg).eval()
+    model.reset_parameters(std=0.1)
+    return model
+
+
+def test_position_buckets_double_up_to_the_length():
+    assert position_buckets(100) == [(0, 100)]
+    assert position_buckets(128) == [(0, 128)]
+    assert position_buckets(700) == [(0, 128), (128, 256), (256, 512), (512, 700)]
+    assert position_buckets(1024) == [(0, 128), (128, 256), (256, 512), (512, 1024)]
+
+
+def test_batches_of_long_windows_hold_fewer_windows():
+    assert eval_batch_windows(32, 128) == 32
+    assert eval_batch_windows(32, 4096) == 16
+    assert eval_batch_windows(32, 30000) == 2
+    assert eval_batch_windows(32, 10**6) == 1
+
+
+@pytest.mark.parametrize("half_lives", [None, [3.0, 50.0]])
+def test_stream_equals_one_forward_over_the_whole_text(raw_dir, half_lives):
+    """The state carried chunk by chunk gives what one parallel pass over the whole text gives."""
+    model = tiny(half_lives)
+    data = np.frombuffer((raw_dir / "wiki.valid.raw").read_bytes()[:700], dtype=np.uint8)
+    sums, counts, buckets = stream_loss_sums(model, data, torch.device("cpu"), chunk_size=96)
+    idx = torch.from_numpy(data.astype(np.int64))[None]
+    with torch.no_grad():
+        logits, _ = model(idx[:, :-1])
+    per_byte = F.cross_entropy(logits[0], idx[0, 1:], reduction="none").double().numpy()
+    assert buckets == position_buckets(699) and counts.tolist() == [b - a for a, b in buckets]
+    want = [per_byte[a:b].sum() for a, b in buckets]
+    np.testing.assert_allclose(sums, want, rtol=1e-4)
+    assert sums.sum() / counts.sum() == pytest.approx(per_byte.mean(), rel=1e-5)
+
+
+def test_long_windows_through_the_chunked_form_score_as_the_parallel_form(raw_dir):
+    model = tiny([5.0, 20.0])
+    data = np.frombuffer((raw_dir / "wiki.valid.raw").read_bytes()[:2000], dtype=np.uint8)
+    cpu = torch.device("cpu")
+    parallel, n = position_loss_sums(model, data, 300, 2, cpu, max_chunks=5)
+    chunked, m = position_loss_sums(model, data, 300, 2, cpu, max_chunks=5, chunk_size=64)
+    assert n == m == 5
+    np.testing.assert_allclose(chunked, parallel, rtol=1e-4)
+
+
+def test_evaluate_stream_writes_metrics_and_a_plot(raw_dir, tmp_path, capsys):
+    model = tiny([4.0, 64.0])
+    model.save_pretrained(tmp_path / "ckpt")
+    text = tmp_path / "text.raw"
+    text.write_bytes((raw_dir / "wiki.valid.raw").read_bytes()[:1500])
+    out = tmp_path / "eval"
+    args = ["--model_path", str(tmp_path / "ckpt"), "--data_file", str(text), "--device", "cpu"]
+    assert evaluate.main([*args, "--stream", "--chunk_size", "256", "--out_dir", str(out)]) == 0
+    got = json.loads((out / "metrics.json").read_text())
+    assert got["mode"] == "stream" and got["bytes"] == 1499 and got["config"]["half_lives"] == [4.0, 64.0]
+    assert list(got["loss_by_position"]) == ["0-127", "128-255", "256-511", "512-1023", "1024-1498"]
+    assert got["bpb"] == pytest.approx(got["loss"] / math.log(2))
+    assert got["perplexity"] == pytest.approx(math.exp(got["loss"]))
+    assert (out / "loss_by_position.png").read_bytes()[:4] == b"\x89PNG"
+    assert "(stream): loss" in capsys.readouterr().out
+    # the same text in windows longer than a chunk: scored through the chunked form, same buckets
+    assert evaluate.main([*args, "--seq_len", "700", "--chunk_size", "256", "--out_dir", str(out)]) == 0
+    got = json.loads((out / "metrics.json").read_text())
+    assert got["mode"] == "windows" and got["bytes"] == 1400
+    assert list(got["loss_by_position"]) == ["0-127", "128-255", "256-511", "512-699"]
