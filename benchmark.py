@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from data import Parser, UsageError, fail, positive_int, resolve_device, write_json
+from data import Parser, UsageError, fail, half_lives, positive_int, resolve_device, write_json
 from generate import generate, generate_recompute
 from hub import load_model
 from model import BDH, BDHConfig
@@ -47,6 +47,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--chunk_size", type=positive_int, default=1024, help="chunk of the long-context step")
     p.add_argument("--new_bytes", type=positive_int, default=1000, help="bytes to generate")
     p.add_argument("--n_layer", type=positive_int, default=6, help="layers (default model: 6)")
+    p.add_argument(
+        "--paths",
+        default=",".join(PATHS),
+        help=f"training paths to time, comma-separated subset of {','.join(PATHS)} (all)",
+    )
+    p.add_argument(
+        "--half_lives",
+        type=half_lives,
+        default=None,
+        metavar="H1,H2,...",
+        help="also time the fused path (training) and generation of the model with this attention decay, "
+        "against today's fused path at 32 x 128 without decay",
+    )
     p.add_argument(
         "--model_path",
         default=None,
@@ -97,10 +110,12 @@ def train_step_fn(model: BDH, path: str, B: int, T: int, device: torch.device, c
     return step
 
 
-def measure_train(cfg: BDHConfig, path: str, B: int, T: int, args, device, chunk_size: int = 0) -> dict:
+def measure_train(
+    cfg: BDHConfig, path: str, B: int, T: int, args, device, chunk_size: int = 0, label: str | None = None
+) -> dict:
     torch.manual_seed(0)
     model = BDH(cfg).to(device).train()
-    row = {"path": path, "batch": B, "window": T}
+    row = {"path": label or path, "batch": B, "window": T}
     try:
         step = train_step_fn(model, path, B, T, device, chunk_size)
         for _ in range(args.warmup):
@@ -117,7 +132,11 @@ def measure_train(cfg: BDHConfig, path: str, B: int, T: int, args, device, chunk
         del model
         torch._dynamo.reset()
         torch.cuda.empty_cache()
-    print(f"  {path:>16} B={B:<3} T={T:<6} {fmt_rate(row.get('bytes_per_s'))}", file=sys.stderr, flush=True)
+    print(
+        f"  {row['path']:>16} B={B:<3} T={T:<6} {fmt_rate(row.get('bytes_per_s'))}",
+        file=sys.stderr,
+        flush=True,
+    )
     return row
 
 
@@ -166,6 +185,25 @@ def measure_generation(cfg: BDHConfig, args, device, trained: BDH | None = None)
     return out
 
 
+DECAY_PATH = "fused, decay"
+
+
+def decay_ratios(rows: list[dict], args, device) -> dict[str, float]:
+    """bytes/s of the fused path with decay at each shape over today's fused path at 32 x 128 without
+    decay (measured in this run, or now if the shapes left it out)."""
+    today = next((r for r in rows if r["path"] == "fused" and (r["batch"], r["window"]) == (32, 128)), None)
+    if today is None:
+        today = measure_train(BDHConfig(n_layer=args.n_layer), "fused", 32, 128, args, device)
+        rows.append(today)
+    if not today.get("bytes_per_s"):
+        return {}
+    return {
+        f"{r['batch']}x{r['window']}": r["bytes_per_s"] / today["bytes_per_s"]
+        for r in rows
+        if r["path"] == DECAY_PATH and r.get("bytes_per_s")
+    }
+
+
 def table(results: list[dict]) -> str:
     lines = [
         "| batch x window | path | bytes/s | vs compiled plain | peak memory |",
@@ -212,6 +250,16 @@ def main(argv: list[str] | None = None) -> int:
         fail(f"--device: the benchmark times CUDA kernels, got {args.device!r}")
     torch.backends.cuda.matmul.allow_tf32 = True
     cfg = BDHConfig(n_layer=args.n_layer)
+    decay = None
+    if args.half_lives is not None:
+        lives = args.half_lives * cfg.n_head if len(args.half_lives) == 1 else args.half_lives
+        try:
+            decay = BDHConfig(n_layer=args.n_layer, half_lives=lives)
+        except ValueError as e:
+            fail(f"--half_lives: {e}")
+    paths = [p for p in args.paths.split(",") if p]
+    if not paths or not set(paths) <= set(PATHS):
+        fail(f"--paths: expected a comma-separated subset of {','.join(PATHS)}, got {args.paths!r}")
     report = {
         "command": "python " + " ".join([sys.argv[0]] + (argv if argv is not None else sys.argv[1:])),
         "date": date.today().isoformat(),
@@ -220,6 +268,7 @@ def main(argv: list[str] | None = None) -> int:
         "cuda": torch.version.cuda,
         "python": platform.python_version(),
         "config": cfg.to_dict(),
+        "decay_config": decay.to_dict() if decay is not None else None,
         "train": [],
     }
     try:
@@ -230,9 +279,14 @@ def main(argv: list[str] | None = None) -> int:
         pass
     if "train" in parts:
         for B, T in shapes:
-            for path in PATHS:
+            for path in paths:
                 report["train"].append(measure_train(cfg, path, B, T, args, device))
                 save(args.out, report)
+            if decay is not None:
+                report["train"].append(measure_train(decay, "fused", B, T, args, device, label=DECAY_PATH))
+                save(args.out, report)
+        if decay is not None:
+            report["decay_vs_fused_32x128"] = decay_ratios(report["train"], args, device)
     if "long" in parts:
         T, C = args.long_T, args.chunk_size
         few = argparse.Namespace(**{**vars(args), "warmup": 1, "steps": 1, "repeats": 2})  # seconds a step
@@ -241,12 +295,18 @@ def main(argv: list[str] | None = None) -> int:
         save(args.out, report)
     if "generate" in parts:
         report["generation"] = measure_generation(cfg, args, device, trained)
+        if decay is not None:
+            report["generation_decay"] = measure_generation(decay, args, device)
     print(table(report["train"]))
-    if "generation" in report:
-        g = report["generation"]
-        print(f"\ngeneration of {g['new_bytes']} bytes after a {g['prompt_bytes']}-byte prompt, batch 1:")
-        for name in g["runs"]:
-            print(f"  {name:>33}: {g[name]['seconds']:.3f} s, {g[name]['speedup_over_recompute']:.1f}x")
+    for key, name in (("decay_vs_fused_32x128", "with decay against today's fused path at 32 x 128"),):
+        for shape, ratio in report.get(key, {}).items():
+            print(f"fused {shape} {name}: {ratio:.2f}x")
+    for key in ("generation", "generation_decay"):
+        if key in report:
+            g = report[key]
+            print(f"\n{key} of {g['new_bytes']} bytes after a {g['prompt_bytes']}-byte prompt, batch 1:")
+            for name in g["runs"]:
+                print(f"  {name:>33}: {g[name]['seconds']:.3f} s, {g[name]['speedup_over_recompute']:.1f}x")
     save(args.out, report)
     print(json.dumps({k: v for k, v in report.items() if k not in ("train", "generation", "config")}))
     return 0

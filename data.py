@@ -61,6 +61,17 @@ def nonneg_int(text: str) -> int:
     return value
 
 
+def half_lives(text: str) -> list[float]:
+    """--half_lives: comma-separated positive numbers of bytes."""
+    try:
+        values = [float(t) for t in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers of bytes, got {text!r}") from None
+    if not all(0 < v < math.inf for v in values):
+        raise argparse.ArgumentTypeError(f"expected positive numbers of bytes, got {text!r}")
+    return values
+
+
 class Parser(argparse.ArgumentParser):
     def error(self, message: str) -> None:  # one line, exit 2, no usage dump
         fail(message)

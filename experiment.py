@@ -30,6 +30,7 @@ from data import (
     describe_source,
     epoch_offsets,
     fail,
+    half_lives,
     load_bytes_file,
     load_split,
     load_training_state,
@@ -173,17 +174,6 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--hf_private", action="store_true", help="create the repo private")
     g.add_argument("--no_progress", action="store_true", help="no progress bar")
     return p
-
-
-def half_lives(text: str) -> list[float]:
-    """--half_lives: comma-separated positive numbers of bytes."""
-    try:
-        values = [float(t) for t in text.split(",")]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated numbers of bytes, got {text!r}") from None
-    if not all(0 < v < math.inf for v in values):
-        raise argparse.ArgumentTypeError(f"expected positive numbers of bytes, got {text!r}")
-    return values
 
 
 def lr_at(step: int, total: int, args: argparse.Namespace) -> float:
