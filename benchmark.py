@@ -242,16 +242,9 @@ def main(argv: list[str] | None = None) -> int:
             trained, _ = load_model(args.model_path)
         except UsageError as e:
             fail(str(e))
-    try:
-        device = resolve_device(args.device)
-    except UsageError as e:
-        fail(str(e))
-    if device.type != "cuda":
-        fail(f"--device: the benchmark times CUDA kernels, got {args.device!r}")
-    torch.backends.cuda.matmul.allow_tf32 = True
     cfg = BDHConfig(n_layer=args.n_layer)
     decay = None
-    if args.half_lives is not None:
+    if args.half_lives:  # not None, not [] (none)
         lives = args.half_lives * cfg.n_head if len(args.half_lives) == 1 else args.half_lives
         try:
             decay = BDHConfig(n_layer=args.n_layer, half_lives=lives)
@@ -260,6 +253,13 @@ def main(argv: list[str] | None = None) -> int:
     paths = [p for p in args.paths.split(",") if p]
     if not paths or not set(paths) <= set(PATHS):
         fail(f"--paths: expected a comma-separated subset of {','.join(PATHS)}, got {args.paths!r}")
+    try:
+        device = resolve_device(args.device)
+    except UsageError as e:
+        fail(str(e))
+    if device.type != "cuda":
+        fail(f"--device: the benchmark times CUDA kernels, got {args.device!r}")
+    torch.backends.cuda.matmul.allow_tf32 = True
     report = {
         "command": "python " + " ".join([sys.argv[0]] + (argv if argv is not None else sys.argv[1:])),
         "date": date.today().isoformat(),

@@ -62,11 +62,15 @@ def nonneg_int(text: str) -> int:
 
 
 def half_lives(text: str) -> list[float]:
-    """--half_lives: comma-separated positive numbers of bytes."""
+    """--half_lives: comma-separated positive numbers of bytes; none: no decay (an empty list)."""
+    if text.strip().lower() == "none":
+        return []
     try:
         values = [float(t) for t in text.split(",")]
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated numbers of bytes, got {text!r}") from None
+        raise argparse.ArgumentTypeError(
+            f"expected comma-separated numbers of bytes (or none), got {text!r}"
+        ) from None
     if not all(0 < v < math.inf for v in values):
         raise argparse.ArgumentTypeError(f"expected positive numbers of bytes, got {text!r}")
     return values

@@ -43,7 +43,7 @@ from data import (
 )
 from generate import generate
 from hub import load_model
-from model import BDH
+from model import BDH, BDHConfig
 
 WEIGHTS = {
     "E": "E (n x d)",
@@ -111,7 +111,8 @@ def build_parser() -> argparse.ArgumentParser:
         type=nonneg_int,
         default=None,
         help="bytes the sampler keeps in view; past that it restarts from the last half "
-        "(default: --seq_len, the window it was trained and scored on; 0: the whole text)",
+        "(0: the whole text; default: the whole text for a model with decay, whose quality holds at any "
+        "length, else --seq_len)",
     )
     p.add_argument("--seed", type=int, default=1337, help="random seed for sampling (1337)")
     p.add_argument("--no_plots", action="store_true", help="skip the weight histograms")
@@ -272,10 +273,12 @@ def plot_loss_by_position(by_position: dict[str, float], path: Path, title: str)
     plt.close(fig)
 
 
-def sample_context(args: argparse.Namespace) -> int | None:
-    """The sampler's window: --context, else --seq_len; 0 means no limit."""
-    context = args.seq_len if args.context is None else args.context
-    return context or None
+def sample_context(args: argparse.Namespace, config: BDHConfig) -> int | None:
+    """The sampler's window (None: the whole text): --context (0: the whole text), else the whole text
+    for a model with decay (its quality holds at any length) and --seq_len for one without."""
+    if args.context is not None:
+        return args.context or None
+    return None if config.half_lives is not None else args.seq_len
 
 
 def sample_text(model: BDH, prompt: str, args: argparse.Namespace, device, dtype) -> str:
@@ -283,7 +286,7 @@ def sample_text(model: BDH, prompt: str, args: argparse.Namespace, device, dtype
     idx = torch.tensor([list(prompt.encode("utf-8"))], dtype=torch.long, device=device)
     gen = torch.Generator(device=device).manual_seed(args.seed)
     sampler = copy.deepcopy(model).to(dtype)  # weights in the dtype itself: a CUDA graph takes no autocast
-    context = sample_context(args)
+    context = sample_context(args, model.config)
     out = generate(sampler, idx, args.max_new_bytes, args.temperature, args.top_k, gen, context)
     return bytes(out[0].tolist()).decode("utf-8", errors="replace")
 
@@ -363,11 +366,11 @@ def score(model: BDH, data: np.ndarray, args: argparse.Namespace, device, dtype)
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        if args.temperature < 0:
-            raise UsageError(f"--temperature must be >= 0, got {args.temperature}")
+        if not 0 <= args.temperature < math.inf:
+            raise UsageError(f"--temperature must be a finite number >= 0, got {args.temperature}")
         if args.prompt == "":
             raise UsageError("--prompt must not be empty")
-        if sample_context(args) == 1:
+        if args.context == 1:
             raise UsageError("--context must be 0 (no limit) or at least 2 bytes, got 1")
         if args.stream and args.max_chunks is not None:
             raise UsageError(
@@ -384,6 +387,8 @@ def main(argv: list[str] | None = None) -> int:
         out_dir = make_out_dir(args.out_dir or Path("results/eval") / Path(args.model_path).resolve().name)
         model, source = load_model(args.model_path, args.checkpoint, args.revision, args.n_layer)
         model = model.to(device).eval()
+        if args.prompt is not None and sample_context(args, model.config) == 1:
+            raise UsageError("--seq_len 1 as the sampler's window: pass --context 0 or at least 2")
         metrics = score(model, data, args, device, dtype)
     except UsageError as e:
         fail(str(e))
@@ -416,7 +421,7 @@ def main(argv: list[str] | None = None) -> int:
             "temperature": args.temperature,
             "top_k": args.top_k,
             "max_new_bytes": args.max_new_bytes,
-            "context": sample_context(args),
+            "context": sample_context(args, model.config),
             "seed": args.seed,
         }
     model = model.cpu()

@@ -18,6 +18,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 from tqdm import tqdm
 
@@ -66,6 +67,23 @@ CSV_FIELDS = [
 ]
 
 
+# The defaults of the flags a recipe sets. long-context: the recipe that won results/long-context
+# (better than the reference on every measure there); reference: the reference report's.
+RECIPES = {
+    "long-context": {"batch_size": 8, "seq_len": 512, "half_lives": [8.0, 32.0, 128.0, 256.0]},
+    "reference": {"batch_size": 32, "seq_len": 128, "half_lives": None},
+}
+
+
+def recipe_half_lives(lives: list[float], n_head: int) -> list[float]:
+    """A recipe's half-lives (for 4 heads) for n_head heads: its curve, log-linear, at n_head points
+    from its first to its last (one head: the last, the longest)."""
+    if n_head == len(lives):
+        return list(lives)
+    at = np.linspace(0, len(lives) - 1, n_head) if n_head > 1 else np.array([len(lives) - 1.0])
+    return [round(float(t), 2) for t in np.exp(np.interp(at, np.arange(len(lives)), np.log(lives)))]
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     g = p.add_argument_group("hardware")
@@ -89,8 +107,16 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="stop after this many optimizer steps (default: --epochs worth)",
     )
-    g.add_argument("--batch_size", type=positive_int, default=32, help="windows per step (32)")
-    g.add_argument("--seq_len", type=positive_int, default=128, help="bytes per window (128)")
+    g.add_argument(
+        "--recipe",
+        choices=list(RECIPES),
+        default=None,
+        help="what --batch_size, --seq_len and --half_lives default to: long-context (the default: 8 x 512 "
+        "bytes, half-lives 8,32,128,256; results/long-context) or reference (the reference report's 32 x 128 "
+        "bytes, no decay: the paper's model); flags given explicitly win, and a resumed run keeps its own",
+    )
+    g.add_argument("--batch_size", type=positive_int, default=None, help="windows per step (recipe: 8)")
+    g.add_argument("--seq_len", type=positive_int, default=None, help="bytes per window (recipe: 512)")
     g.add_argument("--lr", type=positive_float, default=1e-3, help="peak AdamW learning rate (1e-3)")
     g.add_argument(
         "--min_lr",
@@ -126,7 +152,7 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         metavar="H1,H2,...",
         help="attention decay: per head, the bytes after which the state's weight on a byte halves "
-        "(one number: every head; default: no decay, the paper's model)",
+        "(one number: every head; none: no decay, the paper's model; recipe: 8,32,128,256)",
     )
     g = p.add_argument_group("data and output")
     g.add_argument(
@@ -152,6 +178,12 @@ def build_parser() -> argparse.ArgumentParser:
         default=500,
         help="validate on the whole validation split every N steps, and at the end (500)",
     )
+    g.add_argument(
+        "--eval_seq_len",
+        type=positive_int,
+        default=None,
+        help="bytes per validation window (128: the reference report's protocol, the same for every recipe)",
+    )
     g.add_argument("--eval_batch_size", type=positive_int, default=64, help="windows per eval batch (64)")
     g.add_argument("--log_every", type=positive_int, default=10, help="CSV row every N steps (10)")
     g.add_argument("--out_dir", default=None, help="run folder (default: results/runs/<date-time>)")
@@ -174,6 +206,26 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--hf_private", action="store_true", help="create the repo private")
     g.add_argument("--no_progress", action="store_true", help="no progress bar")
     return p
+
+
+def apply_recipe(args: argparse.Namespace, saved: dict | None) -> None:
+    """Fill the flags left out: from the checkpoint being resumed (its own recipe), else the recipe's."""
+    if args.recipe is None:
+        args.recipe = saved.get("recipe", "reference") if saved is not None else "long-context"
+    for name, default in RECIPES[args.recipe].items():
+        if getattr(args, name) is None:
+            if saved is None:
+                setattr(
+                    args,
+                    name,
+                    recipe_half_lives(default, args.n_head) if name == "half_lives" and default else default,
+                )
+            else:  # runs from before --recipe had the reference's windows and no decay
+                setattr(args, name, saved.get(name, RECIPES["reference"][name]))
+    if not args.half_lives:  # --half_lives none
+        args.half_lives = None
+    if args.eval_seq_len is None:  # runs from before --eval_seq_len validated in their own windows
+        args.eval_seq_len = 128 if saved is None else saved.get("eval_seq_len", saved.get("seq_len", 128))
 
 
 def lr_at(step: int, total: int, args: argparse.Namespace) -> float:
@@ -300,6 +352,7 @@ RESUME_MUST_MATCH = (
     "max_steps",
     "batch_size",
     "seq_len",
+    "eval_seq_len",
     "lr",
     "min_lr",
     "warmup_steps",
@@ -353,12 +406,15 @@ def prepare(args: argparse.Namespace) -> dict:
     if resume is not None:
         resume_state = load_training_state(resume)
         saved = resume_state.get("args", {})
+        apply_recipe(args, saved)
         differ = [k for k in RESUME_MUST_MATCH if k in saved and saved[k] != getattr(args, k)]
         if differ:
             detail = ", ".join(f"--{k} {getattr(args, k)} (checkpoint: {saved[k]})" for k in differ)
             raise UsageError(
                 f"--resume {args.resume}: the checkpoint's config disagrees with the flags given: {detail}"
             )
+    else:
+        apply_recipe(args, None)
     try:
         config = BDHConfig(
             n_embd=args.n_embd,
@@ -380,11 +436,12 @@ def prepare(args: argparse.Namespace) -> dict:
         train = load_split("train", args.data_dir)
     valid = load_split("valid", args.data_dir)
     extra = {file_label(p): load_bytes_file(p, what="--extra_val_file") for p in args.extra_val_file}
-    for name, data in [("train", train), ("valid", valid), *extra.items()]:
-        if num_windows(data, args.seq_len) == 0:
+    windows = [("train", train, "--seq_len"), ("valid", valid, "--eval_seq_len")]
+    for name, data, flag in windows + [(name, data, "--eval_seq_len") for name, data in extra.items()]:
+        T = args.seq_len if flag == "--seq_len" else args.eval_seq_len
+        if num_windows(data, T) == 0:
             raise UsageError(
-                f"{name} data ({len(data)} bytes) is shorter than one window of "
-                f"--seq_len + 1 = {args.seq_len + 1} bytes"
+                f"{name} data ({len(data)} bytes) is shorter than one window of {flag} + 1 = {T + 1} bytes"
             )
     steps_per_epoch = num_windows(train, args.seq_len) // args.batch_size
     if steps_per_epoch == 0:
@@ -485,7 +542,7 @@ def check_validation_fits(fwd, valid, seq_len: int, batch: int, device: torch.de
     except torch.OutOfMemoryError:
         raise UsageError(
             f"a validation batch of {batch} x {seq_len} bytes does not fit on {device} (out of memory); "
-            "lower --eval_batch_size or --seq_len"
+            "lower --eval_batch_size or --eval_seq_len"
         ) from None
     finally:
         fwd.train(was_training)
@@ -544,18 +601,18 @@ def train(args: argparse.Namespace, setup: dict) -> dict:
     # a validation batch holds no more bytes than a training batch (or 64 x 128): every window that
     # trains also validates
     eval_batch = eval_batch_windows(
-        args.eval_batch_size, args.seq_len, max(args.batch_size * args.seq_len, 8192)
+        args.eval_batch_size, args.eval_seq_len, max(args.batch_size * args.seq_len, 8192)
     )
 
     def validate() -> dict:
-        loss, _ = evaluate_loss(fwd, valid, args.seq_len, eval_batch, device, autocast_dtype=dtype)
+        loss, _ = evaluate_loss(fwd, valid, args.eval_seq_len, eval_batch, device, autocast_dtype=dtype)
         out = {"val_loss": loss, "val_bpb": loss / LN2}
         for label, data in extra.items():
-            lx, _ = evaluate_loss(fwd, data, args.seq_len, eval_batch, device, autocast_dtype=dtype)
+            lx, _ = evaluate_loss(fwd, data, args.eval_seq_len, eval_batch, device, autocast_dtype=dtype)
             out.update({f"val_loss_{label}": lx, f"val_bpb_{label}": lx / LN2})
         return out
 
-    check_validation_fits(fwd, valid, args.seq_len, eval_batch, device, dtype)
+    check_validation_fits(fwd, valid, args.eval_seq_len, eval_batch, device, dtype)
     fields = CSV_FIELDS + [f"{k}_{label}" for label in extra for k in ("val_loss", "val_bpb")]
     log = CsvLog(out_dir / "log.csv", fields, resume_step=start_step if resumed is not None else None)
 
@@ -744,7 +801,9 @@ def summarize(
 ) -> dict:
     """metrics.json: the run's results and everything needed to say how they were made."""
     device, dtype, valid, extra = setup["device"], setup["dtype"], setup["valid"], setup["extra"]
-    sparsity = activation_summary(model, valid, args.seq_len, min(8, args.eval_batch_size), device, dtype)
+    sparsity = activation_summary(
+        model, valid, args.eval_seq_len, min(8, args.eval_batch_size), device, dtype
+    )
     trained_bytes = done * args.batch_size * args.seq_len
     val = last_eval.get("val_loss", float("nan"))
     return {

@@ -9,6 +9,7 @@ import subprocess
 import sys
 import tempfile
 from pathlib import Path
+from typing import NamedTuple
 
 import pytest
 
@@ -110,6 +111,24 @@ def tiny_run(data_dir: Path, out_dir: Path, flags: str = "") -> list[str]:
     """experiment.py's command line for a tiny model on the CPU, then `flags` (later flags win)."""
     return ["experiment.py", "--device", "cpu", "--data_dir", str(data_dir), *TINY_MODEL,
             "--out_dir", str(out_dir), "--no_progress", *flags.split()]  # fmt: skip
+
+
+class Ran(NamedTuple):
+    """What call_main gives back, as subprocess.run would."""
+
+    returncode: int
+    stderr: str
+    stdout: str
+
+
+def call_main(main, argv: list[str], capsys) -> Ran:
+    """A script's main(argv) in this process (no interpreter start-up): exit code, stderr, stdout."""
+    try:
+        code = main(argv)
+    except SystemExit as e:
+        code = e.code
+    out = capsys.readouterr()
+    return Ran(code, out.err, out.out)
 
 
 def run_script(*args: str, cwd: Path = REPO, env: dict | None = None, timeout: float = 240):

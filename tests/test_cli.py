@@ -1,8 +1,13 @@
 """Bad command-line input: one line naming the argument, exit code 2, never a traceback."""
 
+import json
+
 import pytest
 
-from conftest import REPO, TINY_MODEL, require_shared, run_script
+import benchmark
+import evaluate
+import experiment
+from conftest import REPO, TINY_MODEL, call_main, require_shared, run_script
 
 
 def assert_clean_error(result, *needles):
@@ -26,37 +31,25 @@ def assert_clean_error(result, *needles):
         (["--lr", "0"], ["--lr"]),
         (["--n_neurons", "100", "--n_head", "3"], ["n_neurons", "divisible"]),
         (["--bogus_flag"], ["--bogus_flag"]),
+        (["--half_lives", "8,16,32"], ["half_lives", "2 positive numbers"]),
+        (["--half_lives", "8,soon"], ["--half_lives", "8,soon"]),
+        (["--half_lives", "0"], ["--half_lives", "positive"]),
+        (["--recipe", "fast"], ["--recipe", "fast"]),
+        (["--eval_seq_len", "0"], ["--eval_seq_len", "positive"]),
     ],
 )
-def test_experiment_rejects_bad_values(args, needles, small_data_dir, tmp_path):
+def test_experiment_rejects_bad_values(args, needles, small_data_dir, tmp_path, capsys):
     data = [] if "--data_dir" in args else ["--data_dir", str(small_data_dir)]
-    result = run_script(
-        "experiment.py",
-        *data,
-        *TINY_MODEL,
-        "--max_steps",
-        "1",
-        "--out_dir",
-        str(tmp_path / "run"),
-        *args,
-        timeout=60,
-    )
-    assert_clean_error(result, *needles)
+    argv = [*data, *TINY_MODEL, "--max_steps", "1", "--out_dir", str(tmp_path / "run"), *args]
+    assert_clean_error(call_main(experiment.main, argv, capsys), *needles)
     assert not (tmp_path / "run" / "log.csv").exists()
 
 
-def test_split_shorter_than_one_window(tmp_path, small_data_dir):
+def test_split_shorter_than_one_window(tmp_path, small_data_dir, capsys):
     (small_data_dir / "wiki.valid.raw").write_bytes(b"tiny")
-    result = run_script(
-        "experiment.py",
-        "--data_dir",
-        str(small_data_dir),
-        *TINY_MODEL,
-        "--out_dir",
-        str(tmp_path / "run"),
-        timeout=60,
-    )
-    assert_clean_error(result, "valid", "shorter than one window")
+    argv = ["--data_dir", str(small_data_dir), *TINY_MODEL, "--out_dir", str(tmp_path / "run")]
+    result = call_main(experiment.main, argv, capsys)
+    assert_clean_error(result, "valid", "shorter than one window of --eval_seq_len + 1 = 129 bytes")
 
 
 @pytest.mark.parametrize(
@@ -67,14 +60,16 @@ def test_split_shorter_than_one_window(tmp_path, small_data_dir):
         (["--split", "dev"], ["--split"]),
         (["--prompt", "a", "--context", "1"], ["--context", "at least 2"]),
         (["--context", "-3"], ["--context"]),
+        (["--stream", "--max_chunks", "3"], ["--max_chunks", "--stream"]),
+        (["--chunk_size", "0"], ["--chunk_size", "positive"]),
+        (["--temperature", "nan", "--prompt", "a"], ["--temperature"]),
     ],
 )
-def test_evaluate_rejects_bad_values(args, needles, small_data_dir):
+def test_evaluate_rejects_bad_values(args, needles, small_data_dir, capsys):
     base = ["--data_dir", str(small_data_dir), "--device", "cpu"]
     if "--model_path" not in args:
         base += ["--model_path", str(REPO)]
-    result = run_script("evaluate.py", *base, *args, timeout=60)
-    assert_clean_error(result, *needles)
+    assert_clean_error(call_main(evaluate.main, [*base, *args], capsys), *needles)
 
 
 def test_help_explains_every_flag():
@@ -103,6 +98,9 @@ def test_help_explains_every_flag():
         "--data_dir",
         "--out_dir",
         "--train_file",
+        "--recipe",
+        "--half_lives",
+        "--eval_seq_len",
     ):
         assert flag in result.stdout
 
@@ -119,7 +117,50 @@ def test_missing_shared_folder_fails_with_a_clear_message(tmp_path):
         (["--shapes", "32by128"], ["--shapes", "32by128"]),
         (["--model_path", "/nonexistent/model"], ["--model_path", "/nonexistent/model"]),
         (["--device", "cpu"], ["--device", "CUDA"]),
+        (["--paths", "fused,magic"], ["--paths", "fused,magic"]),
+        (["--half_lives", "8,16"], ["--half_lives", "4 positive numbers"]),
     ],
 )
-def test_benchmark_rejects_bad_values(args, needles):
-    assert_clean_error(run_script("benchmark.py", *args, timeout=60), *needles)
+def test_benchmark_rejects_bad_values(args, needles, capsys):
+    assert_clean_error(call_main(benchmark.main, args, capsys), *needles)
+
+
+def recipe_of(argv: list[str], saved: dict | None = None) -> tuple:
+    args = experiment.build_parser().parse_args([*TINY_MODEL, *argv])  # two heads
+    experiment.apply_recipe(args, saved)
+    return args.recipe, args.batch_size, args.seq_len, args.half_lives, args.eval_seq_len
+
+
+def test_the_default_recipe_is_long_context_and_the_reference_is_one_flag_away():
+    assert recipe_of([]) == ("long-context", 8, 512, [8.0, 256.0], 128)  # the 4-head curve at 2 heads
+    assert recipe_of(["--recipe", "reference"]) == ("reference", 32, 128, None, 128)
+    assert recipe_of(["--recipe", "reference", "--half_lives", "16"]) == ("reference", 32, 128, [16.0], 128)
+    assert recipe_of(["--half_lives", "none", "--seq_len", "64"]) == ("long-context", 8, 64, None, 128)
+    assert experiment.recipe_half_lives([8.0, 32.0, 128.0, 256.0], 4) == [8.0, 32.0, 128.0, 256.0]
+
+
+def test_a_resumed_run_keeps_its_own_recipe():
+    saved = {"recipe": "reference", "batch_size": 32, "seq_len": 128, "half_lives": None, "eval_seq_len": 128}
+    assert recipe_of([], saved) == ("reference", 32, 128, None, 128)
+    # a run from before --recipe, --half_lives and --eval_seq_len: the reference's, validated in its windows
+    assert recipe_of([], {"batch_size": 4, "seq_len": 32}) == ("reference", 4, 32, None, 32)
+
+
+def test_a_run_of_the_default_recipe_records_it_and_resumes_without_flags(small_data, tmp_path, capsys):
+    run = tmp_path / "run"
+    argv = [
+        "--data_dir",
+        str(small_data),
+        *TINY_MODEL,
+        "--device",
+        "cpu",
+        "--max_steps",
+        "2",
+        "--no_progress",
+    ]
+    assert call_main(experiment.main, [*argv, "--out_dir", str(run)], capsys).returncode == 0
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert metrics["args"]["recipe"] == "long-context" and metrics["config"]["half_lives"] == [8.0, 256.0]
+    assert metrics["bytes_trained"] == 2 * 8 * 512
+    resumed = call_main(experiment.main, [*argv, "--out_dir", str(run), "--resume", "auto"], capsys)
+    assert resumed.returncode == 0, resumed.stderr

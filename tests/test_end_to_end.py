@@ -74,7 +74,7 @@ def test_evaluate_reproduces_the_final_validation_loss(trained_run, small_data, 
         "--data_dir",
         str(small_data),
         "--seq_len",
-        "32",
+        "128",  # the validation protocol (--eval_seq_len), whatever the training windows
         "--device",
         "cpu",
         "--out_dir",
@@ -85,8 +85,8 @@ def test_evaluate_reproduces_the_final_validation_loss(trained_run, small_data, 
     assert got["loss"] == pytest.approx(metrics["final_val_loss"], abs=1e-5)
     assert got["bpb"] == pytest.approx(got["loss"] / 0.6931471805599453)
     assert got["perplexity"] == pytest.approx(2.718281828459045 ** got["loss"])
-    assert got["bytes"] == ((6_000 - 1) // 32) * 32
-    assert (got["split"], got["seq_len"], got["max_chunks"]) == ("valid", 32, None)
+    assert got["bytes"] == ((6_000 - 1) // 128) * 128
+    assert (got["split"], got["seq_len"], got["max_chunks"]) == ("valid", 128, None)
     stats = json.loads((ev / "weight_stats.json").read_text())
     assert set(stats) == {"E", "Dx", "Dy", "embed.weight", "readout"}
     assert {"mean", "std", "excess_kurtosis", "frac_beyond_3std"} <= set(stats["E"])

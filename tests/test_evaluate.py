@@ -81,3 +81,13 @@ def test_evaluate_stream_writes_metrics_and_a_plot(raw_dir, tmp_path, capsys):
     got = json.loads((out / "metrics.json").read_text())
     assert got["mode"] == "windows" and got["bytes"] == 1400
     assert list(got["loss_by_position"]) == ["0-127", "128-255", "256-511", "512-699"]
+
+
+def test_the_sampler_sees_the_whole_text_by_default_when_the_model_decays():
+    args = evaluate.build_parser().parse_args(["--model_path", "m", "--seq_len", "64"])
+    assert evaluate.sample_context(args, tiny([4.0, 64.0]).config) is None  # the whole text
+    assert evaluate.sample_context(args, tiny(None).config) == 64  # the paper's model: its window
+    args.context = 0
+    assert evaluate.sample_context(args, tiny(None).config) is None
+    args.context = 300
+    assert evaluate.sample_context(args, tiny([4.0, 64.0]).config) == 300

@@ -118,7 +118,7 @@ def test_a_run_pushes_and_loads_back_with_the_same_metrics(hub, tmp_path, small_
         "--data_dir",
         str(small_data_dir),
         "--seq_len",
-        "32",
+        "128",  # the validation protocol
         "--device",
         "cpu",
         "--out_dir",

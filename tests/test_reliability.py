@@ -333,5 +333,5 @@ def test_a_validation_that_cannot_fit_fails_at_the_start(tmp_path, small_data, c
     monkeypatch.setattr(model.BDH, "forward", out_of_memory_in_eval)
     run = tmp_path / "run"
     code, err = run_in_process(tiny_run(small_data, run, f"{FAST} --max_steps 4")[1:], capsys)
-    assert code == 2 and "a validation batch of 64 x 32 bytes does not fit" in err, err
+    assert code == 2 and "a validation batch of 64 x 128 bytes does not fit" in err, err
     assert "--eval_batch_size" in err and not (run / "log.csv").exists()
