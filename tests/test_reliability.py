@@ -14,7 +14,9 @@ import torch
 from safetensors.torch import load_file
 from test_cli import assert_clean_error
 
-from conftest import REPO, run_script, tiny_run
+import evaluate
+import experiment
+from conftest import REPO, call_main, run_script, tiny_run
 from data import checkpoint_folder, load_training_state
 
 FAST = "--batch_size 4 --seq_len 32 --warmup_steps 3 --log_every 1"
@@ -48,7 +50,7 @@ def wait_for_rows(run, count: int, proc: subprocess.Popen, timeout: float = 120)
 
 @pytest.mark.parametrize("sig, code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
 def test_a_signal_saves_and_resume_continues_bit_exact(sig, code, tmp_path, small_data_dir):
-    flags = f"{FAST} --max_steps 250 --eval_every 100"
+    flags = f"{FAST} --max_steps 120 --eval_every 50"
     whole, parts = tmp_path / "whole", tmp_path / "parts"
     assert run_script(*tiny_run(small_data_dir, whole, flags)).returncode == 0
 
@@ -59,7 +61,7 @@ def test_a_signal_saves_and_resume_continues_bit_exact(sig, code, tmp_path, smal
     assert proc.returncode == code, err
     assert "Traceback" not in err and "resume with:" in err and "--resume auto" in err
     stopped = load_training_state(checkpoint_folder(parts, "last"))["step"]
-    assert 5 <= stopped < 250
+    assert 5 <= stopped < 120
     assert json.loads((parts / "metrics.json").read_text())["finished"] is False
 
     resumed = run_script(*tiny_run(small_data_dir, parts, f"{flags} --resume auto"))
@@ -132,60 +134,53 @@ def test_nan_loss_stops_with_the_step_and_keeps_the_last_good_checkpoint(tmp_pat
 
 
 # ----------------------------------------------------------------------------- bad input, one test each
+# In this process (experiment.main, evaluate.main): what a shell would see, without a start-up a case.
 
 
-def test_empty_split(tmp_path, small_data_dir):
+def train(argv: list[str], capsys):
+    return call_main(experiment.main, argv[1:], capsys)  # argv from tiny_run, less the script
+
+
+def test_empty_split(tmp_path, small_data_dir, capsys):
     (small_data_dir / "wiki.valid.raw").write_bytes(b"")
-    assert_clean_error(
-        run_script(*tiny_run(small_data_dir, tmp_path / "r", "--max_steps 1")), "wiki.valid.raw", "empty"
-    )
+    result = train(tiny_run(small_data_dir, tmp_path / "r", "--max_steps 1"), capsys)
+    assert_clean_error(result, "wiki.valid.raw", "empty")
 
 
-def test_missing_split_file(tmp_path, small_data_dir):
+def test_missing_split_file(tmp_path, small_data_dir, capsys):
     (small_data_dir / "wiki.train.raw").unlink()
-    result = run_script(*tiny_run(small_data_dir, tmp_path / "r", "--max_steps 1"))
+    result = train(tiny_run(small_data_dir, tmp_path / "r", "--max_steps 1"), capsys)
     assert_clean_error(result, "wiki.train.raw", "does not exist")
 
 
-def test_max_steps_not_positive(tmp_path, small_data_dir):
-    result = run_script(*tiny_run(small_data_dir, tmp_path / "r", "--max_steps 1"), "--max_steps", "0")
+def test_max_steps_not_positive(tmp_path, small_data_dir, capsys):
+    result = train([*tiny_run(small_data_dir, tmp_path / "r", "--max_steps 1"), "--max_steps", "0"], capsys)
     assert_clean_error(result, "--max_steps")
 
 
-def test_cuda_asked_for_but_not_available(tmp_path, small_data_dir):
+def test_cuda_asked_for_but_not_available(tmp_path, small_data_dir, capsys):
     if torch.cuda.is_available():
         pytest.fail("this test checks the error on a machine without CUDA (as CI is)")
-    result = run_script(*tiny_run(small_data_dir, tmp_path / "r", "--max_steps 1"), "--device", "cuda")
+    result = train([*tiny_run(small_data_dir, tmp_path / "r", "--max_steps 1"), "--device", "cuda"], capsys)
     assert_clean_error(result, "--device cuda", "not available")
 
 
-def test_odd_neurons_per_head(tmp_path, small_data_dir):
-    result = run_script(
-        *tiny_run(small_data_dir, tmp_path / "r", "--max_steps 1"), "--n_neurons", "6", "--n_head", "2"
-    )
-    assert_clean_error(result, "neurons per head", "even")
+def test_odd_neurons_per_head(tmp_path, small_data_dir, capsys):
+    argv = [*tiny_run(small_data_dir, tmp_path / "r", "--max_steps 1"), "--n_neurons", "6", "--n_head", "2"]
+    assert_clean_error(train(argv, capsys), "neurons per head", "even")
 
 
-def test_output_folder_cannot_be_written(tmp_path, small_data_dir):
+def test_output_folder_cannot_be_written(tmp_path, small_data_dir, capsys):
     (tmp_path / "a-file").write_text("x")
-    result = run_script(*tiny_run(small_data_dir, tmp_path / "a-file" / "run", "--max_steps 1"))
+    result = train(tiny_run(small_data_dir, tmp_path / "a-file" / "run", "--max_steps 1"), capsys)
     assert_clean_error(result, "--out_dir", "cannot be written")
 
 
-def test_evaluate_output_folder_cannot_be_written(tmp_path, small_data_dir, shared):
+def test_evaluate_output_folder_cannot_be_written(tmp_path, small_data_dir, shared, capsys):
     (tmp_path / "a-file").write_text("x")
     seed = shared / "fixtures" / "legacy" / "seed_format.pt"
-    result = run_script(
-        "evaluate.py",
-        "--model_path",
-        str(seed),
-        "--data_dir",
-        str(small_data_dir),
-        "--out_dir",
-        str(tmp_path / "a-file" / "eval"),
-        "--max_chunks",
-        "1",
-    )
+    argv = ["--model_path", str(seed), "--data_dir", str(small_data_dir), "--max_chunks", "1"]
+    result = call_main(evaluate.main, [*argv, "--out_dir", str(tmp_path / "a-file" / "eval")], capsys)
     assert_clean_error(result, "--out_dir", "cannot be written")
 
 
@@ -203,41 +198,32 @@ def finished_run(tmp_path, finished_once):
     return Path(shutil.copytree(finished_once, tmp_path / "run"))
 
 
-def test_truncated_checkpoint(finished_run, small_data):
+def test_truncated_checkpoint(finished_run, small_data, capsys):
     weights = finished_run / "checkpoints" / "best" / "model.safetensors"
     weights.write_bytes(weights.read_bytes()[:100])
-    result = run_script(
-        "evaluate.py",
-        "--model_path",
-        str(finished_run),
-        "--data_dir",
-        str(small_data),
-        "--max_chunks",
-        "1",
-    )
-    assert_clean_error(result, "could not load the checkpoint")
+    argv = ["--model_path", str(finished_run), "--data_dir", str(small_data), "--max_chunks", "1"]
+    assert_clean_error(call_main(evaluate.main, argv, capsys), "could not load the checkpoint")
 
 
-def test_corrupted_training_state(finished_run, small_data):
+def test_corrupted_training_state(finished_run, small_data, capsys):
     (finished_run / "checkpoints" / "last" / "training_state.pt").write_bytes(b"garbage")
     before = (finished_run / "log.csv").read_bytes()
-    result = run_script(*tiny_run(small_data, finished_run, f"{FAST} --max_steps 3 --resume auto"))
+    result = train(tiny_run(small_data, finished_run, f"{FAST} --max_steps 3 --resume auto"), capsys)
     assert_clean_error(result, "training_state.pt", "corrupted")
     assert (finished_run / "log.csv").read_bytes() == before
 
 
-def test_resume_with_flags_that_disagree(finished_run, small_data):
+def test_resume_with_flags_that_disagree(finished_run, small_data, capsys):
     before = (finished_run / "log.csv").read_bytes()
-    result = run_script(
-        *tiny_run(small_data, finished_run, f"{FAST} --max_steps 3 --n_layer 3 --resume auto")
+    result = train(
+        tiny_run(small_data, finished_run, f"{FAST} --max_steps 3 --n_layer 3 --resume auto"), capsys
     )
     assert_clean_error(result, "disagrees", "--n_layer 3")
     assert (finished_run / "log.csv").read_bytes() == before
 
 
-def test_evaluate_n_layer_that_disagrees(finished_run, small_data):
-    result = run_script(
-        "evaluate.py",
+def test_evaluate_n_layer_that_disagrees(finished_run, small_data, capsys):
+    argv = [
         "--model_path",
         str(finished_run),
         "--data_dir",
@@ -246,24 +232,15 @@ def test_evaluate_n_layer_that_disagrees(finished_run, small_data):
         "5",
         "--max_chunks",
         "1",
+    ]
+    assert_clean_error(call_main(evaluate.main, argv, capsys), "--n_layer 5", "disagrees")
+
+
+def test_resume_without_a_checkpoint(tmp_path, small_data_dir, capsys):
+    result = train(
+        [*tiny_run(small_data_dir, tmp_path / "empty", "--max_steps 1"), "--resume", "auto"], capsys
     )
-    assert_clean_error(result, "--n_layer 5", "disagrees")
-
-
-def test_resume_without_a_checkpoint(tmp_path, small_data_dir):
-    result = run_script(*tiny_run(small_data_dir, tmp_path / "empty", "--max_steps 1"), "--resume", "auto")
     assert_clean_error(result, "--resume auto", "no checkpoint")
-
-
-def run_in_process(argv: list[str], capsys) -> tuple[int, str]:
-    """experiment.main in this process (no interpreter start-up): its exit code and stderr."""
-    import experiment
-
-    try:
-        code = experiment.main(argv)
-    except SystemExit as e:
-        code = e.code
-    return code, capsys.readouterr().err
 
 
 def test_an_exception_in_validation_costs_at_most_the_step_it_happened_after(
@@ -271,11 +248,9 @@ def test_an_exception_in_validation_costs_at_most_the_step_it_happened_after(
 ):
     """A failure outside the training step (here the second validation) saves what that step
     holds; --resume auto then ends where a run that never failed ends, weight for weight."""
-    import experiment
-
     flags = f"{FAST} --max_steps 9 --eval_every 3"
     whole, broken = tmp_path / "whole", tmp_path / "broken"
-    assert run_in_process(tiny_run(small_data, whole, flags)[1:], capsys)[0] == 0
+    assert train(tiny_run(small_data, whole, flags), capsys).returncode == 0
     real, calls = experiment.evaluate_loss, []
 
     def fails_the_second_time(*args, **kwargs):
@@ -285,13 +260,13 @@ def test_an_exception_in_validation_costs_at_most_the_step_it_happened_after(
         return real(*args, **kwargs)
 
     monkeypatch.setattr(experiment, "evaluate_loss", fails_the_second_time)
-    code, err = run_in_process(tiny_run(small_data, broken, flags)[1:], capsys)
+    code, err, _ = train(tiny_run(small_data, broken, flags), capsys)
     assert code == 1 and "Traceback" not in err and len(err.strip().splitlines()) == 1, err
     assert "RuntimeError after step 6: the validation broke" in err and "--resume auto" in err
     assert load_training_state(checkpoint_folder(broken, "last"))["step"] == 6
     assert not json.loads((broken / "metrics.json").read_text())["finished"]
     monkeypatch.setattr(experiment, "evaluate_loss", real)
-    assert run_in_process(tiny_run(small_data, broken, flags + " --resume auto")[1:], capsys)[0] == 0
+    assert train(tiny_run(small_data, broken, flags + " --resume auto"), capsys).returncode == 0
     want, got = dict(train_losses(whole)), dict(train_losses(broken))
     assert set(want) - set(got) == {6}  # the row the failed validation was to complete
     assert all(got[s] == want[s] for s in got)
@@ -300,19 +275,17 @@ def test_an_exception_in_validation_costs_at_most_the_step_it_happened_after(
 
 
 def test_an_exception_while_plotting_keeps_the_finished_run(tmp_path, small_data, capsys, monkeypatch):
-    import experiment
-
     def broken_plots(*args, **kwargs):
         raise OSError("no space left for a plot")
 
     run = tmp_path / "run"
     monkeypatch.setattr(experiment, "make_plots", broken_plots)
-    code, err = run_in_process(tiny_run(small_data, run, f"{FAST} --max_steps 4 --eval_every 2")[1:], capsys)
+    code, err, _ = train(tiny_run(small_data, run, f"{FAST} --max_steps 4 --eval_every 2"), capsys)
     assert code == 1 and "OSError after step 4: no space left for a plot" in err, err
     assert load_training_state(checkpoint_folder(run, "last"))["step"] == 4
     monkeypatch.undo()
-    code, err = run_in_process(
-        tiny_run(small_data, run, f"{FAST} --max_steps 4 --eval_every 2 --resume auto")[1:], capsys
+    code, err, _ = train(
+        tiny_run(small_data, run, f"{FAST} --max_steps 4 --eval_every 2 --resume auto"), capsys
     )
     assert code == 0, err
     assert json.loads((run / "metrics.json").read_text())["finished"] and (run / "loss.png").is_file()
@@ -332,6 +305,6 @@ def test_a_validation_that_cannot_fit_fails_at_the_start(tmp_path, small_data, c
 
     monkeypatch.setattr(model.BDH, "forward", out_of_memory_in_eval)
     run = tmp_path / "run"
-    code, err = run_in_process(tiny_run(small_data, run, f"{FAST} --max_steps 4")[1:], capsys)
+    code, err, _ = train(tiny_run(small_data, run, f"{FAST} --max_steps 4"), capsys)
     assert code == 2 and "a validation batch of 64 x 128 bytes does not fit" in err, err
     assert "--eval_batch_size" in err and not (run / "log.csv").exists()
