@@ -308,3 +308,27 @@ def test_a_validation_that_cannot_fit_fails_at_the_start(tmp_path, small_data, c
     code, err, _ = train(tiny_run(small_data, run, f"{FAST} --max_steps 4"), capsys)
     assert code == 2 and "a validation batch of 64 x 128 bytes does not fit" in err, err
     assert "--eval_batch_size" in err and not (run / "log.csv").exists()
+
+
+def test_long_validation_windows_come_in_batches_no_larger_than_a_training_batch(
+    tmp_path, small_data, capsys, monkeypatch
+):
+    """Every window that trains also validates: validation of long windows splits its batches so
+    that none holds more bytes than a training batch (or 8 KB), from the dry run at the start on."""
+    import evaluate as scoring
+
+    seen = []
+    real = scoring.window_batches
+
+    def recording(data, seq_len, batch_size, max_chunks=None):
+        for x, y in real(data, seq_len, batch_size, max_chunks):
+            seen.append(x.shape)
+            yield x, y
+
+    monkeypatch.setattr(scoring, "window_batches", recording)
+    monkeypatch.setattr(experiment, "window_batches", recording)
+    flags = "--max_steps 2 --batch_size 2 --seq_len 1024 --eval_seq_len 2048 --eval_batch_size 64"
+    flags += f" --extra_val_file {small_data / 'wiki.train.raw'}"  # 29 windows of 2,048 bytes
+    assert train(tiny_run(small_data, tmp_path / "run", flags), capsys).returncode == 0
+    assert len(seen) > 8 and all(T == 2048 and B * T <= 8192 for B, T in seen), seen
+    assert max(B for B, _ in seen) == 4  # 4 windows a batch, not 64
