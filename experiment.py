@@ -213,17 +213,18 @@ def apply_recipe(args: argparse.Namespace, saved: dict | None) -> None:
     if args.recipe is None:
         args.recipe = saved.get("recipe", "reference") if saved is not None else "long-context"
     for name, default in RECIPES[args.recipe].items():
-        if getattr(args, name) is None:
-            if saved is None:
-                setattr(
-                    args,
-                    name,
-                    recipe_half_lives(default, args.n_head) if name == "half_lives" and default else default,
-                )
-            else:  # runs from before --recipe had the reference's windows and no decay
-                setattr(args, name, saved.get(name, RECIPES["reference"][name]))
-    if not args.half_lives:  # --half_lives none
-        args.half_lives = None
+        if getattr(args, name) is not None:
+            continue
+        if saved is not None:  # runs from before --recipe had the reference's windows and no decay
+            value = saved.get(name, RECIPES["reference"][name])
+        elif name == "half_lives" and default:
+            value = recipe_half_lives(default, args.n_head)
+        else:
+            value = default
+        setattr(args, name, value)
+    if args.half_lives and len(args.half_lives) == 1:  # one half-life for every head
+        args.half_lives = args.half_lives * args.n_head
+    args.half_lives = args.half_lives or None  # --half_lives none
     if args.eval_seq_len is None:  # runs from before --eval_seq_len validated in their own windows
         args.eval_seq_len = 128 if saved is None else saved.get("eval_seq_len", saved.get("seq_len", 128))
 
@@ -424,9 +425,7 @@ def prepare(args: argparse.Namespace) -> dict:
             dropout=args.dropout,
             rope_theta=args.rope_theta,
             rope_style=args.rope_style,
-            half_lives=args.half_lives * args.n_head
-            if args.half_lives and len(args.half_lives) == 1
-            else args.half_lives,
+            half_lives=args.half_lives,
         )
     except ValueError as e:
         raise UsageError(f"model config: {e}") from e

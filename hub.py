@@ -252,6 +252,14 @@ def model_card(run_dir: Path, repo_id: str) -> str:
     metrics = json.loads((run_dir / "metrics.json").read_text())
     cfg = metrics["config"]
     loss = metrics["final_val_loss"]
+    args = metrics.get("args", {})
+    window = args.get("eval_seq_len") or args.get("seq_len")  # runs from before validated in their windows
+    lives = cfg.get("half_lives")
+    attention = (
+        f"attention that decays with half-lives of {', '.join(f'{t:g}' for t in lives)} bytes (one a head)"
+        if lives
+        else "the paper's attention, without decay"
+    )
     results = [
         EvalResult(
             task_type="text-generation",
@@ -278,6 +286,7 @@ def model_card(run_dir: Path, repo_id: str) -> str:
         eval_results=results,
     )
     rows = [
+        ("validation windows", f"{window} bytes"),
         ("validation loss (nats/byte)", f"{loss:.4f}"),
         ("validation bits/byte", f"{metrics['final_val_bpb']:.4f}"),
         ("validation byte perplexity", f"{metrics['final_val_perplexity']:.4f}"),
@@ -302,7 +311,7 @@ def model_card(run_dir: Path, repo_id: str) -> str:
 A [BDH-GPU](https://arxiv.org/abs/2509.26507) ("Dragon Hatchling", Appendix E) language model over
 UTF-8 bytes, trained with dragon-hatchling on Wikitext-2: d={cfg["n_embd"]},
 h={cfg["n_head"]}, n={cfg["n_neurons"]} neurons, {cfg["n_layer"]} layers sharing one set of weights,
-{metrics["num_params"]:,} parameters.
+{metrics["num_params"]:,} parameters, {attention}.
 
 ```python
 from model import BDH   # model.py of dragon-hatchling

@@ -8,7 +8,8 @@ scores):
 
     forward   x = v Dx                  cuBLAS     (before the relu)
               _rope_kernel              RoPE(relu(x)), per head
-              S = tril(RoPE(x) RoPE(x)^T, -1), a = S v, LN(a), u = LN(a) Dy     cuBLAS and PyTorch
+              S = tril(RoPE(x) RoPE(x)^T, -1) (times the decay weights with decay), a = S v, LN(a),
+              u = LN(a) Dy                                                       cuBLAS and PyTorch
               _gate_kernel              y = relu(u) * relu(x) * keep     keep: dropout, from a seed
               z = y E                   cuBLAS
     backward  x, u again; g_y = g_z E^T                                    cuBLAS
@@ -647,7 +648,8 @@ class FusedStep:
         freq = rope_frequencies(cfg, model.E.device)  # M: both members of a pair share a frequency
         self.pair_freq = freq[first_of_pairs(cfg)].contiguous()  # M/2, turns per position
         decay = chunk_decay(cfg, 1, model.E.device)  # gamma per head, or None
-        self.gamma = decay.whole.flatten().contiguous() if decay is not None else self.pair_freq  # unread
+        # gamma per head; without decay the kernel takes some pointer there and never reads it
+        self.gamma = decay.whole.flatten().contiguous() if decay is not None else self.pair_freq
         self.counts: dict[int, torch.Tensor] = {}  # per batch size: the sums' counters, zero between kernels
         # Programmatic dependent launch (Hopper on): each kernel starts while the one before ends
         dev = model.E.device

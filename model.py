@@ -251,10 +251,9 @@ class BDH(
         if decay is None:
             a = causal_linear_attention(r, v1) + r @ state.to(r.dtype)  # B, h, C, d
             state = state + (r.mT @ v1).to(state.dtype)  # B, h, n/h, d
-        else:
-            a = causal_linear_attention(r, v1, decay.weights) + (
-                r * decay.since_start.to(r.dtype)
-            ) @ state.to(r.dtype)
+        else:  # the state before the chunk fades by gamma^i at its byte i, and by gamma^C to its end
+            earlier = (r * decay.since_start.to(r.dtype)) @ state.to(r.dtype)  # B, h, C, d
+            a = causal_linear_attention(r, v1, decay.weights) + earlier
             state = decay.whole * state + ((r * decay.to_end.to(r.dtype)).mT @ v1).to(state.dtype)
         v, _ = self.mix(v, x, a)
         return v, state

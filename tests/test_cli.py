@@ -134,7 +134,13 @@ def recipe_of(argv: list[str], saved: dict | None = None) -> tuple:
 def test_the_default_recipe_is_long_context_and_the_reference_is_one_flag_away():
     assert recipe_of([]) == ("long-context", 8, 512, [8.0, 256.0], 128)  # the 4-head curve at 2 heads
     assert recipe_of(["--recipe", "reference"]) == ("reference", 32, 128, None, 128)
-    assert recipe_of(["--recipe", "reference", "--half_lives", "16"]) == ("reference", 32, 128, [16.0], 128)
+    assert recipe_of(["--recipe", "reference", "--half_lives", "16"]) == (
+        "reference",
+        32,
+        128,
+        [16.0] * 2,
+        128,
+    )
     assert recipe_of(["--half_lives", "none", "--seq_len", "64"]) == ("long-context", 8, 64, None, 128)
     assert experiment.recipe_half_lives([8.0, 32.0, 128.0, 256.0], 4) == [8.0, 32.0, 128.0, 256.0]
 

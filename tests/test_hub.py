@@ -7,11 +7,12 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import HF_TOKEN, _free_port, run_script, tiny_run
+import hub
+from conftest import HF_TOKEN, _free_port, call_main, run_script, tiny_run
 from data import UsageError, load_split
 from evaluate import evaluate_loss
 from hub import load_model
-from model import BDH
+from model import BDH, BDHConfig
 
 
 def fixture_spec(shared):
@@ -102,6 +103,7 @@ def test_a_run_pushes_and_loads_back_with_the_same_metrics(hub, tmp_path, small_
     card = files["README.md"].decode()
     assert card.startswith("---\n") and "library_name: dragon-hatchling" in card
     assert "Salesforce/wikitext" in card and "model-index" in card and "![loss](loss.png)" in card
+    assert "half-lives of 8, 256 bytes (one a head)" in card and "| validation windows | 128 bytes |" in card
 
     metrics = json.loads((out / "metrics.json").read_text())
     local = BDH.from_pretrained(out / "checkpoints" / "best")
@@ -199,3 +201,13 @@ def test_push_needs_a_repo_id(small_data_dir, tmp_path):
         timeout=60,
     )
     assert result.returncode == 2 and "--hf_repo_id" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_convert_keeps_the_attention_decay(tmp_path, capsys):
+    """Converting a checkpoint of this project keeps every field of its config, the decay too."""
+    torch.manual_seed(0)
+    cfg = BDHConfig(n_embd=16, n_head=2, n_neurons=32, n_layer=2, half_lives=[4.0, 64.0])
+    BDH(cfg).save_pretrained(tmp_path / "ours")
+    result = call_main(hub.main, ["convert", str(tmp_path / "ours"), str(tmp_path / "out")], capsys)
+    assert result.returncode == 0, result.stderr
+    assert BDH.from_pretrained(tmp_path / "out").config == cfg
