@@ -263,19 +263,30 @@ def write_json(path: str | Path, obj: dict) -> None:
     os.replace(tmp, path)
 
 
+class SaveFailed(Exception):
+    """A checkpoint could not be written (a full disk, say); the previous one is kept."""
+
+
 def save_checkpoint(model, folder: str | Path, training_state: dict | None = None) -> None:
     """Weights (model.safetensors) and config (config.json), with the optimizer state beside them.
 
     Written into a temporary folder that then replaces `folder`, so a crash mid-save leaves
-    the previous checkpoint whole.
+    the previous checkpoint whole; a save that fails (SaveFailed) removes its temporary folder.
     """
     folder = Path(folder)
     tmp = folder.with_name(folder.name + ".tmp")
     if tmp.exists():
         shutil.rmtree(tmp)
-    model.save_pretrained(tmp)
-    if training_state is not None:
-        torch.save(training_state, tmp / "training_state.pt")
+    try:
+        model.save_pretrained(tmp)
+        if training_state is not None:
+            torch.save(training_state, tmp / "training_state.pt")
+    except (OSError, RuntimeError) as e:  # torch.save reports a full disk as a RuntimeError
+        shutil.rmtree(tmp, ignore_errors=True)
+        detail = e.strerror if isinstance(e, OSError) and e.strerror else str(e).splitlines()[0][:200]
+        raise SaveFailed(
+            f"could not save the checkpoint {folder} ({detail}); the previous one is kept"
+        ) from e
     old = folder.with_name(folder.name + ".old")
     if folder.exists():
         if old.exists():
@@ -289,6 +300,57 @@ def save_checkpoint(model, folder: str | Path, training_state: dict | None = Non
 def is_checkpoint(folder: str | Path) -> bool:
     """A checkpoint folder of this project: config.json + model.safetensors."""
     return (Path(folder) / "config.json").is_file() and (Path(folder) / "model.safetensors").is_file()
+
+
+RUN_FILES = ("checkpoints", "log.csv", "metrics.json", "loss.png", "bpb.png", "lr.png")
+
+
+def holds_run(folder: str | Path) -> bool:
+    """Whether a folder holds a training run: a checkpoint, metrics, or a log with at least one row.
+    A folder where a run never took a step (a log with its header alone) holds none."""
+    folder = Path(folder)
+    if checkpoint_folder(folder, "last") or checkpoint_folder(folder, "best"):
+        return True
+    if (folder / "metrics.json").is_file():
+        return True
+    log = folder / "log.csv"
+    try:
+        return log.is_file() and len(log.read_text(errors="replace").strip().splitlines()) > 1
+    except OSError:
+        return True  # unreadable: treat it as a run rather than risk replacing one
+
+
+def clear_run(folder: str | Path) -> None:
+    """Remove the files a training run writes (its checkpoints, log, metrics and plots), nothing else."""
+    for name in RUN_FILES:
+        path = Path(folder) / name
+        if path.is_dir():
+            shutil.rmtree(path)
+        elif path.exists():
+            path.unlink()
+
+
+def lock_folder(folder: str | Path, what: str = "--out_dir") -> object:
+    """Hold FOLDER/.lock for the life of this process (released by the system, even on kill -9);
+    a UsageError if another process holds it. Returns the open file: keep it."""
+    import fcntl
+
+    path = Path(folder) / ".lock"
+    handle = open(path, "a+")
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        handle.seek(0)
+        holder = handle.read().strip() or "another process"
+        handle.close()
+        raise UsageError(
+            f"{what} {folder} is in use by another run ({holder}); wait for it or choose another folder"
+        ) from None
+    handle.seek(0)
+    handle.truncate()
+    handle.write(f"pid {os.getpid()}")
+    handle.flush()
+    return handle
 
 
 def checkpoint_folder(run_dir: str | Path, which: str = "last") -> Path | None:

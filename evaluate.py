@@ -31,6 +31,7 @@ from data import (
     add_device_args,
     autocast,
     fail,
+    holds_run,
     load_bytes_file,
     load_split,
     make_out_dir,
@@ -384,7 +385,13 @@ def main(argv: list[str] | None = None) -> int:
             data = load_split(args.split, args.data_dir)
         if args.stream and len(data) < 2:
             raise UsageError(f"--stream needs a text of at least 2 bytes, got {len(data)}")
-        out_dir = make_out_dir(args.out_dir or Path("results/eval") / Path(args.model_path).resolve().name)
+        out_dir = Path(args.out_dir or Path("results/eval") / Path(args.model_path).resolve().name)
+        if holds_run(out_dir):
+            raise UsageError(
+                f"--out_dir {out_dir} holds a training run, whose metrics.json this would replace; "
+                f"choose another folder (e.g. {out_dir / 'eval'})"
+            )
+        make_out_dir(out_dir)
         model, source = load_model(args.model_path, args.checkpoint, args.revision, args.n_layer)
         model = model.to(device).eval()
         if args.prompt is not None and sample_context(args, model.config) == 1:

@@ -28,14 +28,17 @@ from data import (
     add_device_args,
     autocast,
     checkpoint_folder,
+    clear_run,
     describe_source,
     epoch_offsets,
     fail,
     half_lives,
+    holds_run,
     load_bytes_file,
     load_split,
     load_training_state,
     load_weights,
+    lock_folder,
     make_out_dir,
     nonneg_float,
     nonneg_int,
@@ -264,8 +267,18 @@ def device_name(device: torch.device) -> str:
     return device.type
 
 
-def file_label(path: str) -> str:
-    return Path(path).name.replace(".", "_")
+def extra_labels(paths: list[str]) -> list[str]:
+    """A label for each --extra_val_file, unique: the file's name, with as many of its folders in
+    front as it takes to tell apart files of the same name. The same file twice is an error."""
+    resolved = [Path(p).resolve() for p in paths]
+    if len(set(resolved)) < len(resolved):
+        twice = next(p for p in paths if resolved.count(Path(p).resolve()) > 1)
+        raise UsageError(f"--extra_val_file {twice} is given twice")
+    for depth in range(1, max((len(p.parts) for p in resolved), default=1) + 1):
+        labels = ["_".join(p.parts[-depth:]).replace(".", "_").replace("/", "") for p in resolved]
+        if len(set(labels)) == len(labels):
+            return labels
+    raise AssertionError("distinct files have distinct paths")
 
 
 def make_plots(rows: list[dict], extra: list[str], out_dir: Path) -> None:
@@ -434,7 +447,8 @@ def prepare(args: argparse.Namespace) -> dict:
     else:
         train = load_split("train", args.data_dir)
     valid = load_split("valid", args.data_dir)
-    extra = {file_label(p): load_bytes_file(p, what="--extra_val_file") for p in args.extra_val_file}
+    extra_files = dict(zip(extra_labels(args.extra_val_file), args.extra_val_file, strict=True))
+    extra = {label: load_bytes_file(p, what="--extra_val_file") for label, p in extra_files.items()}
     windows = [("train", train, "--seq_len"), ("valid", valid, "--eval_seq_len")]
     for name, data, flag in windows + [(name, data, "--eval_seq_len") for name, data in extra.items()]:
         T = args.seq_len if flag == "--seq_len" else args.eval_seq_len
@@ -454,19 +468,22 @@ def prepare(args: argparse.Namespace) -> dict:
         out_dir = resume.parent.parent  # RUN/checkpoints/last
     else:
         out_dir = Path(f"results/runs/{dt.datetime.now():%Y%m%d-%H%M%S}")
-    if (out_dir / "log.csv").exists() and not args.overwrite and resume is None:
+    make_out_dir(out_dir)
+    lock = lock_folder(out_dir)  # held for the run's life: two runs never share a folder
+    if holds_run(out_dir) and not args.overwrite and resume is None:
         raise UsageError(
             f"--out_dir {out_dir} already holds a run; pass --resume auto to continue it, "
             "--overwrite to replace it, or choose another folder"
         )
-    make_out_dir(out_dir)
     return dict(
+        lock=lock,
         device=device,
         dtype=dtype,
         config=config,
         train=train,
         valid=valid,
         extra=extra,
+        extra_files=extra_files,
         steps_per_epoch=steps_per_epoch,
         out_dir=out_dir,
         resume=resume,
@@ -577,7 +594,7 @@ def train(args: argparse.Namespace, setup: dict) -> dict:
     data_files = {
         "train": describe_source("train", args.data_dir, args.train_file),
         "valid": describe_source("valid", args.data_dir),
-        "extra_valid": [describe_source(file_label(p), None, p) for p in args.extra_val_file],
+        "extra_valid": [describe_source(label, None, p) for label, p in setup["extra_files"].items()],
     }
 
     start_step, best, train_time, elapsed_before = 0, {"val_loss": float("inf")}, 0.0, 0.0
@@ -612,6 +629,8 @@ def train(args: argparse.Namespace, setup: dict) -> dict:
         return out
 
     check_validation_fits(fwd, valid, args.eval_seq_len, eval_batch, device, dtype)
+    if resumed is None:  # --overwrite: the old run goes before the new one writes anything
+        clear_run(out_dir)
     fields = CSV_FIELDS + [f"{k}_{label}" for label in extra for k in ("val_loss", "val_bpb")]
     log = CsvLog(out_dir / "log.csv", fields, resume_step=start_step if resumed is not None else None)
 
@@ -846,6 +865,7 @@ def summarize(
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    setup: dict = {}
     try:
         setup = prepare(args)
         metrics = train(args, setup)
@@ -855,6 +875,9 @@ def main(argv: list[str] | None = None) -> int:
         fail(str(e), code=1)
     except Interrupted as e:
         fail(str(e), code=e.code)
+    finally:
+        if "lock" in setup:
+            setup["lock"].close()  # the run's folder is free again
     return 1 if metrics["push_failed"] else 0
 
 

@@ -25,7 +25,7 @@ from pathlib import Path
 
 import torch
 
-from data import Parser, UsageError, checkpoint_folder, fail, is_checkpoint, positive_int
+from data import Parser, UsageError, checkpoint_folder, fail, is_checkpoint, make_out_dir, positive_int
 from model import BDH, BDHConfig
 
 # Appendix E names <- each legacy format's names. The paper authors' code calls the d -> n matrices
@@ -385,6 +385,32 @@ def try_push(run_dir: Path, repo_id: str, private: bool = False) -> bool:
 
 # ----------------------------------------------------------------------------- command line
 
+CHECKPOINT_FILES = (
+    "config.json",
+    "model.safetensors",
+    "README.md",
+    "training_state.pt",
+)  # what a checkpoint holds
+
+
+def convert_target(out_dir: Path, overwrite: bool) -> Path:
+    """The folder `convert` writes into: new or empty, or holding a checkpoint that --overwrite replaces."""
+    if out_dir.is_dir() and any(out_dir.iterdir()):
+        if not overwrite:
+            raise UsageError(
+                f"out_dir {out_dir} is not empty; pass --overwrite to replace the checkpoint in it"
+            )
+        others = sorted(p.name for p in out_dir.iterdir() if p.name not in CHECKPOINT_FILES)
+        if others:
+            raise UsageError(
+                f"out_dir {out_dir} holds more than a checkpoint ({', '.join(others[:5])}); "
+                "choose another folder"
+            )
+    try:
+        return make_out_dir(out_dir)
+    except UsageError as e:
+        raise UsageError(str(e).replace("--out_dir", "out_dir", 1)) from None
+
 
 def main(argv: list[str] | None = None) -> int:
     p = Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -399,14 +425,20 @@ def main(argv: list[str] | None = None) -> int:
     conv.add_argument("--checkpoint", default=None, help="which file of a folder or repo")
     conv.add_argument("--revision", default=None, help="Hub revision")
     conv.add_argument("--n_layer", type=positive_int, default=None, help="layers, for legacy formats (6)")
+    conv.add_argument(
+        "--overwrite", action="store_true", help="replace the checkpoint in out_dir if it has one"
+    )
     args = p.parse_args(argv)
     try:
         if args.command == "push":
             if not REPO_ID.match(args.hf_repo_id):
                 raise UsageError(f"--hf_repo_id {args.hf_repo_id!r}: expected USER/NAME")
             return 0 if try_push(Path(args.run_dir), args.hf_repo_id, args.private) else 1
+        out_dir = convert_target(Path(args.out_dir), args.overwrite)
         model, info = load_model(args.model_path, args.checkpoint, args.revision, args.n_layer)
-        model.save_pretrained(args.out_dir)
+        for name in CHECKPOINT_FILES:  # --overwrite: no file of the old checkpoint stays beside the new
+            (out_dir / name).unlink(missing_ok=True)
+        model.save_pretrained(out_dir)
     except UsageError as e:
         fail(str(e))
     print(f"converted {args.model_path} ({info['format']}, {model.config}) into {args.out_dir}")

@@ -2,6 +2,7 @@
 
 import csv
 import json
+import os
 import shutil
 import signal
 import subprocess
@@ -332,3 +333,130 @@ def test_long_validation_windows_come_in_batches_no_larger_than_a_training_batch
     assert train(tiny_run(small_data, tmp_path / "run", flags), capsys).returncode == 0
     assert len(seen) > 8 and all(T == 2048 and B * T <= 8192 for B, T in seen), seen
     assert max(B for B, _ in seen) == 4  # 4 windows a batch, not 64
+
+
+# ----------------------------------------------------------------------------- nothing replaced unasked
+
+
+def interrupt_at_step(monkeypatch, step: int) -> None:
+    """SIGINT to this process while step `step` runs (as Ctrl-C would): the run saves and stops."""
+    real = experiment.lr_at
+
+    def lr_at(s, total, args):
+        if s == step - 1:
+            os.kill(os.getpid(), signal.SIGINT)
+        return real(s, total, args)
+
+    monkeypatch.setattr(experiment, "lr_at", lr_at)
+
+
+def test_overwrite_clears_the_old_run_before_writing(finished_run, small_data, capsys, monkeypatch):
+    """A run of another size started with --overwrite and stopped before its first validation leaves
+    nothing of the old run: no old best checkpoint to score, no old metrics saying finished."""
+    interrupt_at_step(monkeypatch, 2)
+    flags = f"{FAST} --max_steps 50 --eval_every 40 --n_embd 16 --overwrite"
+    result = train(tiny_run(small_data, finished_run, flags), capsys)
+    assert result.returncode == 130, result.stderr
+    assert checkpoint_folder(finished_run, "best") is None  # the old best is gone, no new one yet
+    assert json.loads((checkpoint_folder(finished_run, "last") / "config.json").read_text())["n_embd"] == 16
+    metrics = json.loads((finished_run / "metrics.json").read_text())
+    assert metrics["config"]["n_embd"] == 16 and metrics["finished"] is False
+    assert [s for s, _ in train_losses(finished_run)] == [1, 2]
+
+
+def test_a_run_folder_without_its_log_still_holds_a_run(finished_run, small_data, capsys):
+    (finished_run / "log.csv").unlink()
+    result = train(tiny_run(small_data, finished_run, f"{FAST} --max_steps 3"), capsys)
+    assert_clean_error(result, "already holds a run", "--overwrite")
+    assert checkpoint_folder(finished_run, "best") is not None
+
+
+def test_a_folder_where_no_step_was_taken_blocks_nothing(tmp_path, small_data, capsys):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "log.csv").write_text(",".join(experiment.CSV_FIELDS) + "\n")  # a crash before the first step
+    assert train(tiny_run(small_data, run, f"{FAST} --max_steps 2"), capsys).returncode == 0
+
+
+def test_two_runs_never_share_a_folder(finished_run, small_data, capsys):
+    from data import lock_folder
+
+    held = lock_folder(finished_run)  # a run in progress there
+    try:
+        flags = f"{FAST} --max_steps 3 --overwrite"
+        result = train(tiny_run(small_data, finished_run, flags), capsys)
+        assert_clean_error(result, "is in use by another run", f"pid {os.getpid()}")
+        assert checkpoint_folder(finished_run, "best") is not None  # nothing replaced
+    finally:
+        held.close()
+    assert (
+        train(tiny_run(small_data, finished_run, f"{FAST} --max_steps 3 --overwrite"), capsys).returncode == 0
+    )
+
+
+def test_evaluation_never_replaces_a_run_s_metrics(finished_run, small_data, capsys):
+    before = (finished_run / "metrics.json").read_bytes()
+    argv = ["--model_path", str(finished_run), "--data_dir", str(small_data), "--out_dir", str(finished_run)]
+    assert_clean_error(call_main(evaluate.main, argv, capsys), "holds a training run", "metrics.json")
+    assert (finished_run / "metrics.json").read_bytes() == before
+
+
+def test_extra_validation_files_of_one_name_keep_both_losses(tmp_path, small_data, capsys):
+    for folder in ("a", "b"):
+        (tmp_path / folder).mkdir()
+        text = (small_data / "wiki.test.raw").read_bytes()
+        (tmp_path / folder / "x.raw").write_bytes(text if folder == "a" else text[::-1])
+    extra = f"--extra_val_file {tmp_path / 'a' / 'x.raw'} --extra_val_file {tmp_path / 'b' / 'x.raw'}"
+    run = tmp_path / "run"
+    assert train(tiny_run(small_data, run, f"{FAST} --max_steps 2 {extra}"), capsys).returncode == 0
+    final = json.loads((run / "metrics.json").read_text())["final_extra_val"]
+    assert set(final) == {"a_x_raw", "b_x_raw"} and final["a_x_raw"]["loss"] != final["b_x_raw"]["loss"]
+    twice = f"--extra_val_file {tmp_path / 'a' / 'x.raw'} " * 2
+    result = train(tiny_run(small_data, tmp_path / "r2", f"{FAST} --max_steps 2 {twice}"), capsys)
+    assert_clean_error(result, "--extra_val_file", "given twice")
+
+
+def test_a_full_disk_while_saving_keeps_the_previous_checkpoint(tmp_path, small_data, capsys, monkeypatch):
+    import data
+
+    real, saves = torch.save, []
+
+    def full_disk(obj, path, *args, **kwargs):
+        saves.append(path)
+        if len(saves) >= 2:
+            raise RuntimeError(
+                "[enforce fail at inline_container.cc:659] . unexpected pos; No space left on device"
+            )
+        return real(obj, path, *args, **kwargs)
+
+    monkeypatch.setattr(data.torch, "save", full_disk)
+    run = tmp_path / "run"
+    result = train(tiny_run(small_data, run, f"{FAST} --max_steps 6 --eval_every 3"), capsys)
+    assert result.returncode == 1 and len(result.stderr.strip().splitlines()) == 1, result.stderr
+    assert "could not save the checkpoint" in result.stderr and "No space left" in result.stderr
+    assert "last good checkpoint (step 3)" in result.stderr
+    assert not list((run / "checkpoints").glob("*.tmp")), "the temporary folder was left behind"
+    assert load_training_state(checkpoint_folder(run, "last"))["step"] == 3
+
+
+def test_convert_never_replaces_a_checkpoint_unasked(finished_run, tmp_path, capsys):
+    import hub
+
+    target = finished_run / "checkpoints" / "last"
+    before = (target / "model.safetensors").read_bytes()
+    convert = ["convert", str(finished_run / "checkpoints" / "best")]
+    assert_clean_error(call_main(hub.main, [*convert, str(target)], capsys), "not empty", "--overwrite")
+    assert (target / "model.safetensors").read_bytes() == before
+    assert call_main(hub.main, [*convert, str(target), "--overwrite"], capsys).returncode == 0
+    assert "training_state.pt" not in {p.name for p in target.iterdir()}  # no old state beside the new
+    (tmp_path / "a-file").write_text("x")
+    assert_clean_error(call_main(hub.main, [*convert, str(tmp_path / "a-file")], capsys), "a-file", "folder")
+    read_only = tmp_path / "read-only"
+    read_only.mkdir()
+    read_only.chmod(0o500)
+    try:
+        result = call_main(hub.main, [*convert, str(read_only)], capsys)
+    finally:
+        read_only.chmod(0o700)
+    if os.geteuid() != 0:  # root writes anywhere
+        assert_clean_error(result, "read-only", "cannot be written")
