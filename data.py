@@ -306,17 +306,19 @@ RUN_FILES = ("checkpoints", "log.csv", "metrics.json", "loss.png", "bpb.png", "l
 
 
 def holds_run(folder: str | Path) -> bool:
-    """Whether a folder holds a training run: a checkpoint, metrics, or a log with at least one row.
-    A folder where a run never took a step (a log with its header alone) holds none."""
+    """Whether a folder holds a training run: a checkpoint, a run's metrics, or a log with at least
+    one row. A folder where a run never took a step (a log with its header alone), or that holds an
+    evaluation (evaluate.py's metrics.json), holds none."""
     folder = Path(folder)
     if checkpoint_folder(folder, "last") or checkpoint_folder(folder, "best"):
         return True
-    if (folder / "metrics.json").is_file():
-        return True
-    log = folder / "log.csv"
     try:
+        metrics = folder / "metrics.json"
+        if metrics.is_file() and "total_steps" in json.loads(metrics.read_text()):
+            return True
+        log = folder / "log.csv"
         return log.is_file() and len(log.read_text(errors="replace").strip().splitlines()) > 1
-    except OSError:
+    except (OSError, ValueError, TypeError):
         return True  # unreadable: treat it as a run rather than risk replacing one
 
 
