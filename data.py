@@ -131,7 +131,10 @@ def load_bytes_file(path: str | Path, what: str = "data file") -> np.ndarray:
         raise UsageError(f"{what} {path} does not exist")
     if path.stat().st_size == 0:
         raise UsageError(f"{what} {path} is empty")
-    return np.memmap(path, dtype=np.uint8, mode="r")
+    try:
+        return np.memmap(path, dtype=np.uint8, mode="r")
+    except OSError as e:
+        raise UsageError(f"{what} {path} cannot be read ({e.strerror or e})") from None
 
 
 def load_hub_split(split: str) -> np.ndarray:
@@ -238,6 +241,30 @@ def resolve_device(name: str) -> torch.device:
     if device.type == "mps" and not torch.backends.mps.is_available():
         raise UsageError(f"--device {name}: MPS was asked for but is not available here")
     return device
+
+
+def available_memory(device: torch.device) -> int | None:
+    """Bytes free on the device now (CUDA: as the driver sees it; CPU: MemAvailable), None if unknown."""
+    try:
+        if device.type == "cuda":
+            return torch.cuda.mem_get_info(device)[0]
+        if device.type == "cpu":
+            with open("/proc/meminfo") as f:
+                for line in f:
+                    if line.startswith("MemAvailable:"):
+                        return int(line.split()[1]) * 1024
+    except (OSError, RuntimeError, ValueError):
+        pass
+    return None
+
+
+def check_fits(need: int, device: torch.device, what: str) -> None:
+    """A UsageError, with the estimate, if `need` bytes are more than the device has free."""
+    free = available_memory(device)
+    if free is not None and need > free:
+        raise UsageError(
+            f"{what} needs at least {need / 1e9:,.1f} GB; {device} has {free / 1e9:,.1f} GB free"
+        )
 
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -368,6 +395,8 @@ def load_weights(folder: str | Path) -> dict[str, torch.Tensor]:
     path = Path(folder) / "model.safetensors"
     try:
         return load_file(path)
+    except OSError as e:
+        raise UsageError(f"{path} cannot be read ({e.strerror or e})") from e
     except Exception as e:
         raise UsageError(f"{path} is truncated or corrupted ({type(e).__name__})") from e
 
@@ -377,6 +406,8 @@ def load_training_state(folder: str | Path) -> dict:
     path = Path(folder) / "training_state.pt"
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
+    except OSError as e:
+        raise UsageError(f"{path} cannot be read ({e.strerror or e})") from e
     except Exception as e:
         raise UsageError(f"{path} is truncated or corrupted ({type(e).__name__})") from e
     if not isinstance(state, dict) or "step" not in state or "optimizer" not in state:

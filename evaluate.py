@@ -30,6 +30,7 @@ from data import (
     UsageError,
     add_device_args,
     autocast,
+    check_fits,
     fail,
     holds_run,
     load_bytes_file,
@@ -104,7 +105,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--out_dir", default=None, help="where to write (default: results/eval/<name>)")
     p.add_argument("--prompt", default=None, help="also sample a continuation of this text")
-    p.add_argument("--max_new_bytes", type=positive_int, default=500, help="bytes to sample (500)")
+    p.add_argument(
+        "--max_new_bytes",
+        type=positive_int,
+        default=500,
+        help=f"bytes to sample (500; at most {MAX_NEW_BYTES:,}), with a progress bar at a terminal",
+    )
     p.add_argument("--temperature", type=float, default=0.8, help="sampling temperature (0.8)")
     p.add_argument("--top_k", type=positive_int, default=None, help="sample from the k likeliest bytes")
     p.add_argument(
@@ -122,6 +128,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 # ----------------------------------------------------------------------------- scoring
 
+MAX_NEW_BYTES = 1_000_000  # the most bytes one sample may have (a recurrent step each)
 EVAL_BATCH_BYTES = 65536  # an evaluation batch holds at most this many bytes (fewer windows when long)
 CHUNK_SIZE = 1024  # the chunked form's chunk: --stream reads this many bytes at a time
 
@@ -288,7 +295,9 @@ def sample_text(model: BDH, prompt: str, args: argparse.Namespace, device, dtype
     gen = torch.Generator(device=device).manual_seed(args.seed)
     sampler = copy.deepcopy(model).to(dtype)  # weights in the dtype itself: a CUDA graph takes no autocast
     context = sample_context(args, model.config)
-    out = generate(sampler, idx, args.max_new_bytes, args.temperature, args.top_k, gen, context)
+    out = generate(
+        sampler, idx, args.max_new_bytes, args.temperature, args.top_k, gen, context, progress=True
+    )
     return bytes(out[0].tolist()).decode("utf-8", errors="replace")
 
 
@@ -338,6 +347,17 @@ def plot_histograms(model: BDH, stats: dict, path: Path, title: str) -> None:
     plt.close(fig)
 
 
+def scoring_bytes(config: BDHConfig, args: argparse.Namespace) -> int:
+    """A lower bound on the memory scoring takes: float32 weights, and x and y of one layer for a
+    batch (of one chunk of the window or text, when it goes through the chunked form), with the
+    chunked form's state."""
+    chunked = args.stream or args.seq_len > args.chunk_size
+    batch = 1 if args.stream else eval_batch_windows(args.batch_size, args.seq_len)
+    chunk = args.chunk_size if chunked else args.seq_len
+    state = 4 * batch * config.n_layer * config.n_neurons * config.n_embd if chunked else 0
+    return 4 * config.num_params + 2 * 4 * batch * chunk * config.n_neurons + state
+
+
 def score(model: BDH, data: np.ndarray, args: argparse.Namespace, device, dtype) -> dict:
     """Loss, bits/byte, perplexity and loss by position: of windows (the protocol), or of the whole
     text read as one (--stream)."""
@@ -371,6 +391,8 @@ def main(argv: list[str] | None = None) -> int:
             raise UsageError(f"--temperature must be a finite number >= 0, got {args.temperature}")
         if args.prompt == "":
             raise UsageError("--prompt must not be empty")
+        if args.max_new_bytes > MAX_NEW_BYTES:
+            raise UsageError(f"--max_new_bytes {args.max_new_bytes:,} is more than {MAX_NEW_BYTES:,}")
         if args.context == 1:
             raise UsageError("--context must be 0 (no limit) or at least 2 bytes, got 1")
         if args.stream and args.max_chunks is not None:
@@ -393,6 +415,7 @@ def main(argv: list[str] | None = None) -> int:
             )
         make_out_dir(out_dir)
         model, source = load_model(args.model_path, args.checkpoint, args.revision, args.n_layer)
+        check_fits(scoring_bytes(model.config, args), device, "scoring this model")
         model = model.to(device).eval()
         if args.prompt is not None and sample_context(args, model.config) == 1:
             raise UsageError("--seq_len 1 as the sampler's window: pass --context 0 or at least 2")

@@ -27,6 +27,7 @@ from data import (
     UsageError,
     add_device_args,
     autocast,
+    check_fits,
     checkpoint_folder,
     clear_run,
     describe_source,
@@ -53,7 +54,7 @@ from data import (
     write_json,
 )
 from evaluate import activation_summary, eval_batch_windows, evaluate_loss
-from hub import REPO_ID, try_push
+from hub import REPO_ID, first_cause, try_push
 from model import BDH, BDHConfig
 
 LN2 = math.log(2)
@@ -413,6 +414,12 @@ def prepare(args: argparse.Namespace) -> dict:
         raise UsageError("--push_every_epoch needs --push_to_hub")
     if args.fused and args.compile:
         raise UsageError("--fused runs its own kernels: leave out --compile")
+    if args.fused and device.type != "cuda":
+        raise UsageError(f"--fused runs Triton kernels on CUDA; the device is {device} (leave out --fused)")
+    if args.min_lr > args.lr:
+        raise UsageError(
+            f"--min_lr {args.min_lr} is above --lr {args.lr}: the schedule decays from --lr to --min_lr"
+        )
     if args.push_to_hub and (args.hf_repo_id is None or not REPO_ID.match(args.hf_repo_id)):
         raise UsageError(f"--push_to_hub needs --hf_repo_id USER/NAME (got {args.hf_repo_id!r})")
     resume = find_resume(args)
@@ -442,6 +449,13 @@ def prepare(args: argparse.Namespace) -> dict:
         )
     except ValueError as e:
         raise UsageError(f"model config: {e}") from e
+    # at least: float32 weights, gradients and AdamW's two moments, and one layer's neurons x and y
+    need = 16 * config.num_params + 2 * 4 * args.batch_size * args.seq_len * config.n_neurons
+    check_fits(
+        need,
+        device,
+        f"training this model ({config.num_params:,} parameters) on {args.batch_size} x {args.seq_len} bytes",
+    )
     if args.train_file is not None:
         train = load_bytes_file(args.train_file, what="--train_file")
     else:
@@ -600,8 +614,13 @@ def train(args: argparse.Namespace, setup: dict) -> dict:
     start_step, best, train_time, elapsed_before = 0, {"val_loss": float("inf")}, 0.0, 0.0
     last_eval: dict = {}
     if resumed is not None:
-        model.load_state_dict(load_weights(setup["resume"]))
-        optimizer.load_state_dict(resumed["optimizer"])
+        try:
+            model.load_state_dict(load_weights(setup["resume"]))
+            optimizer.load_state_dict(resumed["optimizer"])
+        except (RuntimeError, ValueError, KeyError) as e:  # weights or optimizer state of another model
+            raise UsageError(
+                f"--resume {args.resume}: the checkpoint is not this model's ({first_cause(e)})"
+            ) from e
         start_step, best = resumed["step"], resumed["best"]
         train_time, elapsed_before = resumed["train_time_s"], resumed["elapsed_s"]
         last_eval = resumed.get("last_eval", {})

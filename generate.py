@@ -15,6 +15,7 @@ from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
+from tqdm import tqdm
 
 from model import BDH, RecurrentState
 
@@ -114,8 +115,9 @@ def generate(
     context: int | None = None,
     chunk_size: int = 256,
     cuda_graph: bool = True,
+    progress: bool = False,
 ) -> torch.Tensor:
-    """Append max_new_tokens sampled bytes to idx (B, T), T >= 1.
+    """Append max_new_tokens sampled bytes to idx (B, T), T >= 1 (progress: a bar at a terminal).
 
     The prompt goes through the chunked form, then each new byte costs one recurrent step
     (on CUDA, a captured graph of the fused step and the sampling, unless cuda_graph=False or the
@@ -140,6 +142,7 @@ def generate(
         graphed = graphed_step(model, state, sample=pick, generator=generator)
     out = [idx, pick(logits[:, -1])]  # B, 1 a byte
     fed = False  # whether the graph holds the last byte as its next input already
+    bar = tqdm(total=max_new_tokens, initial=1, unit="byte", disable=None if progress else True, leave=False)
     for _ in range(max_new_tokens - 1):
         seen += 1
         if context is not None and seen > context:  # restart from the last context // 2 bytes
@@ -154,6 +157,8 @@ def generate(
         else:
             nxt = pick(model.step(out[-1][:, 0], state))
         out.append(nxt)
+        bar.update(1)
+    bar.close()
     return torch.cat(out, dim=1)
 
 

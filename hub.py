@@ -84,7 +84,7 @@ def model_from_legacy(state_dict: dict, n_layer: int = DEFAULT_N_LAYER) -> BDH:
         model = BDH(config)
         model.load_state_dict({k: v.float() for k, v in weights.items()})
     except (ValueError, RuntimeError) as e:
-        raise UsageError(f"inconsistent legacy checkpoint: {str(e).splitlines()[0]}") from e
+        raise UsageError(f"inconsistent legacy checkpoint: {first_cause(e)}") from e
     return model
 
 
@@ -135,10 +135,15 @@ def load_ours(folder: str | Path, **kwargs) -> BDH:
     try:
         return BDH.from_pretrained(folder, **kwargs)
     except Exception as e:  # safetensors, JSON, shape and I/O errors alike: a bad checkpoint
-        raise UsageError(
-            f"{folder}: could not load the checkpoint "
-            f"({type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''})"
-        ) from e
+        raise UsageError(f"{folder}: could not load the checkpoint ({first_cause(e)})") from e
+
+
+def first_cause(e: Exception) -> str:
+    """One line for an exception: its type and the first line that says what is wrong (for
+    load_state_dict, the first tensor it names rather than its "Error(s) in loading" header)."""
+    lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+    named = [line for line in lines if line.startswith(("size mismatch", "Missing key", "Unexpected key"))]
+    return f"{type(e).__name__}: {(named or lines or [''])[0][:240]}"
 
 
 def load_local(path: Path, checkpoint: str | None, n_layer: int | None) -> tuple[BDH, dict]:
@@ -153,6 +158,10 @@ def load_local(path: Path, checkpoint: str | None, n_layer: int | None) -> tuple
         )
     if is_checkpoint(path):
         return load_ours(path), {"format": "dragon-hatchling", "folder": str(path)}
+    if (path / "config.json").is_file():
+        raise UsageError(
+            f"--model_path {path}: config.json but no model.safetensors (an incomplete checkpoint)"
+        )
     which = checkpoint or "best"
     if (path / "checkpoints").is_dir():
         folder = checkpoint_folder(path, which) if which in ("best", "last") else None

@@ -92,6 +92,11 @@ class BDHConfig:
         """Neurons per head, n/h."""
         return self.n_neurons // self.n_head
 
+    @property
+    def num_params(self) -> int:
+        """Parameters of the model this config makes: Dx, Dy, E (n x d each), embedding and readout."""
+        return 3 * self.n_neurons * self.n_embd + 2 * self.vocab_size * self.n_embd
+
     def to_dict(self) -> dict:
         return asdict(self)
 

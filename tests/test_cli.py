@@ -170,3 +170,50 @@ def test_a_run_of_the_default_recipe_records_it_and_resumes_without_flags(small_
     assert metrics["bytes_trained"] == 2 * 8 * 512
     resumed = call_main(experiment.main, [*argv, "--out_dir", str(run), "--resume", "auto"], capsys)
     assert resumed.returncode == 0, resumed.stderr
+
+
+@pytest.mark.parametrize(
+    "args, needles",
+    [
+        (["--fused"], ["--fused", "CUDA", "cpu"]),
+        (["--min_lr", "0.01", "--lr", "0.001"], ["--min_lr 0.01 is above --lr 0.001"]),
+        (["--n_neurons", str(2**40)], ["needs at least", "GB", "free"]),
+        (["--n_neurons", "4096", "--batch_size", str(2**22), "--seq_len", "1024"], ["needs at least"]),
+    ],
+)
+def test_experiment_refuses_what_cannot_run_before_any_work(args, needles, small_data_dir, tmp_path, capsys):
+    argv = [
+        "--data_dir",
+        str(small_data_dir),
+        *TINY_MODEL,
+        "--device",
+        "cpu",
+        "--out_dir",
+        str(tmp_path / "r"),
+    ]
+    assert_clean_error(call_main(experiment.main, [*argv, *args], capsys), *needles)
+    assert not (tmp_path / "r" / "log.csv").exists()
+
+
+@pytest.mark.parametrize(
+    "args, needles",
+    [
+        (["--temperature", "inf", "--prompt", "a"], ["--temperature", "finite"]),
+        (["--max_new_bytes", str(10**9), "--prompt", "a"], ["--max_new_bytes", "more than"]),
+    ],
+)
+def test_evaluate_refuses_sampling_it_cannot_do(args, needles, small_data_dir, capsys):
+    argv = ["--data_dir", str(small_data_dir), "--device", "cpu", "--model_path", str(REPO), *args]
+    assert_clean_error(call_main(evaluate.main, argv, capsys), *needles)
+
+
+def test_evaluate_refuses_windows_that_cannot_fit(small_data_dir, tmp_path, capsys, monkeypatch):
+    """The memory scoring needs, estimated from the model before any work, against what is free."""
+    import data
+    from model import BDH, BDHConfig
+
+    BDH(BDHConfig(n_embd=16, n_head=2, n_neurons=64, n_layer=2)).save_pretrained(tmp_path / "m")
+    monkeypatch.setattr(data, "available_memory", lambda device: 1_000_000)  # a small device: 1 MB
+    argv = ["--data_dir", str(small_data_dir), "--device", "cpu", "--model_path", str(tmp_path / "m")]
+    result = call_main(evaluate.main, [*argv, "--seq_len", "3000", "--out_dir", str(tmp_path / "e")], capsys)
+    assert_clean_error(result, "scoring this model needs at least", "0.0 GB free")

@@ -460,3 +460,57 @@ def test_convert_never_replaces_a_checkpoint_unasked(finished_run, tmp_path, cap
         read_only.chmod(0o700)
     if os.geteuid() != 0:  # root writes anywhere
         assert_clean_error(result, "read-only", "cannot be written")
+
+
+# ----------------------------------------------------------------------------- bad files, one line each
+
+
+def test_a_tensor_of_the_wrong_shape_is_named(finished_run, small_data, capsys):
+    """load_state_dict's message starts with a header line; the error names the tensor instead."""
+    from safetensors.torch import save_file
+
+    weights_file = finished_run / "checkpoints" / "best" / "model.safetensors"
+    weights = load_file(weights_file)
+    weights["readout"] = torch.zeros(3, 3)
+    save_file(weights, weights_file)
+    argv = ["--model_path", str(finished_run), "--data_dir", str(small_data), "--max_chunks", "1"]
+    assert_clean_error(call_main(evaluate.main, argv, capsys), "size mismatch for readout")
+
+
+def test_resuming_with_the_weights_of_another_model(finished_run, small_data, tmp_path, capsys):
+    other = tmp_path / "other"
+    assert train(tiny_run(small_data, other, f"{FAST} --max_steps 2 --n_embd 16"), capsys).returncode == 0
+    last = finished_run / "checkpoints" / "last"
+    shutil.copy(other / "checkpoints" / "last" / "model.safetensors", last / "model.safetensors")
+    result = train(tiny_run(small_data, finished_run, f"{FAST} --max_steps 3 --resume auto"), capsys)
+    assert_clean_error(result, "not this model's", "size mismatch for")
+
+
+def test_a_checkpoint_folder_without_its_weights(finished_run, small_data, capsys):
+    best = finished_run / "checkpoints" / "best"
+    (best / "model.safetensors").unlink()
+    argv = ["--model_path", str(best), "--data_dir", str(small_data), "--max_chunks", "1"]
+    assert_clean_error(call_main(evaluate.main, argv, capsys), "config.json but no model.safetensors")
+
+
+def test_files_that_cannot_be_read(finished_run, small_data, capsys, monkeypatch):
+    """Permission denied (simulated: these tests run as root, who reads everything) on a data file,
+    the weights and the training state: one line each, naming the file."""
+    import data
+
+    def denied(*args, **kwargs):
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(data.np, "memmap", denied)
+    result = train(tiny_run(small_data, finished_run, f"{FAST} --max_steps 5 --overwrite"), capsys)
+    assert_clean_error(result, "wiki.train.raw cannot be read (Permission denied)")
+    monkeypatch.undo()
+    monkeypatch.setattr(data.torch, "load", denied)
+    result = train(tiny_run(small_data, finished_run, f"{FAST} --max_steps 5 --resume auto"), capsys)
+    assert_clean_error(result, "training_state.pt cannot be read (Permission denied)")
+    monkeypatch.undo()
+    import safetensors.torch
+
+    monkeypatch.setattr(safetensors.torch, "load_file", denied)
+    result = train(tiny_run(small_data, finished_run, f"{FAST} --max_steps 3 --resume auto"), capsys)
+    assert_clean_error(result, "model.safetensors cannot be read (Permission denied)")
