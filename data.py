@@ -282,11 +282,30 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
 # ----------------------------------------------------------------------------- checkpoints
 
 
+def finite_json(obj, where: str = "", replaced: dict | None = None):
+    """obj with every NaN or infinite float replaced by None (strict JSON has neither), and what was
+    replaced, by its path, in `replaced`."""
+    if isinstance(obj, float) and not math.isfinite(obj):
+        if replaced is not None:
+            replaced[where] = repr(obj)
+        return None
+    if isinstance(obj, dict):
+        return {k: finite_json(v, f"{where}.{k}" if where else str(k), replaced) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [finite_json(v, f"{where}[{i}]", replaced) for i, v in enumerate(obj)]
+    return obj
+
+
 def write_json(path: str | Path, obj: dict) -> None:
-    """Write JSON atomically (temporary file, then rename)."""
+    """Write strict JSON atomically (temporary file, then rename). A value that is not a finite number
+    is written as null, and the object's "not_finite" field says which were, and what they were."""
     path = Path(path)
+    replaced: dict[str, str] = {}
+    obj = finite_json(obj, replaced=replaced)
+    if replaced:
+        obj["not_finite"] = replaced
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2) + "\n")
+    tmp.write_text(json.dumps(obj, indent=2, allow_nan=False) + "\n")
     os.replace(tmp, path)
 
 

@@ -17,6 +17,7 @@ import copy
 import itertools
 import math
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -151,6 +152,10 @@ def by_bucket(sums: np.ndarray, counts: np.ndarray, buckets: list[tuple[int, int
     return {f"{a}-{b - 1}": float(s / c) for (a, b), s, c in zip(buckets, sums, counts, strict=True) if c}
 
 
+class Stopped(Exception):
+    """The caller's stop() asked scoring to end before its last batch (a signal arrived)."""
+
+
 @torch.no_grad()
 def position_loss_sums(
     model: torch.nn.Module,
@@ -161,11 +166,13 @@ def position_loss_sums(
     max_chunks: int | None = None,
     autocast_dtype: torch.dtype | None = None,
     chunk_size: int | None = None,
+    stop: Callable[[], bool] | None = None,
 ) -> tuple[np.ndarray, int]:
     """Cross-entropy (nats) summed over the windows at each position 0..T-1, and the windows scored.
 
     chunk_size: read each window through model.forward_chunked, chunk_size bytes at a time (memory
     linear in T); None: one parallel pass a window (model(x), which may be a compiled or fused model).
+    stop: asked after every batch; True ends the scoring with Stopped.
     """
     was_training = model.training
     model.eval()
@@ -177,6 +184,9 @@ def position_loss_sums(
         loss = F.cross_entropy(logits.float().mT, y, reduction="none")  # B, T
         sums += loss.sum(0).double().cpu().numpy()
         windows += y.shape[0]
+        if stop is not None and stop():
+            model.train(was_training)
+            raise Stopped
     model.train(was_training)
     if windows == 0:
         raise UsageError(f"the split ({len(data)} bytes) is shorter than one window of {seq_len + 1}")
@@ -191,9 +201,12 @@ def evaluate_loss(
     device: torch.device,
     max_chunks: int | None = None,
     autocast_dtype: torch.dtype | None = None,
+    stop: Callable[[], bool] | None = None,
 ) -> tuple[float, int]:
     """Mean cross-entropy (nats per byte) over all targets of the windows, and the bytes scored."""
-    sums, windows = position_loss_sums(model, data, seq_len, batch_size, device, max_chunks, autocast_dtype)
+    sums, windows = position_loss_sums(
+        model, data, seq_len, batch_size, device, max_chunks, autocast_dtype, stop=stop
+    )
     return float(sums.sum() / (windows * seq_len)), windows * seq_len
 
 

@@ -53,7 +53,7 @@ from data import (
     windows_at,
     write_json,
 )
-from evaluate import activation_summary, eval_batch_windows, evaluate_loss
+from evaluate import Stopped, activation_summary, eval_batch_windows, evaluate_loss
 from hub import REPO_ID, first_cause, try_push
 from model import BDH, BDHConfig
 
@@ -613,6 +613,7 @@ def train(args: argparse.Namespace, setup: dict) -> dict:
 
     start_step, best, train_time, elapsed_before = 0, {"val_loss": float("inf")}, 0.0, 0.0
     last_eval: dict = {}
+    eval_step: int | None = None  # the step last_eval was measured at
     if resumed is not None:
         try:
             model.load_state_dict(load_weights(setup["resume"]))
@@ -624,6 +625,7 @@ def train(args: argparse.Namespace, setup: dict) -> dict:
         start_step, best = resumed["step"], resumed["best"]
         train_time, elapsed_before = resumed["train_time_s"], resumed["elapsed_s"]
         last_eval = resumed.get("last_eval", {})
+        eval_step = resumed.get("eval_step", start_step if last_eval else None)
         set_rng_state(resumed["rng"], device)
     print(f"BDH-GPU: {model.num_params():,} parameters, {config}")
     print(
@@ -639,12 +641,23 @@ def train(args: argparse.Namespace, setup: dict) -> dict:
         args.eval_batch_size, args.eval_seq_len, max(args.batch_size * args.seq_len, 8192)
     )
 
+    stop_signal: list[int] = []
+
     def validate() -> dict:
-        loss, _ = evaluate_loss(fwd, valid, args.eval_seq_len, eval_batch, device, autocast_dtype=dtype)
-        out = {"val_loss": loss, "val_bpb": loss / LN2}
-        for label, data in extra.items():
-            lx, _ = evaluate_loss(fwd, data, args.eval_seq_len, eval_batch, device, autocast_dtype=dtype)
-            out.update({f"val_loss_{label}": lx, f"val_bpb_{label}": lx / LN2})
+        """Every validation file; Stopped as soon as a signal arrives (between batches)."""
+        out = {}
+        for label, data in {"": valid, **extra}.items():
+            loss, _ = evaluate_loss(
+                fwd,
+                data,
+                args.eval_seq_len,
+                eval_batch,
+                device,
+                autocast_dtype=dtype,
+                stop=lambda: bool(stop_signal),
+            )
+            suffix = f"_{label}" if label else ""
+            out.update({f"val_loss{suffix}": loss, f"val_bpb{suffix}": loss / LN2})
         return out
 
     check_validation_fits(fwd, valid, args.eval_seq_len, eval_batch, device, dtype)
@@ -662,6 +675,7 @@ def train(args: argparse.Namespace, setup: dict) -> dict:
             "args": vars(args),
             "best": best,
             "last_eval": last_eval,
+            "eval_step": eval_step,
             "rng": rng_state(device),
             "train_time_s": train_time,
             "elapsed_s": elapsed_before + time.time() - start,
@@ -669,6 +683,21 @@ def train(args: argparse.Namespace, setup: dict) -> dict:
         for name in which:
             save_checkpoint(model, out_dir / "checkpoints" / name, state)
         saved[0] = done
+
+    def validation_at(done: int) -> None:
+        """Validate after step `done`, keep the best checkpoint, save; Stopped if a signal cuts it short."""
+        nonlocal last_eval, best, eval_step
+        last_eval = validate()
+        if not math.isfinite(last_eval["val_loss"]):
+            raise FloatingPointError(
+                f"validation loss became {last_eval['val_loss']} at step {done}; stopped. "
+                + kept_checkpoint(out_dir)
+            )
+        eval_step = done
+        improved = last_eval["val_loss"] < best["val_loss"]
+        if improved:
+            best = {"step": done, **last_eval}
+        save(done, ("last", "best") if improved else ("last",))
 
     def write_results(done: int, finished: bool) -> dict:
         metrics = summarize(
@@ -691,7 +720,6 @@ def train(args: argparse.Namespace, setup: dict) -> dict:
         return metrics
 
     push_failed = False
-    stop_signal: list[int] = []
 
     def on_signal(signum, frame) -> None:  # finish the current step, then save and stop
         stop_signal.append(signum)
@@ -708,6 +736,17 @@ def train(args: argparse.Namespace, setup: dict) -> dict:
     model.train()
     t0 = time.time()
     consistent: int | None = start_step  # steps the weights and optimizer state hold (None: mid-update)
+
+    def stopped_at(done: int, saved_now: bool) -> Interrupted:
+        """After a signal: save step `done` (unless just saved) and the results, say how to resume."""
+        if not saved_now:
+            save(done)
+        write_results(done, finished=False)
+        name = signal.Signals(stop_signal[0]).name
+        return Interrupted(
+            stop_signal[0],
+            f"{name} at step {done}: saved {out_dir / 'checkpoints' / 'last'}; resume with: {resume_command}",
+        )
 
     def rescue(error: Exception) -> str:
         """After an unexpected exception: save what the last whole step holds, say how to resume."""
@@ -726,6 +765,11 @@ def train(args: argparse.Namespace, setup: dict) -> dict:
         return f"{type(error).__name__} {when}: {message}. {kept} Resume with: {resume_command}"
 
     try:
+        if resumed is not None and start_step >= total_steps and eval_step != start_step:
+            try:
+                validation_at(start_step)  # the final validation, which a signal had cut short
+            except Stopped:
+                raise stopped_at(start_step, saved_now=True) from None
         for step in range(start_step, total_steps):
             epoch, pos = divmod(step, steps_per_epoch)
             if offsets is None or pos == 0:
@@ -775,39 +819,28 @@ def train(args: argparse.Namespace, setup: dict) -> dict:
                 speed = row["bytes_per_s"]
                 loss_sum.zero_()
                 loss_count, interval_bytes, interval_time = 0, 0, 0.0
+                cut = False  # a signal cut this step's validation short
                 if is_eval:
-                    last_eval = validate()
-                    if not math.isfinite(last_eval["val_loss"]):
-                        raise FloatingPointError(
-                            f"validation loss became {last_eval['val_loss']} at step {done}; stopped. "
-                            + kept_checkpoint(out_dir)
+                    try:
+                        validation_at(done)
+                        row.update({k: round(v, 5) for k, v in last_eval.items()})
+                        tqdm.write(
+                            f"step {done}: train {train_loss:.4f}, val {last_eval['val_loss']:.4f} "
+                            f"nats/byte ({last_eval['val_bpb']:.4f} bpb)"
+                            + "".join(
+                                f", {k} {v:.4f}" for k, v in last_eval.items() if k.startswith("val_loss_")
+                            )
                         )
-                    row.update({k: round(v, 5) for k, v in last_eval.items()})
-                    improved = last_eval["val_loss"] < best["val_loss"]
-                    if improved:
-                        best = {"step": done, **last_eval}
-                    save(done, ("last", "best") if improved else ("last",))
-                    tqdm.write(
-                        f"step {done}: train {train_loss:.4f}, val {last_eval['val_loss']:.4f} "
-                        f"nats/byte ({last_eval['val_bpb']:.4f} bpb)"
-                        + "".join(f", {k} {v:.4f}" for k, v in last_eval.items() if k.startswith("val_loss_"))
-                    )
+                    except Stopped:
+                        is_eval, cut = False, True
                 row["elapsed_s"] = round(elapsed_before + time.time() - start, 1)
                 log.write(row)
                 bar.set_postfix(loss=f"{train_loss:.3f}", bytes_s=f"{speed:,.0f}")
                 if args.push_every_epoch and epoch_end and done < total_steps:
                     write_results(done, finished=False)
                     push_failed |= not try_push(out_dir, args.hf_repo_id, args.hf_private)
-                if stop_signal and done < total_steps:
-                    if not is_eval:
-                        save(done)
-                    write_results(done, finished=False)
-                    name = signal.Signals(stop_signal[0]).name
-                    raise Interrupted(
-                        stop_signal[0],
-                        f"{name} at step {done}: saved {out_dir / 'checkpoints' / 'last'}"
-                        f"; resume with: {resume_command}",
-                    )
+                if stop_signal and (done < total_steps or cut):
+                    raise stopped_at(done, saved_now=is_eval)
                 t0 = time.time()
             bar.update(1)
         metrics = write_results(total_steps, finished=True)
@@ -842,12 +875,14 @@ def summarize(
         model, valid, args.eval_seq_len, min(8, args.eval_batch_size), device, dtype
     )
     trained_bytes = done * args.batch_size * args.seq_len
-    val = last_eval.get("val_loss", float("nan"))
+    val = last_eval.get("val_loss")  # None: no validation has run yet
+    validated = val is not None
     return {
         "final_val_loss": val,
-        "final_val_bpb": val / LN2,
-        "final_val_perplexity": math.exp(val),
-        "best_val_loss": best.get("val_loss"),
+        "final_val_bpb": val / LN2 if validated else None,
+        "final_val_perplexity": math.exp(val) if validated else None,
+        "final_val_note": None if validated else f"no validation had run by step {done}",
+        "best_val_loss": best.get("val_loss") if best.get("step") is not None else None,
         "best_val_bpb": best.get("val_bpb"),
         "best_step": best.get("step"),
         "final_extra_val": {

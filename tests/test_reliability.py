@@ -514,3 +514,79 @@ def test_files_that_cannot_be_read(finished_run, small_data, capsys, monkeypatch
     monkeypatch.setattr(safetensors.torch, "load_file", denied)
     result = train(tiny_run(small_data, finished_run, f"{FAST} --max_steps 3 --resume auto"), capsys)
     assert_clean_error(result, "model.safetensors cannot be read (Permission denied)")
+
+
+# ----------------------------------------------------------------------------- numbers, signals in validation
+
+
+def strict_json(path) -> dict:
+    def refuse(constant):
+        raise ValueError(f"{constant} is not JSON")
+
+    return json.loads(path.read_text(), parse_constant=refuse)
+
+
+def test_metrics_of_a_run_stopped_before_its_first_validation_are_strict_json(
+    tmp_path, small_data, capsys, monkeypatch
+):
+    interrupt_at_step(monkeypatch, 2)
+    run = tmp_path / "run"
+    assert (
+        train(tiny_run(small_data, run, f"{FAST} --max_steps 50 --eval_every 40"), capsys).returncode == 130
+    )
+    metrics = strict_json(run / "metrics.json")
+    assert metrics["final_val_loss"] is None and metrics["best_val_loss"] is None
+    assert metrics["final_val_note"] == "no validation had run by step 2"
+
+
+def test_a_non_finite_number_is_written_as_null_with_the_reason(tmp_path):
+    from data import write_json
+
+    write_json(tmp_path / "m.json", {"loss": float("nan"), "rows": [1.0, float("inf")], "ok": 2.5})
+    got = strict_json(tmp_path / "m.json")
+    assert got == {
+        "loss": None,
+        "rows": [1.0, None],
+        "ok": 2.5,
+        "not_finite": {"loss": "nan", "rows[1]": "inf"},
+    }
+
+
+def sigterm_during_validation(monkeypatch, batch: int) -> list[int]:
+    """SIGTERM to this process once validation has scored `batch` batches in all; the batches scored."""
+    real, scored = evaluate.window_batches, []
+
+    def batches(*args, **kwargs):
+        for b in real(*args, **kwargs):
+            yield b
+            scored.append(1)
+            if len(scored) == batch:
+                os.kill(os.getpid(), signal.SIGTERM)
+
+    monkeypatch.setattr(evaluate, "window_batches", batches)
+    return scored
+
+
+@pytest.mark.parametrize("max_steps", [6, 3])  # a validation in the middle, and the final one
+def test_a_signal_during_validation_stops_it_between_batches(
+    tmp_path, small_data, capsys, monkeypatch, max_steps
+):
+    """Validation of 30 batches (60 KB in windows of 32 bytes, 64 a batch) stops one batch after
+    SIGTERM; the step is saved without it, and the resumed run ends as one never stopped."""
+    extra = f"--eval_seq_len 32 --extra_val_file {small_data / 'wiki.train.raw'}"
+    flags = f"{FAST} --max_steps {max_steps} --eval_every 3 {extra}"
+    whole, parts = tmp_path / "whole", tmp_path / "parts"
+    assert train(tiny_run(small_data, whole, flags), capsys).returncode == 0
+    scored = sigterm_during_validation(monkeypatch, 4)  # during the first validation's extra file
+    result = train(tiny_run(small_data, parts, flags), capsys)
+    assert result.returncode == 143 and "SIGTERM at step 3" in result.stderr, result.stderr
+    assert len(scored) == 4  # not the 33 batches of both files
+    state = load_training_state(checkpoint_folder(parts, "last"))
+    assert state["step"] == 3 and state["eval_step"] is None
+    monkeypatch.undo()
+    assert train(tiny_run(small_data, parts, f"{flags} --resume auto"), capsys).returncode == 0
+    assert strict_json(parts / "metrics.json")["finished"]
+    assert (
+        strict_json(parts / "metrics.json")["final_val_loss"]
+        == strict_json(whole / "metrics.json")["final_val_loss"]
+    )
