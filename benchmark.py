@@ -24,7 +24,7 @@ import torch
 
 from data import Parser, UsageError, fail, half_lives, positive_int, resolve_device, write_json
 from generate import generate, generate_recompute
-from hub import load_model
+from hub import HubUnreachable, load_model
 from model import BDH, BDHConfig
 
 PATHS = ("plain eager", "plain compiled", "fused")
@@ -240,7 +240,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.model_path is not None and "generate" in parts:
         try:
             trained, _ = load_model(args.model_path)
-        except UsageError as e:
+        except (UsageError, HubUnreachable) as e:
             fail(str(e))
     cfg = BDHConfig(n_layer=args.n_layer)
     decay = None

@@ -45,7 +45,7 @@ from data import (
     write_json,
 )
 from generate import generate
-from hub import load_model
+from hub import HubUnreachable, load_model
 from model import BDH, BDHConfig
 
 WEIGHTS = {
@@ -435,6 +435,8 @@ def main(argv: list[str] | None = None) -> int:
         metrics = score(model, data, args, device, dtype)
     except UsageError as e:
         fail(str(e))
+    except HubUnreachable as e:
+        fail(str(e), code=1)
 
     shown = min(8, args.batch_size, args.max_chunks or 8)
     metrics.update(

@@ -16,11 +16,14 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import math
+import os
 import re
 import shutil
 import sys
 import tempfile
+import threading
 from pathlib import Path
 
 import torch
@@ -53,10 +56,76 @@ LEGACY_FORMATS = {
     },
 }
 IGNORED_LEGACY_KEYS = {"attn.freqs"}  # recomputed, never trusted
+# Every Hub call ends: a request waits at most HUB_TIMEOUT seconds for an answer (the client's own
+# default is no limit), and a whole push or download at most HUB_DEADLINE (retries included).
+HUB_TIMEOUT = float(os.environ.get("BDH_HUB_TIMEOUT", "30"))
+HUB_DEADLINE = float(os.environ.get("BDH_HUB_DEADLINE", "150"))
 EPOCH_FILE = re.compile(r"model_epoch_(\d+)\.pt$")
 REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 DEFAULT_N_LAYER = 6
 
+
+# ----------------------------------------------------------------------------- the Hub's client
+
+
+class HubUnreachable(Exception):
+    """The Hub did not answer in time, or could not be reached: not bad input (exit code 1)."""
+
+
+class _OneRetryLine(logging.Filter):
+    """huggingface_hub logs two lines for every retry: let one line through, the first time only."""
+
+    said = False
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        if "Retrying in" not in message and "thrown while requesting" not in message:
+            return True
+        if not _OneRetryLine.said:
+            _OneRetryLine.said = True
+            print(f"the Hub did not answer; retrying for up to {HUB_DEADLINE:.0f} s", file=sys.stderr)
+        return False
+
+
+def _client_with_timeout():
+    from huggingface_hub.utils._http import default_client_factory
+
+    client = default_client_factory()
+    client.timeout = HUB_TIMEOUT
+    return client
+
+
+def _configure_client() -> None:
+    from huggingface_hub import set_client_factory
+
+    set_client_factory(_client_with_timeout)
+    logging.getLogger("huggingface_hub.utils._http").addFilter(_OneRetryLine())
+
+
+def with_deadline(fn, *args, deadline: float | None = None, **kwargs):
+    """fn(*args, **kwargs) in a worker thread, given up after `deadline` seconds (HUB_DEADLINE by
+    default) with HubUnreachable. The caller's thread waits, so Ctrl-C reaches it at once. Some of
+    the client's requests ask for no timeout at all (listing a repo's files): this ends them too."""
+    deadline = HUB_DEADLINE if deadline is None else deadline
+    result: dict = {}
+
+    def work() -> None:
+        try:
+            result["value"] = fn(*args, **kwargs)
+        except BaseException as e:  # handed to the caller's thread
+            result["error"] = e
+
+    worker = threading.Thread(target=work, daemon=True)
+    worker.start()
+    worker.join(deadline)
+    if worker.is_alive():
+        raise HubUnreachable(f"the Hub did not answer within {deadline:.0f} s")
+    if "error" in result:
+        raise result["error"]
+    return result["value"]
+
+
+_configure_client()
 
 # ----------------------------------------------------------------------------- legacy formats
 
@@ -187,6 +256,37 @@ def load_local(path: Path, checkpoint: str | None, n_layer: int | None) -> tuple
 def load_hub(
     repo_id: str, checkpoint: str | None, revision: str | None, n_layer: int | None
 ) -> tuple[BDH, dict]:
+    """A model from a Hub repo (from the local cache alone with HF_HUB_OFFLINE=1), within HUB_DEADLINE."""
+    from huggingface_hub import constants
+
+    if constants.HF_HUB_OFFLINE:
+        return load_cached(repo_id, checkpoint, revision, n_layer)
+    try:
+        return with_deadline(download, repo_id, checkpoint, revision, n_layer)
+    except HubUnreachable as e:
+        raise HubUnreachable(f"--model_path {repo_id}: {e}") from None
+
+
+def load_cached(
+    repo_id: str, checkpoint: str | None, revision: str | None, n_layer: int | None
+) -> tuple[BDH, dict]:
+    """A Hub repo's files as the local cache holds them (HF_HUB_OFFLINE=1: no listing, no download)."""
+    from huggingface_hub import snapshot_download
+
+    try:
+        folder = Path(snapshot_download(repo_id, revision=revision, local_files_only=True))
+    except Exception as e:  # not in the cache
+        raise UsageError(
+            f"--model_path {repo_id}: HF_HUB_OFFLINE is set and the local cache does not hold this repo"
+            + (f" at revision {revision}" if revision else "")
+        ) from e
+    model, info = load_local(folder, checkpoint, n_layer)
+    return model, {**info, "repo_id": repo_id, "revision": revision, "from": "the local cache (offline)"}
+
+
+def download(
+    repo_id: str, checkpoint: str | None, revision: str | None, n_layer: int | None
+) -> tuple[BDH, dict]:
     from huggingface_hub import HfApi, hf_hub_download
     from huggingface_hub.errors import HfHubHTTPError, RepositoryNotFoundError, RevisionNotFoundError
 
@@ -211,7 +311,7 @@ def load_hub(
     except UsageError:
         raise
     except Exception as e:  # connection errors come from the HTTP library, not as OSError
-        raise UsageError(
+        raise HubUnreachable(
             f"--model_path {repo_id}: no such local path, and the Hub could not be reached ({hub_error(e)})"
         ) from e
     info.update(format="legacy .pt", file=name)
@@ -364,14 +464,25 @@ def push_run(run_dir: str | Path, repo_id: str, private: bool = False, checkpoin
             if p.is_file():
                 shutil.copy2(p, stage / p.name)
         (stage / "README.md").write_text(model_card(run_dir, repo_id))
-        api = HfApi()
-        url = api.create_repo(repo_id, private=private, exist_ok=True)
-        api.upload_folder(
-            repo_id=repo_id,
-            folder_path=stage,
-            commit_message=f"dragon-hatchling run {run_dir.name} ({checkpoint} checkpoint)",
-        )
-    return str(url)
+
+        def upload() -> str:
+            api = HfApi()
+            url = api.create_repo(repo_id, private=private, exist_ok=True)
+            api.upload_folder(
+                repo_id=repo_id,
+                folder_path=stage,
+                commit_message=f"dragon-hatchling run {run_dir.name} ({checkpoint} checkpoint)",
+            )
+            return str(url)
+
+        size = sum(p.stat().st_size for p in stage.iterdir())
+        return with_deadline(upload, deadline=HUB_DEADLINE + size / 1e6)  # and 1 s a MB: a slow link ends
+
+
+def push_later(run_dir: Path, repo_id: str) -> str:
+    """What a failed push keeps, and the command that pushes later."""
+    command = f"uv run hub.py push {run_dir} --hf_repo_id {repo_id}"
+    return f"every local file is kept in {run_dir}; push later with: {command}"
 
 
 def try_push(run_dir: Path, repo_id: str, private: bool = False) -> bool:
@@ -381,11 +492,12 @@ def try_push(run_dir: Path, repo_id: str, private: bool = False) -> bool:
     except UsageError as e:
         print(f"error: push to the Hub failed: {e}", file=sys.stderr)
         return False
-    except Exception as e:  # network, auth, server errors: the local run stays as it is
+    except KeyboardInterrupt:  # Ctrl-C while waiting for the Hub
+        print(f"error: push to the Hub interrupted; {push_later(run_dir, repo_id)}", file=sys.stderr)
+        raise SystemExit(130) from None
+    except Exception as e:  # network, auth, server errors, no answer in time: the local run stays
         print(
-            f"error: push to the Hub failed ({hub_error(e)}); every local file is kept in {run_dir}; "
-            f"push later with: uv run hub.py push {run_dir} --hf_repo_id {repo_id}",
-            file=sys.stderr,
+            f"error: push to the Hub failed ({hub_error(e)}); {push_later(run_dir, repo_id)}", file=sys.stderr
         )
         return False
     print(f"pushed {run_dir} to {url}")
@@ -450,6 +562,8 @@ def main(argv: list[str] | None = None) -> int:
         model.save_pretrained(out_dir)
     except UsageError as e:
         fail(str(e))
+    except HubUnreachable as e:
+        fail(str(e), code=1)
     print(f"converted {args.model_path} ({info['format']}, {model.config}) into {args.out_dir}")
     return 0
 

@@ -2,6 +2,9 @@
 
 import json
 import math
+import os
+import signal
+import time
 
 import pytest
 import torch
@@ -211,3 +214,84 @@ def test_convert_keeps_the_attention_decay(tmp_path, capsys):
     result = call_main(hub.main, ["convert", str(tmp_path / "ours"), str(tmp_path / "out")], capsys)
     assert result.returncode == 0, result.stderr
     assert BDH.from_pretrained(tmp_path / "out").config == cfg
+
+
+# A Hub that accepts connections and never answers: every call ends by itself, with one line.
+SILENT = {"BDH_HUB_TIMEOUT": "1", "BDH_HUB_DEADLINE": "8"}
+
+
+def hub_lines(stderr: str) -> list[str]:
+    lines = [line for line in stderr.strip().splitlines() if line.strip()]
+    assert "Traceback" not in stderr and len(lines) <= 2, stderr  # the error, and at most one retry line
+    assert all("retrying" in line for line in lines[:-1]), stderr
+    return lines
+
+
+def test_a_push_to_a_hub_that_never_answers_ends_with_one_line(silent_hub, tmp_path, small_data_dir):
+    run = tmp_path / "run"
+    flags = "--max_steps 4 --eval_every 4 --batch_size 4 --seq_len 32 --warmup_steps 2"
+    env = {**SILENT, "HF_ENDPOINT": silent_hub}
+    push = ["--push_to_hub", "--hf_repo_id", "u/n"]
+    pushed = run_script(*tiny_run(small_data_dir, run, flags), *push, env=env, timeout=120)
+    assert pushed.returncode == 1 and "push later with: uv run hub.py push" in hub_lines(pushed.stderr)[-1]
+    assert json.loads((run / "metrics.json").read_text())["finished"]
+    before = sorted((p.name, p.stat().st_size) for p in run.rglob("*") if p.is_file())
+    started = time.time()
+    again = run_script("hub.py", "push", str(run), "--hf_repo_id", "u/n", env=env, timeout=120)
+    line = hub_lines(again.stderr)[-1]
+    assert again.returncode == 1 and ("ReadTimeout" in line or "did not answer within 8 s" in line), line
+    assert time.time() - started < 60  # a request waits 1 s, the whole push at most 8
+    assert sorted((p.name, p.stat().st_size) for p in run.rglob("*") if p.is_file()) == before
+
+
+def test_loading_from_a_hub_that_never_answers_ends_with_one_line(silent_hub, small_data_dir):
+    env = {**SILENT, "HF_ENDPOINT": silent_hub}
+    args = ["--model_path", "u/n", "--data_dir", str(small_data_dir), "--device", "cpu"]
+    result = run_script("evaluate.py", *args, env=env, timeout=120)
+    assert result.returncode == 1 and "--model_path u/n" in hub_lines(result.stderr)[-1], result.stderr
+
+
+def test_ctrl_c_while_pushing_says_how_to_push_later(silent_hub, tmp_path, small_data, capsys):
+    from test_reliability import start
+
+    import experiment
+
+    run = tmp_path / "run"
+    flags = "--max_steps 2 --eval_every 2 --batch_size 4 --seq_len 32"
+    assert call_main(experiment.main, tiny_run(small_data, run, flags)[1:], capsys).returncode == 0
+    proc = start(["hub.py", "push", str(run), "--hf_repo_id", "u/n"],
+                 env={**os.environ, "HF_ENDPOINT": silent_hub, "BDH_HUB_DEADLINE": "300"})  # fmt: skip
+    time.sleep(6)  # past the imports, waiting for the Hub
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130 and "Traceback" not in err, err
+    assert "push to the Hub interrupted" in err and "push later with" in err
+
+
+def test_offline_a_model_in_the_local_cache_loads(hub, tmp_path, monkeypatch):
+    """HF_HUB_OFFLINE=1: a repo already in the cache loads from there, with no call to the Hub."""
+    from huggingface_hub import constants
+
+    model = BDH(BDHConfig(n_embd=16, n_head=2, n_neurons=32, n_layer=1, half_lives=[3.0, 30.0]))
+    model.push_to_hub("tester/offline-bdh")
+    load_model("tester/offline-bdh")  # online: fills the cache
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    loaded, info = load_model("tester/offline-bdh")
+    assert loaded.config == model.config and info["from"] == "the local cache (offline)"
+    with pytest.raises(UsageError, match="HF_HUB_OFFLINE is set and the local cache does not hold"):
+        load_model("tester/never-downloaded")
+
+
+def test_retries_print_one_line(capsys):
+    """The client logs two lines for each of its retries (a dozen for one failing call): one is shown."""
+    import logging
+
+    import hub
+
+    logger = logging.getLogger("huggingface_hub.utils._http")
+    hub._OneRetryLine.said = False
+    for attempt in range(1, 6):
+        logger.warning("HTTP Error 503 thrown while requesting GET http://hub/api/models/u/n")
+        logger.warning(f"Retrying in {2**attempt}s [Retry {attempt}/5].")
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert lines == [f"the Hub did not answer; retrying for up to {hub.HUB_DEADLINE:.0f} s"]
