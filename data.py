@@ -348,7 +348,7 @@ def is_checkpoint(folder: str | Path) -> bool:
     return (Path(folder) / "config.json").is_file() and (Path(folder) / "model.safetensors").is_file()
 
 
-RUN_FILES = ("checkpoints", "log.csv", "metrics.json", "loss.png", "bpb.png", "lr.png")
+RUN_FILES = ("checkpoints", "log.csv", "metrics.json", "loss.png", "bpb.png", "lr.png", "sparsity.png")
 
 
 def holds_run(folder: str | Path) -> bool:

@@ -46,7 +46,7 @@ from data import (
 )
 from generate import generate
 from hub import HubUnreachable, load_model
-from model import BDH, BDHConfig
+from model import BDH, INIT_STD, BDHConfig
 
 WEIGHTS = {
     "E": "E (n x d)",
@@ -124,6 +124,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--seed", type=int, default=1337, help="random seed for sampling (1337)")
     p.add_argument("--no_plots", action="store_true", help="skip the weight histograms")
+    p.add_argument(
+        "--neuron_graph",
+        action="store_true",
+        help="also the degrees of the graph E and Dx make between neurons (n x n, in blocks), for the "
+        "model and a fresh one: neuron_graph.json and .png",
+    )
     return p
 
 
@@ -314,8 +320,24 @@ def sample_text(model: BDH, prompt: str, args: argparse.Namespace, device, dtype
     return bytes(out[0].tolist()).decode("utf-8", errors="replace")
 
 
+TAIL_FRACTION = 0.01  # the Hill estimator fits the largest 1% of |w|
+
+
+def hill_tail_index(values: np.ndarray, fraction: float = TAIL_FRACTION) -> dict[str, float]:
+    """The tail index alpha of |values| (P(|X| > x) ~ x^-alpha) by the Hill estimator over the k
+    largest, k = fraction * size: alpha = k / sum_{i<k} ln(x_(i) / x_(k)), x_(0) >= x_(1) >= ...
+    Returns alpha, k and the fit's threshold x_(k)."""
+    x = np.abs(np.asarray(values, dtype=np.float64).ravel())
+    k = min(max(2, int(fraction * x.size)), x.size - 1)
+    top = -np.sort(-np.partition(x, x.size - k - 1)[x.size - k - 1 :])  # the k + 1 largest, descending
+    threshold = top[k]
+    logs = np.log(top[:k] / threshold) if threshold > 0 else np.array([np.inf])
+    return {"alpha": float(k / logs.sum()), "k": k, "threshold": float(threshold), "fraction": fraction}
+
+
 def weight_stats(model: BDH) -> dict[str, dict[str, float]]:
-    """Mean, std, excess kurtosis and the fraction beyond 3 std of each weight matrix."""
+    """Mean, std, excess kurtosis, the fraction beyond 3 std and the tail index (Hill, the largest 1%
+    of |w|) of each weight matrix. A Gaussian has excess kurtosis 0 and no finite tail index."""
     stats = {}
     for name, w in model.named_parameters():
         w = w.detach().double().flatten()
@@ -328,12 +350,54 @@ def weight_stats(model: BDH) -> dict[str, dict[str, float]]:
             "excess_kurtosis": (z**4).mean().item() - 3.0,
             "frac_beyond_3std": (z.abs() > 3).double().mean().item(),
             "max_abs_over_std": (w.abs().max().item() / std),
+            "tail": hill_tail_index((w - mean).numpy()),
         }
     return stats
 
 
+@torch.no_grad()
+def neuron_degrees(
+    model: BDH, threshold: float | None = None, threshold_sd: float = 5.0, block: int = 1024
+) -> dict:
+    """The graph that E and Dx make between neurons: G = E Dx (n x n), G[i, j] = how strongly neuron
+    i's output (through E, into the d-dimensional v) drives neuron j's input (through Dx). An edge
+    i -> j (i != j) where G[i, j] > threshold (default: threshold_sd standard deviations of G).
+    G is computed `block` rows at a time, never whole. Returns the out- and in-degree of each neuron."""
+    E = model.E.detach().float()  # n, d
+    H, D, M = model.Dx.shape
+    Dx = model.Dx.detach().float().permute(1, 0, 2).reshape(D, H * M)  # d, n: neuron h*M + j
+    n = E.shape[0]
+    if threshold is None:
+        rows = torch.randperm(n, generator=torch.Generator().manual_seed(0))[: min(n, 512)].to(E.device)
+        threshold = threshold_sd * (E[rows] @ Dx).std().item()
+    out_degree = torch.zeros(n, dtype=torch.long, device=E.device)
+    in_degree = torch.zeros(n, dtype=torch.long, device=E.device)
+    for i0 in range(0, n, block):
+        edges = (E[i0 : i0 + block] @ Dx) > threshold  # block, n
+        rows = torch.arange(i0, min(i0 + block, n), device=E.device)
+        edges[rows - i0, rows] = False  # no loops
+        out_degree[i0 : i0 + block] = edges.sum(1)
+        in_degree += edges.sum(0)
+    return {
+        "threshold": threshold,
+        "out_degree": out_degree.cpu().numpy(),
+        "in_degree": in_degree.cpu().numpy(),
+    }
+
+
+def degree_summary(degrees: np.ndarray, fraction: float = 0.1) -> dict:
+    """Mean and largest degree, and the tail index of the degrees above zero (Hill, the largest
+    `fraction` of them): the exponent of their complementary CDF, P(deg > k) ~ k^-alpha."""
+    live = degrees[degrees > 0]
+    out = {"mean": float(degrees.mean()), "max": int(degrees.max()), "nonzero": int(live.size)}
+    if live.size > 20:
+        out["ccdf_tail"] = hill_tail_index(live, fraction)
+    return out
+
+
 def plot_histograms(model: BDH, stats: dict, path: Path, title: str) -> None:
-    """Log-scale histograms of every weight matrix, with a Gaussian of the same std dashed."""
+    """Log-scale histograms of every weight matrix, with a Gaussian of the same std dashed and the
+    initial weights' distribution (Normal, std INIT_STD) dotted."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -349,8 +413,19 @@ def plot_histograms(model: BDH, stats: dict, path: Path, title: str) -> None:
         gauss = w.size * (edges[1] - edges[0]) * np.exp(-0.5 * ((centers - s["mean"]) / s["std"]) ** 2)
         gauss /= s["std"] * math.sqrt(2 * math.pi)
         ax.plot(centers, np.where(gauss >= 0.5, gauss, np.nan), "k--", lw=1, label="Gaussian, same std")
+        init = w.size * (edges[1] - edges[0]) * np.exp(-0.5 * (centers / INIT_STD) ** 2)
+        init /= INIT_STD * math.sqrt(2 * math.pi)
+        ax.plot(
+            centers,
+            np.where(init >= 0.5, init, np.nan),
+            ":",
+            color="tab:red",
+            lw=1.2,
+            label="initial weights",
+        )
         ax.set_ylim(bottom=0.5)
-        ax.set_title(f"{label}\nexcess kurtosis {s['excess_kurtosis']:.2f}", fontsize=9)
+        kurtosis, alpha = s["excess_kurtosis"], s["tail"]["alpha"]
+        ax.set_title(f"{label}\nexcess kurtosis {kurtosis:.2f}, tail index {alpha:.1f}", fontsize=9)
         ax.set_xlabel("weight")
     axes[0].set_ylabel("count (log)")
     axes[0].legend(fontsize=7)
@@ -358,6 +433,41 @@ def plot_histograms(model: BDH, stats: dict, path: Path, title: str) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def neuron_graph(model: BDH, path: Path, title: str) -> dict:
+    """Degrees of the neuron graph (neuron_degrees) of the model and of a fresh one of its config
+    (seed 0), their summaries, and a log-log plot of the out-degrees' complementary CDF at `path`."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    torch.manual_seed(0)
+    initial = BDH(model.config).to(model.E.device)
+    fig, ax = plt.subplots(figsize=(6.5, 4.5))
+    out = {}
+    for name, m in (("model", model), ("initial", initial)):
+        graph = neuron_degrees(m)
+        out[name] = {
+            "threshold": graph["threshold"],
+            "out_degree": degree_summary(graph["out_degree"]),
+            "in_degree": degree_summary(graph["in_degree"]),
+        }
+        deg = np.sort(graph["out_degree"][graph["out_degree"] > 0])
+        if deg.size:
+            ccdf = 1.0 - np.arange(deg.size) / deg.size
+            tail = out[name]["out_degree"].get("ccdf_tail")
+            fit = f", tail exponent {tail['alpha']:.2f} (degrees >= {tail['threshold']:.0f})" if tail else ""
+            ax.loglog(deg, ccdf, ".", ms=2, label=f"{name}{fit}")
+    out["edges"] = "G = E Dx (n x n); an edge i -> j, i != j, where G[i, j] > 5 standard deviations of G"
+    ax.set(xlabel="out-degree k", ylabel="P(out-degree >= k)", title=title)
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return out
 
 
 def scoring_bytes(config: BDHConfig, args: argparse.Namespace) -> int:
@@ -469,6 +579,11 @@ def main(argv: list[str] | None = None) -> int:
             "context": sample_context(args, model.config),
             "seed": args.seed,
         }
+    if args.neuron_graph:
+        write_json(
+            out_dir / "neuron_graph.json",
+            neuron_graph(model, out_dir / "neuron_graph.png", str(args.model_path)),
+        )
     model = model.cpu()
     stats = weight_stats(model)
     write_json(out_dir / "metrics.json", metrics)

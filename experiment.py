@@ -69,6 +69,9 @@ CSV_FIELDS = [
     "bytes_per_s",
     "elapsed_s",
 ]
+# at every validation: the fraction of non-zero neurons x and y (the paper reports about 5%), averaged
+# over the layers, on the first 8 validation windows
+SPARSITY_FIELDS = ["x_nonzero", "y_nonzero"]
 
 
 # The defaults of the flags a recipe sets. long-context: the recipe that won results/long-context
@@ -326,6 +329,21 @@ def make_plots(rows: list[dict], extra: list[str], out_dir: Path) -> None:
     ax.set(xlabel="bytes seen", ylabel="learning rate", title="Learning rate")
     ax.grid(alpha=0.3)
     save(fig, "lr.png")
+
+    xs, x_live = series("x_nonzero")
+    if xs:
+        fig, ax = plt.subplots(figsize=(7, 3.5))
+        ax.plot(xs, x_live, "o-", label="x = relu(v Dx)")
+        ax.plot(*series("y_nonzero"), "s-", label="y = relu(LN(a) Dy) * x")
+        ax.set(
+            xlabel="bytes seen",
+            ylabel="fraction non-zero",
+            title="Sparsity on validation text",
+            ylim=(0, None),
+        )
+        ax.grid(alpha=0.3)
+        ax.legend()
+        save(fig, "sparsity.png")
 
 
 class CsvLog:
@@ -663,7 +681,9 @@ def train(args: argparse.Namespace, setup: dict) -> dict:
     check_validation_fits(fwd, valid, args.eval_seq_len, eval_batch, device, dtype)
     if resumed is None:  # --overwrite: the old run goes before the new one writes anything
         clear_run(out_dir)
-    fields = CSV_FIELDS + [f"{k}_{label}" for label in extra for k in ("val_loss", "val_bpb")]
+    fields = (
+        CSV_FIELDS + [f"{k}_{label}" for label in extra for k in ("val_loss", "val_bpb")] + SPARSITY_FIELDS
+    )
     log = CsvLog(out_dir / "log.csv", fields, resume_step=start_step if resumed is not None else None)
 
     saved = [start_step if resumed is not None else None]  # the step of the last checkpoint
@@ -824,6 +844,8 @@ def train(args: argparse.Namespace, setup: dict) -> dict:
                     try:
                         validation_at(done)
                         row.update({k: round(v, 5) for k, v in last_eval.items()})
+                        live = activation_summary(model, valid, args.eval_seq_len, 8, device, dtype)
+                        row.update(x_nonzero=round(live["x_mean"], 5), y_nonzero=round(live["y_mean"], 5))
                         tqdm.write(
                             f"step {done}: train {train_loss:.4f}, val {last_eval['val_loss']:.4f} "
                             f"nats/byte ({last_eval['val_bpb']:.4f} bpb)"

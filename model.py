@@ -25,6 +25,7 @@ from huggingface_hub import PyTorchModelHubMixin
 from torch import nn
 
 ROPE_STYLES = ("interleaved", "half")
+INIT_STD = 0.02  # every weight starts Normal(0, INIT_STD), as in the paper authors' code
 
 
 @dataclass
@@ -202,7 +203,7 @@ class BDH(
         self.dropout = nn.Dropout(config.dropout)
         self.reset_parameters()
 
-    def reset_parameters(self, std: float = 0.02) -> None:
+    def reset_parameters(self, std: float = INIT_STD) -> None:
         """Normal(0, 0.02) for every weight, as the paper authors' code initialises them."""
         for p in self.parameters():
             nn.init.normal_(p, mean=0.0, std=std)

@@ -35,11 +35,18 @@ def test_training_writes_log_metrics_checkpoints_and_plots(trained_run, small_da
         rows = list(csv.DictReader(f))
     header = list(rows[0].keys())
     assert header[: len(EXPECTED_HEADER)] == EXPECTED_HEADER
-    assert header[len(EXPECTED_HEADER) :] == ["val_loss_wiki_test_raw", "val_bpb_wiki_test_raw"]
+    assert header[len(EXPECTED_HEADER) :] == [
+        "val_loss_wiki_test_raw",
+        "val_bpb_wiki_test_raw",
+        "x_nonzero",
+        "y_nonzero",
+    ]
     assert [int(r["step"]) for r in rows] == [4, 8, 12, 16, 20, 24]
     assert [int(r["bytes_seen"]) for r in rows][-1] == 24 * 4 * 32
     evals = [r for r in rows if r["val_loss"]]
     assert [int(r["step"]) for r in evals] == [12, 24]
+    assert all(0 < float(r["y_nonzero"]) <= float(r["x_nonzero"]) < 1 for r in evals)  # y = relu(.) * x
+    assert not any(r["x_nonzero"] for r in rows if not r["val_loss"])
     assert all(float(r["train_loss"]) > 0 for r in rows)
 
     metrics = json.loads((out / "metrics.json").read_text())
@@ -56,7 +63,7 @@ def test_training_writes_log_metrics_checkpoints_and_plots(trained_run, small_da
         folder = out / "checkpoints" / which
         assert (folder / "model.safetensors").is_file() and (folder / "config.json").is_file()
         assert (folder / "training_state.pt").is_file()
-    for plot in ("loss.png", "bpb.png", "lr.png"):
+    for plot in ("loss.png", "bpb.png", "lr.png", "sparsity.png"):
         assert (out / plot).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "done: val loss" in result.stdout
 

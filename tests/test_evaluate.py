@@ -91,3 +91,53 @@ def test_the_sampler_sees_the_whole_text_by_default_when_the_model_decays():
     assert evaluate.sample_context(args, tiny(None).config) is None
     args.context = 300
     assert evaluate.sample_context(args, tiny([4.0, 64.0]).config) == 300
+
+
+def test_the_hill_estimator_recovers_the_exponent_of_a_pareto_sample():
+    rng = np.random.default_rng(0)
+    pareto = rng.pareto(3.0, 1_000_000) + 1.0  # P(X > x) = x^-3 for x >= 1
+    fit = evaluate.hill_tail_index(pareto * rng.choice([-1.0, 1.0], pareto.size))  # on |x|
+    assert fit["k"] == 10_000 and abs(fit["alpha"] - 3.0) < 0.1, fit
+    assert fit["threshold"] == pytest.approx(100 ** (1 / 3), rel=0.05)  # the 1% quantile of x^-3
+    assert evaluate.hill_tail_index(rng.normal(size=1_000_000))["alpha"] > 5  # a light tail
+
+
+def test_neuron_degrees_count_the_edges_of_a_known_graph():
+    """With E the identity (d = n), G = E Dx is Dx itself: the degrees are its row and column sums."""
+    model = BDH(BDHConfig(n_embd=6, n_head=1, n_neurons=6, n_layer=1))
+    A = torch.tensor(
+        [[0, 1, 1, 0, 0, 0], [0, 0, 1, 0, 0, 0], [1, 0, 1, 1, 1, 1], [0, 0, 0, 0, 0, 0], [0, 1, 0, 0, 0, 1],
+         [0, 0, 0, 1, 0, 0]], dtype=torch.float32,
+    )  # fmt: skip
+    with torch.no_grad():
+        model.E.copy_(torch.eye(6))
+        model.Dx.copy_(A[None])
+    got = evaluate.neuron_degrees(model, threshold=0.5, block=4)  # blocks of rows that do not divide n
+    loops = A.diagonal()
+    assert got["out_degree"].tolist() == (A.sum(1) - loops).long().tolist() == [2, 1, 4, 0, 2, 1]
+    assert got["in_degree"].tolist() == (A.sum(0) - loops).long().tolist() == [1, 2, 2, 2, 1, 2]
+    # heads: neuron h*m + j reads column j of head h
+    two = BDH(BDHConfig(n_embd=4, n_head=2, n_neurons=4, n_layer=1))
+    with torch.no_grad():
+        two.E.copy_(torch.eye(4))
+        two.Dx.copy_(torch.zeros(2, 4, 2))
+        two.Dx[1, 0, 1] = 1.0  # neuron 0 -> neuron 3
+    assert evaluate.neuron_degrees(two, threshold=0.5)["in_degree"].tolist() == [0, 0, 0, 1]
+
+
+def test_evaluate_measures_the_neuron_graph_and_the_tails(tmp_path, raw_dir, capsys):
+    model = tiny([4.0, 64.0])
+    model.save_pretrained(tmp_path / "ckpt")
+    text = tmp_path / "text.raw"
+    text.write_bytes((raw_dir / "wiki.valid.raw").read_bytes()[:700])
+    out = tmp_path / "eval"
+    args = ["--model_path", str(tmp_path / "ckpt"), "--data_file", str(text), "--device", "cpu"]
+    assert evaluate.main([*args, "--neuron_graph", "--out_dir", str(out)]) == 0
+    graph = json.loads((out / "neuron_graph.json").read_text())
+    assert set(graph) == {"model", "initial", "edges"}
+    for which in ("model", "initial"):
+        degrees = graph[which]["out_degree"]
+        assert 0 <= degrees["mean"] <= degrees["max"] < 64 and graph[which]["threshold"] > 0
+    assert (out / "neuron_graph.png").read_bytes()[:4] == b"\x89PNG"
+    stats = json.loads((out / "weight_stats.json").read_text())
+    assert stats["E"]["tail"]["k"] == len(model.E.flatten()) // 100 and stats["E"]["tail"]["alpha"] > 0
