@@ -22,7 +22,9 @@ from pathlib import Path
 
 import torch
 
-from data import Parser, UsageError, fail, half_lives, positive_int, resolve_device, write_json
+from checkpoints import write_json
+from cli import Parser, UsageError, fail, half_lives, positive_int
+from devices import resolve_device
 from generate import generate, generate_recompute
 from hub import HubUnreachable, load_model
 from model import BDH, BDHConfig

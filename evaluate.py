@@ -25,25 +25,10 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from data import (
-    SPLITS,
-    Parser,
-    UsageError,
-    add_device_args,
-    autocast,
-    check_fits,
-    fail,
-    holds_run,
-    load_bytes_file,
-    load_split,
-    make_out_dir,
-    nonneg_int,
-    positive_int,
-    resolve_device,
-    resolve_dtype,
-    window_batches,
-    write_json,
-)
+from checkpoints import holds_run, write_json
+from cli import Parser, UsageError, add_device_args, fail, make_out_dir, nonneg_int, positive_int
+from data import SPLITS, load_bytes_file, load_split, window_batches
+from devices import autocast, check_fits, resolve_device, resolve_dtype
 from generate import generate
 from hub import HubUnreachable, load_model
 from model import BDH, INIT_STD, BDHConfig

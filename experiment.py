@@ -22,37 +22,38 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from data import (
-    Parser,
-    UsageError,
-    add_device_args,
-    autocast,
-    check_fits,
+from checkpoints import (
     checkpoint_folder,
     clear_run,
-    describe_source,
-    epoch_offsets,
-    fail,
-    half_lives,
     holds_run,
-    load_bytes_file,
-    load_split,
     load_training_state,
     load_weights,
     lock_folder,
+    save_checkpoint,
+    write_json,
+)
+from cli import (
+    Parser,
+    UsageError,
+    add_device_args,
+    fail,
+    half_lives,
     make_out_dir,
     nonneg_float,
     nonneg_int,
-    num_windows,
     positive_float,
     positive_int,
-    resolve_device,
-    resolve_dtype,
-    save_checkpoint,
+)
+from data import (
+    describe_source,
+    epoch_offsets,
+    load_bytes_file,
+    load_split,
+    num_windows,
     window_batches,
     windows_at,
-    write_json,
 )
+from devices import autocast, check_fits, resolve_device, resolve_dtype
 from evaluate import Stopped, activation_summary, eval_batch_windows, evaluate_loss
 from hub import REPO_ID, first_cause, try_push
 from model import BDH, BDHConfig

@@ -28,7 +28,8 @@ from pathlib import Path
 
 import torch
 
-from data import Parser, UsageError, checkpoint_folder, fail, is_checkpoint, make_out_dir, positive_int
+from checkpoints import checkpoint_folder, is_checkpoint
+from cli import Parser, UsageError, fail, make_out_dir, positive_int
 from model import BDH, BDHConfig
 
 # Appendix E names <- each legacy format's names. The paper authors' code calls the d -> n matrices

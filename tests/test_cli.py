@@ -209,11 +209,11 @@ def test_evaluate_refuses_sampling_it_cannot_do(args, needles, small_data_dir, c
 
 def test_evaluate_refuses_windows_that_cannot_fit(small_data_dir, tmp_path, capsys, monkeypatch):
     """The memory scoring needs, estimated from the model before any work, against what is free."""
-    import data
+    import devices
     from model import BDH, BDHConfig
 
     BDH(BDHConfig(n_embd=16, n_head=2, n_neurons=64, n_layer=2)).save_pretrained(tmp_path / "m")
-    monkeypatch.setattr(data, "available_memory", lambda device: 1_000_000)  # a small device: 1 MB
+    monkeypatch.setattr(devices, "available_memory", lambda device: 1_000_000)  # a small device: 1 MB
     argv = ["--data_dir", str(small_data_dir), "--device", "cpu", "--model_path", str(tmp_path / "m")]
     result = call_main(evaluate.main, [*argv, "--seq_len", "3000", "--out_dir", str(tmp_path / "e")], capsys)
     assert_clean_error(result, "scoring this model needs at least", "0.0 GB free")

@@ -2,15 +2,8 @@ import numpy as np
 import pytest
 import torch
 
-from data import (
-    UsageError,
-    epoch_offsets,
-    load_bytes_file,
-    load_split,
-    num_windows,
-    rows_to_bytes,
-    window_batches,
-)
+from cli import UsageError
+from data import epoch_offsets, load_bytes_file, load_split, num_windows, rows_to_bytes, window_batches
 
 
 def hub_rows(raw: bytes) -> list[str]:

@@ -11,8 +11,9 @@ import torch
 from safetensors.torch import load_file
 
 import hub
+from cli import UsageError
 from conftest import HF_TOKEN, _free_port, call_main, run_script, tiny_run
-from data import UsageError, load_split
+from data import load_split
 from evaluate import evaluate_loss
 from hub import load_model
 from model import BDH, BDHConfig

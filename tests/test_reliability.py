@@ -17,8 +17,8 @@ from test_cli import assert_clean_error
 
 import evaluate
 import experiment
+from checkpoints import checkpoint_folder, load_training_state
 from conftest import REPO, call_main, run_script, tiny_run
-from data import checkpoint_folder, load_training_state
 
 FAST = "--batch_size 4 --seq_len 32 --warmup_steps 3 --log_every 1"
 
@@ -79,7 +79,7 @@ def test_a_signal_saves_and_resume_continues_bit_exact(sig, code, tmp_path, smal
 
 SAVER = """
 import sys, torch
-from data import save_checkpoint
+from checkpoints import save_checkpoint
 from model import BDH, BDHConfig
 model = BDH(BDHConfig(n_embd=64, n_head=2, n_neurons=32768, n_layer=1))
 for version in range(1, 10_000):
@@ -379,7 +379,7 @@ def test_a_folder_where_no_step_was_taken_blocks_nothing(tmp_path, small_data, c
 
 
 def test_two_runs_never_share_a_folder(finished_run, small_data, capsys):
-    from data import lock_folder
+    from checkpoints import lock_folder
 
     held = lock_folder(finished_run)  # a run in progress there
     try:
@@ -540,7 +540,7 @@ def test_metrics_of_a_run_stopped_before_its_first_validation_are_strict_json(
 
 
 def test_a_non_finite_number_is_written_as_null_with_the_reason(tmp_path):
-    from data import write_json
+    from checkpoints import write_json
 
     write_json(tmp_path / "m.json", {"loss": float("nan"), "rows": [1.0, float("inf")], "ok": 2.5})
     got = strict_json(tmp_path / "m.json")

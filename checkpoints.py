@@ -1,0 +1,165 @@
+"""Checkpoints and run folders: saving and loading, what holds a run, its lock, strict JSON."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+from pathlib import Path
+
+import torch
+
+from cli import UsageError
+
+
+def finite_json(obj, where: str = "", replaced: dict | None = None):
+    """obj with every NaN or infinite float replaced by None (strict JSON has neither), and what was
+    replaced, by its path, in `replaced`."""
+    if isinstance(obj, float) and not math.isfinite(obj):
+        if replaced is not None:
+            replaced[where] = repr(obj)
+        return None
+    if isinstance(obj, dict):
+        return {k: finite_json(v, f"{where}.{k}" if where else str(k), replaced) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [finite_json(v, f"{where}[{i}]", replaced) for i, v in enumerate(obj)]
+    return obj
+
+
+def write_json(path: str | Path, obj: dict) -> None:
+    """Write strict JSON atomically (temporary file, then rename). A value that is not a finite number
+    is written as null, and the object's "not_finite" field says which were, and what they were."""
+    path = Path(path)
+    replaced: dict[str, str] = {}
+    obj = finite_json(obj, replaced=replaced)
+    if replaced:
+        obj["not_finite"] = replaced
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=2, allow_nan=False) + "\n")
+    os.replace(tmp, path)
+
+
+class SaveFailed(Exception):
+    """A checkpoint could not be written (a full disk, say); the previous one is kept."""
+
+
+def save_checkpoint(model, folder: str | Path, training_state: dict | None = None) -> None:
+    """Weights (model.safetensors) and config (config.json), with the optimizer state beside them.
+
+    Written into a temporary folder that then replaces `folder`, so a crash mid-save leaves
+    the previous checkpoint whole; a save that fails (SaveFailed) removes its temporary folder.
+    """
+    folder = Path(folder)
+    tmp = folder.with_name(folder.name + ".tmp")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    try:
+        model.save_pretrained(tmp)
+        if training_state is not None:
+            torch.save(training_state, tmp / "training_state.pt")
+    except (OSError, RuntimeError) as e:  # torch.save reports a full disk as a RuntimeError
+        shutil.rmtree(tmp, ignore_errors=True)
+        detail = e.strerror if isinstance(e, OSError) and e.strerror else str(e).splitlines()[0][:200]
+        raise SaveFailed(
+            f"could not save the checkpoint {folder} ({detail}); the previous one is kept"
+        ) from e
+    old = folder.with_name(folder.name + ".old")
+    if folder.exists():
+        if old.exists():
+            shutil.rmtree(old)
+        os.replace(folder, old)
+    os.replace(tmp, folder)
+    if old.exists():
+        shutil.rmtree(old)
+
+
+def is_checkpoint(folder: str | Path) -> bool:
+    """A checkpoint folder of this project: config.json + model.safetensors."""
+    return (Path(folder) / "config.json").is_file() and (Path(folder) / "model.safetensors").is_file()
+
+
+RUN_FILES = ("checkpoints", "log.csv", "metrics.json", "loss.png", "bpb.png", "lr.png", "sparsity.png")
+
+
+def holds_run(folder: str | Path) -> bool:
+    """Whether a folder holds a training run: a checkpoint, a run's metrics, or a log with at least
+    one row. A folder where a run never took a step (a log with its header alone), or that holds an
+    evaluation (evaluate.py's metrics.json), holds none."""
+    folder = Path(folder)
+    if checkpoint_folder(folder, "last") or checkpoint_folder(folder, "best"):
+        return True
+    try:
+        metrics = folder / "metrics.json"
+        if metrics.is_file() and "total_steps" in json.loads(metrics.read_text()):
+            return True
+        log = folder / "log.csv"
+        return log.is_file() and len(log.read_text(errors="replace").strip().splitlines()) > 1
+    except (OSError, ValueError, TypeError):
+        return True  # unreadable: treat it as a run rather than risk replacing one
+
+
+def clear_run(folder: str | Path) -> None:
+    """Remove the files a training run writes (its checkpoints, log, metrics and plots), nothing else."""
+    for name in RUN_FILES:
+        path = Path(folder) / name
+        if path.is_dir():
+            shutil.rmtree(path)
+        elif path.exists():
+            path.unlink()
+
+
+def lock_folder(folder: str | Path, what: str = "--out_dir") -> object:
+    """Hold FOLDER/.lock for the life of this process (released by the system, even on kill -9);
+    a UsageError if another process holds it. Returns the open file: keep it."""
+    import fcntl
+
+    path = Path(folder) / ".lock"
+    handle = open(path, "a+")
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        handle.seek(0)
+        holder = handle.read().strip() or "another process"
+        handle.close()
+        raise UsageError(
+            f"{what} {folder} is in use by another run ({holder}); wait for it or choose another folder"
+        ) from None
+    handle.seek(0)
+    handle.truncate()
+    handle.write(f"pid {os.getpid()}")
+    handle.flush()
+    return handle
+
+
+def checkpoint_folder(run_dir: str | Path, which: str = "last") -> Path | None:
+    """RUN/checkpoints/<which>, or its `.old` twin if a save was cut short between its two renames."""
+    base = Path(run_dir) / "checkpoints"
+    return next((f for f in (base / which, base / f"{which}.old") if is_checkpoint(f)), None)
+
+
+def load_weights(folder: str | Path) -> dict[str, torch.Tensor]:
+    """The tensors of FOLDER/model.safetensors; a UsageError if the file is truncated or corrupted."""
+    from safetensors.torch import load_file
+
+    path = Path(folder) / "model.safetensors"
+    try:
+        return load_file(path)
+    except OSError as e:
+        raise UsageError(f"{path} cannot be read ({e.strerror or e})") from e
+    except Exception as e:
+        raise UsageError(f"{path} is truncated or corrupted ({type(e).__name__})") from e
+
+
+def load_training_state(folder: str | Path) -> dict:
+    """FOLDER/training_state.pt (optimizer, step, random states), read with weights_only=True."""
+    path = Path(folder) / "training_state.pt"
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except OSError as e:
+        raise UsageError(f"{path} cannot be read ({e.strerror or e})") from e
+    except Exception as e:
+        raise UsageError(f"{path} is truncated or corrupted ({type(e).__name__})") from e
+    if not isinstance(state, dict) or "step" not in state or "optimizer" not in state:
+        raise UsageError(f"{path} is not a training state of this project")
+    return state

@@ -1,0 +1,91 @@
+"""The command line the scripts share: argument types, one-line errors, output folders."""
+
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+from pathlib import Path
+
+
+class UsageError(Exception):
+    """A bad argument or input file: reported as one line and exit code 2."""
+
+
+def fail(message: str, code: int = 2) -> None:
+    """Print one clear line to stderr and exit (never a traceback)."""
+    print(f"error: {message}", file=sys.stderr)
+    raise SystemExit(code)
+
+
+def positive_int(text: str) -> int:
+    value = int(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text}")
+    return value
+
+
+def positive_float(text: str) -> float:
+    value = float(text)
+    if not value > 0 or not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {text}")
+    return value
+
+
+def nonneg_float(text: str) -> float:
+    value = float(text)
+    if not value >= 0 or not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {text}")
+    return value
+
+
+def nonneg_int(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text}")
+    return value
+
+
+def half_lives(text: str) -> list[float]:
+    """--half_lives: comma-separated positive numbers of bytes; none: no decay (an empty list)."""
+    if text.strip().lower() == "none":
+        return []
+    try:
+        values = [float(t) for t in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected comma-separated numbers of bytes (or none), got {text!r}"
+        ) from None
+    if not all(0 < v < math.inf for v in values):
+        raise argparse.ArgumentTypeError(f"expected positive numbers of bytes, got {text!r}")
+    return values
+
+
+class Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # one line, exit 2, no usage dump
+        fail(message)
+
+
+def add_device_args(parser: argparse.ArgumentParser | argparse._ArgumentGroup) -> None:
+    """--device and --dtype, as both scripts take them."""
+    parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default: auto)")
+    parser.add_argument(
+        "--dtype",
+        default="auto",
+        help="auto (bfloat16 autocast on CUDA, float32 elsewhere), float32, bfloat16, float16",
+    )
+
+
+def make_out_dir(path: str | Path) -> Path:
+    """Create the output folder and check that a file can be written in it, or a UsageError."""
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise UsageError(f"--out_dir {path} is a file, expected a folder")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        probe = path / ".write-test"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as e:
+        raise UsageError(f"--out_dir {path} cannot be written ({e.strerror or e})") from e
+    return path
