@@ -445,6 +445,8 @@ def neuron_graph(model: BDH, path: Path, title: str) -> dict:
             tail = out[name]["out_degree"].get("ccdf_tail")
             fit = f", tail exponent {tail['alpha']:.2f} (degrees >= {tail['threshold']:.0f})" if tail else ""
             ax.loglog(deg, ccdf, ".", ms=2, label=f"{name}{fit}")
+        else:
+            ax.plot([], [], " ", label=f"{name}: no edge above the threshold")
     out["edges"] = "G = E Dx (n x n); an edge i -> j, i != j, where G[i, j] > 5 standard deviations of G"
     ax.set(xlabel="out-degree k", ylabel="P(out-degree >= k)", title=title)
     ax.grid(alpha=0.3, which="both")
