@@ -61,13 +61,19 @@ def test_long_windows_through_the_chunked_form_score_as_the_parallel_form(raw_di
     np.testing.assert_allclose(chunked, parallel, rtol=1e-4)
 
 
-def test_evaluate_stream_writes_metrics_and_a_plot(raw_dir, tmp_path, capsys):
+def evaluate_args(tmp_path, raw_dir, text_bytes: int) -> tuple[BDH, list[str]]:
+    """A tiny decayed model saved as a checkpoint, the start of wiki.valid.raw as a file, and the
+    evaluate.py arguments that score the one on the other."""
     model = tiny([4.0, 64.0])
     model.save_pretrained(tmp_path / "ckpt")
     text = tmp_path / "text.raw"
-    text.write_bytes((raw_dir / "wiki.valid.raw").read_bytes()[:1500])
+    text.write_bytes((raw_dir / "wiki.valid.raw").read_bytes()[:text_bytes])
+    return model, ["--model_path", str(tmp_path / "ckpt"), "--data_file", str(text), "--device", "cpu"]
+
+
+def test_evaluate_stream_writes_metrics_and_a_plot(raw_dir, tmp_path, capsys):
+    _, args = evaluate_args(tmp_path, raw_dir, 1500)
     out = tmp_path / "eval"
-    args = ["--model_path", str(tmp_path / "ckpt"), "--data_file", str(text), "--device", "cpu"]
     assert evaluate.main([*args, "--stream", "--chunk_size", "256", "--out_dir", str(out)]) == 0
     got = json.loads((out / "metrics.json").read_text())
     assert got["mode"] == "stream" and got["bytes"] == 1499 and got["config"]["half_lives"] == [4.0, 64.0]
@@ -126,12 +132,8 @@ def test_neuron_degrees_count_the_edges_of_a_known_graph():
 
 
 def test_evaluate_measures_the_neuron_graph_and_the_tails(tmp_path, raw_dir, capsys):
-    model = tiny([4.0, 64.0])
-    model.save_pretrained(tmp_path / "ckpt")
-    text = tmp_path / "text.raw"
-    text.write_bytes((raw_dir / "wiki.valid.raw").read_bytes()[:700])
+    model, args = evaluate_args(tmp_path, raw_dir, 700)
     out = tmp_path / "eval"
-    args = ["--model_path", str(tmp_path / "ckpt"), "--data_file", str(text), "--device", "cpu"]
     assert evaluate.main([*args, "--neuron_graph", "--out_dir", str(out)]) == 0
     graph = json.loads((out / "neuron_graph.json").read_text())
     assert set(graph) == {"model", "initial", "edges"}
