@@ -17,7 +17,8 @@ import copy
 import itertools
 import math
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -143,6 +144,17 @@ def by_bucket(sums: np.ndarray, counts: np.ndarray, buckets: list[tuple[int, int
     return {f"{a}-{b - 1}": float(s / c) for (a, b), s, c in zip(buckets, sums, counts, strict=True) if c}
 
 
+@contextmanager
+def eval_mode(model: torch.nn.Module) -> Iterator[None]:
+    """The model in eval mode (no dropout) for the block, then back in the mode it was in."""
+    was_training = model.training
+    model.eval()
+    try:
+        yield
+    finally:
+        model.train(was_training)
+
+
 class Stopped(Exception):
     """The caller's stop() asked scoring to end before its last batch (a signal arrived)."""
 
@@ -165,20 +177,17 @@ def position_loss_sums(
     linear in T); None: one parallel pass a window (model(x), which may be a compiled or fused model).
     stop: asked after every batch; True ends the scoring with Stopped.
     """
-    was_training = model.training
-    model.eval()
     sums, windows = np.zeros(seq_len), 0
-    for x, y in window_batches(data, seq_len, batch_size, max_chunks):
-        x, y = x.to(device), y.to(device)
-        with autocast(device, autocast_dtype):
-            logits = model.forward_chunked(x, chunk_size=chunk_size)[0] if chunk_size else model(x)[0]
-        loss = F.cross_entropy(logits.float().mT, y, reduction="none")  # B, T
-        sums += loss.sum(0).double().cpu().numpy()
-        windows += y.shape[0]
-        if stop is not None and stop():
-            model.train(was_training)
-            raise Stopped
-    model.train(was_training)
+    with eval_mode(model):
+        for x, y in window_batches(data, seq_len, batch_size, max_chunks):
+            x, y = x.to(device), y.to(device)
+            with autocast(device, autocast_dtype):
+                logits = model.forward_chunked(x, chunk_size=chunk_size)[0] if chunk_size else model(x)[0]
+            loss = F.cross_entropy(logits.float().mT, y, reduction="none")  # B, T
+            sums += loss.sum(0).double().cpu().numpy()
+            windows += y.shape[0]
+            if stop is not None and stop():
+                raise Stopped
     if windows == 0:
         raise UsageError(f"the split ({len(data)} bytes) is shorter than one window of {seq_len + 1}")
     return sums, windows
@@ -224,21 +233,19 @@ def stream_loss_sums(
     in each position bucket, the bytes in each, and the buckets (position_buckets). Memory does not
     grow with the text: one chunk, the state (float32, B = 1) and the sums.
     """
-    was_training = model.training
-    model.eval()
     buckets = position_buckets(len(data) - 1)
     starts = np.array([a for a, _ in buckets])
     sums, counts = np.zeros(len(buckets)), np.zeros(len(buckets), dtype=np.int64)
     state = model.initial_state(1, device)
-    for p0 in tqdm(range(0, len(data) - 1, chunk_size), desc="stream", unit="chunk", disable=None):
-        chunk = torch.from_numpy(np.asarray(data[p0 : p0 + chunk_size + 1]).astype(np.int64)).to(device)
-        with autocast(device, autocast_dtype):
-            logits, _, state = model.forward_chunked(chunk[None, :-1], chunk_size=chunk_size, state=state)
-        loss = F.cross_entropy(logits[0].float(), chunk[1:], reduction="none").double().cpu().numpy()
-        which = np.searchsorted(starts, np.arange(p0, p0 + len(loss)), side="right") - 1
-        np.add.at(sums, which, loss)
-        np.add.at(counts, which, 1)
-    model.train(was_training)
+    with eval_mode(model):
+        for p0 in tqdm(range(0, len(data) - 1, chunk_size), desc="stream", unit="chunk", disable=None):
+            chunk = torch.from_numpy(np.asarray(data[p0 : p0 + chunk_size + 1]).astype(np.int64)).to(device)
+            with autocast(device, autocast_dtype):
+                logits, _, state = model.forward_chunked(chunk[None, :-1], chunk_size=chunk_size, state=state)
+            loss = F.cross_entropy(logits[0].float(), chunk[1:], reduction="none").double().cpu().numpy()
+            which = np.searchsorted(starts, np.arange(p0, p0 + len(loss)), side="right") - 1
+            np.add.at(sums, which, loss)
+            np.add.at(counts, which, 1)
     return sums, counts, buckets
 
 
@@ -253,11 +260,8 @@ def activation_summary(
 ) -> dict:
     """Fraction of non-zero neurons x and y, per layer and averaged, on the first `windows` windows."""
     idx = next(window_batches(data, seq_len, windows))[0].to(device)
-    was_training = model.training
-    model.eval()
-    with autocast(device, autocast_dtype):
+    with eval_mode(model), autocast(device, autocast_dtype):
         per_layer = model.activation_stats(idx)
-    model.train(was_training)
     return {
         "x_mean": float(np.mean([s["x_nonzero"] for s in per_layer])),
         "rope_x_mean": float(np.mean([s["rope_x_nonzero"] for s in per_layer])),

@@ -54,7 +54,7 @@ from data import (
     windows_at,
 )
 from devices import autocast, check_fits, resolve_device, resolve_dtype
-from evaluate import Stopped, activation_summary, eval_batch_windows, evaluate_loss
+from evaluate import Stopped, activation_summary, eval_batch_windows, eval_mode, evaluate_loss
 from hub import REPO_ID, first_cause, try_push
 from model import BDH, BDHConfig
 
@@ -583,18 +583,14 @@ def check_validation_fits(fwd, valid, seq_len: int, batch: int, device: torch.de
     """One validation batch before the first step: a run whose validation cannot run fails at its
     start, not at its first validation hours later."""
     x, _ = next(window_batches(valid, seq_len, batch))
-    was_training = fwd.training
-    fwd.eval()
     try:
-        with autocast(device, dtype):
+        with eval_mode(fwd), autocast(device, dtype):
             fwd(x.to(device))
     except torch.OutOfMemoryError:
         raise UsageError(
             f"a validation batch of {batch} x {seq_len} bytes does not fit on {device} (out of memory); "
             "lower --eval_batch_size or --eval_seq_len"
         ) from None
-    finally:
-        fwd.train(was_training)
 
 
 def train(args: argparse.Namespace, setup: dict) -> dict:
