@@ -30,7 +30,8 @@ from checkpoints import holds_run, write_json
 from cli import Parser, UsageError, add_device_args, fail, make_out_dir, nonneg_int, positive_int
 from data import SPLITS, load_bytes_file, load_split, window_batches
 from devices import autocast, check_fits, resolve_device, resolve_dtype
-from generate import generate
+from generate import generate, generate_recompute
+from gpt import GPT, GPTConfig
 from hub import HubUnreachable, load_model
 from model import BDH, INIT_STD, BDHConfig
 
@@ -289,9 +290,12 @@ def plot_loss_by_position(by_position: dict[str, float], path: Path, title: str)
     plt.close(fig)
 
 
-def sample_context(args: argparse.Namespace, config: BDHConfig) -> int | None:
+def sample_context(args: argparse.Namespace, config: BDHConfig | GPTConfig) -> int | None:
     """The sampler's window (None: the whole text): --context (0: the whole text), else the whole text
-    for a model with decay (its quality holds at any length) and --seq_len for one without."""
+    for a model with decay (its quality holds at any length) and --seq_len for one without. A GPT:
+    at most its block_size."""
+    if isinstance(config, GPTConfig):
+        return min(args.context or args.seq_len, config.block_size)
     if args.context is not None:
         return args.context or None
     return None if config.half_lives is not None else args.seq_len
@@ -302,6 +306,17 @@ def sample_text(model: BDH, prompt: str, args: argparse.Namespace, device, dtype
     idx = torch.tensor([list(prompt.encode("utf-8"))], dtype=torch.long, device=device)
     gen = torch.Generator(device=device).manual_seed(args.seed)
     sampler = copy.deepcopy(model).to(dtype)  # weights in the dtype itself: a CUDA graph takes no autocast
+    if isinstance(model, GPT):  # no recurrent form: the window again for every byte
+        out = generate_recompute(
+            sampler,
+            idx,
+            args.max_new_bytes,
+            args.temperature,
+            args.top_k,
+            gen,
+            sample_context(args, model.config),
+        )
+        return bytes(out[0].tolist()).decode("utf-8", errors="replace")
     context = sample_context(args, model.config)
     out = generate(
         sampler, idx, args.max_new_bytes, args.temperature, args.top_k, gen, context, progress=True
@@ -384,6 +399,19 @@ def degree_summary(degrees: np.ndarray, fraction: float = 0.1) -> dict:
     return out
 
 
+def gpt_weights(config: GPTConfig) -> dict[str, str]:
+    """The GPT's matrices weights.png shows: embedding, positions, the first layer's and the last's
+    (those that start Normal(0, INIT_STD), as the initial-weights curve assumes)."""
+    last = config.n_layer - 1
+    return {
+        "wte.weight": "embedding = readout (V x d)",
+        "wpe.weight": "positions (block x d)",
+        "blocks.0.attn.qkv.weight": "layer 1 attention qkv (3d x d)",
+        "blocks.0.mlp.0.weight": "layer 1 MLP in (4d x d)",
+        f"blocks.{last}.mlp.0.weight": f"layer {last + 1} MLP in (4d x d)",
+    }
+
+
 def plot_histograms(model: BDH, stats: dict, path: Path, title: str) -> None:
     """Log-scale histograms of every weight matrix, with a Gaussian of the same std dashed and the
     initial weights' distribution (Normal, std INIT_STD) dotted."""
@@ -393,8 +421,9 @@ def plot_histograms(model: BDH, stats: dict, path: Path, title: str) -> None:
     import matplotlib.pyplot as plt
 
     params = dict(model.named_parameters())
-    fig, axes = plt.subplots(1, len(WEIGHTS), figsize=(4 * len(WEIGHTS), 3.6))
-    for ax, (name, label) in zip(axes, WEIGHTS.items(), strict=True):
+    shown = gpt_weights(model.config) if isinstance(model, GPT) else WEIGHTS
+    fig, axes = plt.subplots(1, len(shown), figsize=(4 * len(shown), 3.6))
+    for ax, (name, label) in zip(axes, shown.items(), strict=True):
         w = params[name].detach().float().flatten().numpy()
         counts, edges, _ = ax.hist(w, bins=121, log=True, color="tab:blue", alpha=0.8)
         s = stats[name]
@@ -461,10 +490,28 @@ def neuron_graph(model: BDH, path: Path, title: str) -> dict:
     return out
 
 
-def scoring_bytes(config: BDHConfig, args: argparse.Namespace) -> int:
+def check_gpt_args(args: argparse.Namespace, config: GPTConfig) -> None:
+    """What a GPT cannot do: read a text as one (it has no recurrent form), windows longer than its
+    block_size, the neuron graph (it has no neurons)."""
+    if args.stream:
+        raise UsageError("--stream reads the text through BDH's recurrent form; a GPT has none (use windows)")
+    if args.seq_len > config.block_size:
+        raise UsageError(f"--seq_len {args.seq_len} is longer than this GPT's block_size {config.block_size}")
+    if args.neuron_graph:
+        raise UsageError("--neuron_graph is the graph of BDH's neurons; a GPT has none")
+    if args.context is not None and args.context > config.block_size:
+        raise UsageError(f"--context {args.context} is longer than this GPT's block_size {config.block_size}")
+
+
+def scoring_bytes(config: BDHConfig | GPTConfig, args: argparse.Namespace) -> int:
     """A lower bound on the memory scoring takes: float32 weights, and x and y of one layer for a
     batch (of one chunk of the window or text, when it goes through the chunked form), with the
-    chunked form's state."""
+    chunked form's state. A GPT: its weights and one layer's activations (about 16 d a byte)."""
+    if isinstance(config, GPTConfig):
+        return (
+            4 * config.num_params
+            + 4 * eval_batch_windows(args.batch_size, args.seq_len) * args.seq_len * 16 * config.n_embd
+        )
     chunked = args.stream or args.seq_len > args.chunk_size
     batch = 1 if args.stream else eval_batch_windows(args.batch_size, args.seq_len)
     chunk = args.chunk_size if chunked else args.seq_len
@@ -529,6 +576,8 @@ def main(argv: list[str] | None = None) -> int:
             )
         make_out_dir(out_dir)
         model, source = load_model(args.model_path, args.checkpoint, args.revision, args.n_layer)
+        if isinstance(model, GPT):
+            check_gpt_args(args, model.config)
         check_fits(scoring_bytes(model.config, args), device, "scoring this model")
         model = model.to(device).eval()
         if args.prompt is not None and sample_context(args, model.config) == 1:
@@ -553,9 +602,9 @@ def main(argv: list[str] | None = None) -> int:
             "dtype": str(dtype).removeprefix("torch."),
             "config": model.config.to_dict(),
             "num_params": model.num_params(),
-            "activation_nonzero": activation_summary(
-                model, data, min(args.seq_len, len(data) - 1), shown, device, dtype
-            ),
+            "activation_nonzero": None
+            if isinstance(model, GPT)
+            else activation_summary(model, data, min(args.seq_len, len(data) - 1), shown, device, dtype),
         }
     )
     if args.prompt is not None:
@@ -581,7 +630,8 @@ def main(argv: list[str] | None = None) -> int:
     write_json(out_dir / "weight_stats.json", stats)
     what = args.data_file or args.split
     if not args.no_plots:
-        plot_histograms(model, stats, out_dir / "weights.png", f"BDH-GPU weights: {args.model_path}")
+        name = "GPT" if isinstance(model, GPT) else "BDH-GPU"
+        plot_histograms(model, stats, out_dir / "weights.png", f"{name} weights: {args.model_path}")
         read = "one text, state carried" if args.stream else f"windows of {args.seq_len} bytes"
         plot_loss_by_position(
             metrics["loss_by_position"],
@@ -592,8 +642,12 @@ def main(argv: list[str] | None = None) -> int:
         f"{what}{' (stream)' if args.stream else ''}: loss {metrics['loss']:.4f} nats/byte, "
         f"perplexity {metrics['perplexity']:.4f}, {metrics['bpb']:.4f} bits/byte "
         f"over {metrics['bytes']:,} bytes; "
-        f"non-zero neurons x {metrics['activation_nonzero']['x_mean']:.1%}, "
-        f"y {metrics['activation_nonzero']['y_mean']:.1%}; wrote {out_dir}"
+        + (
+            f"non-zero neurons x {live['x_mean']:.1%}, y {live['y_mean']:.1%}; "
+            if (live := metrics["activation_nonzero"])
+            else ""
+        )
+        + f"wrote {out_dir}"
     )
     by_position = metrics["loss_by_position"]
     if len(by_position) > 1:

@@ -1,6 +1,9 @@
-"""Train BDH-GPU on byte-level Wikitext-2: logs, plots, checkpoints, metrics.
+"""Train BDH-GPU (or, with --arch gpt, a GPT of the same size) on byte-level Wikitext-2: logs, plots,
+checkpoints, metrics.
 
-uv run experiment.py --device cuda          # the reference report's run, the paper's recipe
+uv run experiment.py --device cuda --fused                     # BDH-GPU, the default recipe
+uv run experiment.py --device cuda --fused --recipe reference  # the reference report's run
+uv run experiment.py --device cuda --arch gpt --recipe reference  # a 25.6M nanoGPT, the same bytes
 uv run experiment.py --device cpu --n_neurons 512 --n_layer 2 --max_steps 200   # a small one
 """
 
@@ -55,6 +58,7 @@ from data import (
 )
 from devices import autocast, check_fits, resolve_device, resolve_dtype
 from evaluate import Stopped, activation_summary, eval_batch_windows, eval_mode, evaluate_loss
+from gpt import GPT, GPTConfig
 from hub import REPO_ID, first_cause, try_push
 from model import BDH, BDHConfig
 
@@ -81,6 +85,15 @@ RECIPES = {
     "long-context": {"batch_size": 8, "seq_len": 512, "half_lives": [8.0, 32.0, 128.0, 256.0]},
     "reference": {"batch_size": 32, "seq_len": 128, "half_lives": None},
 }
+
+
+# The model flags each architecture fills in when they are left out; the other's flags are refused.
+ARCH_DEFAULTS = {
+    "bdh": {"n_embd": 256, "n_head": 4, "n_neurons": 32768, "n_layer": 6, "rope_theta": 65536.0,
+            "rope_style": "interleaved"},
+    "gpt": {"n_embd": 512, "n_head": 8, "n_layer": 8, "block_size": 512},
+}  # fmt: skip
+MODEL_FLAGS = ("n_neurons", "rope_theta", "rope_style", "half_lives", "block_size")
 
 
 def recipe_half_lives(lives: list[float], n_head: int) -> list[float]:
@@ -141,25 +154,42 @@ def build_parser() -> argparse.ArgumentParser:
         help="clip the gradient's global norm to this; 0 turns clipping off (1.0)",
     )
     g.add_argument("--seed", type=int, default=1337, help="random seed for weights and data order")
-    g = p.add_argument_group("model (BDH-GPU; defaults: the reference report's model)")
-    g.add_argument("--n_embd", type=positive_int, default=256, help="d (256)")
-    g.add_argument("--n_head", type=positive_int, default=4, help="h (4)")
-    g.add_argument("--n_neurons", type=positive_int, default=32768, help="n, total over heads (32768)")
-    g.add_argument("--n_layer", type=positive_int, default=6, help="L, layers sharing one set of weights (6)")
+    g = p.add_argument_group("model (BDH-GPU by default, with the reference report's dimensions)")
+    g.add_argument(
+        "--arch",
+        choices=list(ARCH_DEFAULTS),
+        default=None,
+        help="bdh: BDH-GPU (model.py; the default); gpt: a GPT in nanoGPT's shape (gpt.py), to compare",
+    )
+    g.add_argument("--n_embd", type=positive_int, default=None, help="d (bdh 256, gpt 512)")
+    g.add_argument("--n_head", type=positive_int, default=None, help="h (bdh 4, gpt 8)")
+    g.add_argument("--n_neurons", type=positive_int, default=None, help="bdh: n, total over heads (32768)")
+    g.add_argument(
+        "--n_layer",
+        type=positive_int,
+        default=None,
+        help="L (bdh 6, layers sharing one set of weights; gpt 8)",
+    )
+    g.add_argument(
+        "--block_size",
+        type=positive_int,
+        default=None,
+        help="gpt: the longest window, learned positions (512)",
+    )
     g.add_argument("--dropout", type=nonneg_float, default=0.1, help="dropout on y (0.1)")
-    g.add_argument("--rope_theta", type=positive_float, default=65536.0, help="RoPE base (65536)")
+    g.add_argument("--rope_theta", type=positive_float, default=None, help="bdh: RoPE base (65536)")
     g.add_argument(
         "--rope_style",
         choices=["interleaved", "half"],
-        default="interleaved",
-        help="RoPE pairing: interleaved (paper authors) or half (reference report)",
+        default=None,
+        help="bdh: RoPE pairing, interleaved (paper authors; the default) or half (reference report)",
     )
     g.add_argument(
         "--half_lives",
         type=half_lives,
         default=None,
         metavar="H1,H2,...",
-        help="attention decay: per head, the bytes after which the state's weight on a byte halves "
+        help="bdh: attention decay, per head the bytes after which the state's weight on a byte halves "
         "(one number: every head; none: no decay, the paper's model; recipe: 8,32,128,256)",
     )
     g = p.add_argument_group("data and output")
@@ -216,12 +246,28 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def apply_arch(args: argparse.Namespace, saved: dict | None) -> None:
+    """Fill the model flags left out: from the checkpoint being resumed, else the architecture's
+    defaults. A flag of the other architecture is a UsageError."""
+    if args.arch is None:
+        args.arch = saved.get("arch", "bdh") if saved is not None else "bdh"
+    defaults = ARCH_DEFAULTS[args.arch]
+    for name in MODEL_FLAGS:
+        if name not in defaults and name != "half_lives" or args.arch == "gpt" and name == "half_lives":
+            if getattr(args, name) is not None:
+                raise UsageError(f"--{name} is not a flag of --arch {args.arch}")
+    for name, default in defaults.items():
+        if getattr(args, name) is None:
+            setattr(args, name, saved.get(name, default) if saved is not None else default)
+
+
 def apply_recipe(args: argparse.Namespace, saved: dict | None) -> None:
     """Fill the flags left out: from the checkpoint being resumed (its own recipe), else the recipe's."""
+    apply_arch(args, saved)
     if args.recipe is None:
         args.recipe = saved.get("recipe", "reference") if saved is not None else "long-context"
     for name, default in RECIPES[args.recipe].items():
-        if getattr(args, name) is not None:
+        if getattr(args, name) is not None or args.arch == "gpt" and name == "half_lives":
             continue
         if saved is not None:  # runs from before --recipe had the reference's windows and no decay
             value = saved.get(name, RECIPES["reference"][name])
@@ -286,7 +332,10 @@ def extra_labels(paths: list[str]) -> list[str]:
     raise AssertionError("distinct files have distinct paths")
 
 
-def make_plots(rows: list[dict], extra: list[str], out_dir: Path) -> None:
+MODEL_NAMES = {"bdh": "BDH-GPU", "gpt": "GPT"}
+
+
+def make_plots(rows: list[dict], extra: list[str], out_dir: Path, model: str = "BDH-GPU") -> None:
     """loss.png (train and val loss against bytes seen), bpb.png and lr.png."""
     import matplotlib
 
@@ -309,7 +358,7 @@ def make_plots(rows: list[dict], extra: list[str], out_dir: Path) -> None:
     ax.plot(*series("val_loss"), "o-", label="validation")
     for label in extra:
         ax.plot(*series(f"val_loss_{label}"), "s--", label=f"validation ({label})")
-    ax.set(xlabel="bytes seen", ylabel="loss (nats/byte)", title="BDH-GPU on byte-level Wikitext-2")
+    ax.set(xlabel="bytes seen", ylabel="loss (nats/byte)", title=f"{model} on byte-level Wikitext-2")
     ax.grid(alpha=0.3)
     ax.legend()
     save(fig, "loss.png")
@@ -401,6 +450,8 @@ RESUME_MUST_MATCH = (
     "rope_theta",
     "rope_style",
     "half_lives",
+    "arch",
+    "block_size",
     "train_file",
     "data_dir",
 )
@@ -455,21 +506,24 @@ def prepare(args: argparse.Namespace) -> dict:
             )
     else:
         apply_recipe(args, None)
-    try:
-        config = BDHConfig(
-            n_embd=args.n_embd,
-            n_head=args.n_head,
-            n_neurons=args.n_neurons,
-            n_layer=args.n_layer,
-            dropout=args.dropout,
-            rope_theta=args.rope_theta,
-            rope_style=args.rope_style,
-            half_lives=args.half_lives,
+    config = model_config(args)
+    if args.arch == "gpt":
+        if args.fused:
+            raise UsageError(
+                "--fused runs BDH's kernels; --arch gpt trains through torch (leave out --fused)"
+            )
+        longest = max(args.seq_len, args.eval_seq_len)
+        if longest > config.block_size:
+            raise UsageError(
+                f"--arch gpt reads at most --block_size {config.block_size} bytes; "
+                f"--seq_len {args.seq_len} / --eval_seq_len {args.eval_seq_len} are longer"
+            )
+        # float32 weights, gradients and AdamW's moments; per layer about 16 d floats a byte kept
+        need = (
+            16 * config.num_params + 4 * args.batch_size * args.seq_len * 16 * config.n_embd * config.n_layer
         )
-    except ValueError as e:
-        raise UsageError(f"model config: {e}") from e
-    # at least: float32 weights, gradients and AdamW's two moments, and one layer's neurons x and y
-    need = 16 * config.num_params + 2 * 4 * args.batch_size * args.seq_len * config.n_neurons
+    else:  # at least: float32 weights, gradients and AdamW's two moments, and one layer's neurons x and y
+        need = 16 * config.num_params + 2 * 4 * args.batch_size * args.seq_len * config.n_neurons
     check_fits(
         need,
         device,
@@ -522,6 +576,31 @@ def prepare(args: argparse.Namespace) -> dict:
         resume=resume,
         resume_state=resume_state,
     )
+
+
+def model_config(args: argparse.Namespace) -> BDHConfig | GPTConfig:
+    """The model's config from the (filled-in) flags; a UsageError if it is not a valid model."""
+    try:
+        if args.arch == "gpt":
+            return GPTConfig(
+                n_layer=args.n_layer,
+                n_embd=args.n_embd,
+                n_head=args.n_head,
+                block_size=args.block_size,
+                dropout=args.dropout,
+            )
+        return BDHConfig(
+            n_embd=args.n_embd,
+            n_head=args.n_head,
+            n_neurons=args.n_neurons,
+            n_layer=args.n_layer,
+            dropout=args.dropout,
+            rope_theta=args.rope_theta,
+            rope_style=args.rope_style,
+            half_lives=args.half_lives,
+        )
+    except ValueError as e:
+        raise UsageError(f"model config: {e}") from e
 
 
 def shell_command(argv: list[str]) -> str:
@@ -603,7 +682,7 @@ def train(args: argparse.Namespace, setup: dict) -> dict:
     resumed: dict | None = setup["resume_state"]
 
     torch.manual_seed(args.seed)
-    model = BDH(config).to(device)
+    model = (GPT(config) if args.arch == "gpt" else BDH(config)).to(device)
     use_compile = args.compile if args.compile is not None else device.type == "cuda" and not args.fused
     if args.fused:
         from kernels import Fused
@@ -642,7 +721,7 @@ def train(args: argparse.Namespace, setup: dict) -> dict:
         last_eval = resumed.get("last_eval", {})
         eval_step = resumed.get("eval_step", start_step if last_eval else None)
         set_rng_state(resumed["rng"], device)
-    print(f"BDH-GPU: {model.num_params():,} parameters, {config}")
+    print(f"{MODEL_NAMES[args.arch]}: {model.num_params():,} parameters, {config}")
     print(
         f"train {len(train_data):,} bytes ({data_files['train']['source']}), "
         f"{steps_per_epoch} steps/epoch, {total_steps} steps; device {device_name(device)}, "
@@ -733,7 +812,7 @@ def train(args: argparse.Namespace, setup: dict) -> dict:
         )
         metrics["finished"] = finished
         write_json(out_dir / "metrics.json", metrics)
-        make_plots(log.rows, list(extra), out_dir)
+        make_plots(log.rows, list(extra), out_dir, MODEL_NAMES[args.arch])
         return metrics
 
     push_failed = False
@@ -841,8 +920,9 @@ def train(args: argparse.Namespace, setup: dict) -> dict:
                     try:
                         validation_at(done)
                         row.update({k: round(v, 5) for k, v in last_eval.items()})
-                        live = activation_summary(model, valid, args.eval_seq_len, 8, device, dtype)
-                        row.update(x_nonzero=round(live["x_mean"], 5), y_nonzero=round(live["y_mean"], 5))
+                        if args.arch == "bdh":
+                            live = activation_summary(model, valid, args.eval_seq_len, 8, device, dtype)
+                            row.update(x_nonzero=round(live["x_mean"], 5), y_nonzero=round(live["y_mean"], 5))
                         tqdm.write(
                             f"step {done}: train {train_loss:.4f}, val {last_eval['val_loss']:.4f} "
                             f"nats/byte ({last_eval['val_bpb']:.4f} bpb)"
@@ -890,9 +970,11 @@ def summarize(
 ) -> dict:
     """metrics.json: the run's results and everything needed to say how they were made."""
     device, dtype, valid, extra = setup["device"], setup["dtype"], setup["valid"], setup["extra"]
-    sparsity = activation_summary(
-        model, valid, args.eval_seq_len, min(8, args.eval_batch_size), device, dtype
-    )
+    sparsity = None  # a GPT has no sparse neurons
+    if args.arch == "bdh":
+        sparsity = activation_summary(
+            model, valid, args.eval_seq_len, min(8, args.eval_batch_size), device, dtype
+        )
     trained_bytes = done * args.batch_size * args.seq_len
     val = last_eval.get("val_loss")  # None: no validation has run yet
     validated = val is not None
@@ -921,6 +1003,7 @@ def summarize(
         "wall_time_s": round(wall, 1),
         "train_time_s": round(train_time, 1),
         "bytes_per_s": round(trained_bytes / max(train_time, 1e-9)),
+        "arch": args.arch,
         "num_params": model.num_params(),
         "config": model.config.to_dict(),
         "device": device_name(device),

@@ -30,6 +30,7 @@ import torch
 
 from checkpoints import checkpoint_folder, is_checkpoint
 from cli import Parser, UsageError, fail, make_out_dir, positive_int
+from gpt import GPT
 from model import BDH, BDHConfig
 
 # Appendix E names <- each legacy format's names. The paper authors' code calls the d -> n matrices
@@ -201,9 +202,22 @@ def choose_pt(names: list[str], checkpoint: str | None, where: str) -> str:
 # ----------------------------------------------------------------------------- loading
 
 
-def load_ours(folder: str | Path, **kwargs) -> BDH:
+def model_class(config: dict) -> type[BDH] | type[GPT]:
+    """The model a config.json describes: a GPT says arch "gpt"; BDH's configs have no arch."""
+    return GPT if config.get("arch") == "gpt" else BDH
+
+
+def load_ours(folder: str | Path, **kwargs) -> BDH | GPT:
+    """A checkpoint in this project's format (a folder, or a Hub repo id with revision=...)."""
     try:
-        return BDH.from_pretrained(folder, **kwargs)
+        if Path(folder).is_dir():
+            config_file = Path(folder) / "config.json"
+        else:
+            from huggingface_hub import hf_hub_download
+
+            config_file = hf_hub_download(str(folder), "config.json", revision=kwargs.get("revision"))
+        config = json.loads(Path(config_file).read_text())
+        return model_class(config).from_pretrained(folder, **kwargs)
     except Exception as e:  # safetensors, JSON, shape and I/O errors alike: a bad checkpoint
         raise UsageError(f"{folder}: could not load the checkpoint ({first_cause(e)})") from e
 
@@ -390,7 +404,12 @@ def model_card(run_dir: Path, repo_id: str) -> str:
     data = ModelCardData(
         library_name="dragon-hatchling",
         datasets=["Salesforce/wikitext"],
-        tags=["bdh", "dragon-hatchling", "byte-level", "text-generation"],
+        tags=[
+            "gpt" if cfg.get("arch") == "gpt" else "bdh",
+            "dragon-hatchling",
+            "byte-level",
+            "text-generation",
+        ],
         pipeline_tag="text-generation",
         model_name=repo_id.split("/")[-1],
         eval_results=results,
@@ -415,17 +434,27 @@ def model_card(run_dir: Path, repo_id: str) -> str:
     ]
     table = "\n".join(f"| {k} | {v} |" for k, v in rows)
     plots = "\n".join(f"![{p.stem}]({p.name})" for p in sorted(run_dir.glob("*.png")))
-    body = f"""
-# {repo_id.split("/")[-1]}: BDH-GPU on byte-level Wikitext-2
-
-A [BDH-GPU](https://arxiv.org/abs/2509.26507) ("Dragon Hatchling", Appendix E) language model over
-UTF-8 bytes, trained with dragon-hatchling on Wikitext-2: d={cfg["n_embd"]},
+    if cfg.get("arch") == "gpt":
+        name, code = "GPT", "from gpt import GPT   # gpt.py of dragon-hatchling\nmodel = GPT"
+        what = (
+            f"A GPT in nanoGPT's shape, the Transformer baseline of dragon-hatchling's BDH-GPU, over UTF-8 "
+            f"bytes, trained on Wikitext-2: {cfg['n_layer']} layers, width {cfg['n_embd']}, "
+            f"{cfg['n_head']} heads, no biases, learned positions over {cfg['block_size']} bytes, "
+            f"{metrics['num_params']:,} parameters."
+        )
+    else:
+        name, code = "BDH-GPU", "from model import BDH   # model.py of dragon-hatchling\nmodel = BDH"
+        what = f"""A [BDH-GPU](https://arxiv.org/abs/2509.26507) ("Dragon Hatchling", Appendix E) language
+model over UTF-8 bytes, trained with dragon-hatchling on Wikitext-2: d={cfg["n_embd"]},
 h={cfg["n_head"]}, n={cfg["n_neurons"]} neurons, {cfg["n_layer"]} layers sharing one set of weights,
-{metrics["num_params"]:,} parameters, {attention}.
+{metrics["num_params"]:,} parameters, {attention}."""
+    body = f"""
+# {repo_id.split("/")[-1]}: {name} on byte-level Wikitext-2
+
+{what}
 
 ```python
-from model import BDH   # model.py of dragon-hatchling
-model = BDH.from_pretrained("{repo_id}")
+{code}.from_pretrained("{repo_id}")
 ```
 
 or `uv run evaluate.py --model_path {repo_id}`.

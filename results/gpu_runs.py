@@ -1,15 +1,19 @@
-"""Train and score several recipes at once on the lent GPU machine, within one command's time.
+"""Train and score several runs at once on the lent GPU machine, within one command's time.
 
-    python3 results/long-context/gpu_runs.py --out $OUT/runs.tar.gz --deadline 560 \
-        'ref:0:' 'decay-t512:0:--batch_size 8 --seq_len 512 --half_lives 8,32,128,256'
+    python3 results/gpu_runs.py --out $OUT/runs.tar.gz --deadline 560 \
+        'ref:0:--recipe reference' 'gpt:1:--arch gpt --recipe reference' 'authors:1:AUTHORS'
 
-Each NAME:GPU:FLAGS trains `experiment.py --fused` with the reference budget (3 epochs of
-wiki.train.tokens) plus FLAGS into .gpu/runs/NAME on that GPU, then scores its last checkpoint with
-evaluate.py: 128-byte windows of wiki.valid.raw (and a 2,000-byte sample with the whole text in
-view), 128-byte windows of wiki.valid.tokens, 4,096-byte windows of wiki.valid.raw, and both files
-read as one text (--stream). Runs on one GPU share it. A training still going at --train_deadline is
-stopped with SIGTERM (it saves a checkpoint, which is then scored: its metrics say how far it got).
-The small files (logs, metrics, plots, samples) go into one tar file (the machine returns few files).
+Each NAME:GPU:FLAGS trains `experiment.py` with the reference budget (3 epochs of wiki.train.tokens)
+plus FLAGS into .gpu/runs/NAME on that GPU (BDH through `--fused`, `--arch gpt` compiled), then scores
+its last checkpoint with evaluate.py: 128-byte windows of wiki.valid.raw (and a 2,000-byte sample),
+128-byte windows of wiki.valid.tokens and, for BDH, 4,096-byte windows of wiki.valid.raw and both files
+read as one text (--stream). FLAGS `AUTHORS [flags]` trains the paper authors' bdh.py instead
+(results/report/authors_bdh.py, their file at .gpu/authors/bdh.py) and scores the .pt it saves. Runs
+of the same GPU share it, and run one after another when separated by `;` (`'a:0:...;b:0:...'`).
+`--evals none` skips the scoring (the training log's final validation has both files in 128-byte
+windows). A training still going at --train_deadline is stopped with SIGTERM (it saves a checkpoint,
+which is then scored: its metrics say how far it got). The small files (logs, metrics, plots,
+samples) go into one tar file (the machine returns few files).
 """
 
 from __future__ import annotations
@@ -42,16 +46,33 @@ EVALS = {  # folder: evaluate.py flags
     "eval-valid-raw-stream": shlex.split("--stream --chunk_size 2048"),
     "eval-valid-tokens-stream": shlex.split(f"--data_file {TOKENS} --stream --chunk_size 2048 --no_plots"),
 }
+WINDOW_EVALS = ("eval-valid-raw-128", "eval-valid-tokens-128")  # all a GPT can do
+GPT_SAMPLE = ["--context", "512"]  # a GPT sees at most its block
 KEEP = (".csv", ".json", ".png", ".txt", ".log")
 
 
-def chain(name: str, gpu: str, flags: str, t_start: float, args: argparse.Namespace) -> None:
+def chain(specs: list[tuple[str, str]], gpu: str, t_start: float, args: argparse.Namespace) -> None:
+    """The runs of one chain, one after another, on GPU `gpu`."""
+    for name, flags in specs:
+        run_one(name, gpu, flags, t_start, args)
+
+
+def run_one(name: str, gpu: str, flags: str, t_start: float, args: argparse.Namespace) -> None:
     run = RUNS / name
     run.mkdir(parents=True, exist_ok=True)
     env = {**os.environ, "CUDA_VISIBLE_DEVICES": gpu, "PYTHONUNBUFFERED": "1"}
-    device = ["--device", args.device, *(["--fused"] if args.device == "cuda" else [])]
-    cmd = [sys.executable, "experiment.py", *device, *TRAIN, "--out_dir", str(run), "--overwrite"]
-    cmd += shlex.split(flags)
+    words = shlex.split(flags)
+    gpt, authors = "gpt" in words, words[:1] == ["AUTHORS"]
+    fused = args.device == "cuda" and not gpt
+    if authors:
+        model = str(run / "model.pt")
+        cmd = [sys.executable, "results/report/authors_bdh.py", "--bdh_py", ".gpu/authors/bdh.py",
+               "--data_dir", str(DATA), "--train_file", str(DATA / "wiki.train.tokens"), "--extra_val_file",
+               TOKENS, "--out_dir", str(run), "--device", args.device, *words[1:]]  # fmt: skip
+    else:
+        model = str(run)
+        device = ["--device", args.device, *(["--fused"] if fused else [])]
+        cmd = [sys.executable, "experiment.py", *device, *TRAIN, "--out_dir", str(run), "--overwrite", *words]
     with open(run / "train.log", "w") as log:
         log.write(" ".join(shlex.quote(c) for c in cmd) + "\n")
         log.flush()
@@ -62,11 +83,17 @@ def chain(name: str, gpu: str, flags: str, t_start: float, args: argparse.Namesp
                 proc.wait()
                 break
             time.sleep(1)
-    for folder, extra in EVALS.items():
+    evals = {} if args.evals == "none" else EVALS
+    if gpt:
+        evals = {
+            k: [*v, *GPT_SAMPLE] if "--prompt" in v else v for k, v in evals.items() if k in WINDOW_EVALS
+        }
+    for folder, extra in evals.items():
         remaining = args.deadline - (time.time() - t_start)
         if remaining < 20:
             break
-        cmd = [sys.executable, "evaluate.py", "--model_path", str(run), "--checkpoint", "last", "--data_dir",
+        which = [] if authors else ["--checkpoint", "last"]
+        cmd = [sys.executable, "evaluate.py", "--model_path", model, *which, "--data_dir",
                str(DATA), "--device", args.device, "--out_dir", str(run / folder), *extra]  # fmt: skip
         with open(run / f"{folder}.log", "w") as log:
             log.write(" ".join(shlex.quote(c) for c in cmd) + "\n")
@@ -79,18 +106,23 @@ def chain(name: str, gpu: str, flags: str, t_start: float, args: argparse.Namesp
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("runs", nargs="+", help="NAME:GPU:FLAGS")
+    p.add_argument("runs", nargs="+", help="NAME:GPU:FLAGS, or several joined by ; to run one after another")
     p.add_argument("--out", required=True, help="tar.gz to write")
     p.add_argument("--deadline", type=float, default=560, help="seconds from start to writing the tar")
     p.add_argument("--train_deadline", type=float, default=450, help="seconds from start to stop training")
     p.add_argument("--device", default="cuda", help="cuda (fused training) or cpu (a smoke test)")
     p.add_argument("--also", default="", help="a shell command to run beside (e.g. the GPU tests)")
+    p.add_argument("--evals", choices=["all", "none"], default="all", help="score the runs afterwards (all)")
     args = p.parse_args()
     t_start = time.time()
     threads = []
+    names = []
     for spec in args.runs:
-        name, gpu, flags = spec.split(":", 2)
-        threads.append(threading.Thread(target=chain, args=(name, gpu, flags, t_start, args), daemon=True))
+        parts = [part.split(":", 2) for part in spec.split(";")]
+        names += [name for name, _, _ in parts]
+        specs = [(name, flags) for name, _, flags in parts]
+        thread = threading.Thread(target=chain, args=(specs, parts[0][1], t_start, args), daemon=True)
+        threads.append(thread)
     side = None
     if args.also:
         side = subprocess.Popen(
@@ -107,8 +139,7 @@ def main() -> int:
             if path.is_file() and path.suffix in KEEP and "checkpoints" not in path.parts:
                 tar.add(path, arcname=str(path.relative_to(RUNS)))
     print(f"wrote {args.out} after {time.time() - t_start:.0f} s")
-    for spec in args.runs:
-        name = spec.split(":", 1)[0]
+    for name in names:
         for f in [RUNS / name / "train.log", *(RUNS / name / f"{e}.log" for e in EVALS)]:
             if f.is_file():
                 lines = f.read_text().strip().splitlines()

@@ -1,0 +1,139 @@
+"""The GPT baseline (gpt.py): trained, scored, saved, resumed and shared exactly as BDH is."""
+
+import json
+import os
+import signal
+
+import pytest
+import torch
+from test_cli import assert_clean_error
+
+import evaluate
+import experiment
+import hub as hubpy
+from conftest import call_main
+from gpt import GPT, GPTConfig
+
+TINY_GPT = "--arch gpt --n_layer 2 --n_embd 32 --n_head 2 --block_size 128 --batch_size 4 --seq_len 32"
+
+
+def gpt_run(data_dir, out_dir, flags: str = "") -> list[str]:
+    return ["--device", "cpu", "--data_dir", str(data_dir), "--out_dir", str(out_dir), "--no_progress",
+            *TINY_GPT.split(), "--warmup_steps", "3", *flags.split()]  # fmt: skip
+
+
+def test_the_default_gpt_is_nanogpts_shape_and_causal():
+    config = GPTConfig()
+    assert (config.n_layer, config.n_embd, config.n_head, config.block_size) == (8, 512, 8, 512)
+    assert config.num_params == 25_567_744  # about 25.6M, as the issue asks
+    small = GPT(GPTConfig(n_layer=2, n_embd=32, n_head=4, block_size=64, dropout=0.0))
+    assert small.num_params() == small.config.num_params
+    assert not any(name.endswith("bias") for name, _ in small.named_parameters())
+    idx = torch.randint(0, 256, (2, 40))
+    later = idx.clone()
+    later[:, 25:] = torch.randint(0, 256, (2, 15))
+    a, _ = small(idx)
+    b, _ = small(later)
+    torch.testing.assert_close(a[:, :25], b[:, :25])  # what comes later changes nothing before it
+    assert not torch.allclose(a[:, 25:], b[:, 25:])
+    with pytest.raises(ValueError, match="block_size"):
+        small(torch.zeros(1, 65, dtype=torch.long))
+
+
+@pytest.fixture(scope="module")
+def gpt_trained(tmp_path_factory, small_data):
+    out = tmp_path_factory.mktemp("gpt") / "run"
+    argv = gpt_run(small_data, out, "--max_steps 30 --eval_every 15 --log_every 5 --lr 3e-3")
+    assert experiment.main(argv) == 0
+    return out
+
+
+def test_a_tiny_gpt_trains_scores_and_loads_back(gpt_trained, small_data, tmp_path, capsys):
+    metrics = json.loads((gpt_trained / "metrics.json").read_text())
+    assert metrics["arch"] == "gpt" and metrics["config"]["arch"] == "gpt"
+    assert metrics["num_params"] == GPTConfig(n_layer=2, n_embd=32, n_head=2, block_size=128).num_params
+    assert metrics["activation_nonzero"] is None  # no neurons to count
+    log = (gpt_trained / "log.csv").read_text().splitlines()
+    first, last = float(log[1].split(",")[3]), float(log[-1].split(",")[3])
+    assert last < first - 0.5, (first, last)  # it learns
+    model, source = hubpy.load_model(str(gpt_trained), "best")
+    assert isinstance(model, GPT) and source["format"] == "dragon-hatchling"
+    ev = tmp_path / "eval"
+    argv = ["--model_path", str(gpt_trained), "--data_dir", str(small_data), "--device", "cpu",
+            "--out_dir", str(ev), "--prompt", "The ", "--max_new_bytes", "20"]  # fmt: skip
+    result = call_main(evaluate.main, argv, capsys)
+    assert result.returncode == 0, result.stderr
+    scored = json.loads((ev / "metrics.json").read_text())
+    assert scored["loss"] == pytest.approx(metrics["best_val_loss"], abs=1e-5)  # the same protocol
+    assert (ev / "weights.png").is_file() and len((ev / "sample.txt").read_bytes()) >= 20
+
+
+def test_a_gpt_run_resumes_as_a_gpt(small_data, tmp_path, capsys, monkeypatch):
+    """The checkpoint says which model it holds: --resume without --arch continues the GPT."""
+    out = tmp_path / "run"
+    real = experiment.lr_at
+
+    def lr_at(s, total, args):
+        if s == 5:
+            os.kill(os.getpid(), signal.SIGINT)
+        return real(s, total, args)
+
+    monkeypatch.setattr(experiment, "lr_at", lr_at)
+    result = call_main(experiment.main, gpt_run(small_data, out, "--max_steps 8 --eval_every 8"), capsys)
+    assert result.returncode == 130, result.stderr
+    monkeypatch.setattr(experiment, "lr_at", real)
+    argv = ["--device", "cpu", "--data_dir", str(small_data), "--out_dir", str(out), "--resume", "auto",
+            "--no_progress", "--max_steps", "8", "--eval_every", "8", "--warmup_steps", "3"]  # fmt: skip
+    result = call_main(experiment.main, argv, capsys)
+    assert result.returncode == 0, result.stderr
+    assert "GPT: " in result.stdout and "resuming at step 6" in result.stdout
+    assert json.loads((out / "metrics.json").read_text())["arch"] == "gpt"
+
+
+@pytest.mark.parametrize(
+    "flags, says",
+    [
+        ("--n_neurons 128", "--n_neurons is not a flag of --arch gpt"),
+        ("--half_lives 8", "--half_lives is not a flag of --arch gpt"),
+        ("--seq_len 256", "--block_size 128"),
+    ],
+)
+def test_gpt_refuses_what_it_cannot_do(flags, says, small_data, tmp_path, capsys):
+    result = call_main(experiment.main, gpt_run(small_data, tmp_path / "run", flags), capsys)
+    assert_clean_error(result, says)
+    assert not (tmp_path / "run").exists()
+
+
+def test_bdh_refuses_gpt_flags(small_data, tmp_path, capsys):
+    argv = [
+        "--device",
+        "cpu",
+        "--data_dir",
+        str(small_data),
+        "--out_dir",
+        str(tmp_path),
+        "--block_size",
+        "64",
+    ]
+    assert_clean_error(call_main(experiment.main, argv, capsys), "--block_size is not a flag of --arch bdh")
+
+
+def test_evaluate_refuses_to_stream_a_gpt(gpt_trained, small_data, tmp_path, capsys):
+    base = ["--model_path", str(gpt_trained), "--data_dir", str(small_data), "--device", "cpu"]
+    for flags, says in [("--stream", "a GPT has none"), ("--seq_len 256", "block_size 128"),
+                        ("--neuron_graph", "a GPT has none")]:  # fmt: skip
+        result = call_main(evaluate.main, [*base, "--out_dir", str(tmp_path / "e"), *flags.split()], capsys)
+        assert_clean_error(result, says)
+
+
+def test_a_gpt_goes_to_the_hub_and_back(hub, gpt_trained, capsys):
+    result = call_main(hubpy.main, ["push", str(gpt_trained), "--hf_repo_id", "tester/tiny-gpt"], capsys)
+    assert result.returncode == 0, result.stderr
+    _, files = hub.state.repos["tester/tiny-gpt"].snapshot("main")
+    card = files["README.md"].decode()
+    assert "GPT on byte-level Wikitext-2" in card and "from gpt import GPT" in card and "- gpt" in card
+    remote, source = hubpy.load_model("tester/tiny-gpt")
+    local, _ = hubpy.load_model(str(gpt_trained), "best")
+    assert isinstance(remote, GPT) and source["repo_id"] == "tester/tiny-gpt"
+    for (name, a), (_, b) in zip(local.state_dict().items(), remote.state_dict().items(), strict=True):
+        assert torch.equal(a, b), name
