@@ -4,6 +4,10 @@ recomputing the prefix). Prints a table of speed-ups over the compiled plain pat
 
     python benchmark.py --device cuda --out results/benchmark/h100.json
     python benchmark.py --parts generate --model_path <trained checkpoint>    # generation only
+    torchrun --standalone --nproc_per_node 2 benchmark.py --parts ddp --out ddp2.json   # several GPUs
+
+--parts ddp times fused training steps at each --shapes batch per GPU, through DistributedDataParallel
+under torchrun (plain steps in one process), and the all-reduce of a gradient-sized float32 buffer.
 
 Every number is measured in this run (CUDA events around warm steps, median of repeats), so ratios
 between paths are comparable; absolute rates depend on the machine.
@@ -25,6 +29,7 @@ import torch
 from checkpoints import write_json
 from cli import Parser, UsageError, fail, half_lives, positive_int
 from devices import resolve_device
+from distributed import Ranks, all_reduce, rank_device, ranks_from_env, start, stop
 from generate import generate, generate_recompute
 from hub import HubUnreachable, load_model
 from model import BDH, BDHConfig
@@ -40,7 +45,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default="cuda", help="cuda (the numbers mean little elsewhere)")
     p.add_argument("--out", type=Path, default=None, help="write the results here as JSON")
-    p.add_argument("--parts", default="train,long,generate", help="comma-separated: train, long, generate")
+    p.add_argument(
+        "--parts",
+        default="train,long,generate",
+        help="comma-separated: train, long, generate, ddp (torchrun)",
+    )
     p.add_argument("--shapes", default="32x128,32x512,8x2048", help="training shapes, BATCHxWINDOW,...")
     p.add_argument("--steps", type=positive_int, default=10, help="timed training steps per repeat")
     p.add_argument("--repeats", type=positive_int, default=3, help="timed repeats (the median is kept)")
@@ -187,6 +196,46 @@ def measure_generation(cfg: BDHConfig, args, device, trained: BDH | None = None)
     return out
 
 
+def measure_ddp(cfg: BDHConfig, B: int, T: int, args, device, ranks: Ranks) -> dict:
+    """Fused training steps at B x T bytes per GPU on every rank (DistributedDataParallel with several,
+    plain with one), their bytes/s over all ranks, and the time to all-reduce the gradients' size."""
+    import torch.distributed as tdist
+    from torch.nn.parallel import DistributedDataParallel
+
+    from kernels import Fused
+
+    torch.manual_seed(0)
+    model = BDH(cfg).to(device).train()
+    net = Fused(model)
+    if ranks.several:
+        net = DistributedDataParallel(net, device_ids=[device.index])
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.1, fused=True)
+    gen = torch.Generator(device).manual_seed(ranks.rank)
+    idx, targets = torch.randint(0, 256, (2, B, T), device=device, generator=gen)
+
+    def step():
+        net(idx, targets)[1].backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    for _ in range(args.warmup):
+        step()
+    torch.cuda.synchronize()
+    sec = float(all_reduce([cuda_time(step, args.steps, args.repeats)], "max")[0])  # the slowest rank
+    row = {"world_size": ranks.world, "batch_per_gpu": B, "window": T, "step_s": sec / args.steps}
+    row["bytes_per_s"] = ranks.world * B * T * args.steps / sec
+    if ranks.several:  # the gradients' all-reduce alone, as DDP does it (float32, NCCL)
+        flat = torch.ones(model.num_params(), device=device)
+        row["allreduce_bytes"] = flat.numel() * 4
+        row["allreduce_s"] = cuda_time(lambda: tdist.all_reduce(flat), 10, args.repeats) / 10
+    if ranks.main:
+        print(
+            f"  ddp x{ranks.world} B={B} T={T}: {fmt_rate(row['bytes_per_s'])}", file=sys.stderr, flush=True
+        )
+    return row
+
+
 DECAY_PATH = "fused, decay"
 
 
@@ -231,8 +280,8 @@ def save(path: Path | None, report: dict) -> None:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     parts = set(args.parts.split(","))
-    if not parts <= {"train", "long", "generate"}:
-        fail(f"--parts: expected a comma-separated subset of train,long,generate, got {args.parts!r}")
+    if not parts <= {"train", "long", "generate", "ddp"}:
+        fail(f"--parts: expected a comma-separated subset of train,long,generate,ddp, got {args.parts!r}")
     try:
         shapes = [tuple(int(n) for n in s.split("x")) for s in args.shapes.split(",")]
         assert all(len(s) == 2 and min(s) > 0 for s in shapes)
@@ -256,7 +305,11 @@ def main(argv: list[str] | None = None) -> int:
     if not paths or not set(paths) <= set(PATHS):
         fail(f"--paths: expected a comma-separated subset of {','.join(PATHS)}, got {args.paths!r}")
     try:
+        ranks = ranks_from_env()
         device = resolve_device(args.device)
+        if device.type == "cuda":
+            start(ranks, 600)
+            device = rank_device(ranks, device)
     except UsageError as e:
         fail(str(e))
     if device.type != "cuda":
@@ -295,6 +348,11 @@ def main(argv: list[str] | None = None) -> int:
         report["train"].append(measure_train(cfg, f"chunked C={C}", 1, T, few, device, C))
         report["train"].append(measure_train(cfg, "plain eager", 1, T, few, device))
         save(args.out, report)
+    if "ddp" in parts:
+        report["ddp"] = [measure_ddp(cfg, B, T, args, device, ranks) for B, T in shapes]
+        stop()
+        if not ranks.main:
+            return 0
     if "generate" in parts:
         report["generation"] = measure_generation(cfg, args, device, trained)
         if decay is not None:

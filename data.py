@@ -92,14 +92,21 @@ def num_windows(data: np.ndarray, seq_len: int) -> int:
 
 
 def window_batches(
-    data: np.ndarray, seq_len: int, batch_size: int, max_chunks: int | None = None
+    data: np.ndarray,
+    seq_len: int,
+    batch_size: int,
+    max_chunks: int | None = None,
+    shard: tuple[int, int] = (0, 1),
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """The evaluation protocol: window i = bytes [i*T, i*T+T+1), in order, in batches."""
+    """The evaluation protocol: window i = bytes [i*T, i*T+T+1), in order, in batches.
+
+    shard (rank, world): only the windows i with i % world == rank (validation split over ranks)."""
     count = num_windows(data, seq_len)
     if max_chunks is not None:
         count = min(count, max_chunks)
-    for start in range(0, count, batch_size):
-        rows = range(start, min(start + batch_size, count))
+    mine = range(shard[0], count, shard[1])
+    for start in range(0, len(mine), batch_size):
+        rows = mine[start : start + batch_size]
         yield windows_at(data, [i * seq_len for i in rows], seq_len)
 
 

@@ -171,16 +171,18 @@ def position_loss_sums(
     autocast_dtype: torch.dtype | None = None,
     chunk_size: int | None = None,
     stop: Callable[[], bool] | None = None,
+    shard: tuple[int, int] = (0, 1),
 ) -> tuple[np.ndarray, int]:
     """Cross-entropy (nats) summed over the windows at each position 0..T-1, and the windows scored.
 
     chunk_size: read each window through model.forward_chunked, chunk_size bytes at a time (memory
     linear in T); None: one parallel pass a window (model(x), which may be a compiled or fused model).
     stop: asked after every batch; True ends the scoring with Stopped.
+    shard (rank, world): score only this rank's windows (every world-th); the caller adds up the ranks.
     """
     sums, windows = np.zeros(seq_len), 0
     with eval_mode(model):
-        for x, y in window_batches(data, seq_len, batch_size, max_chunks):
+        for x, y in window_batches(data, seq_len, batch_size, max_chunks, shard):
             x, y = x.to(device), y.to(device)
             with autocast(device, autocast_dtype):
                 logits = model.forward_chunked(x, chunk_size=chunk_size)[0] if chunk_size else model(x)[0]
@@ -189,7 +191,7 @@ def position_loss_sums(
             windows += y.shape[0]
             if stop is not None and stop():
                 raise Stopped
-    if windows == 0:
+    if windows == 0 and shard[1] == 1:
         raise UsageError(f"the split ({len(data)} bytes) is shorter than one window of {seq_len + 1}")
     return sums, windows
 

@@ -57,7 +57,19 @@ from data import (
     windows_at,
 )
 from devices import autocast, check_fits, resolve_device, resolve_dtype
-from evaluate import Stopped, activation_summary, eval_batch_windows, eval_mode, evaluate_loss
+from distributed import (
+    Quiet,
+    Ranks,
+    agreed,
+    all_reduce,
+    gather,
+    rank_device,
+    ranks_from_env,
+    share,
+    start,
+    stop,
+)
+from evaluate import Stopped, activation_summary, eval_batch_windows, eval_mode, position_loss_sums
 from gpt import GPT, GPTConfig
 from hub import REPO_ID, first_cause, try_push
 from model import BDH, BDHConfig
@@ -119,6 +131,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--fused",
         action="store_true",
         help="train through the fused Triton kernels (kernels.py; CUDA)",
+    )
+    g.add_argument(
+        "--dist_timeout",
+        type=positive_float,
+        default=600.0,
+        help="under torchrun: seconds a rank waits for the others before the run stops (600)",
     )
     g = p.add_argument_group("schedule (the paper's recipe by default)")
     g.add_argument("--epochs", type=positive_int, default=3, help="passes over the train split (3)")
@@ -476,9 +494,10 @@ def find_resume(args: argparse.Namespace) -> Path | None:
     return folder
 
 
-def prepare(args: argparse.Namespace) -> dict:
+def prepare(args: argparse.Namespace, ranks: Ranks | None = None) -> dict:
     """Check every argument and input before any work; UsageError on the first bad one."""
-    device = resolve_device(args.device)
+    ranks = ranks or Ranks()
+    device = rank_device(ranks, resolve_device(args.device))
     dtype = resolve_dtype(args.dtype, device)
     if args.push_every_epoch and not args.push_to_hub:
         raise UsageError("--push_every_epoch needs --push_to_hub")
@@ -507,6 +526,10 @@ def prepare(args: argparse.Namespace) -> dict:
     else:
         apply_recipe(args, None)
     config = model_config(args)
+    if args.batch_size % ranks.world:
+        raise UsageError(
+            f"--batch_size {args.batch_size} (the global batch) does not divide among {ranks.world} processes"
+        )
     if args.arch == "gpt":
         if args.fused:
             raise UsageError(
@@ -519,15 +542,16 @@ def prepare(args: argparse.Namespace) -> dict:
                 f"--seq_len {args.seq_len} / --eval_seq_len {args.eval_seq_len} are longer"
             )
         # float32 weights, gradients and AdamW's moments; per layer about 16 d floats a byte kept
-        need = (
-            16 * config.num_params + 4 * args.batch_size * args.seq_len * 16 * config.n_embd * config.n_layer
-        )
+        kept = 4 * args.batch_size * args.seq_len * 16 * config.n_embd * config.n_layer
+        need = 16 * config.num_params + kept // ranks.world
     else:  # at least: float32 weights, gradients and AdamW's two moments, and one layer's neurons x and y
-        need = 16 * config.num_params + 2 * 4 * args.batch_size * args.seq_len * config.n_neurons
+        neurons = 2 * 4 * args.batch_size * args.seq_len * config.n_neurons
+        need = 16 * config.num_params + neurons // ranks.world
     check_fits(
         need,
         device,
-        f"training this model ({config.num_params:,} parameters) on {args.batch_size} x {args.seq_len} bytes",
+        f"training this model ({config.num_params:,} parameters) on {args.batch_size} x {args.seq_len} bytes"
+        + (f" ({args.batch_size // ranks.world} windows a process)" if ranks.several else ""),
     )
     if args.train_file is not None:
         train = load_bytes_file(args.train_file, what="--train_file")
@@ -555,9 +579,11 @@ def prepare(args: argparse.Namespace) -> dict:
         out_dir = resume.parent.parent  # RUN/checkpoints/last
     else:
         out_dir = Path(f"results/runs/{dt.datetime.now():%Y%m%d-%H%M%S}")
-    make_out_dir(out_dir)
-    lock = lock_folder(out_dir)  # held for the run's life: two runs never share a folder
-    if holds_run(out_dir) and not args.overwrite and resume is None:
+    lock = None
+    if ranks.main:  # rank 0 alone writes
+        make_out_dir(out_dir)
+        lock = lock_folder(out_dir)  # held for the run's life: two runs never share a folder
+    if ranks.main and holds_run(out_dir) and not args.overwrite and resume is None:
         raise UsageError(
             f"--out_dir {out_dir} already holds a run; pass --resume auto to continue it, "
             "--overwrite to replace it, or choose another folder"
@@ -672,8 +698,37 @@ def check_validation_fits(fwd, valid, seq_len: int, batch: int, device: torch.de
         ) from None
 
 
-def train(args: argparse.Namespace, setup: dict) -> dict:
-    """The training loop. Returns the final metrics; raises Interrupted on SIGINT/SIGTERM."""
+def rank_seed(seed: int, rank: int, step: int) -> int:
+    """The seed of rank > 0's random numbers (dropout) from `step` on, when it has no state of its own."""
+    return int(np.random.SeedSequence([seed, rank, step]).generate_state(1)[0])
+
+
+def peer_failed(error: Exception) -> bool:
+    """An error that says another rank is gone (its collective failed), not what went wrong there."""
+    text = str(error)
+    return isinstance(error, torch.distributed.DistError) or any(
+        s in text for s in ("gloo", "NCCL", "Connection closed", "Connection reset", "Broken pipe")
+    )
+
+
+class NoLog:
+    """The log of a rank that writes nothing (every rank but 0)."""
+
+    rows: list[dict] = []
+
+    def write(self, row: dict) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+def train(args: argparse.Namespace, setup: dict, ranks: Ranks | None = None) -> dict:
+    """The training loop. Returns the final metrics; raises Interrupted on SIGINT/SIGTERM.
+
+    Under torchrun every rank runs it: each trains on its share of every step's windows through
+    DistributedDataParallel, validation is split over the ranks, and rank 0 alone writes."""
+    ranks = ranks or Ranks()
     device, dtype, config = setup["device"], setup["dtype"], setup["config"]
     train_data, valid, extra = setup["train"], setup["valid"], setup["extra"]
     out_dir: Path = setup["out_dir"]
@@ -683,13 +738,25 @@ def train(args: argparse.Namespace, setup: dict) -> dict:
 
     torch.manual_seed(args.seed)
     model = (GPT(config) if args.arch == "gpt" else BDH(config)).to(device)
+    if ranks.rank > 0:  # the same weights on every rank, dropout of its own
+        torch.manual_seed(rank_seed(args.seed, ranks.rank, 0))
     use_compile = args.compile if args.compile is not None else device.type == "cuda" and not args.fused
     if args.fused:
         from kernels import Fused
 
-        fwd = Fused(model)
+        base = Fused(model)
     else:
-        fwd = torch.compile(model) if use_compile else model
+        base = model
+    fwd = torch.compile(base) if use_compile else base  # validation's, and training's with one process
+    train_fwd = fwd
+    if ranks.several:  # gradients averaged over the ranks as backward goes
+        from torch.nn.parallel import DistributedDataParallel
+
+        # around the compiled model, and without dynamo's DDP graph splitter, which fails to compile
+        # either model (BackendCompilerFailed in its compile_fn, torch 2.11, 2 H200s); the gradients'
+        # all-reduce then starts after the compiled backward, not inside it
+        torch._dynamo.config.optimize_ddp = False
+        train_fwd = DistributedDataParallel(fwd, device_ids=[device.index] if device.type == "cuda" else None)
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
@@ -699,11 +766,13 @@ def train(args: argparse.Namespace, setup: dict) -> dict:
 
     command = shell_command(sys.argv[1:])
     resume_command = shell_command(resume_argv(sys.argv[1:], out_dir))
-    data_files = {
-        "train": describe_source("train", args.data_dir, args.train_file),
-        "valid": describe_source("valid", args.data_dir),
-        "extra_valid": [describe_source(label, None, p) for label, p in setup["extra_files"].items()],
-    }
+    data_files = {}  # rank 0's records
+    if ranks.main:
+        data_files = {
+            "train": describe_source("train", args.data_dir, args.train_file),
+            "valid": describe_source("valid", args.data_dir),
+            "extra_valid": [describe_source(label, None, p) for label, p in setup["extra_files"].items()],
+        }
 
     start_step, best, train_time, elapsed_before = 0, {"val_loss": float("inf")}, 0.0, 0.0
     last_eval: dict = {}
@@ -720,14 +789,25 @@ def train(args: argparse.Namespace, setup: dict) -> dict:
         train_time, elapsed_before = resumed["train_time_s"], resumed["elapsed_s"]
         last_eval = resumed.get("last_eval", {})
         eval_step = resumed.get("eval_step", start_step if last_eval else None)
-        set_rng_state(resumed["rng"], device)
-    print(f"{MODEL_NAMES[args.arch]}: {model.num_params():,} parameters, {config}")
-    print(
-        f"train {len(train_data):,} bytes ({data_files['train']['source']}), "
-        f"{steps_per_epoch} steps/epoch, {total_steps} steps; device {device_name(device)}, "
-        f"{str(dtype).removeprefix('torch.')}, compile={use_compile}; out {out_dir}"
-        + (f"; resuming at step {start_step}" if resumed is not None else "")
-    )
+        rngs = resumed.get("rng_ranks")
+        if rngs and len(rngs) == ranks.world:  # each rank where it was
+            set_rng_state(rngs[ranks.rank], device)
+        else:  # saved by another number of processes: rank 0 where it was, the others anew
+            set_rng_state(resumed["rng"], device)
+            if ranks.rank > 0:
+                torch.manual_seed(rank_seed(args.seed, ranks.rank, start_step))
+    if ranks.main:
+        print(f"{MODEL_NAMES[args.arch]}: {model.num_params():,} parameters, {config}")
+        print(
+            f"train {len(train_data):,} bytes ({data_files['train']['source']}), "
+            f"{steps_per_epoch} steps/epoch, {total_steps} steps; device {device_name(device)}, "
+            f"{str(dtype).removeprefix('torch.')}, compile={use_compile}; out {out_dir}"
+            + (
+                f"; {ranks.world} processes, {args.batch_size // ranks.world} windows a step each"
+                * ranks.several
+            )
+            + (f"; resuming at step {start_step}" if resumed is not None else "")
+        )
 
     # a validation batch holds no more bytes than a training batch (or 64 x 128): every window that
     # trains also validates
@@ -738,33 +818,45 @@ def train(args: argparse.Namespace, setup: dict) -> dict:
     stop_signal: list[int] = []
 
     def validate() -> dict:
-        """Every validation file; Stopped as soon as a signal arrives (between batches)."""
+        """Every validation file, its windows split over the ranks; with one process, Stopped as soon
+        as a signal arrives (between batches). Several wait for the next agreed step."""
         out = {}
         for label, data in {"": valid, **extra}.items():
-            loss, _ = evaluate_loss(
+            sums, windows = position_loss_sums(
                 fwd,
                 data,
                 args.eval_seq_len,
                 eval_batch,
                 device,
                 autocast_dtype=dtype,
-                stop=lambda: bool(stop_signal),
+                stop=None if ranks.several else lambda: bool(stop_signal),
+                shard=(ranks.rank, ranks.world),
             )
+            total, count = all_reduce(np.array([sums.sum(), windows]))
+            loss = float(total / (count * args.eval_seq_len))
             suffix = f"_{label}" if label else ""
             out.update({f"val_loss{suffix}": loss, f"val_bpb{suffix}": loss / LN2})
         return out
 
     check_validation_fits(fwd, valid, args.eval_seq_len, eval_batch, device, dtype)
-    if resumed is None:  # --overwrite: the old run goes before the new one writes anything
+    if resumed is None and ranks.main:  # --overwrite: the old run goes before the new one writes anything
         clear_run(out_dir)
     fields = (
         CSV_FIELDS + [f"{k}_{label}" for label in extra for k in ("val_loss", "val_bpb")] + SPARSITY_FIELDS
     )
-    log = CsvLog(out_dir / "log.csv", fields, resume_step=start_step if resumed is not None else None)
+    log = NoLog()
+    if ranks.main:
+        log = CsvLog(out_dir / "log.csv", fields, resume_step=start_step if resumed is not None else None)
 
     saved = [start_step if resumed is not None else None]  # the step of the last checkpoint
 
-    def save(done: int, which: tuple[str, ...] = ("last",)) -> None:
+    def save(done: int, which: tuple[str, ...] = ("last",), together: bool = True) -> None:
+        """Rank 0 saves step `done`. together: every rank calls this at the same step (their random
+        states are gathered, so that each resumes where it was)."""
+        rngs = gather(rng_state(device)) if together and ranks.several else None
+        saved[0] = done
+        if not ranks.main:
+            return
         state = {
             "step": done,
             "optimizer": optimizer.state_dict(),
@@ -773,6 +865,8 @@ def train(args: argparse.Namespace, setup: dict) -> dict:
             "last_eval": last_eval,
             "eval_step": eval_step,
             "rng": rng_state(device),
+            "rng_ranks": rngs,
+            "world_size": ranks.world,
             "train_time_s": train_time,
             "elapsed_s": elapsed_before + time.time() - start,
         }
@@ -796,6 +890,8 @@ def train(args: argparse.Namespace, setup: dict) -> dict:
         save(done, ("last", "best") if improved else ("last",))
 
     def write_results(done: int, finished: bool) -> dict:
+        if not ranks.main:
+            return {"push_failed": False}
         metrics = summarize(
             model,
             args,
@@ -810,6 +906,7 @@ def train(args: argparse.Namespace, setup: dict) -> dict:
             command,
             data_files,
         )
+        metrics["world_size"] = ranks.world
         metrics["finished"] = finished
         write_json(out_dir / "metrics.json", metrics)
         make_plots(log.rows, list(extra), out_dir, MODEL_NAMES[args.arch])
@@ -827,7 +924,11 @@ def train(args: argparse.Namespace, setup: dict) -> dict:
     loss_count = 0
     offsets = None
     bar = tqdm(
-        total=total_steps, initial=start_step, disable=args.no_progress, unit="step", dynamic_ncols=True
+        total=total_steps,
+        initial=start_step,
+        disable=args.no_progress or not ranks.main,
+        unit="step",
+        dynamic_ncols=True,
     )
     model.train()
     t0 = time.time()
@@ -849,7 +950,7 @@ def train(args: argparse.Namespace, setup: dict) -> dict:
         message = str(error).splitlines()[0][:300] if str(error) else ""
         if consistent is not None and consistent > 0 and consistent != saved[0]:
             try:
-                save(consistent)
+                save(consistent, together=False)
             except Exception:  # e.g. a full disk: the previous checkpoint stays as it was
                 pass
         try:
@@ -871,13 +972,13 @@ def train(args: argparse.Namespace, setup: dict) -> dict:
             if offsets is None or pos == 0:
                 offsets = epoch_offsets(len(train_data), args.seq_len, epoch, args.seed)
             batch = offsets[pos * args.batch_size : (pos + 1) * args.batch_size]
-            x, y = windows_at(train_data, batch, args.seq_len)
+            x, y = windows_at(train_data, share(batch, ranks), args.seq_len)  # this rank's share
             x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
             lr = lr_at(step, total_steps, args)
             for group in optimizer.param_groups:
                 group["lr"] = lr
             with autocast(device, dtype):
-                _, loss = fwd(x, y)
+                _, loss = train_fwd(x, y)
             loss.backward()
             if args.grad_clip > 0:
                 torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
@@ -887,15 +988,20 @@ def train(args: argparse.Namespace, setup: dict) -> dict:
             optimizer.zero_grad(set_to_none=True)
             loss_sum += loss.detach()
             loss_count += 1
-            interval_bytes += x.numel()
+            interval_bytes += x.numel() * ranks.world
 
             done = step + 1
             epoch_end = done % steps_per_epoch == 0
             is_eval = (
                 done % args.eval_every == 0 or done == total_steps or (args.push_every_epoch and epoch_end)
             )
-            if done % args.log_every == 0 or is_eval or stop_signal:
+            if done % args.log_every == 0 or is_eval or (stop_signal and not ranks.several):
                 train_loss = loss_sum.item() / loss_count  # syncs the device
+                if ranks.several:  # the ranks agree: the mean loss, and whether any was told to stop
+                    train_loss = float(all_reduce(np.array([train_loss]))[0]) / ranks.world
+                    signum = int(all_reduce(np.array([stop_signal[0] if stop_signal else 0]), "max")[0])
+                    if signum and not stop_signal:
+                        stop_signal.append(signum)
                 now = time.time()
                 interval_time += now - t0
                 train_time += now - t0
@@ -920,10 +1026,11 @@ def train(args: argparse.Namespace, setup: dict) -> dict:
                     try:
                         validation_at(done)
                         row.update({k: round(v, 5) for k, v in last_eval.items()})
-                        if args.arch == "bdh":
+                        if args.arch == "bdh" and ranks.main:
                             live = activation_summary(model, valid, args.eval_seq_len, 8, device, dtype)
                             row.update(x_nonzero=round(live["x_mean"], 5), y_nonzero=round(live["y_mean"], 5))
-                        tqdm.write(
+                        say = tqdm.write if ranks.main else lambda _: None
+                        say(
                             f"step {done}: train {train_loss:.4f}, val {last_eval['val_loss']:.4f} "
                             f"nats/byte ({last_eval['val_bpb']:.4f} bpb)"
                             + "".join(
@@ -937,7 +1044,8 @@ def train(args: argparse.Namespace, setup: dict) -> dict:
                 bar.set_postfix(loss=f"{train_loss:.3f}", bytes_s=f"{speed:,.0f}")
                 if args.push_every_epoch and epoch_end and done < total_steps:
                     write_results(done, finished=False)
-                    push_failed |= not try_push(out_dir, args.hf_repo_id, args.hf_private)
+                    if ranks.main:
+                        push_failed |= not try_push(out_dir, args.hf_repo_id, args.hf_private)
                 if stop_signal and (done < total_steps or cut):
                     raise stopped_at(done, saved_now=is_eval)
                 t0 = time.time()
@@ -946,6 +1054,9 @@ def train(args: argparse.Namespace, setup: dict) -> dict:
     except (Interrupted, FloatingPointError):
         raise
     except Exception as e:  # validation, plotting, a push, the data: lose no more than the last step
+        if ranks.several and (stop_signal or peer_failed(e)):  # another rank failed and says why
+            rescue(e)
+            raise Quiet(1) from e
         raise RunFailed(rescue(e)) from e
     finally:
         bar.close()
@@ -953,6 +1064,8 @@ def train(args: argparse.Namespace, setup: dict) -> dict:
         for s, h in handlers.items():
             signal.signal(s, h)
 
+    if not ranks.main:
+        return metrics
     print(
         f"done: val loss {metrics['final_val_loss']:.4f} nats/byte, "
         f"{metrics['final_val_bpb']:.4f} bits/byte, "
@@ -1022,18 +1135,26 @@ def summarize(
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     setup: dict = {}
+    ranks = Ranks()
     try:
-        setup = prepare(args)
-        metrics = train(args, setup)
+        ranks = ranks_from_env()
+        start(ranks, args.dist_timeout)
+        setup = agreed(ranks, lambda: prepare(args, ranks))
+        metrics = train(args, setup, ranks)
+    except Quiet as e:  # another rank says why
+        raise SystemExit(e.code) from None
     except UsageError as e:
         fail(str(e))
-    except (FloatingPointError, RunFailed) as e:
-        fail(str(e), code=1)
-    except Interrupted as e:
-        fail(str(e), code=e.code)
+    except RunFailed as e:  # on the rank where it happened
+        fail(f"rank {ranks.rank}: {e}" if ranks.several else str(e), code=1)
+    except FloatingPointError as e:  # every rank sees the same losses: rank 0 says it
+        fail(str(e), code=1) if ranks.main else sys.exit(1)
+    except Interrupted as e:  # every rank stops at the same step: rank 0 says it
+        fail(str(e), code=e.code) if ranks.main else sys.exit(e.code)
     finally:
-        if "lock" in setup:
+        if setup.get("lock") is not None:
             setup["lock"].close()  # the run's folder is free again
+        stop()
     return 1 if metrics["push_failed"] else 0
 
 

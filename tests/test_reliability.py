@@ -252,7 +252,7 @@ def test_an_exception_in_validation_costs_at_most_the_step_it_happened_after(
     flags = f"{FAST} --max_steps 9 --eval_every 3"
     whole, broken = tmp_path / "whole", tmp_path / "broken"
     assert train(tiny_run(small_data, whole, flags), capsys).returncode == 0
-    real, calls = experiment.evaluate_loss, []
+    real, calls = experiment.position_loss_sums, []
 
     def fails_the_second_time(*args, **kwargs):
         calls.append(1)
@@ -260,13 +260,13 @@ def test_an_exception_in_validation_costs_at_most_the_step_it_happened_after(
             raise RuntimeError("the validation broke")
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(experiment, "evaluate_loss", fails_the_second_time)
+    monkeypatch.setattr(experiment, "position_loss_sums", fails_the_second_time)
     code, err, _ = train(tiny_run(small_data, broken, flags), capsys)
     assert code == 1 and "Traceback" not in err and len(err.strip().splitlines()) == 1, err
     assert "RuntimeError after step 6: the validation broke" in err and "--resume auto" in err
     assert load_training_state(checkpoint_folder(broken, "last"))["step"] == 6
     assert not json.loads((broken / "metrics.json").read_text())["finished"]
-    monkeypatch.setattr(experiment, "evaluate_loss", real)
+    monkeypatch.setattr(experiment, "position_loss_sums", real)
     assert train(tiny_run(small_data, broken, flags + " --resume auto"), capsys).returncode == 0
     want, got = dict(train_losses(whole)), dict(train_losses(broken))
     assert set(want) - set(got) == {6}  # the row the failed validation was to complete
@@ -321,8 +321,8 @@ def test_long_validation_windows_come_in_batches_no_larger_than_a_training_batch
     seen = []
     real = scoring.window_batches
 
-    def recording(data, seq_len, batch_size, max_chunks=None):
-        for x, y in real(data, seq_len, batch_size, max_chunks):
+    def recording(data, seq_len, batch_size, max_chunks=None, shard=(0, 1)):
+        for x, y in real(data, seq_len, batch_size, max_chunks, shard):
             seen.append(x.shape)
             yield x, y
 

@@ -1,0 +1,130 @@
+"""Several processes, launched by torchrun: the process group, who writes, and how the ranks agree.
+
+    uv run torchrun --standalone --nproc_per_node N experiment.py --device cuda --fused
+
+torchrun sets RANK, WORLD_SIZE and LOCAL_RANK; without them this is one process and nothing here
+talks to anyone. With them, one process group carries CPU tensors through gloo (the ranks' small
+agreements) and CUDA tensors through NCCL (DistributedDataParallel's gradients).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TypeVar
+
+import numpy as np
+import torch
+import torch.distributed as tdist
+
+from cli import UsageError
+
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class Ranks:
+    """This process's place among the training processes."""
+
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+
+    @property
+    def main(self) -> bool:
+        """Rank 0, the one that writes logs, metrics, plots and checkpoints, and pushes."""
+        return self.rank == 0
+
+    @property
+    def several(self) -> bool:
+        return self.world > 1
+
+
+class Quiet(Exception):
+    """This rank stops without a word: another rank says why (exit code `code`)."""
+
+    def __init__(self, code: int) -> None:
+        super().__init__(code)
+        self.code = code
+
+
+def ranks_from_env() -> Ranks:
+    """The ranks torchrun describes in the environment (one process when it is not there)."""
+    try:
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+        return Ranks(int(os.environ.get("RANK", "0")), world, int(os.environ.get("LOCAL_RANK", "0")))
+    except ValueError as e:
+        raise UsageError(f"RANK, WORLD_SIZE and LOCAL_RANK must be integers (set by torchrun): {e}") from None
+
+
+def start(ranks: Ranks, timeout_s: float) -> None:
+    """Join the process group (several ranks only). A collective that waits longer than timeout_s
+    fails instead of hanging: a dead or stuck rank stops the others."""
+    if ranks.several and not tdist.is_initialized():
+        backend = "cpu:gloo,cuda:nccl" if torch.cuda.is_available() else "gloo"
+        tdist.init_process_group(backend, timeout=dt.timedelta(seconds=timeout_s))
+
+
+def stop() -> None:
+    if tdist.is_initialized():
+        tdist.destroy_process_group()
+
+
+def rank_device(ranks: Ranks, device: torch.device) -> torch.device:
+    """CUDA: this rank's own GPU (LOCAL_RANK); other devices as they are."""
+    if device.type != "cuda" or not ranks.several:
+        return device
+    if ranks.local_rank >= torch.cuda.device_count():
+        raise UsageError(
+            f"rank {ranks.rank} wants GPU {ranks.local_rank}, but {torch.cuda.device_count()} are visible; "
+            "give torchrun --nproc_per_node at most the number of GPUs"
+        )
+    device = torch.device("cuda", ranks.local_rank)
+    torch.cuda.set_device(device)
+    return device
+
+
+def agreed(ranks: Ranks, work: Callable[[], T]) -> T:
+    """work() on every rank; if it raises a UsageError on any, every rank stops: the lowest such
+    rank with its error, the others Quiet (so one line is printed, not one a rank)."""
+    error, result = None, None
+    try:
+        result = work()
+    except UsageError as e:
+        error = e
+    if ranks.several:
+        first = int(all_reduce(np.array([ranks.rank if error else ranks.world]), "min")[0])
+        if first < ranks.world and first != ranks.rank:
+            raise Quiet(2)
+    if error is not None:
+        raise error
+    return result
+
+
+def all_reduce(values: np.ndarray, op: str = "sum") -> np.ndarray:
+    """Element-wise sum, min or max of `values` over the ranks (float64 through gloo); the values
+    themselves with one rank."""
+    if not tdist.is_initialized():
+        return np.asarray(values, dtype=np.float64)
+    t = torch.as_tensor(np.asarray(values, dtype=np.float64))
+    ops = {"sum": tdist.ReduceOp.SUM, "min": tdist.ReduceOp.MIN, "max": tdist.ReduceOp.MAX}
+    tdist.all_reduce(t, op=ops[op])
+    return t.numpy()
+
+
+def gather(obj: object) -> list:
+    """Every rank's obj, in rank order (a list of one with one rank)."""
+    if not tdist.is_initialized():
+        return [obj]
+    out: list = [None] * tdist.get_world_size()
+    tdist.all_gather_object(out, obj)
+    return out
+
+
+def share(items: np.ndarray, ranks: Ranks) -> np.ndarray:
+    """This rank's contiguous share of items (len divisible by the world size): rank r of N takes
+    the r-th of N equal parts."""
+    size = len(items) // ranks.world
+    return items[ranks.rank * size : (ranks.rank + 1) * size]
