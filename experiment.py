@@ -48,11 +48,13 @@ from cli import (
     positive_int,
 )
 from data import (
+    dataset_folder,
     describe_source,
     epoch_offsets,
     load_bytes_file,
     load_split,
     num_windows,
+    prepare_dataset,
     window_batches,
     windows_at,
 )
@@ -220,6 +222,26 @@ def build_parser() -> argparse.ArgumentParser:
         "--train_file",
         default=None,
         help="train on this file's bytes instead of the train split (e.g. wiki.train.tokens)",
+    )
+    g.add_argument(
+        "--dataset",
+        default=None,
+        metavar="NAME",
+        help="train on this text dataset instead of Wikitext-2: a Hub id or a local folder (save_to_disk, "
+        "or json/csv/parquet/text files), converted once into byte files under --data_cache",
+    )
+    g.add_argument("--dataset_config", default=None, help="--dataset's configuration (its subset)")
+    g.add_argument("--text_column", default="text", help="--dataset's column of text (text)")
+    g.add_argument(
+        "--val_fraction",
+        type=positive_float,
+        default=0.005,
+        help="--dataset without a validation split: this fraction of its train rows is held out (0.005)",
+    )
+    g.add_argument(
+        "--data_cache",
+        default=os.environ.get("BDH_DATA_CACHE", "~/.cache/dragon-hatchling/datasets"),
+        help="where --dataset's byte files are kept (BDH_DATA_CACHE; ~/.cache/dragon-hatchling/datasets)",
     )
     g.add_argument(
         "--extra_val_file",
@@ -472,6 +494,10 @@ RESUME_MUST_MATCH = (
     "block_size",
     "train_file",
     "data_dir",
+    "dataset",
+    "dataset_config",
+    "text_column",
+    "val_fraction",
 )
 
 
@@ -553,11 +579,19 @@ def prepare(args: argparse.Namespace, ranks: Ranks | None = None) -> dict:
         f"training this model ({config.num_params:,} parameters) on {args.batch_size} x {args.seq_len} bytes"
         + (f" ({args.batch_size // ranks.world} windows a process)" if ranks.several else ""),
     )
-    if args.train_file is not None:
+    if args.dataset is not None:
+        check_dataset_flags(args)
+        folder = dataset_folder(
+            args.data_cache, args.dataset, args.dataset_config, args.text_column, args.val_fraction
+        )
+        train = load_bytes_file(folder / "train.bin", what=f"--dataset {args.dataset}: train")
+        valid = load_bytes_file(folder / "valid.bin", what=f"--dataset {args.dataset}: validation")
+    elif args.train_file is not None:
         train = load_bytes_file(args.train_file, what="--train_file")
+        valid = load_split("valid", args.data_dir)
     else:
         train = load_split("train", args.data_dir)
-    valid = load_split("valid", args.data_dir)
+        valid = load_split("valid", args.data_dir)
     extra_files = dict(zip(extra_labels(args.extra_val_file), args.extra_val_file, strict=True))
     extra = {label: load_bytes_file(p, what="--extra_val_file") for label, p in extra_files.items()}
     windows = [("train", train, "--seq_len"), ("valid", valid, "--eval_seq_len")]
@@ -601,6 +635,27 @@ def prepare(args: argparse.Namespace, ranks: Ranks | None = None) -> dict:
         out_dir=out_dir,
         resume=resume,
         resume_state=resume_state,
+    )
+
+
+def check_dataset_flags(args: argparse.Namespace) -> None:
+    if args.data_dir is not None or args.train_file is not None:
+        raise UsageError("--dataset replaces Wikitext-2: leave out --data_dir and --train_file")
+    if not args.val_fraction < 1:
+        raise UsageError(f"--val_fraction must be below 1, got {args.val_fraction}")
+
+
+def convert_dataset(args: argparse.Namespace) -> Path:
+    """--dataset's byte files, converted now unless they were before."""
+    check_dataset_flags(args)
+    return prepare_dataset(
+        args.dataset,
+        args.dataset_config,
+        args.text_column,
+        args.val_fraction,
+        args.data_cache,
+        seed=args.seed,
+        progress=not args.no_progress,
     )
 
 
@@ -768,9 +823,16 @@ def train(args: argparse.Namespace, setup: dict, ranks: Ranks | None = None) -> 
     resume_command = shell_command(resume_argv(sys.argv[1:], out_dir))
     data_files = {}  # rank 0's records
     if ranks.main:
+        folder = None
+        if args.dataset is not None:
+            folder = dataset_folder(
+                args.data_cache, args.dataset, args.dataset_config, args.text_column, args.val_fraction
+            )
         data_files = {
-            "train": describe_source("train", args.data_dir, args.train_file),
-            "valid": describe_source("valid", args.data_dir),
+            "train": describe_source(
+                "train", args.data_dir, folder / "train.bin" if folder else args.train_file
+            ),
+            "valid": describe_source("valid", args.data_dir, folder / "valid.bin" if folder else None),
             "extra_valid": [describe_source(label, None, p) for label, p in setup["extra_files"].items()],
         }
 
@@ -1139,6 +1201,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         ranks = ranks_from_env()
         start(ranks, args.dist_timeout)
+        if args.dataset is not None:  # rank 0 converts it (once); the others wait for it
+            agreed(ranks, lambda: ranks.main and convert_dataset(args))
         setup = agreed(ranks, lambda: prepare(args, ranks))
         metrics = train(args, setup, ranks)
     except Quiet as e:  # another rank says why
