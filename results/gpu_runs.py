@@ -5,15 +5,15 @@
 
 Each NAME:GPU:FLAGS trains `experiment.py` with the reference budget (3 epochs of wiki.train.tokens)
 plus FLAGS into .gpu/runs/NAME on that GPU (BDH through `--fused`, `--arch gpt` compiled), then scores
-its last checkpoint with evaluate.py: 128-byte windows of wiki.valid.raw (and a 2,000-byte sample),
-128-byte windows of wiki.valid.tokens and, for BDH, 4,096-byte windows of wiki.valid.raw and both files
-read as one text (--stream). FLAGS `AUTHORS [flags]` trains the paper authors' bdh.py instead
-(results/report/authors_bdh.py, their file at .gpu/authors/bdh.py) and scores the .pt it saves. Runs
-of the same GPU share it, and run one after another when separated by `;` (`'a:0:...;b:0:...'`).
-`--evals none` skips the scoring (the training log's final validation has both files in 128-byte
-windows). A training still going at --train_deadline is stopped with SIGTERM (it saves a checkpoint,
-which is then scored: its metrics say how far it got). The small files (logs, metrics, plots,
-samples) go into one tar file (the machine returns few files).
+its last checkpoint with evaluate.py: 128-byte windows of wiki.valid.raw (with a 2,000-byte sample
+and, for BDH, the neuron graph), 128-byte windows of wiki.valid.tokens and, for BDH, 4,096-byte
+windows of wiki.valid.raw and both files read as one text (--stream). FLAGS `AUTHORS [flags]` trains
+the paper authors' bdh.py instead (results/report/authors_bdh.py, their file at .gpu/authors/bdh.py)
+and scores the .pt it saves. Runs of the same GPU share it, and run one after another when separated
+by `;` (`'a:0:...;b:0:...'`). `--evals none` skips the scoring (the training log's final validation
+has both files in 128-byte windows). A training still going at --train_deadline is stopped with
+SIGTERM (it saves a checkpoint, which is then scored: its metrics say how far it got). The small
+files (logs, metrics, plots, samples) go into one tar file (the machine returns few files).
 """
 
 from __future__ import annotations
@@ -40,7 +40,7 @@ SAMPLE = ["--prompt", " = Dragon = "] + shlex.split(
     "--max_new_bytes 2000 --temperature 0.8 --top_k 40 --seed 1337 --context 0"
 )
 EVALS = {  # folder: evaluate.py flags
-    "eval-valid-raw-128": ["--seq_len", "128", *SAMPLE],
+    "eval-valid-raw-128": ["--seq_len", "128", "--neuron_graph", *SAMPLE],
     "eval-valid-tokens-128": shlex.split(f"--data_file {TOKENS} --seq_len 128 --no_plots"),
     "eval-valid-raw-4096": shlex.split("--seq_len 4096 --chunk_size 4096 --batch_size 16"),
     "eval-valid-raw-stream": shlex.split("--stream --chunk_size 2048"),
@@ -85,9 +85,8 @@ def run_one(name: str, gpu: str, flags: str, t_start: float, args: argparse.Name
             time.sleep(1)
     evals = {} if args.evals == "none" else EVALS
     if gpt:
-        evals = {
-            k: [*v, *GPT_SAMPLE] if "--prompt" in v else v for k, v in evals.items() if k in WINDOW_EVALS
-        }
+        evals = {k: [*(f for f in v if f != "--neuron_graph"), *GPT_SAMPLE] if "--prompt" in v else v
+                 for k, v in evals.items() if k in WINDOW_EVALS}  # fmt: skip
     for folder, extra in evals.items():
         remaining = args.deadline - (time.time() - t_start)
         if remaining < 20:
