@@ -14,8 +14,6 @@ import matplotlib.pyplot as plt  # noqa: E402
 HERE = Path(__file__).resolve().parent
 RUNS = {
     "fused, cuBLAS + Triton (8593fcb)": HERE / "run/log.csv",
-    "fused, cuBLAS + Triton (0e4edf8)": HERE / "run-0e4edf8/log.csv",
-    "fused, Triton products (67047fa)": HERE / "run-67047fa/log.csv",
     "plain (torch.compile)": HERE / "../foundation/run/log.csv",
 }
 COLUMNS = {"val_loss": "raw validation", "val_loss_wiki_valid_tokens": "tokenized validation"}
@@ -29,7 +27,7 @@ def validation_rows(path: Path) -> list[dict]:
 def main() -> None:
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
     for ax, (column, title) in zip(axes, COLUMNS.items(), strict=True):
-        for (label, path), style in zip(RUNS.items(), ("-o", "-.d", ":^", "--s"), strict=True):
+        for (label, path), style in zip(RUNS.items(), ("-o", "--s"), strict=True):
             rows = validation_rows(path)
             ax.plot(
                 [int(r["step"]) for r in rows], [float(r[column]) for r in rows], style, label=label, ms=4
