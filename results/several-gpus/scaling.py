@@ -60,7 +60,7 @@ def main() -> int:
             }
         )
     out = {"device": two["device"], "date": two["date"], "torch": two["torch"], "commands": [one["command"],
-           two["command"]], "method": __doc__.split("\n\n", 1)[1].strip(), "rows": rows}  # fmt: skip
+           two["command"]], "method": __doc__.strip().split("\n\n")[-1], "rows": rows}  # fmt: skip
     args.out.write_text(json.dumps(out, indent=2) + "\n")
     for r in rows:
         g2, proj = r["gpus"][1], r[f"projected_{args.project}_gpus"]
