@@ -135,6 +135,15 @@ def test_a_rank_that_fails_stops_every_rank_with_one_line(small_data, tmp_path):
     assert load_training_state(run / "checkpoints" / "last")["step"] in (6, 7)
 
 
+def test_a_nan_on_one_rank_stops_every_rank_with_one_line(small_data, tmp_path):
+    run = tmp_path / "run"
+    code, _, err = finish(torchrun(tiny_run(small_data, run, FLAGS), env={"BDH_TEST_NAN": "1:7"}), 90)
+    assert code == 1
+    lines = our_lines(err)
+    assert len(lines) == 1 and "training loss became nan by step 9" in lines[0], err  # rank 1's loss, step 9
+    assert load_training_state(run / "checkpoints" / "last")["step"] == 6  # the last good checkpoint
+
+
 def test_a_global_batch_that_does_not_divide_is_refused_once(small_data, tmp_path):
     code, _, err = finish(torchrun(tiny_run(small_data, tmp_path / "run", FLAGS + " --batch_size 3")), 90)
     assert code != 0 and our_lines(err) == [

@@ -1,6 +1,6 @@
 """experiment.py as torchrun runs it, with two hooks for the tests (never in the product):
 BDH_TEST_SLOW=S sleeps S seconds a step (time to send a signal); BDH_TEST_FAIL=R:S raises on rank R
-in step S."""
+in step S; BDH_TEST_NAN=R:S makes rank R's learning rate NaN in step S (its weights, then its loss)."""
 
 import os
 import sys
@@ -20,6 +20,10 @@ def lr_at(step, total, args):
         rank, at = map(int, os.environ["BDH_TEST_FAIL"].split(":"))
         if int(os.environ["RANK"]) == rank and step == at:
             raise RuntimeError("a failure put there by the test")
+    if os.environ.get("BDH_TEST_NAN"):
+        rank, at = map(int, os.environ["BDH_TEST_NAN"].split(":"))
+        if int(os.environ["RANK"]) == rank and step == at:
+            return float("nan")
     return real(step, total, args)
 
 
