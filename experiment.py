@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import dataclasses
 import datetime as dt
 import math
 import os
@@ -660,26 +661,12 @@ def convert_dataset(args: argparse.Namespace) -> Path:
 
 
 def model_config(args: argparse.Namespace) -> BDHConfig | GPTConfig:
-    """The model's config from the (filled-in) flags; a UsageError if it is not a valid model."""
+    """The model's config from the (filled-in) flags of the same names; a UsageError if it is not a
+    valid model."""
+    cls = GPTConfig if args.arch == "gpt" else BDHConfig
+    flags = {f.name: getattr(args, f.name) for f in dataclasses.fields(cls) if hasattr(args, f.name)}
     try:
-        if args.arch == "gpt":
-            return GPTConfig(
-                n_layer=args.n_layer,
-                n_embd=args.n_embd,
-                n_head=args.n_head,
-                block_size=args.block_size,
-                dropout=args.dropout,
-            )
-        return BDHConfig(
-            n_embd=args.n_embd,
-            n_head=args.n_head,
-            n_neurons=args.n_neurons,
-            n_layer=args.n_layer,
-            dropout=args.dropout,
-            rope_theta=args.rope_theta,
-            rope_style=args.rope_style,
-            half_lives=args.half_lives,
-        )
+        return cls(**flags)
     except ValueError as e:
         raise UsageError(f"model config: {e}") from e
 
