@@ -193,7 +193,10 @@ def load_text_dataset(name: str, config: str | None, progress: bool = True):
         load_from_disk,
     )
 
-    enable_progress_bars() if progress else disable_progress_bars()
+    if progress:
+        enable_progress_bars()
+    else:
+        disable_progress_bars()
     path = Path(name)
     try:
         if path.is_dir() and ((path / "dataset_dict.json").is_file() or (path / "state.json").is_file()):

@@ -102,13 +102,14 @@ RECIPES = {
 }
 
 
-# The model flags each architecture fills in when they are left out; the other's flags are refused.
+# The model flags each architecture fills in when they are left out.
 ARCH_DEFAULTS = {
     "bdh": {"n_embd": 256, "n_head": 4, "n_neurons": 32768, "n_layer": 6, "rope_theta": 65536.0,
             "rope_style": "interleaved"},
     "gpt": {"n_embd": 512, "n_head": 8, "n_layer": 8, "block_size": 512},
 }  # fmt: skip
-MODEL_FLAGS = ("n_neurons", "rope_theta", "rope_style", "half_lives", "block_size")
+# The flags of one architecture alone; the other refuses them.
+ARCH_ONLY = {"bdh": ("n_neurons", "rope_theta", "rope_style", "half_lives"), "gpt": ("block_size",)}
 
 
 def recipe_half_lives(lives: list[float], n_head: int) -> list[float]:
@@ -292,12 +293,11 @@ def apply_arch(args: argparse.Namespace, saved: dict | None) -> None:
     defaults. A flag of the other architecture is a UsageError."""
     if args.arch is None:
         args.arch = saved.get("arch", "bdh") if saved is not None else "bdh"
-    defaults = ARCH_DEFAULTS[args.arch]
-    for name in MODEL_FLAGS:
-        if name not in defaults and name != "half_lives" or args.arch == "gpt" and name == "half_lives":
-            if getattr(args, name) is not None:
-                raise UsageError(f"--{name} is not a flag of --arch {args.arch}")
-    for name, default in defaults.items():
+    for other, names in ARCH_ONLY.items():
+        given = [name for name in names if other != args.arch and getattr(args, name) is not None]
+        if given:
+            raise UsageError(f"--{given[0]} is not a flag of --arch {args.arch}")
+    for name, default in ARCH_DEFAULTS[args.arch].items():
         if getattr(args, name) is None:
             setattr(args, name, saved.get(name, default) if saved is not None else default)
 
@@ -580,13 +580,15 @@ def prepare(args: argparse.Namespace, ranks: Ranks | None = None) -> dict:
         f"training this model ({config.num_params:,} parameters) on {args.batch_size} x {args.seq_len} bytes"
         + (f" ({args.batch_size // ranks.world} windows a process)" if ranks.several else ""),
     )
+    train_path, valid_path = args.train_file, None  # None: the split of --data_dir or the Hub
     if args.dataset is not None:
         check_dataset_flags(args)
         folder = dataset_folder(
             args.data_cache, args.dataset, args.dataset_config, args.text_column, args.val_fraction
         )
-        train = load_bytes_file(folder / "train.bin", what=f"--dataset {args.dataset}: train")
-        valid = load_bytes_file(folder / "valid.bin", what=f"--dataset {args.dataset}: validation")
+        train_path, valid_path = folder / "train.bin", folder / "valid.bin"
+        train = load_bytes_file(train_path, what=f"--dataset {args.dataset}: train")
+        valid = load_bytes_file(valid_path, what=f"--dataset {args.dataset}: validation")
     elif args.train_file is not None:
         train = load_bytes_file(args.train_file, what="--train_file")
         valid = load_split("valid", args.data_dir)
@@ -632,6 +634,8 @@ def prepare(args: argparse.Namespace, ranks: Ranks | None = None) -> dict:
         valid=valid,
         extra=extra,
         extra_files=extra_files,
+        train_path=train_path,
+        valid_path=valid_path,
         steps_per_epoch=steps_per_epoch,
         out_dir=out_dir,
         resume=resume,
@@ -810,16 +814,9 @@ def train(args: argparse.Namespace, setup: dict, ranks: Ranks | None = None) -> 
     resume_command = shell_command(resume_argv(sys.argv[1:], out_dir))
     data_files = {}  # rank 0's records
     if ranks.main:
-        folder = None
-        if args.dataset is not None:
-            folder = dataset_folder(
-                args.data_cache, args.dataset, args.dataset_config, args.text_column, args.val_fraction
-            )
         data_files = {
-            "train": describe_source(
-                "train", args.data_dir, folder / "train.bin" if folder else args.train_file
-            ),
-            "valid": describe_source("valid", args.data_dir, folder / "valid.bin" if folder else None),
+            "train": describe_source("train", args.data_dir, setup["train_path"]),
+            "valid": describe_source("valid", args.data_dir, setup["valid_path"]),
             "extra_valid": [describe_source(label, None, p) for label, p in setup["extra_files"].items()],
         }
 
