@@ -117,6 +117,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="also the degrees of the graph E and Dx make between neurons (n x n, in blocks), for the "
         "model and a fresh one: neuron_graph.json and .png",
     )
+    p.add_argument(
+        "--init_seed",
+        type=int,
+        default=1337,
+        help="the seed of --neuron_graph's fresh model (1337, experiment.py's default --seed: the run's "
+        "own initial weights)",
+    )
     return p
 
 
@@ -392,13 +399,24 @@ def neuron_degrees(
 
 
 def degree_summary(degrees: np.ndarray, fraction: float = 0.1) -> dict:
-    """Mean and largest degree, and the tail index of the degrees above zero (Hill, the largest
-    `fraction` of them): the exponent of their complementary CDF, P(deg > k) ~ k^-alpha."""
+    """Mean and largest degree, the tail index of the degrees above zero (Hill, the largest
+    `fraction` of them): the exponent of their complementary CDF, P(deg > k) ~ k^-alpha, and the
+    histogram (how many neurons have each degree that occurs), from which the CCDF is drawn."""
     live = degrees[degrees > 0]
     out = {"mean": float(degrees.mean()), "max": int(degrees.max()), "nonzero": int(live.size)}
     if live.size > 20:
         out["ccdf_tail"] = hill_tail_index(live, fraction)
+    values, counts = np.unique(degrees, return_counts=True)
+    out["histogram"] = {"degree": values.tolist(), "neurons": counts.tolist()}
     return out
+
+
+def degree_ccdf(histogram: dict) -> tuple[np.ndarray, np.ndarray]:
+    """The degrees k >= 1 that occur and P(degree >= k) over all neurons, from degree_summary's
+    histogram."""
+    k, neurons = np.asarray(histogram["degree"]), np.asarray(histogram["neurons"], dtype=np.float64)
+    at_least = neurons[::-1].cumsum()[::-1] / neurons.sum()  # P(degree >= k[i])
+    return k[k > 0], at_least[k > 0]
 
 
 def gpt_weights(config: GPTConfig) -> dict[str, str]:
@@ -455,17 +473,17 @@ def plot_histograms(model: BDH, stats: dict, path: Path, title: str) -> None:
     plt.close(fig)
 
 
-def neuron_graph(model: BDH, path: Path, title: str) -> dict:
+def neuron_graph(model: BDH, path: Path, title: str, init_seed: int = 1337) -> dict:
     """Degrees of the neuron graph (neuron_degrees) of the model and of a fresh one of its config
-    (seed 0), their summaries, and a log-log plot of the out-degrees' complementary CDF at `path`."""
+    drawn with `init_seed` (experiment.py's --seed: the run's own initial weights), their summaries,
+    and log-log plots of the out- and in-degrees' complementary CDF, with the Hill fits, at `path`."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    torch.manual_seed(0)
-    initial = BDH(model.config).to(model.E.device)
-    fig, ax = plt.subplots(figsize=(6.5, 4.5))
+    torch.manual_seed(init_seed)
+    initial = BDH(model.config).to(model.E.device)  # drawn on the CPU, as experiment.py does
     out = {}
     for name, m in (("model", model), ("initial", initial)):
         graph = neuron_degrees(m)
@@ -474,18 +492,31 @@ def neuron_graph(model: BDH, path: Path, title: str) -> dict:
             "out_degree": degree_summary(graph["out_degree"]),
             "in_degree": degree_summary(graph["in_degree"]),
         }
-        deg = np.sort(graph["out_degree"][graph["out_degree"] > 0])
-        if deg.size:
-            ccdf = 1.0 - np.arange(deg.size) / deg.size
-            tail = out[name]["out_degree"].get("ccdf_tail")
-            fit = f", tail exponent {tail['alpha']:.2f} (degrees >= {tail['threshold']:.0f})" if tail else ""
-            ax.loglog(deg, ccdf, ".", ms=2, label=f"{name}{fit}")
-        else:
-            ax.plot([], [], " ", label=f"{name}: no edge above the threshold")
+    out["initial"]["seed"] = init_seed
     out["edges"] = "G = E Dx (n x n); an edge i -> j, i != j, where G[i, j] > 5 standard deviations of G"
-    ax.set(xlabel="out-degree k", ylabel="P(out-degree >= k)", title=title)
-    ax.grid(alpha=0.3, which="both")
-    ax.legend(fontsize=8)
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.5))
+    for ax, which in zip(axes, ("out_degree", "in_degree"), strict=True):
+        for name, color in (("model", "C0"), ("initial", "C1")):
+            summary = out[name][which]
+            k, ccdf = degree_ccdf(summary["histogram"])
+            if not k.size:
+                ax.plot([], [], " ", label=f"{name}: no edge above the threshold")
+                continue
+            ax.loglog(
+                k, ccdf, "o", ms=2.5, color=color, label=f"{name}: {summary['nonzero']:,} neurons with one"
+            )
+            tail = summary.get("ccdf_tail")
+            if tail:  # the Hill fit, P(D >= k) ~ k^-alpha, through its threshold, over its range
+                k0 = tail["threshold"]
+                span = np.array([k0, summary["max"]], dtype=np.float64)
+                at_k0 = ccdf[np.searchsorted(k, k0)]
+                ax.loglog(span, at_k0 * (span / k0) ** -tail["alpha"], "--", color=color, lw=1,
+                          label=f"Hill fit: alpha {tail['alpha']:.2f} over k >= {k0:.0f}")  # fmt: skip
+        what = which.replace("_", "-")
+        ax.set(xlabel=f"{what} k", ylabel=f"P({what} >= k), all neurons")
+        ax.grid(alpha=0.3, which="both")
+        ax.legend(fontsize=8)
+    fig.suptitle(f"{title}: neuron graph {out['edges']}", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -624,7 +655,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.neuron_graph:
         write_json(
             out_dir / "neuron_graph.json",
-            neuron_graph(model, out_dir / "neuron_graph.png", str(args.model_path)),
+            neuron_graph(model, out_dir / "neuron_graph.png", str(args.model_path), args.init_seed),
         )
     model = model.cpu()
     stats = weight_stats(model)

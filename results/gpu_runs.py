@@ -11,9 +11,10 @@ windows of wiki.valid.raw and both files read as one text (--stream). FLAGS `AUT
 the paper authors' bdh.py instead (results/report/authors_bdh.py, their file at .gpu/authors/bdh.py)
 and scores the .pt it saves. Runs of the same GPU share it, and run one after another when separated
 by `;` (`'a:0:...;b:0:...'`). `--evals none` skips the scoring (the training log's final validation
-has both files in 128-byte windows). A training still going at --train_deadline is stopped with
-SIGTERM (it saves a checkpoint, which is then scored: its metrics say how far it got). The small
-files (logs, metrics, plots, samples) go into one tar file (the machine returns few files).
+has both files in 128-byte windows); `--only NAME=FOLDER[,FOLDER]` scores run NAME with those alone.
+A training still going at --train_deadline is stopped with SIGTERM (it saves a checkpoint, which is
+then scored: its metrics say how far it got). The small files (logs, metrics, plots, samples) go
+into one tar file (the machine returns few files).
 """
 
 from __future__ import annotations
@@ -84,6 +85,8 @@ def run_one(name: str, gpu: str, flags: str, t_start: float, args: argparse.Name
                 break
             time.sleep(1)
     evals = {} if args.evals == "none" else EVALS
+    if name in args.only:
+        evals = {k: v for k, v in EVALS.items() if k in args.only[name]}
     if gpt:
         evals = {k: [*(f for f in v if f != "--neuron_graph"), *GPT_SAMPLE] if "--prompt" in v else v
                  for k, v in evals.items() if k in WINDOW_EVALS}  # fmt: skip
@@ -112,7 +115,22 @@ def main() -> int:
     p.add_argument("--device", default="cuda", help="cuda (fused training) or cpu (a smoke test)")
     p.add_argument("--also", default="", help="a shell command to run beside (e.g. the GPU tests)")
     p.add_argument("--evals", choices=["all", "none"], default="all", help="score the runs afterwards (all)")
+    p.add_argument(
+        "--only",
+        action="append",
+        default=[],
+        metavar="NAME=FOLDER[,FOLDER]",
+        help=f"score run NAME with these evaluations alone, of: {', '.join(EVALS)}",
+    )
     args = p.parse_args()
+    only = {}
+    for item in args.only:
+        name, _, folders = item.partition("=")
+        unknown = [f for f in folders.split(",") if f not in EVALS]
+        if not name or not folders or unknown:
+            p.error(f"--only: expected NAME=FOLDER[,FOLDER] of {', '.join(EVALS)}, got {item!r}")
+        only[name] = folders.split(",")
+    args.only = only
     t_start = time.time()
     threads = []
     names = []

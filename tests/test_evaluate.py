@@ -122,6 +122,10 @@ def test_neuron_degrees_count_the_edges_of_a_known_graph():
     loops = A.diagonal()
     assert got["out_degree"].tolist() == (A.sum(1) - loops).long().tolist() == [2, 1, 4, 0, 2, 1]
     assert got["in_degree"].tolist() == (A.sum(0) - loops).long().tolist() == [1, 2, 2, 2, 1, 2]
+    summary = evaluate.degree_summary(got["out_degree"])
+    assert summary["histogram"] == {"degree": [0, 1, 2, 4], "neurons": [1, 2, 2, 1]}
+    k, at_least = evaluate.degree_ccdf(summary["histogram"])  # P(out-degree >= k) over all 6
+    assert k.tolist() == [1, 2, 4] and at_least.tolist() == pytest.approx([5 / 6, 3 / 6, 1 / 6])
     # heads: neuron h*m + j reads column j of head h
     two = BDH(BDHConfig(n_embd=4, n_head=2, n_neurons=4, n_layer=1))
     with torch.no_grad():
@@ -141,5 +145,26 @@ def test_evaluate_measures_the_neuron_graph_and_the_tails(tmp_path, raw_dir, cap
         degrees = graph[which]["out_degree"]
         assert 0 <= degrees["mean"] <= degrees["max"] < 64 and graph[which]["threshold"] > 0
     assert (out / "neuron_graph.png").read_bytes()[:4] == b"\x89PNG"
+    for which in ("out_degree", "in_degree"):  # the histogram counts every neuron once
+        assert sum(graph["model"][which]["histogram"]["neurons"]) == 64, graph["model"][which]
     stats = json.loads((out / "weight_stats.json").read_text())
     assert stats["E"]["tail"]["k"] == len(model.E.flatten()) // 100 and stats["E"]["tail"]["alpha"] > 0
+
+
+def test_the_neuron_graphs_fresh_model_is_the_runs_own_initial_weights(tmp_path, raw_dir, capsys):
+    """A model as experiment.py draws it (torch.manual_seed(--seed), then BDH(config)) and
+    --init_seed of the same seed: the fresh model is the same model, so the graphs are equal (to
+    the threshold, 5 sd of its G); another seed gives another graph."""
+    torch.manual_seed(7)
+    BDH(BDHConfig(n_embd=16, n_head=2, n_neurons=256, n_layer=1)).save_pretrained(tmp_path / "ckpt")
+    (tmp_path / "text.raw").write_bytes((raw_dir / "wiki.valid.raw").read_bytes()[:300])
+    args = ["--model_path", str(tmp_path / "ckpt"), "--data_file", str(tmp_path / "text.raw"), "--device",
+            "cpu", "--neuron_graph", "--no_plots"]  # fmt: skip
+    graphs = {}
+    for seed in (7, 8):
+        out = tmp_path / f"seed{seed}"
+        assert evaluate.main([*args, "--init_seed", str(seed), "--out_dir", str(out)]) == 0
+        graphs[seed] = json.loads((out / "neuron_graph.json").read_text())
+    assert graphs[7]["initial"]["seed"] == 7
+    assert graphs[7]["initial"] == {**graphs[7]["model"], "seed": 7}  # threshold (5 sd of G), degrees
+    assert graphs[8]["initial"]["threshold"] != pytest.approx(graphs[8]["model"]["threshold"])
