@@ -2,9 +2,11 @@
 
     uv run python results/report/report.py            # writes results/report/*.png, prints the tables
 
-Reads results/report/runs (GPT sizes, BDH 3M and 10M, the paper authors' bdh.py),
-results/long-context/runs/ref (this project's BDH at the reference budget, 25M) and
-results/several-gpus/measured/ref-2gpu (the same on two GPUs, whose log also records sparsity).
+Reads results/report/runs: the three sizes of each architecture (bdh-25M, this project's BDH at the
+reference budget, with evaluate.py's weight statistics and neuron graph of the trained model), the
+paper authors' bdh.py (authors, and authors-rerun for the whole text read as one); and
+results/long-context/runs/ref (the same command as bdh-25M, with the same loss at every logged step,
+scored over the whole text).
 Measures the freshly initialised models on the CPU (sparsity, weight tails, the neuron graph's
 degrees) into init.json, once.
 """
@@ -26,13 +28,18 @@ sys.path.insert(0, str(RESULTS.parent))
 RUNS = {  # label: run folder
     "BDH 3.3M": HERE / "runs/bdh-3M",
     "BDH 10.7M": HERE / "runs/bdh-10M",
-    "BDH 25.3M (reference)": RESULTS / "long-context/runs/ref",
+    "BDH 25.3M (reference)": HERE / "runs/bdh-25M",
     "GPT 3.3M": HERE / "runs/gpt-3M",
     "GPT 10.9M": HERE / "runs/gpt-10M",
     "GPT 25.6M": HERE / "runs/gpt-25M",
 }
 AUTHORS = HERE / "runs/authors"
-TWO_GPUS = RESULTS / "several-gpus/measured/ref-2gpu"
+TRAINED = HERE / "runs/bdh-25M/eval-valid-raw-128"  # evaluate.py --neuron_graph of the reference run
+STREAMS = {  # label: evaluation folders over the whole text (--stream), raw and tokens
+    "BDH-GPU, this project": RESULTS / "long-context/runs/ref",
+    "BDH, the paper authors' bdh.py": HERE / "runs/authors-rerun",
+}
+CCDF_RANGE = (10, 200)  # degrees over which the neuron graph's CCDF is fitted by a straight line
 LN2 = math.log(2)
 
 
@@ -64,7 +71,7 @@ def curves() -> None:
     pyplot = plt()
     fig, axes = pyplot.subplots(1, 2, figsize=(11, 4.2), sharex=True)
     runs = {
-        "BDH-GPU, this project (reference recipe)": RESULTS / "long-context/runs/ref",
+        "BDH-GPU, this project (reference recipe)": HERE / "runs/bdh-25M",
         "BDH, the paper authors' bdh.py (their recipe)": AUTHORS,
         "GPT (nanoGPT shape, reference recipe)": HERE / "runs/gpt-25M",
     }
@@ -117,10 +124,10 @@ def sparsity_during_training(init: dict) -> None:
     """Non-zero fractions of x and y at every validation, from the training logs, and at step 0."""
     pyplot = plt()
     fig, ax = pyplot.subplots(figsize=(7, 4.2))
-    runs = {"3.3M": HERE / "runs/bdh-3M", "10.7M": HERE / "runs/bdh-10M", "25.3M (2 GPUs)": TWO_GPUS}
+    runs = {"3.3M": HERE / "runs/bdh-3M", "10.7M": HERE / "runs/bdh-10M", "25.3M": HERE / "runs/bdh-25M"}
     for label, run in runs.items():
         evals = [r for r in rows(run) if r.get("x_nonzero")]
-        size = run.name if run != TWO_GPUS else "ref"
+        size = run.name if run.name != "bdh-25M" else "ref"
         x0, y0 = init["sparsity"][size]["x_mean"], init["sparsity"][size]["y_mean"]
         x = [0.0] + [int(r["bytes_seen"]) / 1e6 for r in evals]
         line = ax.plot(x, [x0] + [float(r["x_nonzero"]) for r in evals], "o-", label=f"x, BDH {label}")[0]
@@ -202,6 +209,57 @@ def tables(fits: dict, init: dict) -> str:
     return "\n".join(lines)
 
 
+def ccdf_slope(histogram: dict, lo: int, hi: int) -> float:
+    """The exponent b of a least-squares line log P(D >= k) = c - b log k over the degrees lo..hi."""
+    from evaluate import degree_ccdf
+
+    k, at_least = degree_ccdf(histogram)
+    keep = (k >= lo) & (k <= hi)
+    return -float(np.polyfit(np.log(k[keep]), np.log(at_least[keep]), 1)[0])
+
+
+def trained_tables(init: dict) -> str:
+    """The reference model's weights and neuron graph, fresh (init.json) against trained (TRAINED),
+    and both BDH models over the whole text."""
+    trained = json.loads((TRAINED / "weight_stats.json").read_text())
+    lines = ["| matrix | fresh: excess kurtosis / Hill (1%) | trained: excess kurtosis / Hill (1%) "
+             "| trained: beyond 3 std | trained: largest / std |", "|---|---:|---:|---:|---:|"]  # fmt: skip
+    for name, t in trained.items():
+        f = init["weights"][name]
+        lines.append(
+            f"| {name} | {f['excess_kurtosis']:.3f} / {f['tail']['alpha']:.1f} "
+            f"| {t['excess_kurtosis']:.3f} / {t['tail']['alpha']:.1f} "
+            f"| {t['frac_beyond_3std']:.2%} | {t['max_abs_over_std']:.1f} |"
+        )
+    graph = json.loads((TRAINED / "neuron_graph.json").read_text())
+    lo, hi = CCDF_RANGE
+    lines += ["", f"| neuron graph | threshold (5 sd of G) | degree | mean | largest | neurons with one "
+              f"| Hill tail index (top 10% of those) | least-squares CCDF slope, k = {lo}-{hi} |",
+              "|---|---:|---|---:|---:|---:|---:|---:|"]  # fmt: skip
+    for which, g in (
+        ("trained", graph["model"]),
+        (f"fresh (seed {graph['initial']['seed']})", graph["initial"]),
+    ):
+        for degree in ("out_degree", "in_degree"):
+            d = g[degree]
+            tail = d.get("ccdf_tail")
+            hill = f"{tail['alpha']:.2f} (k >= {tail['threshold']:.0f})" if tail else "-"
+            slope = f"{ccdf_slope(d['histogram'], lo, hi):.2f}" if d["max"] >= hi else "-"
+            lines.append(
+                f"| {which} | {g['threshold']:.4f} | {degree.split('_')[0]} | {d['mean']:.3f} | {d['max']} "
+                f"| {d['nonzero']:,} | {hill} | {slope} |"
+            )
+    lines += [
+        "",
+        "| over the whole text (--stream) | wiki.valid.raw | wiki.valid.tokens |",
+        "|---|---:|---:|",
+    ]
+    for label, run in STREAMS.items():
+        raw, tok = (metrics(run / f"eval-valid-{what}-stream")["loss"] for what in ("raw", "tokens"))
+        lines.append(f"| {label} | {fmt(raw)} | {fmt(tok)} |")
+    return "\n".join(lines)
+
+
 def main() -> int:
     init_file = HERE / "init.json"
     if not init_file.is_file():
@@ -211,6 +269,8 @@ def main() -> int:
     fits = scaling()
     sparsity_during_training(init)
     print(tables(fits, init))
+    print()
+    print(trained_tables(init))
     return 0
 
 
