@@ -124,11 +124,10 @@ def sparsity_during_training(init: dict) -> None:
     """Non-zero fractions of x and y at every validation, from the training logs, and at step 0."""
     pyplot = plt()
     fig, ax = pyplot.subplots(figsize=(7, 4.2))
-    runs = {"3.3M": HERE / "runs/bdh-3M", "10.7M": HERE / "runs/bdh-10M", "25.3M": HERE / "runs/bdh-25M"}
-    for label, run in runs.items():
-        evals = [r for r in rows(run) if r.get("x_nonzero")]
-        size = run.name if run.name != "bdh-25M" else "ref"
-        x0, y0 = init["sparsity"][size]["x_mean"], init["sparsity"][size]["y_mean"]
+    runs = (("3.3M", "bdh-3M", "bdh-3M"), ("10.7M", "bdh-10M", "bdh-10M"), ("25.3M", "bdh-25M", "ref"))
+    for label, run, fresh in runs:  # fresh: the size's key in init.json
+        evals = [r for r in rows(HERE / "runs" / run) if r.get("x_nonzero")]
+        x0, y0 = init["sparsity"][fresh]["x_mean"], init["sparsity"][fresh]["y_mean"]
         x = [0.0] + [int(r["bytes_seen"]) / 1e6 for r in evals]
         line = ax.plot(x, [x0] + [float(r["x_nonzero"]) for r in evals], "o-", label=f"x, BDH {label}")[0]
         ax.plot(
@@ -175,6 +174,7 @@ def fmt(x: float) -> str:
 
 
 def tables(fits: dict, init: dict) -> str:
+    """Final losses and speed of every run, the scaling fits, and the fresh models' sparsity."""
     lines = ["| model | parameters | raw valid: loss / bits per byte | tokens valid: loss / bits per byte "
              "| training time | bytes/s |", "|---|---:|---:|---:|---:|---:|"]  # fmt: skip
     for label, run in {**RUNS, "BDH, paper authors' bdh.py": AUTHORS}.items():
@@ -192,21 +192,9 @@ def tables(fits: dict, init: dict) -> str:
     lines.append("|---|---:|---:|")
     for name, s in init["sparsity"].items():
         lines.append(f"| {name} | {s['x_mean']:.3f} | {s['y_mean']:.3f} |")
-    lines.append("")
-    lines.append("| fresh reference model | excess kurtosis | Hill tail index (largest 1%) |")
-    lines.append("|---|---:|---:|")
-    for name, s in init["weights"].items():
-        lines.append(f"| {name} | {s['excess_kurtosis']:.3f} | {s['tail']['alpha']:.2f} |")
-    g = init["neuron_graph"]
-    for which in ("out_degree", "in_degree"):
-        d = g[which]
-        tail = d.get("ccdf_tail", {})
-        lines.append(
-            f"\nfresh reference model, neuron graph {which}: mean {d['mean']:.2f}, max {d['max']}, "
-            f"{d['nonzero']} neurons with an edge, CCDF tail index {tail.get('alpha', float('nan')):.2f} "
-            f"(k = {tail.get('k')}) at threshold {g['threshold']:.4f} ({g['threshold_sd']:g} sd of G)"
-        )
-    return "\n".join(lines)
+    return "\n".join(
+        lines
+    )  # the fresh reference model's weights and graph: trained_tables, beside the trained
 
 
 def ccdf_slope(histogram: dict, lo: int, hi: int) -> float:
