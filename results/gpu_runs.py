@@ -106,6 +106,15 @@ def run_one(name: str, gpu: str, flags: str, t_start: float, args: argparse.Name
                 log.write("stopped: the command's time ran out\n")
 
 
+def only_spec(item: str) -> tuple[str, list[str]]:
+    """--only's NAME=FOLDER[,FOLDER]: a run's name and the evaluations it gets."""
+    name, _, folders = item.partition("=")
+    chosen = folders.split(",")
+    if not name or not all(f in EVALS for f in chosen):
+        raise argparse.ArgumentTypeError(f"expected NAME=FOLDER[,FOLDER] of {', '.join(EVALS)}, got {item!r}")
+    return name, chosen
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("runs", nargs="+", help="NAME:GPU:FLAGS, or several joined by ; to run one after another")
@@ -119,18 +128,12 @@ def main() -> int:
         "--only",
         action="append",
         default=[],
+        type=only_spec,
         metavar="NAME=FOLDER[,FOLDER]",
         help=f"score run NAME with these evaluations alone, of: {', '.join(EVALS)}",
     )
     args = p.parse_args()
-    only = {}
-    for item in args.only:
-        name, _, folders = item.partition("=")
-        unknown = [f for f in folders.split(",") if f not in EVALS]
-        if not name or not folders or unknown:
-            p.error(f"--only: expected NAME=FOLDER[,FOLDER] of {', '.join(EVALS)}, got {item!r}")
-        only[name] = folders.split(",")
-    args.only = only
+    args.only = dict(args.only)
     t_start = time.time()
     threads = []
     names = []
