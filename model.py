@@ -2,7 +2,7 @@
 
 Names follow Appendix E: Dx and Dy map d -> n (the sparse neuron space), E maps n -> d.
 The paper authors' code names them the other way round (their `encoder` is our Dx, their
-`decoder` is our E); `hub.py` translates their files.
+`decoder` is our E); `dragon_hatchling/loading.py` translates their files.
 
     v = LN(embed[idx])                               # B, T, d
     repeat L times, the same weights every time:
@@ -101,6 +101,33 @@ class BDHConfig:
     def to_dict(self) -> dict:
         return asdict(self)
 
+    @property
+    def max_window(self) -> None:
+        """The longest window the model reads: any (the GPT's is its block_size)."""
+        return None
+
+    def activation_bytes(self, positions: int, training: bool) -> int:
+        """At least the memory a pass over `positions` bytes keeps: x and y of one layer, float32
+        (training recomputes what backward needs, layer by layer)."""
+        return 2 * 4 * positions * self.n_neurons
+
+    def state_bytes(self, batch_size: int) -> int:
+        """The recurrent state of `batch_size` rows (float32): L x B x h x n/h x d."""
+        return 4 * batch_size * self.n_layer * self.n_neurons * self.n_embd
+
+    def describe(self) -> str:
+        """The model in a line, as the model card says it."""
+        attention = (
+            f"attention that decays with half-lives of {', '.join(f'{t:g}' for t in self.half_lives)} "
+            "bytes (one a head)"
+            if self.half_lives
+            else "the paper's attention, without decay"
+        )
+        return (
+            f"d={self.n_embd}, h={self.n_head}, n={self.n_neurons} neurons, {self.n_layer} layers sharing "
+            f"one set of weights, {attention}"
+        )
+
 
 def layer_norm(x: torch.Tensor) -> torch.Tensor:
     """LayerNorm over the last dimension, without weight or bias."""
@@ -189,6 +216,20 @@ class BDH(
 ):
     """BDH-GPU with Appendix E's names: embed, Dx, Dy, E, readout (one set for all layers)."""
 
+    # What this architecture offers; the scripts ask these instead of testing types (gpt.GPT's differ)
+    display_name = "BDH-GPU"
+    description = "BDH-GPU (the Dragon Hatchling, arXiv 2509.26507, Appendix E)"  # as the model card says
+    reads_streams = True  # forward_chunked, initial_state, step: a text read as one, recurrent sampling
+    has_neurons = True  # sparse positive neurons x, y (activation_stats) and the neuron graph of E Dx
+    has_fused_path = True  # dragon_hatchling/fused_parallel.py computes forward() in Triton kernels
+    histogram_weights = {
+        "E": "E (n x d)",
+        "Dx": "Dx (h x d x n/h)",
+        "Dy": "Dy (h x d x n/h)",
+        "embed.weight": "embedding (V x d)",
+        "readout": "readout (d x V)",
+    }  # the weights evaluate.py draws, and their labels
+
     def __init__(self, config: BDHConfig) -> None:
         super().__init__()
         if isinstance(config, dict):  # tolerate a plain dict from an older config.json
@@ -269,7 +310,7 @@ class BDH(
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """idx: B, T bytes. Returns logits (B, T, V) and, with targets, the mean cross-entropy.
 
-        kernels.fused_forward computes the same function through Triton kernels (CUDA, bf16).
+        dragon_hatchling.fused_parallel.fused_forward computes the same function in Triton (CUDA, bf16).
         """
         T = idx.shape[1]
         cos, sin = rope_cos_sin(self.config, torch.arange(T, device=idx.device))  # T, n/h
@@ -293,7 +334,7 @@ class BDH(
         """Fraction of non-zero neurons in x, RoPE(x) and y at every layer, for a batch of bytes.
 
         RoPE(x) is non-zero where either neuron of a rotation pair is: the rows of the attention
-        state that a recurrent step reads and writes (kernels.FusedStep skips the others).
+        state that a recurrent step reads and writes (fused_recurrent.FusedStep skips the others).
         """
         T = idx.shape[1]
         cos, sin = rope_cos_sin(self.config, torch.arange(T, device=idx.device))
@@ -364,8 +405,8 @@ class BDH(
         """The recurrent form: logits (B, V) after one more byte (B,). Updates state in place.
 
         Constant work per byte: each layer reads its B x h x n/h x d state once for the attention
-        and adds RoPE(x)^T v to it (S <- gamma S + RoPE(x)^T v with decay). kernels.FusedStep is the
-        same step in Triton, reading only the rows of the state, Dy and E that belong to non-zero
+        and adds RoPE(x)^T v to it (S <- gamma S + RoPE(x)^T v with decay). fused_recurrent.FusedStep
+        is the same step in Triton, reading only the rows of the state, Dy and E that belong to non-zero
         neurons; this is its reference.
         """
         cos, sin = rope_cos_sin(self.config, state.pos.view(1))  # 1, n/h

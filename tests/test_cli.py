@@ -4,10 +4,10 @@ import json
 
 import pytest
 
-import benchmark
 import evaluate
 import experiment
 from conftest import REPO, TINY_MODEL, call_main, require_shared, run_script
+from dragon_hatchling import benchmark, run_setup
 
 
 def assert_clean_error(result, *needles):
@@ -127,7 +127,7 @@ def test_benchmark_rejects_bad_values(args, needles, capsys):
 
 def recipe_of(argv: list[str], saved: dict | None = None) -> tuple:
     args = experiment.build_parser().parse_args([*TINY_MODEL, *argv])  # two heads
-    experiment.apply_recipe(args, saved)
+    run_setup.apply_recipe(args, saved)
     return args.recipe, args.batch_size, args.seq_len, args.half_lives, args.eval_seq_len
 
 
@@ -142,7 +142,7 @@ def test_the_default_recipe_is_long_context_and_the_reference_is_one_flag_away()
         128,
     )
     assert recipe_of(["--half_lives", "none", "--seq_len", "64"]) == ("long-context", 8, 64, None, 128)
-    assert experiment.recipe_half_lives([8.0, 32.0, 128.0, 256.0], 4) == [8.0, 32.0, 128.0, 256.0]
+    assert run_setup.recipe_half_lives([8.0, 32.0, 128.0, 256.0], 4) == [8.0, 32.0, 128.0, 256.0]
 
 
 def test_a_resumed_run_keeps_its_own_recipe():
@@ -209,7 +209,7 @@ def test_evaluate_refuses_sampling_it_cannot_do(args, needles, small_data_dir, c
 
 def test_evaluate_refuses_windows_that_cannot_fit(small_data_dir, tmp_path, capsys, monkeypatch):
     """The memory scoring needs, estimated from the model before any work, against what is free."""
-    import devices
+    from dragon_hatchling import devices
     from model import BDH, BDHConfig
 
     BDH(BDHConfig(n_embd=16, n_head=2, n_neurons=64, n_layer=2)).save_pretrained(tmp_path / "m")

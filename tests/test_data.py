@@ -2,8 +2,15 @@ import numpy as np
 import pytest
 import torch
 
-from cli import UsageError
-from data import epoch_offsets, load_bytes_file, load_split, num_windows, rows_to_bytes, window_batches
+from dragon_hatchling.cli import UsageError
+from dragon_hatchling.data import (
+    epoch_offsets,
+    load_bytes_file,
+    load_split,
+    num_windows,
+    rows_to_bytes,
+    window_batches,
+)
 
 
 def hub_rows(raw: bytes) -> list[str]:

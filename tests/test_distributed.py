@@ -10,11 +10,11 @@ import time
 
 import pytest
 from safetensors.torch import load_file
-from test_cli import assert_clean_error
 
 import experiment
-from checkpoints import load_training_state
 from conftest import REPO, call_main, tiny_run
+from dragon_hatchling.checkpoints import load_training_state
+from test_cli import assert_clean_error
 
 FLAGS = "--max_steps 12 --eval_every 6 --batch_size 4 --seq_len 32 --warmup_steps 3 --log_every 1 --dropout 0"
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]

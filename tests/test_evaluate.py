@@ -9,7 +9,14 @@ import torch
 import torch.nn.functional as F
 
 import evaluate
-from evaluate import eval_batch_windows, position_buckets, position_loss_sums, stream_loss_sums
+from dragon_hatchling import measures
+from dragon_hatchling.sampling import sample_context
+from dragon_hatchling.scoring import (
+    eval_batch_windows,
+    position_buckets,
+    position_loss_sums,
+    stream_loss_sums,
+)
 from model import BDH, BDHConfig
 
 
@@ -90,22 +97,19 @@ def test_evaluate_stream_writes_metrics_and_a_plot(raw_dir, tmp_path, capsys):
 
 
 def test_the_sampler_sees_the_whole_text_by_default_when_the_model_decays():
-    args = evaluate.build_parser().parse_args(["--model_path", "m", "--seq_len", "64"])
-    assert evaluate.sample_context(args, tiny([4.0, 64.0]).config) is None  # the whole text
-    assert evaluate.sample_context(args, tiny(None).config) == 64  # the paper's model: its window
-    args.context = 0
-    assert evaluate.sample_context(args, tiny(None).config) is None
-    args.context = 300
-    assert evaluate.sample_context(args, tiny([4.0, 64.0]).config) == 300
+    assert sample_context(None, 64, tiny([4.0, 64.0]).config) is None  # the whole text
+    assert sample_context(None, 64, tiny(None).config) == 64  # the paper's model: its window
+    assert sample_context(0, 64, tiny(None).config) is None
+    assert sample_context(300, 64, tiny([4.0, 64.0]).config) == 300
 
 
 def test_the_hill_estimator_recovers_the_exponent_of_a_pareto_sample():
     rng = np.random.default_rng(0)
     pareto = rng.pareto(3.0, 1_000_000) + 1.0  # P(X > x) = x^-3 for x >= 1
-    fit = evaluate.hill_tail_index(pareto * rng.choice([-1.0, 1.0], pareto.size))  # on |x|
+    fit = measures.hill_tail_index(pareto * rng.choice([-1.0, 1.0], pareto.size))  # on |x|
     assert fit["k"] == 10_000 and abs(fit["alpha"] - 3.0) < 0.1, fit
     assert fit["threshold"] == pytest.approx(100 ** (1 / 3), rel=0.05)  # the 1% quantile of x^-3
-    assert evaluate.hill_tail_index(rng.normal(size=1_000_000))["alpha"] > 5  # a light tail
+    assert measures.hill_tail_index(rng.normal(size=1_000_000))["alpha"] > 5  # a light tail
 
 
 def test_neuron_degrees_count_the_edges_of_a_known_graph():
@@ -118,13 +122,13 @@ def test_neuron_degrees_count_the_edges_of_a_known_graph():
     with torch.no_grad():
         model.E.copy_(torch.eye(6))
         model.Dx.copy_(A[None])
-    got = evaluate.neuron_degrees(model, threshold=0.5, block=4)  # blocks of rows that do not divide n
+    got = measures.neuron_degrees(model, threshold=0.5, block=4)  # blocks of rows that do not divide n
     loops = A.diagonal()
     assert got["out_degree"].tolist() == (A.sum(1) - loops).long().tolist() == [2, 1, 4, 0, 2, 1]
     assert got["in_degree"].tolist() == (A.sum(0) - loops).long().tolist() == [1, 2, 2, 2, 1, 2]
-    summary = evaluate.degree_summary(got["out_degree"])
+    summary = measures.degree_summary(got["out_degree"])
     assert summary["histogram"] == {"degree": [0, 1, 2, 4], "neurons": [1, 2, 2, 1]}
-    k, at_least = evaluate.degree_ccdf(summary["histogram"])  # P(out-degree >= k) over all 6
+    k, at_least = measures.degree_ccdf(summary["histogram"])  # P(out-degree >= k) over all 6
     assert k.tolist() == [1, 2, 4] and at_least.tolist() == pytest.approx([5 / 6, 3 / 6, 1 / 6])
     # heads: neuron h*m + j reads column j of head h
     two = BDH(BDHConfig(n_embd=4, n_head=2, n_neurons=4, n_layer=1))
@@ -132,7 +136,7 @@ def test_neuron_degrees_count_the_edges_of_a_known_graph():
         two.E.copy_(torch.eye(4))
         two.Dx.copy_(torch.zeros(2, 4, 2))
         two.Dx[1, 0, 1] = 1.0  # neuron 0 -> neuron 3
-    assert evaluate.neuron_degrees(two, threshold=0.5)["in_degree"].tolist() == [0, 0, 0, 1]
+    assert measures.neuron_degrees(two, threshold=0.5)["in_degree"].tolist() == [0, 0, 0, 1]
 
 
 def test_evaluate_measures_the_neuron_graph_and_the_tails(tmp_path, raw_dir, capsys):

@@ -2,10 +2,10 @@
 
 import pytest
 import torch
-from test_forms import random_model
 
-from generate import generate, generate_recompute, sample_next
+from dragon_hatchling.sampling import generate, generate_recompute, sample_next
 from model import BDH, BDHConfig
+from test_forms import random_model
 
 
 def tiny() -> BDH:

@@ -6,13 +6,14 @@ import signal
 
 import pytest
 import torch
-from test_cli import assert_clean_error
 
 import evaluate
 import experiment
-import hub as hubpy
 from conftest import call_main
-from gpt import GPT, GPTConfig
+from dragon_hatchling import hub as hubpy
+from dragon_hatchling.gpt import GPT, GPTConfig
+from dragon_hatchling.loading import load_model
+from test_cli import assert_clean_error
 
 TINY_GPT = "--arch gpt --n_layer 2 --n_embd 32 --n_head 2 --block_size 128 --batch_size 4 --seq_len 32"
 
@@ -56,7 +57,7 @@ def test_a_tiny_gpt_trains_scores_and_loads_back(gpt_trained, small_data, tmp_pa
     log = (gpt_trained / "log.csv").read_text().splitlines()
     first, last = float(log[1].split(",")[3]), float(log[-1].split(",")[3])
     assert last < first - 0.5, (first, last)  # it learns
-    model, source = hubpy.load_model(str(gpt_trained), "best")
+    model, source = load_model(str(gpt_trained), "best")
     assert isinstance(model, GPT) and source["format"] == "dragon-hatchling"
     ev = tmp_path / "eval"
     argv = ["--model_path", str(gpt_trained), "--data_dir", str(small_data), "--device", "cpu",
@@ -131,9 +132,13 @@ def test_a_gpt_goes_to_the_hub_and_back(hub, gpt_trained, capsys):
     assert result.returncode == 0, result.stderr
     _, files = hub.state.repos["tester/tiny-gpt"].snapshot("main")
     card = files["README.md"].decode()
-    assert "GPT on byte-level Wikitext-2" in card and "from gpt import GPT" in card and "- gpt" in card
-    remote, source = hubpy.load_model("tester/tiny-gpt")
-    local, _ = hubpy.load_model(str(gpt_trained), "best")
+    assert (
+        "GPT on byte-level Wikitext-2" in card
+        and "from dragon_hatchling.gpt import GPT" in card
+        and "- gpt" in card
+    )
+    remote, source = load_model("tester/tiny-gpt")
+    local, _ = load_model(str(gpt_trained), "best")
     assert isinstance(remote, GPT) and source["repo_id"] == "tester/tiny-gpt"
     for (name, a), (_, b) in zip(local.state_dict().items(), remote.state_dict().items(), strict=True):
         assert torch.equal(a, b), name

@@ -10,12 +10,12 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-import hub
-from cli import UsageError
 from conftest import HF_TOKEN, _free_port, call_main, run_script, tiny_run
-from data import load_split
-from evaluate import evaluate_loss
-from hub import load_model
+from dragon_hatchling import hub, hub_client
+from dragon_hatchling.cli import UsageError
+from dragon_hatchling.data import load_split
+from dragon_hatchling.loading import load_model
+from dragon_hatchling.scoring import evaluate_loss
 from model import BDH, BDHConfig
 
 
@@ -47,7 +47,9 @@ def test_legacy_checkpoints_reproduce_their_original_logits_and_loss(shared, raw
 def test_convert_a_legacy_checkpoint(shared, tmp_path):
     legacy = shared / "fixtures" / "legacy"
     out = tmp_path / "converted"
-    result = run_script("hub.py", "convert", str(legacy / "seed_format.pt"), str(out), "--n_layer", "2")
+    result = run_script(
+        "-m", "dragon_hatchling.hub", "convert", str(legacy / "seed_format.pt"), str(out), "--n_layer", "2"
+    )
     assert result.returncode == 0, result.stderr
     model = BDH.from_pretrained(out)
     assert model.config.rope_style == "half" and model.config.rope_theta == 10000.0
@@ -183,13 +185,13 @@ def test_a_failed_push_keeps_the_run_and_says_how_to_push_later(hub, tmp_path, s
     assert "Traceback" not in result.stderr and HF_TOKEN not in result.stdout + result.stderr
     lines = [line for line in result.stderr.splitlines() if line.startswith("error:")]
     assert len(lines) == 1 and "push to the Hub failed" in lines[0]
-    later = f"hub.py push {out} --hf_repo_id tester/later"
+    later = f"python -m dragon_hatchling.hub push {out} --hf_repo_id tester/later"
     assert later in lines[0]
     for name in ("log.csv", "metrics.json", "loss.png", "checkpoints/best/model.safetensors"):
         assert (out / name).is_file(), name
     assert json.loads((out / "metrics.json").read_text())["finished"] is True
 
-    again = run_script(*later.split())  # the printed command works once the Hub is back
+    again = run_script(*later.split()[1:])  # the printed command works once the Hub is back
     assert again.returncode == 0, again.stderr
     assert "model.safetensors" in hub.state.repos["tester/later"].snapshot("main")[1]
 
@@ -234,11 +236,16 @@ def test_a_push_to_a_hub_that_never_answers_ends_with_one_line(silent_hub, tmp_p
     env = {**SILENT, "HF_ENDPOINT": silent_hub}
     push = ["--push_to_hub", "--hf_repo_id", "u/n"]
     pushed = run_script(*tiny_run(small_data_dir, run, flags), *push, env=env, timeout=120)
-    assert pushed.returncode == 1 and "push later with: uv run hub.py push" in hub_lines(pushed.stderr)[-1]
+    assert (
+        pushed.returncode == 1
+        and "push later with: uv run python -m dragon_hatchling.hub push" in hub_lines(pushed.stderr)[-1]
+    )
     assert json.loads((run / "metrics.json").read_text())["finished"]
     before = sorted((p.name, p.stat().st_size) for p in run.rglob("*") if p.is_file())
     started = time.time()
-    again = run_script("hub.py", "push", str(run), "--hf_repo_id", "u/n", env=env, timeout=120)
+    again = run_script(
+        "-m", "dragon_hatchling.hub", "push", str(run), "--hf_repo_id", "u/n", env=env, timeout=120
+    )
     line = hub_lines(again.stderr)[-1]
     assert again.returncode == 1 and ("ReadTimeout" in line or "did not answer within 8 s" in line), line
     assert time.time() - started < 60  # a request waits 1 s, the whole push at most 8
@@ -253,14 +260,13 @@ def test_loading_from_a_hub_that_never_answers_ends_with_one_line(silent_hub, sm
 
 
 def test_ctrl_c_while_pushing_says_how_to_push_later(silent_hub, tmp_path, small_data, capsys):
-    from test_reliability import start
-
     import experiment
+    from test_reliability import start
 
     run = tmp_path / "run"
     flags = "--max_steps 2 --eval_every 2 --batch_size 4 --seq_len 32"
     assert call_main(experiment.main, tiny_run(small_data, run, flags)[1:], capsys).returncode == 0
-    proc = start(["hub.py", "push", str(run), "--hf_repo_id", "u/n"],
+    proc = start(["-m", "dragon_hatchling.hub", "push", str(run), "--hf_repo_id", "u/n"],
                  env={**os.environ, "HF_ENDPOINT": silent_hub, "BDH_HUB_DEADLINE": "300"})  # fmt: skip
     time.sleep(6)  # past the imports, waiting for the Hub
     proc.send_signal(signal.SIGINT)
@@ -287,12 +293,10 @@ def test_retries_print_one_line(capsys):
     """The client logs two lines for each of its retries (a dozen for one failing call): one is shown."""
     import logging
 
-    import hub
-
     logger = logging.getLogger("huggingface_hub.utils._http")
-    hub._OneRetryLine.said = False
+    hub_client._OneRetryLine.said = False
     for attempt in range(1, 6):
         logger.warning("HTTP Error 503 thrown while requesting GET http://hub/api/models/u/n")
         logger.warning(f"Retrying in {2**attempt}s [Retry {attempt}/5].")
     lines = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
-    assert lines == [f"the Hub did not answer; retrying for up to {hub.HUB_DEADLINE:.0f} s"]
+    assert lines == [f"the Hub did not answer; retrying for up to {hub_client.HUB_DEADLINE:.0f} s"]

@@ -6,11 +6,11 @@ import sys
 
 import numpy as np
 import pytest
-from test_cli import assert_clean_error
 
-import data
 import experiment
 from conftest import REPO, TINY_MODEL, call_main
+from dragon_hatchling import corpora, data
+from test_cli import assert_clean_error
 
 STEPS = ["--max_steps", "3", "--eval_every", "3", "--batch_size", "4", "--seq_len", "32", "--no_progress"]
 
@@ -75,7 +75,7 @@ def test_a_local_json_dataset_is_converted_once_and_trains(tmp_path, text_rows, 
         experiment.main, dataset_run(folder, cache, tmp_path / "run", "--val_fraction", "0.1"), capsys
     )
     assert result.returncode == 0, result.stderr
-    converted = data.dataset_folder(cache, str(folder), None, "text", 0.1)
+    converted = corpora.dataset_folder(cache, str(folder), None, "text", 0.1)
     meta = json.loads((converted / "meta.json").read_text())
     assert meta["rows"] == {"train": 54, "valid": 6} and meta["valid"] == "0.1 of train"
     together = (converted / "train.bin").read_bytes() + (converted / "valid.bin").read_bytes()
@@ -106,7 +106,7 @@ def test_a_saved_dataset_with_its_own_validation_split(tmp_path, text_rows, caps
         experiment.main, dataset_run(folder, cache, tmp_path / "run", "--text_column", "body"), capsys
     )
     assert result.returncode == 0, result.stderr
-    converted = data.dataset_folder(cache, str(folder), None, "body", 0.005)
+    converted = corpora.dataset_folder(cache, str(folder), None, "body", 0.005)
     assert (converted / "valid.bin").read_bytes() == data.rows_to_bytes(text_rows[50:])
 
 
@@ -135,7 +135,9 @@ def test_an_empty_dataset_is_refused(tmp_path, capsys, monkeypatch):
     result = call_main(experiment.main, dataset_run(empty_file, tmp_path / "c", tmp_path / "r"), capsys)
     assert_clean_error(result, "--dataset", "could not load it")
     empty = Dataset.from_dict({"text": []}, features=Features({"text": Value("string")}))
-    monkeypatch.setattr(data, "load_text_dataset", lambda *a: DatasetDict({"train": empty}))  # as the Hub's
+    monkeypatch.setattr(
+        corpora, "load_text_dataset", lambda *a: DatasetDict({"train": empty})
+    )  # as the Hub's
     result = call_main(experiment.main, dataset_run("someone/empty", tmp_path / "c", tmp_path / "r"), capsys)
     assert_clean_error(result, "--dataset someone/empty is empty")
 

@@ -13,12 +13,14 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
-from test_cli import assert_clean_error
 
 import evaluate
 import experiment
-from checkpoints import checkpoint_folder, load_training_state
 from conftest import REPO, call_main, run_script, tiny_run
+from dragon_hatchling import plots, scoring
+from dragon_hatchling.checkpoints import checkpoint_folder, load_training_state
+from dragon_hatchling.run_folder import CSV_FIELDS
+from test_cli import assert_clean_error
 
 FAST = "--batch_size 4 --seq_len 32 --warmup_steps 3 --log_every 1"
 
@@ -49,12 +51,20 @@ def wait_for_rows(run, count: int, proc: subprocess.Popen, timeout: float = 120)
     raise AssertionError("the run did not start logging in time")
 
 
-@pytest.mark.parametrize("sig, code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
-def test_a_signal_saves_and_resume_continues_bit_exact(sig, code, tmp_path, small_data_dir):
-    flags = f"{FAST} --max_steps 120 --eval_every 50"
-    whole, parts = tmp_path / "whole", tmp_path / "parts"
-    assert run_script(*tiny_run(small_data_dir, whole, flags)).returncode == 0
+SIGNAL_FLAGS = f"{FAST} --max_steps 120 --eval_every 50"
 
+
+@pytest.fixture(scope="module")
+def unstopped(tmp_path_factory, small_data):
+    """The run the stopped ones are held to, run once: never stopped."""
+    whole = tmp_path_factory.mktemp("unstopped") / "whole"
+    assert run_script(*tiny_run(small_data, whole, SIGNAL_FLAGS)).returncode == 0
+    return whole
+
+
+@pytest.mark.parametrize("sig, code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+def test_a_signal_saves_and_resume_continues_bit_exact(sig, code, tmp_path, small_data_dir, unstopped):
+    flags, whole, parts = SIGNAL_FLAGS, unstopped, tmp_path / "parts"
     proc = start(tiny_run(small_data_dir, parts, flags))
     wait_for_rows(parts, 5, proc)
     proc.send_signal(sig)
@@ -79,7 +89,7 @@ def test_a_signal_saves_and_resume_continues_bit_exact(sig, code, tmp_path, smal
 
 SAVER = """
 import sys, torch
-from checkpoints import save_checkpoint
+from dragon_hatchling.checkpoints import save_checkpoint
 from model import BDH, BDHConfig
 model = BDH(BDHConfig(n_embd=64, n_head=2, n_neurons=32768, n_layer=1))
 for version in range(1, 10_000):
@@ -280,7 +290,7 @@ def test_an_exception_while_plotting_keeps_the_finished_run(tmp_path, small_data
         raise OSError("no space left for a plot")
 
     run = tmp_path / "run"
-    monkeypatch.setattr(experiment, "make_plots", broken_plots)
+    monkeypatch.setattr(plots, "training_curves", broken_plots)
     code, err, _ = train(tiny_run(small_data, run, f"{FAST} --max_steps 4 --eval_every 2"), capsys)
     assert code == 1 and "OSError after step 4: no space left for a plot" in err, err
     assert load_training_state(checkpoint_folder(run, "last"))["step"] == 4
@@ -316,8 +326,6 @@ def test_long_validation_windows_come_in_batches_no_larger_than_a_training_batch
 ):
     """Every window that trains also validates: validation of long windows splits its batches so
     that none holds more bytes than a training batch (or 8 KB), from the dry run at the start on."""
-    import evaluate as scoring
-
     seen = []
     real = scoring.window_batches
 
@@ -374,12 +382,12 @@ def test_a_run_folder_without_its_log_still_holds_a_run(finished_run, small_data
 def test_a_folder_where_no_step_was_taken_blocks_nothing(tmp_path, small_data, capsys):
     run = tmp_path / "run"
     run.mkdir()
-    (run / "log.csv").write_text(",".join(experiment.CSV_FIELDS) + "\n")  # a crash before the first step
+    (run / "log.csv").write_text(",".join(CSV_FIELDS) + "\n")  # a crash before the first step
     assert train(tiny_run(small_data, run, f"{FAST} --max_steps 2"), capsys).returncode == 0
 
 
 def test_two_runs_never_share_a_folder(finished_run, small_data, capsys):
-    from checkpoints import lock_folder
+    from dragon_hatchling.checkpoints import lock_folder
 
     held = lock_folder(finished_run)  # a run in progress there
     try:
@@ -417,8 +425,6 @@ def test_extra_validation_files_of_one_name_keep_both_losses(tmp_path, small_dat
 
 
 def test_a_full_disk_while_saving_keeps_the_previous_checkpoint(tmp_path, small_data, capsys, monkeypatch):
-    import data
-
     real, saves = torch.save, []
 
     def full_disk(obj, path, *args, **kwargs):
@@ -429,7 +435,7 @@ def test_a_full_disk_while_saving_keeps_the_previous_checkpoint(tmp_path, small_
             )
         return real(obj, path, *args, **kwargs)
 
-    monkeypatch.setattr(data.torch, "save", full_disk)
+    monkeypatch.setattr(torch, "save", full_disk)
     run = tmp_path / "run"
     result = train(tiny_run(small_data, run, f"{FAST} --max_steps 6 --eval_every 3"), capsys)
     assert result.returncode == 1 and len(result.stderr.strip().splitlines()) == 1, result.stderr
@@ -440,7 +446,7 @@ def test_a_full_disk_while_saving_keeps_the_previous_checkpoint(tmp_path, small_
 
 
 def test_convert_never_replaces_a_checkpoint_unasked(finished_run, tmp_path, capsys):
-    import hub
+    from dragon_hatchling import hub
 
     target = finished_run / "checkpoints" / "last"
     before = (target / "model.safetensors").read_bytes()
@@ -496,16 +502,16 @@ def test_a_checkpoint_folder_without_its_weights(finished_run, small_data, capsy
 def test_files_that_cannot_be_read(finished_run, small_data, capsys, monkeypatch):
     """Permission denied (simulated: these tests run as root, who reads everything) on a data file,
     the weights and the training state: one line each, naming the file."""
-    import data
+    import numpy as np
 
     def denied(*args, **kwargs):
         raise PermissionError(13, "Permission denied")
 
-    monkeypatch.setattr(data.np, "memmap", denied)
+    monkeypatch.setattr(np, "memmap", denied)
     result = train(tiny_run(small_data, finished_run, f"{FAST} --max_steps 5 --overwrite"), capsys)
     assert_clean_error(result, "wiki.train.raw cannot be read (Permission denied)")
     monkeypatch.undo()
-    monkeypatch.setattr(data.torch, "load", denied)
+    monkeypatch.setattr(torch, "load", denied)
     result = train(tiny_run(small_data, finished_run, f"{FAST} --max_steps 5 --resume auto"), capsys)
     assert_clean_error(result, "training_state.pt cannot be read (Permission denied)")
     monkeypatch.undo()
@@ -540,7 +546,7 @@ def test_metrics_of_a_run_stopped_before_its_first_validation_are_strict_json(
 
 
 def test_a_non_finite_number_is_written_as_null_with_the_reason(tmp_path):
-    from checkpoints import write_json
+    from dragon_hatchling.files import write_json
 
     write_json(tmp_path / "m.json", {"loss": float("nan"), "rows": [1.0, float("inf")], "ok": 2.5})
     got = strict_json(tmp_path / "m.json")
@@ -554,7 +560,7 @@ def test_a_non_finite_number_is_written_as_null_with_the_reason(tmp_path):
 
 def sigterm_during_validation(monkeypatch, batch: int) -> list[int]:
     """SIGTERM to this process once validation has scored `batch` batches in all; the batches scored."""
-    real, scored = evaluate.window_batches, []
+    real, scored = scoring.window_batches, []
 
     def batches(*args, **kwargs):
         for b in real(*args, **kwargs):
@@ -563,7 +569,7 @@ def sigterm_during_validation(monkeypatch, batch: int) -> list[int]:
             if len(scored) == batch:
                 os.kill(os.getpid(), signal.SIGTERM)
 
-    monkeypatch.setattr(evaluate, "window_batches", batches)
+    monkeypatch.setattr(scoring, "window_batches", batches)
     return scored
 
 

@@ -1,12 +1,13 @@
-"""Tile sweep for kernels.FusedStep (the recurrent step of generation) on one GPU.
+"""Tile sweep for fused_recurrent.FusedStep (the recurrent step of generation) on one GPU.
 
-Times one step of the whole model (all layers, readout) as generation runs it: `BDH.graphed_step`,
-a CUDA graph replayed per byte. Sweeps the attention kernel's tiles (gate tiles at their defaults),
-then the gate kernel's (the fastest attention tiles), then the group size of both kernels' sums;
-checks each step's logits against the plain PyTorch step; profiles the fastest eagerly; and runs
-`benchmark.py --parts generate` with the fastest tiles (which become FusedStep's defaults) for the
-trained model and for a freshly initialised one.
---before times the FusedStep of an earlier kernels.py (with its own default tiles) in the same run.
+Times one step of the whole model (all layers, readout) as generation runs it:
+`sampling.graphed_step`, a CUDA graph replayed per byte. Sweeps the attention kernel's tiles (gate
+tiles at their defaults), then the gate kernel's (the fastest attention tiles), then the group size
+of both kernels' sums; checks each step's logits against the plain PyTorch step; profiles the
+fastest eagerly; and runs `python -m dragon_hatchling.benchmark --parts generate` with the fastest
+tiles (which become FusedStep's defaults) for the trained model and for a freshly initialised one.
+--before times the FusedStep of an earlier kernels.py or fused_recurrent.py (with its own default
+tiles) in the same run.
 
     python3 results/benchmark/step_tiles.py --model_path .gpu/model --out OUT_DIR [--before FILE]
 """
@@ -23,9 +24,10 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
-import benchmark  # noqa: E402
-from hub import load_model  # noqa: E402
-from kernels import FusedStep  # noqa: E402
+from dragon_hatchling import benchmark  # noqa: E402
+from dragon_hatchling.fused_recurrent import FusedStep  # noqa: E402
+from dragon_hatchling.loading import load_model  # noqa: E402
+from dragon_hatchling.sampling import graphed_step  # noqa: E402
 
 
 def module_from_file(path: str | Path, name: str):
@@ -52,7 +54,7 @@ def prepared(model_path: str) -> tuple:
 
 def ms_per_step(model, state0, byte, fused, reference: torch.Tensor) -> tuple[float, float]:
     """Milliseconds per replay of the captured step, and its first logits' error against reference."""
-    run = model.graphed_step(state0.clone(), fused)
+    run = graphed_step(model, state0.clone(), fused)
     first = run(byte).float()
     err = ((first - reference).norm() / reference.norm()).item()
     for _ in range(10):

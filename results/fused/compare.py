@@ -4,12 +4,11 @@ uv run results/fused/compare.py
 """
 
 import csv
+import sys
 from pathlib import Path
 
-import matplotlib
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repository
+from dragon_hatchling.plots import plt, save  # noqa: E402 (matplotlib off screen, atomic writes)
 
 HERE = Path(__file__).resolve().parent
 RUNS = {
@@ -36,8 +35,7 @@ def main() -> None:
         ax.grid(alpha=0.3)
         ax.legend()
     fig.suptitle("BDH-GPU d=256 h=4 n=32768 L=6, 3 epochs, H100 bf16: fused vs plain")
-    fig.tight_layout()
-    fig.savefig(HERE / "compare.png", dpi=120)
+    save(fig, HERE / "compare.png")
     for column in COLUMNS:
         print(column, {label: validation_rows(path)[-1][column] for label, path in RUNS.items()})
 

@@ -7,12 +7,11 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 from pathlib import Path
 
-import matplotlib
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repository
+from dragon_hatchling.plots import plt, save  # noqa: E402 (matplotlib off screen, atomic writes)
 
 HERE = Path(__file__).parent
 RUNS = ["ref", "decay-t128", "decay-t128-same", "decay-t256", "decay-t512", "decay-t512-long"]
@@ -69,9 +68,7 @@ def plot(path: Path) -> None:
     fig.suptitle(
         "BDH-GPU, 7,908 steps of 4,096 bytes of wiki.train.tokens, one H200 (2026-11-30)", fontsize=10
     )
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save(fig, path, dpi=110)
 
 
 if __name__ == "__main__":

@@ -29,8 +29,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repository's modules
 
-from data import load_bytes_file, load_split, num_windows, windows_at  # noqa: E402
-from evaluate import evaluate_loss  # noqa: E402
+from dragon_hatchling.data import load_bytes_file, load_split, num_windows, windows_at  # noqa: E402
+from dragon_hatchling.scoring import evaluate_loss  # noqa: E402
 
 
 def load_their_module(path: str):

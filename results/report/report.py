@@ -58,12 +58,15 @@ def tokens_loss(m: dict) -> float:
 
 
 def plt():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as pyplot
+    from dragon_hatchling.plots import plt as pyplot  # matplotlib off screen
 
     return pyplot
+
+
+def save(fig, path: Path) -> None:
+    from dragon_hatchling.plots import save as save_figure  # tight, atomically, closed
+
+    save_figure(fig, path)
 
 
 def curves() -> None:
@@ -90,8 +93,7 @@ def curves() -> None:
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize=8)
     fig.suptitle("About 25M parameters, 32.4M bytes of wiki.train.tokens, one H200")
-    fig.tight_layout()
-    fig.savefig(HERE / "curves.png", dpi=120)
+    save(fig, HERE / "curves.png")
 
 
 def scaling() -> dict:
@@ -115,8 +117,7 @@ def scaling() -> dict:
         ax.grid(alpha=0.3, which="both")
         ax.legend(fontsize=8)
     fig.suptitle("Scaling at the reference budget (32.4M bytes), one H200")
-    fig.tight_layout()
-    fig.savefig(HERE / "scaling.png", dpi=120)
+    save(fig, HERE / "scaling.png")
     return fits
 
 
@@ -142,8 +143,7 @@ def sparsity_during_training(init: dict) -> None:
            title="Sparsity on wiki.valid.raw during training (mean over layers)")  # fmt: skip
     ax.grid(alpha=0.3, which="both")
     ax.legend(fontsize=7, ncol=2)
-    fig.tight_layout()
-    fig.savefig(HERE / "sparsity.png", dpi=120)
+    save(fig, HERE / "sparsity.png")
 
 
 def measure_init() -> dict:
@@ -151,8 +151,9 @@ def measure_init() -> dict:
     model, on the CPU (seed 1337, as experiment.py initialises)."""
     import torch
 
-    from data import load_bytes_file
-    from evaluate import activation_summary, degree_summary, neuron_degrees, weight_stats
+    from dragon_hatchling.data import load_bytes_file
+    from dragon_hatchling.measures import degree_summary, neuron_degrees, weight_stats
+    from dragon_hatchling.scoring import activation_summary
     from model import BDH, BDHConfig
 
     valid = load_bytes_file(RESULTS.parent.parent / "shared/data/wikitext-2-raw-v1/wiki.valid.raw")
@@ -199,7 +200,7 @@ def tables(fits: dict, init: dict) -> str:
 
 def ccdf_slope(histogram: dict, lo: int, hi: int) -> float:
     """The exponent b of a least-squares line log P(D >= k) = c - b log k over the degrees lo..hi."""
-    from evaluate import degree_ccdf
+    from dragon_hatchling.measures import degree_ccdf
 
     k, at_least = degree_ccdf(histogram)
     keep = (k >= lo) & (k <= hi)

@@ -1,12 +1,12 @@
 """Sampling from BDH-GPU: the prompt through the chunked form, then one recurrent step per byte.
 
-    from generate import generate
+    from dragon_hatchling.sampling import generate
     out = generate(model.eval(), prompt, 500, temperature=0.8, top_k=40)
 
-On CUDA the steps run as one captured CUDA graph of kernels.FusedStep and the sampling, which feeds
-each sampled byte back to the next step; elsewhere (or with cuda_graph=False) they are the plain
-`BDH.step`. `generate_recompute` (the parallel form over the whole window for every byte) is the
-reference both are tested against.
+On CUDA the steps run as one captured CUDA graph of fused_recurrent.FusedStep and the sampling, which
+feeds each sampled byte back to the next step; elsewhere (or with cuda_graph=False) they are the plain
+`BDH.step`. `generate_recompute` (the parallel form over the whole window for every byte, the only
+way for a model without a recurrent form, the GPT) is the reference both are tested against.
 """
 
 from __future__ import annotations
@@ -59,10 +59,10 @@ def graphed_step(
     host synchronisation), the graph samples as well and keeps the sampled bytes as its next
     input: run() -> the next bytes (B, 1), overwritten by the next call; run(byte) steps on byte
     instead. generator: the one sample draws from, if not the default. fused: the step to
-    capture, called as fused(byte, state) (default: kernels.FusedStep(model)).
+    capture, called as fused(byte, state) (default: fused_recurrent.FusedStep(model)).
     """
     if fused is None:
-        from kernels import FusedStep  # imports Triton
+        from dragon_hatchling.fused_recurrent import FusedStep  # imports Triton
 
         fused = FusedStep(model)  # its weight layouts are made once, outside the graph
     byte = torch.zeros(state.layers[0].shape[0], dtype=torch.long, device=state.pos.device)
@@ -181,3 +181,14 @@ def generate_recompute(
         logits, _ = model(idx[:, start:])
         idx = torch.cat((idx, sample_next(logits[:, -1], temperature, top_k, generator)), dim=1)
     return idx
+
+
+def sample_context(context: int | None, seq_len: int, config) -> int | None:
+    """The sampler's window (None: the whole text), from --context (0: the whole text) and --seq_len.
+    Left out: the whole text for a model with decay (its quality holds at any length), --seq_len for
+    one without. A model with a longest window (the GPT's block_size) never sees more than that."""
+    if config.max_window is not None:
+        return min(context or seq_len, config.max_window)
+    if context is not None:
+        return context or None
+    return None if config.half_lives is not None else seq_len

@@ -1,43 +1,16 @@
-"""Checkpoints and run folders: saving and loading, what holds a run, its lock, strict JSON."""
+"""Checkpoints and run folders: saving and loading, what holds a run, its lock."""
 
 from __future__ import annotations
 
 import json
-import math
 import os
 import shutil
 from pathlib import Path
 
 import torch
 
-from cli import UsageError
-
-
-def finite_json(obj, where: str = "", replaced: dict | None = None):
-    """obj with every NaN or infinite float replaced by None (strict JSON has neither), and what was
-    replaced, by its path, in `replaced`."""
-    if isinstance(obj, float) and not math.isfinite(obj):
-        if replaced is not None:
-            replaced[where] = repr(obj)
-        return None
-    if isinstance(obj, dict):
-        return {k: finite_json(v, f"{where}.{k}" if where else str(k), replaced) for k, v in obj.items()}
-    if isinstance(obj, list | tuple):
-        return [finite_json(v, f"{where}[{i}]", replaced) for i, v in enumerate(obj)]
-    return obj
-
-
-def write_json(path: str | Path, obj: dict) -> None:
-    """Write strict JSON atomically (temporary file, then rename). A value that is not a finite number
-    is written as null, and the object's "not_finite" field says which were, and what they were."""
-    path = Path(path)
-    replaced: dict[str, str] = {}
-    obj = finite_json(obj, replaced=replaced)
-    if replaced:
-        obj["not_finite"] = replaced
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2, allow_nan=False) + "\n")
-    os.replace(tmp, path)
+from dragon_hatchling.cli import UsageError
+from dragon_hatchling.files import atomic_path
 
 
 class SaveFailed(Exception):
@@ -47,31 +20,20 @@ class SaveFailed(Exception):
 def save_checkpoint(model, folder: str | Path, training_state: dict | None = None) -> None:
     """Weights (model.safetensors) and config (config.json), with the optimizer state beside them.
 
-    Written into a temporary folder that then replaces `folder`, so a crash mid-save leaves
-    the previous checkpoint whole; a save that fails (SaveFailed) removes its temporary folder.
+    Written into a temporary folder that then replaces `folder` (files.atomic_path), so a crash
+    mid-save leaves the previous checkpoint whole; a save that fails (SaveFailed) removes its
+    temporary folder.
     """
-    folder = Path(folder)
-    tmp = folder.with_name(folder.name + ".tmp")
-    if tmp.exists():
-        shutil.rmtree(tmp)
     try:
-        model.save_pretrained(tmp)
-        if training_state is not None:
-            torch.save(training_state, tmp / "training_state.pt")
+        with atomic_path(folder) as tmp:
+            model.save_pretrained(tmp)
+            if training_state is not None:
+                torch.save(training_state, tmp / "training_state.pt")
     except (OSError, RuntimeError) as e:  # torch.save reports a full disk as a RuntimeError
-        shutil.rmtree(tmp, ignore_errors=True)
         detail = e.strerror if isinstance(e, OSError) and e.strerror else str(e).splitlines()[0][:200]
         raise SaveFailed(
             f"could not save the checkpoint {folder} ({detail}); the previous one is kept"
         ) from e
-    old = folder.with_name(folder.name + ".old")
-    if folder.exists():
-        if old.exists():
-            shutil.rmtree(old)
-        os.replace(folder, old)
-    os.replace(tmp, folder)
-    if old.exists():
-        shutil.rmtree(old)
 
 
 def is_checkpoint(folder: str | Path) -> bool:

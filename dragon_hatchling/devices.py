@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from cli import UsageError
+from dragon_hatchling.cli import UsageError
 
 
 def resolve_device(name: str) -> torch.device:

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 import torch.distributed as tdist
 
-from cli import UsageError
+from dragon_hatchling.cli import UsageError
 
 T = TypeVar("T")
 

@@ -1,20 +1,17 @@
-"""Byte-level Wikitext-2: the splits (Hub or local files), the windows, the order of an epoch; and any
-text dataset of the Hub (or on disk), converted once into byte files as nanoGPT prepares its data."""
+"""Byte-level Wikitext-2: the splits (Hub or local files), the windows, the order of an epoch. Any other
+text dataset becomes byte files first (corpora.py)."""
 
 from __future__ import annotations
 
 import hashlib
-import json
 import math
-import os
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import numpy as np
 import torch
-from tqdm import tqdm
 
-from cli import UsageError
+from dragon_hatchling.cli import UsageError
 
 HUB_DATASET = ("Salesforce/wikitext", "wikitext-2-raw-v1")
 SPLITS = ("train", "valid", "test")
@@ -166,106 +163,3 @@ class AffineOrder:
     def __getitem__(self, part: slice) -> np.ndarray:
         windows = [(self.a * j + self.b) % self.count for j in range(*part.indices(self.count))]
         return self.shift + self.seq_len * np.array(windows, dtype=np.int64)
-
-
-# ----------------------------------------------------------------------------- any text dataset
-
-VALID_SPLITS = ("validation", "valid", "val")  # a dataset's own validation split, by these names
-
-
-def dataset_folder(
-    cache_dir: str | Path, name: str, config: str | None, column: str, val_fraction: float
-) -> Path:
-    """Where --dataset's byte files live: one folder per dataset, config, column and held-out fraction."""
-    slug = "__".join(str(part).strip("/").replace("/", "--") for part in (name, config or "default", column))
-    return Path(cache_dir).expanduser() / f"{slug}__val{val_fraction:g}"
-
-
-def load_text_dataset(name: str, config: str | None, progress: bool = True):
-    """A DatasetDict from the Hub (name, config) or from disk (a folder saved by save_to_disk, or of
-    json/csv/parquet/text files that `datasets` reads); a UsageError if it cannot be had."""
-    from datasets import (
-        Dataset,
-        DatasetDict,
-        disable_progress_bars,
-        enable_progress_bars,
-        load_dataset,
-        load_from_disk,
-    )
-
-    if progress:
-        enable_progress_bars()
-    else:
-        disable_progress_bars()
-    path = Path(name)
-    try:
-        if path.is_dir() and ((path / "dataset_dict.json").is_file() or (path / "state.json").is_file()):
-            ds = load_from_disk(str(path))
-        else:
-            ds = load_dataset(name, config)
-    except Exception as e:  # no such dataset, no network, a bad config: one line
-        first = str(e).splitlines()[0][:200] if str(e) else "no rows or no files it can read"
-        raise UsageError(f"--dataset {name}: could not load it ({type(e).__name__}: {first})") from None
-    return DatasetDict({"train": ds}) if isinstance(ds, Dataset) else ds
-
-
-def prepare_dataset(
-    name: str,
-    config: str | None,
-    column: str,
-    val_fraction: float,
-    cache_dir: str | Path,
-    seed: int = 1337,
-    progress: bool = True,
-) -> Path:
-    """Convert a text dataset once into train.bin and valid.bin (its rows as bytes, by rows_to_bytes'
-    rule) in its cache folder, which it returns; a folder converted before is kept. Validation is
-    the dataset's own split, else val_fraction of its train rows held out at random (seed)."""
-    folder = dataset_folder(cache_dir, name, config, column, val_fraction)
-    if (folder / "meta.json").is_file():
-        return folder
-    ds = load_text_dataset(name, config, progress)
-    if "train" not in ds:
-        raise UsageError(f"--dataset {name}: no train split (it has {', '.join(ds) or 'none'})")
-    train = ds["train"]
-    if train.num_rows == 0:
-        raise UsageError(f"--dataset {name} is empty: its train split has no rows")
-    if column not in train.column_names:
-        raise UsageError(
-            f"--text_column {column}: --dataset {name} has no such column "
-            f"(it has {', '.join(train.column_names)})"
-        )
-    kind = getattr(train.features[column], "dtype", type(train.features[column]).__name__)
-    if kind not in ("string", "large_string"):
-        raise UsageError(f"--text_column {column} of --dataset {name} is not text (its type is {kind})")
-    own = next((s for s in VALID_SPLITS if s in ds), None)
-    if own is not None:
-        valid = ds[own]
-    else:
-        if train.num_rows < 2:
-            raise UsageError(
-                f"--dataset {name}: {train.num_rows} rows, too few to hold out a validation split"
-            )
-        held = train.train_test_split(test_size=max(1, round(val_fraction * train.num_rows)), seed=seed)
-        train, valid = held["train"], held["test"]
-    folder.mkdir(parents=True, exist_ok=True)
-    sizes = {}
-    for split, rows in (("train", train), ("valid", valid)):
-        tmp = folder / f".{split}.bin.tmp"
-        with open(tmp, "wb") as f:
-            bar = tqdm(total=rows.num_rows, unit="row", desc=f"{name} {split} -> bytes", disable=not progress)
-            for batch in rows.iter(batch_size=1000):
-                f.write(rows_to_bytes(batch[column]))
-                bar.update(len(batch[column]))
-            bar.close()
-        sizes[split] = tmp.stat().st_size
-        if sizes[split] == 0:
-            tmp.unlink()
-            raise UsageError(f"--dataset {name}: its {split} split has no text in column {column}")
-        os.replace(tmp, folder / f"{split}.bin")
-    rows = {"train": train.num_rows, "valid": valid.num_rows}
-    held_out = own or f"{val_fraction:g} of train"
-    meta = {"dataset": name, "config": config, "text_column": column, "valid": held_out, "seed": seed,
-            "bytes": sizes, "rows": rows}  # fmt: skip
-    (folder / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")  # last: the folder is complete
-    return folder

@@ -2,9 +2,9 @@
 fused Triton path, a long-context step through the chunked form, and generation (recurrent against
 recomputing the prefix). Prints a table of speed-ups over the compiled plain path and writes JSON.
 
-    python benchmark.py --device cuda --out results/benchmark/h100.json
-    python benchmark.py --parts generate --model_path <trained checkpoint>    # generation only
-    torchrun --standalone --nproc_per_node 2 benchmark.py --parts ddp --out ddp2.json   # several GPUs
+    uv run python -m dragon_hatchling.benchmark --device cuda --out results/benchmark/h200.json
+    uv run python -m dragon_hatchling.benchmark --parts generate --model_path <trained checkpoint>
+    uv run torchrun --standalone --nproc_per_node 2 -m dragon_hatchling.benchmark --parts ddp --out ddp2.json
 
 --parts ddp times fused training steps at each --shapes batch per GPU, through DistributedDataParallel
 under torchrun (plain steps in one process), and the all-reduce of a gradient-sized float32 buffer.
@@ -26,12 +26,13 @@ from pathlib import Path
 
 import torch
 
-from checkpoints import write_json
-from cli import Parser, UsageError, fail, half_lives, positive_int
-from devices import resolve_device
-from distributed import Ranks, all_reduce, rank_device, ranks_from_env, start, stop
-from generate import generate, generate_recompute
-from hub import HubUnreachable, load_model
+from dragon_hatchling.cli import Parser, UsageError, fail, half_lives, positive_int
+from dragon_hatchling.devices import resolve_device
+from dragon_hatchling.distributed import Ranks, all_reduce, rank_device, ranks_from_env, start, stop
+from dragon_hatchling.files import write_json
+from dragon_hatchling.hub_client import HubUnreachable
+from dragon_hatchling.loading import load_model
+from dragon_hatchling.sampling import generate, generate_recompute
 from model import BDH, BDHConfig
 
 PATHS = ("plain eager", "plain compiled", "fused")
@@ -101,7 +102,7 @@ def train_step_fn(model: BDH, path: str, B: int, T: int, device: torch.device, c
     targets = torch.randint(0, 256, (B, T), device=device)
     compiled = torch.compile(model) if path == "plain compiled" else model
     if path == "fused":
-        from kernels import fused_forward  # imports Triton
+        from dragon_hatchling.fused_parallel import fused_forward  # imports Triton
 
     def loss_of():
         if path == "fused":
@@ -161,7 +162,7 @@ def measure_generation(cfg: BDHConfig, args, device, trained: BDH | None = None)
     prompt = torch.tensor([list(PROMPT)], device=device)
     out = {"prompt_bytes": prompt.shape[1], "new_bytes": args.new_bytes, "batch": 1, "dtype": "bfloat16"}
     out["model"] = args.model_path or "freshly initialised (seed 0)"
-    from kernels import FusedStep  # imports Triton
+    from dragon_hatchling.fused_recurrent import FusedStep  # imports Triton
 
     out["step_tiles"] = {"attention": FusedStep.ATTENTION_TILES, "gate": FusedStep.GATE_TILES}
     sampled = lambda n: generate(  # noqa: E731
@@ -202,7 +203,7 @@ def measure_ddp(cfg: BDHConfig, B: int, T: int, args, device, ranks: Ranks) -> d
     import torch.distributed as tdist
     from torch.nn.parallel import DistributedDataParallel
 
-    from kernels import Fused
+    from dragon_hatchling.fused_parallel import Fused
 
     torch.manual_seed(0)
     model = BDH(cfg).to(device).train()

@@ -1,9 +1,9 @@
 """A GPT in nanoGPT's shape, bytes in and out: the Transformer that BDH-GPU is measured against.
 
-`experiment.py --arch gpt` trains it, and `evaluate.py` and `hub.py` score, save and share it, exactly
-as they do BDH (same data, windows, recipe, checkpoint format and Hub path). The default is nanoGPT's
-small shape at 8 layers: width 512, 8 heads, no biases, learned positions over 512 bytes, the readout
-tied to the embedding; 25.6M parameters.
+`experiment.py --arch gpt` trains it, and `evaluate.py` and `dragon_hatchling.hub` score, save and
+share it, exactly as they do BDH (same data, windows, recipe, checkpoint format and Hub path). The
+default is nanoGPT's small shape at 8 layers: width 512, 8 heads, no biases, learned positions over
+512 bytes, the readout tied to the embedding; 25.6M parameters.
 
     v = wte[idx] + wpe[pos]                                      # B, T, d
     repeat L times, each layer its own weights:
@@ -55,6 +55,23 @@ class GPTConfig:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+    @property
+    def max_window(self) -> int:
+        """The longest window the model reads: its learned positions."""
+        return self.block_size
+
+    def activation_bytes(self, positions: int, training: bool) -> int:
+        """At least the memory a pass over `positions` bytes keeps: about 16 d floats a byte in each
+        layer that backward needs (all of them in training, one at a time otherwise)."""
+        return 4 * positions * 16 * self.n_embd * (self.n_layer if training else 1)
+
+    def describe(self) -> str:
+        """The model in a line, as the model card says it."""
+        return (
+            f"{self.n_layer} layers, width {self.n_embd}, {self.n_head} heads, no biases, learned "
+            f"positions over {self.block_size} bytes"
+        )
 
 
 class LayerNorm(nn.Module):
@@ -112,6 +129,13 @@ class GPT(
 ):
     """nanoGPT's model without biases, over bytes: forward(idx, targets) -> (logits, loss), as BDH's."""
 
+    # What this architecture offers (model.BDH asks the same questions)
+    display_name = "GPT"
+    description = "GPT in nanoGPT's shape, the Transformer baseline of dragon-hatchling's BDH-GPU"
+    reads_streams = False  # no recurrent form: a text is read in windows of at most block_size
+    has_neurons = False  # no sparse neurons, no neuron graph
+    has_fused_path = False  # trained and scored through PyTorch (compiled on CUDA)
+
     def __init__(self, config: GPTConfig) -> None:
         super().__init__()
         if isinstance(config, dict):
@@ -138,6 +162,19 @@ class GPT(
 
     def num_params(self) -> int:
         return sum(p.numel() for p in self.parameters())
+
+    @property
+    def histogram_weights(self) -> dict[str, str]:
+        """The weights evaluate.py draws: embedding, positions, the first layer's and the last's (those
+        that start Normal(0, 0.02), as the initial-weights curve assumes)."""
+        last = self.config.n_layer - 1
+        return {
+            "wte.weight": "embedding = readout (V x d)",
+            "wpe.weight": "positions (block x d)",
+            "blocks.0.attn.qkv.weight": "layer 1 attention qkv (3d x d)",
+            "blocks.0.mlp.0.weight": "layer 1 MLP in (4d x d)",
+            f"blocks.{last}.mlp.0.weight": f"layer {last + 1} MLP in (4d x d)",
+        }
 
     def forward(
         self, idx: torch.Tensor, targets: torch.Tensor | None = None

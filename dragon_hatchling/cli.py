@@ -66,13 +66,29 @@ class Parser(argparse.ArgumentParser):
         fail(message)
 
 
-def add_device_args(parser: argparse.ArgumentParser | argparse._ArgumentGroup) -> None:
-    """--device and --dtype, as both scripts take them."""
+def add_device_args(parser: argparse.ArgumentParser | argparse._ArgumentGroup, work: str) -> None:
+    """--device, --dtype and --fused / --no_fused (paths.py), as both scripts take them; `work` says
+    what the fused kernels do ("train and validate", "score and sample")."""
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default: auto)")
     parser.add_argument(
         "--dtype",
         default="auto",
         help="auto (bfloat16 autocast on CUDA, float32 elsewhere), float32, bfloat16, float16",
+    )
+    parser.add_argument(
+        "--fused",
+        dest="fused",
+        action="store_const",
+        const=True,
+        default=None,
+        help=f"{work} through the fused Triton kernels (the default for BDH on CUDA in bfloat16)",
+    )
+    parser.add_argument(
+        "--no_fused",
+        dest="fused",
+        action="store_const",
+        const=False,
+        help=f"{work} through plain PyTorch instead of the fused kernels",
     )
 
 

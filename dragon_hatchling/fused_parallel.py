@@ -1,0 +1,353 @@
+"""The training step of BDH-GPU in Triton kernels: `fused_forward(model, idx, targets)` computes what
+the parallel form `BDH.forward` computes (model.py, the plain reference, which stays the CPU path and
+knows nothing of this file; tests/test_fused_parallel.py holds the two together). cuBLAS runs each
+layer's matrix products in bf16 with float32 sums; four Triton kernels do everything between them,
+one pass each over a B*T x n tensor (and a fifth, _mirror_kernel, one over the B x h x T x T gradient
+of the scores):
+
+    forward   x = v Dx                  cuBLAS     (before the relu)
+              _rope_kernel              RoPE(relu(x)), per head
+              S = tril(RoPE(x) RoPE(x)^T, -1) (times the decay weights with decay), a = S v, LN(a),
+              u = LN(a) Dy                                                       cuBLAS and PyTorch
+              _gate_kernel              y = relu(u) * relu(x) * keep     keep: dropout, from a seed
+              z = y E                   cuBLAS
+    backward  x, u again; g_y = g_z E^T                                    cuBLAS
+              _gate_grad_kernel         y, g_u = dL/du and the gate's part of g_x
+              dL/dE, dL/dDy, dL/dLN(a), then autograd through LN(S v)   cuBLAS and PyTorch
+              _mirror_kernel            G = L + L^T, L = tril(dL/dS, -1)
+              _rope_kernel; g_r = G RoPE(x)                                 cuBLAS
+              _grad_x_kernel            g_x = (g_x + RoPE^T(g_r)) * (x > 0)
+              dL/dDx, dL/dv             cuBLAS
+
+No B x T x n tensor outlives its layer's pass: forward keeps only S (B x h x T x T) for backward, and
+backward computes x and u again. (An earlier design fused the products into Triton kernels as well,
+so that no B x T x n tensor was written at all; those ran at 120-250 TFLOP/s against cuBLAS's
+600-770 on an H100, and the training step was no faster than compiled plain PyTorch:
+results/benchmark/README.md.)
+
+RoPE rotates pairs of neurons. The kernels order each head's neurons as [first of every pair,
+second of every pair] (the "half" layout; an "interleaved" model's weights are permuted into it),
+so that a tile holds whole pairs.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+import triton
+import triton.language as tl
+
+from dragon_hatchling.fused_common import first_of_pairs, relu
+from model import BDH, layer_norm, rope_cos_sin
+
+BR, BP = 32, 64  # tile of the training kernels: rows, and pairs of neurons (BP first halves, BP second)
+
+
+@triton.jit
+def _tile(R, M, H, BR: tl.constexpr, BP: tl.constexpr):
+    """This program's rows and its head's pairs of neurons: the first of each pair at h*M + p, the
+    second at h*M + p + M/2 (the kernels' pair order). Grid: (row tiles, heads x pair tiles).
+    Also the first halves' offsets in the two layouts: R x n (offs) and h x R x M (head_offs)."""
+    rows = tl.program_id(0) * BR + tl.arange(0, BR)
+    half = M // 2
+    tiles_per_head = tl.cdiv(half, BP)
+    h = tl.program_id(1) // tiles_per_head
+    p = (tl.program_id(1) % tiles_per_head) * BP + tl.arange(0, BP)
+    mask = (rows < R)[:, None] & (p < half)[None, :]
+    offs = rows.to(tl.int64)[:, None] * (H * M) + h * M + p[None, :]  # 64 bits: R x n may pass 2**31
+    head_offs = (h * R + rows).to(tl.int64)[:, None] * M + p[None, :]
+    return rows, h, p, half, mask, offs, head_offs
+
+
+@triton.jit
+def _load_pair(ptr, offs, half, mask):
+    """The two halves of a tile of pairs at ptr + offs, as float32."""
+    a = tl.load(ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    return a, tl.load(ptr + offs + half, mask=mask, other=0.0).to(tl.float32)
+
+
+@triton.jit
+def _store_pair(ptr, offs, half, mask, a, b):
+    tl.store(ptr + offs, a.to(ptr.dtype.element_ty), mask=mask)
+    tl.store(ptr + offs + half, b.to(ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _cos_sin(cos_ptr, sin_ptr, t, p, half, mask):
+    """cos and sin of the pairs' angles at positions t (tables T x M/2)."""
+    offs = t[:, None] * half + p[None, :]
+    return tl.load(cos_ptr + offs, mask=mask, other=0.0), tl.load(sin_ptr + offs, mask=mask, other=0.0)
+
+
+@triton.jit
+def _keep_pair(seed, rows, h, p, half, M, H, p_drop):
+    """Inverted dropout for both halves of a tile of pairs: 1 / (1 - p) where a neuron is kept, 0 where
+    dropped; the same in forward and backward. One Philox draw per pair gives four numbers: the
+    first decides the pair's first member, the second its second."""
+    pair = rows[:, None] * (H * half) + (h * half + p)[None, :]  # the pair's index among all B*T*n/2
+    ua, ub, _, _ = tl.rand4x(seed, pair)
+    scale = 1.0 / (1.0 - p_drop)
+    return tl.where(ua >= p_drop, scale, 0.0), tl.where(ub >= p_drop, scale, 0.0)
+
+
+@triton.jit
+def _rope_kernel(x_ptr, cos_ptr, sin_ptr, r_ptr, R, T, M, H, BR: tl.constexpr, BP: tl.constexpr):
+    """r[h, b, t] = RoPE(relu(x[b, t, h])) on one tile. x: R x n (v Dx, before the relu); r: h, R, M."""
+    rows, h, p, half, mask, offs, head_offs = _tile(R, M, H, BR, BP)
+    xa, xb = _load_pair(x_ptr, offs, half, mask)
+    xa, xb = relu(xa), relu(xb)
+    c, s = _cos_sin(cos_ptr, sin_ptr, rows % T, p, half, mask)
+    _store_pair(r_ptr, head_offs, half, mask, xa * c - xb * s, xb * c + xa * s)
+
+
+@triton.jit
+def _gate_kernel(
+    x_ptr, u_ptr, y_ptr, R, M, H, p_drop, seed,
+    HAS_DROPOUT: tl.constexpr, BR: tl.constexpr, BP: tl.constexpr,
+):  # fmt: skip
+    """y = relu(u) * relu(x) * keep on one tile. x, y: R x n; u = LN(a) Dy: h, R, M."""
+    rows, h, p, half, mask, offs, head_offs = _tile(R, M, H, BR, BP)
+    xa, xb = _load_pair(x_ptr, offs, half, mask)
+    ua, ub = _load_pair(u_ptr, head_offs, half, mask)
+    ya, yb = relu(ua) * relu(xa), relu(ub) * relu(xb)
+    if HAS_DROPOUT:
+        ka, kb = _keep_pair(seed, rows, h, p, half, M, H, p_drop)
+        ya, yb = ya * ka, yb * kb
+    _store_pair(y_ptr, offs, half, mask, ya, yb)
+
+
+@triton.jit
+def _gate_grad_kernel(
+    x_ptr, u_ptr, gy_ptr, y_ptr, gu_ptr, gx_ptr, R, M, H, p_drop, seed,
+    HAS_DROPOUT: tl.constexpr, BR: tl.constexpr, BP: tl.constexpr,
+):  # fmt: skip
+    """From x, u and g_y = dL/dy on one tile: y again (for dL/dE), g_u = dL/du and the gate's part of
+    g_x = dL/dx (before the relu's mask, which _grad_x_kernel applies). Layouts as in _gate_kernel."""
+    rows, h, p, half, mask, offs, head_offs = _tile(R, M, H, BR, BP)
+    xa, xb = _load_pair(x_ptr, offs, half, mask)
+    ua, ub = _load_pair(u_ptr, head_offs, half, mask)
+    ga, gb = _load_pair(gy_ptr, offs, half, mask)
+    ya, yb = relu(ua) * relu(xa), relu(ub) * relu(xb)
+    if HAS_DROPOUT:
+        ka, kb = _keep_pair(seed, rows, h, p, half, M, H, p_drop)
+        ya, yb, ga, gb = ya * ka, yb * kb, ga * ka, gb * kb  # g from here on: before dropout
+    _store_pair(y_ptr, offs, half, mask, ya, yb)
+    _store_pair(
+        gu_ptr, offs, half, mask, tl.where(ua > 0, ga * relu(xa), 0.0), tl.where(ub > 0, gb * relu(xb), 0.0)
+    )
+    _store_pair(gx_ptr, offs, half, mask, ga * relu(ua), gb * relu(ub))
+
+
+@triton.jit
+def _grad_x_kernel(x_ptr, gr_ptr, cos_ptr, sin_ptr, gx_ptr, R, T, M, H, BR: tl.constexpr, BP: tl.constexpr):
+    """g_x = (g_x + RoPE^T(g_r)) * (x > 0) on one tile, in place. g_r = dL/dRoPE(x): h, R, M."""
+    rows, h, p, half, mask, offs, head_offs = _tile(R, M, H, BR, BP)
+    xa, xb = _load_pair(x_ptr, offs, half, mask)
+    gra, grb = _load_pair(gr_ptr, head_offs, half, mask)
+    gxa, gxb = _load_pair(gx_ptr, offs, half, mask)
+    c, s = _cos_sin(cos_ptr, sin_ptr, rows % T, p, half, mask)
+    gxa += gra * c + grb * s
+    gxb += grb * c - gra * s
+    _store_pair(gx_ptr, offs, half, mask, tl.where(xa > 0, gxa, 0.0), tl.where(xb > 0, gxb, 0.0))
+
+
+@triton.jit
+def _mirror_kernel(ds_ptr, g_ptr, T, BT: tl.constexpr):
+    """G = L + L^T, L = tril(dS, -1), on tile (i, j) of one T x T matrix (grid: matrices, T/BT, T/BT).
+    A tile below the diagonal also writes its mirror (j, i); a tile above it has nothing left to do."""
+    ti, tj = tl.program_id(1), tl.program_id(2)
+    if ti >= tj:
+        base = tl.program_id(0).to(tl.int64) * T * T
+        i = ti * BT + tl.arange(0, BT)
+        j = tj * BT + tl.arange(0, BT)
+        mask = (i < T)[:, None] & (j < T)[None, :]
+        ij = base + i[:, None] * T + j[None, :]
+        L = tl.load(ds_ptr + ij, mask=mask & (i[:, None] > j[None, :]), other=0.0)
+        if ti == tj:
+            tl.store(g_ptr + ij, L + tl.trans(L), mask=mask)  # one of the two is zero: exact
+        else:
+            tl.store(g_ptr + ij, L, mask=mask)
+            tl.store(g_ptr + base + j[:, None] * T + i[None, :], tl.trans(L), mask=tl.trans(mask))
+
+
+def mirrored(dS: torch.Tensor, BT: int = 64) -> torch.Tensor:
+    """G = L + L^T with L = tril(dS, -1), over the last two dims: the gradient of S = RoPE(x) RoPE(x)^T
+    masked to tril(S, -1), as one factor. One pass; tril and a transposed add took two, the second
+    at a third of the bandwidth."""
+    T = dS.shape[-1]
+    dS = dS.contiguous()
+    G = torch.empty_like(dS)
+    tiles = triton.cdiv(T, BT)
+    _mirror_kernel[(dS.numel() // (T * T), tiles, tiles)](dS, G, T, BT=BT)
+    return G
+
+
+def _grid(R: int, H: int, M: int) -> tuple[int, int]:
+    return triton.cdiv(R, BR), H * triton.cdiv(M // 2, BP)
+
+
+def rotated(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, T: int, H: int) -> torch.Tensor:
+    """RoPE(relu(x)) per head, bf16. x: R, n (v Dx in pair order, R = B*T). Returns h, R, n/h."""
+    R, N = x.shape
+    r = torch.empty((H, R, N // H), device=x.device, dtype=torch.bfloat16)
+    _rope_kernel[_grid(R, H, N // H)](x, cos, sin, r, R, T, N // H, H, BR=BR, BP=BP)
+    return r
+
+
+def _attention(S: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """LN(a), a = S v per head with S masked already: S h, B, T, T bf16; v B, T, d. Returns h, B, T, d
+    float32. bf16 operands, as in the plain path under autocast."""
+    return layer_norm((S @ v.to(S.dtype)).float())
+
+
+def _pre_relu(v: torch.Tensor, Dx: torch.Tensor) -> torch.Tensor:
+    """v Dx, before the relu (cuBLAS, bf16). v: B, T, d; Dx: h, d, M. Returns R, n in pair order."""
+    H, D, M = Dx.shape
+    return v.reshape(-1, D) @ Dx.transpose(0, 1).reshape(D, H * M)
+
+
+def _mask_scores(S: torch.Tensor, decay: torch.Tensor | None) -> torch.Tensor:
+    """In place: tril(S, -1), or S * decay (h, T, T, zero on and above the diagonal). S: h, B, T, T."""
+    return S.tril_(-1) if decay is None else S.mul_(decay.unsqueeze(1))
+
+
+class FusedNeurons(torch.autograd.Function):
+    """z = (relu(LN(W * S) v) Dy) * x * keep) E with S = RoPE(x) RoPE(x)^T, x = relu(v Dx): one layer's
+    neuron work, W = tril(1, -1) or the model's decay. Inputs bf16, neurons in the kernels' pair order.
+    cuBLAS multiplies; the Triton kernels do everything between the products in one pass each. No
+    B x T x n tensor is kept for backward: backward multiplies x and u again."""
+
+    @staticmethod
+    def forward(ctx, v, Dx, Dy, E, cos, sin, p_drop: float, seed: int, decay=None):  # v: B, T, d bf16
+        B, T, D = v.shape
+        H, _, M = Dx.shape
+        R = B * T
+        x = _pre_relu(v, Dx)  # R, n
+        r = rotated(x, cos, sin, T, H).view(H, B, T, M)
+        S = _mask_scores(r @ r.mT, decay)  # h, B, T, T
+        del r
+        ahat = _attention(S, v).to(torch.bfloat16)  # h, B, T, d
+        u = ahat.view(H, R, D) @ Dy  # h, R, M
+        y = torch.empty_like(x)
+        _gate_kernel[_grid(R, H, M)](x, u, y, R, M, H, p_drop, seed, HAS_DROPOUT=p_drop > 0, BR=BR, BP=BP)
+        del x, u
+        z = y @ E  # R, d
+        ctx.save_for_backward(v, Dx, Dy, E, cos, sin, S, decay)
+        ctx.p_drop, ctx.seed = p_drop, seed
+        return z.view(B, T, D)
+
+    @staticmethod
+    def backward(ctx, gz):
+        v, Dx, Dy, E, cos, sin, S, decay = ctx.saved_tensors
+        B, T, D = v.shape
+        H, _, M = Dx.shape
+        R = B * T
+        with torch.enable_grad():  # the small PyTorch part, recomputed and differentiated by autograd
+            S_ = S.detach().requires_grad_()
+            v_ = v.detach().float().requires_grad_()
+            ahat_ = _attention(S_, v_)  # h, B, T, d
+        ahat = ahat_.detach().to(torch.bfloat16)
+        gz = gz.reshape(R, D).to(torch.bfloat16)
+        x, u = _pre_relu(v, Dx), ahat.view(H, R, D) @ Dy  # R, n and h, R, M: as in forward
+        gy = gz @ E.mT  # R, n
+        y, gu, gx = torch.empty_like(x), torch.empty_like(x), gy  # g_x overwrites g_y, element by element
+        _gate_grad_kernel[_grid(R, H, M)](
+            x, u, gy, y, gu, gx, R, M, H, ctx.p_drop, ctx.seed, HAS_DROPOUT=ctx.p_drop > 0, BR=BR, BP=BP
+        )
+        del u
+        gE = y.mT @ gz  # n, d
+        del y
+        gu_h = gu.view(R, H, M).transpose(0, 1)  # h, R, M
+        gahat = gu_h @ Dy.mT  # h, R, d
+        gDy = ahat.view(H, R, D).mT @ gu_h  # h, d, M
+        del gu, gu_h
+        torch.autograd.backward(ahat_, gahat.view(H, B, T, D).float())
+        G = mirrored(S_.grad if decay is None else S_.grad * decay.unsqueeze(1))  # h, B, T, T
+        gr = G @ rotated(x, cos, sin, T, H).view(H, B, T, M)  # dL/dRoPE(x)
+        del G
+        _grad_x_kernel[_grid(R, H, M)](x, gr, cos, sin, gx, R, T, M, H, BR=BR, BP=BP)
+        del x, gr
+        gx_h = gx.view(R, H, M).transpose(0, 1)  # h, R, M
+        gDx = v.view(R, D).mT @ gx_h  # h, d, M
+        gv = v_.grad.view(R, D) + (gx_h @ Dx.mT).sum(0)  # R, d
+        return gv.view(B, T, D).to(v.dtype), gDx, gDy, gE, None, None, None, None, None
+
+
+class Fused(torch.nn.Module):
+    """A BDH called through the fused kernels, for loops that call module(idx, targets)."""
+
+    def __init__(self, model: BDH) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None):
+        return fused_forward(self.model, idx, targets)
+
+
+def pair_order(model: BDH) -> torch.Tensor:
+    """Neuron order of the kernels: per head, the first of every RoPE pair, then the second."""
+    cfg = model.config
+    m = cfg.head_size
+    if cfg.rope_style == "half":
+        local = torch.arange(m)
+    else:
+        local = torch.cat((torch.arange(0, m, 2), torch.arange(1, m, 2)))
+    return torch.cat([h * m + local for h in range(cfg.n_head)]).to(model.E.device)
+
+
+class _InPairOrder(torch.autograd.Function):
+    """w.index_select(dim, order).to(bf16) for a permutation `order`. Its gradient is a gather through
+    the inverse permutation: autograd's scatter for indexing took about 4 ms of a 39 ms step."""
+
+    @staticmethod
+    def forward(ctx, w, dim: int, order):
+        ctx.dim, ctx.dtype = dim, w.dtype
+        ctx.save_for_backward(order)
+        return w.index_select(dim, order).to(torch.bfloat16).contiguous()
+
+    @staticmethod
+    def backward(ctx, g):
+        (order,) = ctx.saved_tensors
+        inverse = torch.empty_like(order)
+        inverse[order] = torch.arange(len(order), device=order.device)
+        return g.index_select(ctx.dim, inverse).to(ctx.dtype), None, None
+
+
+def pair_cos_sin(model: BDH, T: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin of every pair's angle at positions 0..T-1, each (T, n/2h) float32."""
+    cos, sin = rope_cos_sin(model.config, torch.arange(T, device=device))  # T, n/h: per dimension
+    first = first_of_pairs(model.config)
+    return cos[:, first].contiguous(), sin[:, first].contiguous()
+
+
+def fused_forward(
+    model: BDH, idx: torch.Tensor, targets: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """BDH.forward through the fused kernels (bf16 operands, float32 accumulation). idx: B, T."""
+    cfg = model.config
+    B, T = idx.shape
+    order = pair_order(model)
+    local = order[: cfg.head_size]
+    Dx = _InPairOrder.apply(model.Dx, 2, local)  # h, d, M   bf16, pair order
+    Dy = _InPairOrder.apply(model.Dy, 2, local)
+    E = _InPairOrder.apply(model.E, 0, order)  # n, d
+    cos, sin = pair_cos_sin(model, T, idx.device)
+    decay = model.decay_weights(T, idx.device)  # h, T, T or None
+    decay = None if decay is None else decay.to(torch.bfloat16)
+    p_drop = model.active_dropout
+    with torch.autocast(idx.device.type, enabled=False):  # the kernels choose their own precision
+        return _layers(model, idx, targets, Dx, Dy, E, cos, sin, p_drop, decay)
+
+
+def _layers(model, idx, targets, Dx, Dy, E, cos, sin, p_drop, decay):
+    bf16 = torch.bfloat16
+    v = layer_norm(model.embed(idx).float())  # B, T, d
+    for _ in range(model.config.n_layer):
+        seed = int(torch.randint(0, 2**31 - 1, (1,)).item()) if p_drop > 0 else 0
+        z = FusedNeurons.apply(v.to(bf16), Dx, Dy, E, cos, sin, p_drop, seed, decay)  # B, T, d
+        v = layer_norm(v + layer_norm(z.float()))
+    logits = (v.to(bf16) @ model.readout.to(bf16)).float()  # B, T, V
+    loss = None
+    if targets is not None:
+        loss = F.cross_entropy(logits.flatten(0, 1), targets.flatten())
+    return logits, loss

@@ -1,0 +1,334 @@
+"""The recurrent form of BDH-GPU in Triton kernels: `FusedStep(model)(byte, state)` is `BDH.step`
+(model.py, its plain reference; tests/test_fused_recurrent.py holds the two together), one byte per
+call, two kernels a layer, with sparse reads; generation (sampling.py) captures it in a CUDA graph.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from dragon_hatchling.fused_common import INTERPRET, first_of_pairs, relu
+from model import BDH, RecurrentState, chunk_decay, rope_frequencies
+
+# The recurrent step (generation): one byte per call, two kernels a layer, sparse reads.
+#
+#     _step_attention_kernel  x = relu(v Dx); a_part = RoPE(x) S; S += RoPE(x)^T v   (live rows of S)
+#                             the last program of a head: a = sum of the parts, LN(a)
+#     _step_gate_kernel       y = relu(LN(a) Dy) * x; z_part = y E      (rows of Dy^T, E where x, y > 0)
+#                             the last program of a batch row: v <- LN(v + LN(sum of the z parts))
+#
+# Only Dx is read whole; of the state, Dy and E only the rows of live neurons are read (x is
+# sparse, y sparser). The sums over programs happen inside the kernels: each program stores its
+# part and takes a ticket from an atomic counter; the last of every GROUP parts sums them, and the
+# last of the groups sums those (_finish_sum). The order of every addition is fixed, so the step is
+# deterministic. No host synchronisation, so the whole step can be one CUDA graph. On Hopper and
+# later each kernel is a programmatic dependent launch: it starts while the kernel before it ends
+# (the attention kernel reads its columns of Dx meanwhile) and waits for it before reading what it
+# wrote. The tiles (FusedStep.*_TILES) are the fastest of a sweep on an H100
+# (results/benchmark/step_tiles.py).
+
+BATCH_TILE = 16  # batch rows per attention program (the fewest rows tl.dot takes); each Dx tile read once
+
+
+@triton.jit
+def dot(a, b, acc):
+    """acc + a b: float32 accumulation (bf16 operands on tensor cores; float32 ones exactly, not tf32)."""
+    if INTERPRET:
+        out = tl.dot(a.to(tl.float32), b.to(tl.float32), acc)
+    elif a.dtype == tl.float32:
+        out = tl.dot(a, b, acc, input_precision="ieee")
+    else:
+        out = tl.dot(a, b, acc)
+    return out
+
+
+def pow2(x: int, least: int = 16) -> int:
+    return max(least, triton.next_power_of_2(x))
+
+
+@triton.jit
+def _last_to_arrive(count_ptr, arrivals):
+    """Whether this program is the last of `arrivals` to arrive at count_ptr (an int32, zero before).
+    Whatever the others stored before arriving is then visible to it (read it with .cg)."""
+    tl.debug_barrier()  # all this program's stores are made before its arrival (released, GPU scope)
+    ticket = tl.atomic_add(count_ptr, 1, sem="acq_rel")
+    tl.debug_barrier()
+    return ticket == arrivals - 1
+
+
+@triton.jit
+def _sum_parts(ptr, n, D, ROWS: tl.constexpr, D_PAD: tl.constexpr):
+    """The sum of n <= ROWS rows of D float32 values at ptr that other programs stored (read from L2)."""
+    r = tl.arange(0, ROWS)
+    d = tl.arange(0, D_PAD)
+    mask = (r < n)[:, None] & (d < D)[None, :]
+    return tl.sum(tl.load(ptr + r[:, None] * D + d[None, :], mask=mask, other=0.0, cache_modifier=".cg"), 0)
+
+
+@triton.jit
+def _layer_norm_row(z, mask, D):
+    """LayerNorm without weight or bias (eps 1e-5, as F.layer_norm) of a float32 row of D values."""
+    mean = tl.sum(z, 0) / D
+    centred = tl.where(mask, z - mean, 0.0)
+    return centred * tl.rsqrt(tl.sum(centred * centred, 0) / D + 1e-5)
+
+
+@triton.jit
+def _finish_sum(
+    parts_ptr, groups_ptr, count_ptr, out_ptr, part, n_parts, row0, row_stride, rows, D,
+    RESIDUAL: tl.constexpr, GROUP: tl.constexpr, GROUPS: tl.constexpr, D_PAD: tl.constexpr,
+):  # fmt: skip
+    """Called by every program once it has stored part `part` (of n_parts) of each of its rows.
+
+    parts: (row, n_parts, D); groups: (row, cdiv(n_parts, GROUP) <= GROUPS, D); count_ptr: that many
+    counters plus one, zero (and zero again after the kernel). The last program of each GROUP parts
+    sums them; the last of the groups sums the groups: out[row] = LN(total), or with RESIDUAL (one
+    row only) out[row] = LN(out[row] + LN(total)).
+    """
+    d = tl.arange(0, D_PAD)
+    d_mask = d < D
+    if RESIDUAL:  # loaded by every program, so that the last one need not wait for it (rows == 1)
+        v = tl.load(out_ptr + row0 * D + d, mask=d_mask, other=0.0)
+    n_groups = tl.cdiv(n_parts, GROUP)
+    group = part // GROUP
+    first = group * GROUP
+    size = tl.minimum(GROUP, n_parts - first)
+    if _last_to_arrive(count_ptr + group, size):
+        tl.store(count_ptr + group, 0)  # no one else uses it in this launch: zero for the next one
+        for i in range(rows):
+            row = row0 + i * row_stride
+            s = _sum_parts(parts_ptr + (row * n_parts + first) * D, size, D, GROUP, D_PAD)
+            tl.store(groups_ptr + (row * n_groups + group) * D + d, s, mask=d_mask)
+        if _last_to_arrive(count_ptr + n_groups, n_groups):
+            tl.store(count_ptr + n_groups, 0)
+            for i in range(rows):
+                row = row0 + i * row_stride
+                total = _sum_parts(groups_ptr + row * n_groups * D, n_groups, D, GROUPS, D_PAD)
+                total = _layer_norm_row(total, d_mask, D)
+                if RESIDUAL:
+                    total = _layer_norm_row(v + total, d_mask, D)
+                tl.store(out_ptr + row * D + d, total, mask=d_mask)
+
+
+@triton.jit
+def _step_attention_kernel(
+    v_ptr, dx_ptr, freq_ptr, pos_ptr, s_ptr, x_ptr, a_ptr, groups_ptr, count_ptr, ln_ptr, gamma_ptr,
+    B, H, M, D,
+    INTERLEAVED: tl.constexpr, BB: tl.constexpr, BP: tl.constexpr, BD: tl.constexpr,
+    GROUP: tl.constexpr, GROUPS: tl.constexpr, D_PAD: tl.constexpr, PDL: tl.constexpr, DECAY: tl.constexpr,
+):  # fmt: skip
+    """For BP rotation pairs of head h and BB batch rows: x = relu(v Dx), then per row a_part = RoPE(x) S
+    (old S) and S += RoPE(x)^T v (S <- gamma_h S + RoPE(x)^T v with DECAY: then every row of S is
+    read and written, not only the live ones). The last program of the head writes LN(a), a the sum
+    of the parts. PDL: launched while the previous kernel ends; its columns of Dx are read before
+    waiting for it."""
+    tile_h = tl.program_id(0)
+    block = tl.program_id(1)
+    blocks = tl.num_programs(1)
+    b0 = (tile_h // H) * BB
+    h = tile_h % H
+    half = M // 2
+    bb = b0 + tl.arange(0, BB)
+    c = tl.arange(0, 2 * BP)  # the 2 BP neurons of BP pairs, each pair's two members side by side
+    p_of_c = block * BP + c // 2
+    if INTERLEAVED:  # the model's neuron index of each column
+        j = 2 * p_of_c + c % 2
+    else:
+        j = p_of_c + (c % 2) * half
+    k = tl.arange(0, D_PAD)
+    w_mask = (k < D)[:, None] & (p_of_c < half)[None, :]
+    w = tl.load(dx_ptr + (h * D + k)[:, None] * M + j[None, :], mask=w_mask, other=0.0)  # D, 2 BP of Dx
+    if PDL:
+        tl.extra.cuda.gdc_launch_dependents()  # the gate kernel may start (it waits for this one)
+        tl.extra.cuda.gdc_wait()  # the previous kernel has finished: v is written
+    v_mask = (bb < B)[:, None] & (k < D)[None, :]
+    v_rows = tl.load(v_ptr + bb[:, None] * D + k[None, :], mask=v_mask, other=0.0)  # BB, D
+    x = relu(dot(v_rows.to(w.dtype), w, tl.zeros((BB, 2 * BP), dtype=tl.float32)))  # BB, 2 BP
+    x_mask = (bb < B)[:, None] & (p_of_c < half)[None, :]
+    tl.store(x_ptr + (bb * H + h)[:, None] * M + j[None, :], x, mask=x_mask)
+    xa, xb = tl.split(tl.reshape(x, (BB, BP, 2)))  # BB, BP: first and second members of the pairs
+    p = block * BP + tl.arange(0, BP)
+    p_mask = p < half
+    phase = tl.load(pos_ptr).to(tl.float32) * tl.load(freq_ptr + p, mask=p_mask, other=0.0)  # turns
+    angle = (phase - tl.floor(phase)) * 6.283185307179586
+    cos = tl.cos(angle)[None, :]
+    sin = tl.sin(angle)[None, :]
+    ra = xa * cos - xb * sin
+    rb = xb * cos + xa * sin
+    if INTERLEAVED:
+        ja = 2 * p
+        jb = ja + 1
+    else:
+        ja = p
+        jb = p + half
+    rows = tl.minimum(BB, B - b0)
+    if DECAY:
+        gamma = tl.load(gamma_ptr + h)
+    for i in range(rows):  # each batch row has its own state
+        pick = (tl.arange(0, BB) == i)[:, None]
+        ra_i = tl.sum(tl.where(pick, ra, 0.0), 0)  # BP
+        rb_i = tl.sum(tl.where(pick, rb, 0.0), 0)
+        if DECAY:  # every row decays
+            live_a = p_mask
+            live_b = p_mask
+        else:  # rows where RoPE(x) is zero are neither read nor written
+            live_a = p_mask & (ra_i != 0.0)
+            live_b = p_mask & (rb_i != 0.0)
+        bh = (b0 + i) * H + h
+        for d0 in range(0, D, BD):  # BD columns of the state rows at a time
+            d = d0 + tl.arange(0, BD)
+            d_mask = d < D
+            v = tl.load(v_ptr + (b0 + i) * D + d, mask=d_mask, other=0.0)
+            rows_a = s_ptr + (bh * M + ja)[:, None] * D + d[None, :]
+            rows_b = s_ptr + (bh * M + jb)[:, None] * D + d[None, :]
+            mask_a = live_a[:, None] & d_mask[None, :]
+            mask_b = live_b[:, None] & d_mask[None, :]
+            Sa = tl.load(rows_a, mask=mask_a, other=0.0)
+            Sb = tl.load(rows_b, mask=mask_b, other=0.0)
+            part = tl.sum(ra_i[:, None] * Sa, 0) + tl.sum(rb_i[:, None] * Sb, 0)
+            tl.store(a_ptr + (bh * blocks + block) * D + d, part, mask=d_mask)
+            if DECAY:
+                Sa *= gamma
+                Sb *= gamma
+            tl.store(rows_a, Sa + ra_i[:, None] * v[None, :], mask=mask_a)
+            tl.store(rows_b, Sb + rb_i[:, None] * v[None, :], mask=mask_b)
+    count_ptr += tile_h * (tl.cdiv(blocks, GROUP) + 1)  # this (batch tile, head)'s counters
+    _finish_sum(
+        a_ptr, groups_ptr, count_ptr, ln_ptr, block, blocks, b0 * H + h, H, rows, D,
+        RESIDUAL=False, GROUP=GROUP, GROUPS=GROUPS, D_PAD=D_PAD,
+    )  # fmt: skip
+
+
+@triton.jit
+def _step_gate_kernel(
+    ln_ptr, x_ptr, dyt_ptr, e_ptr, z_ptr, groups_ptr, count_ptr, v_ptr, H, M, D,
+    BN: tl.constexpr, BD: tl.constexpr, GROUP: tl.constexpr, GROUPS: tl.constexpr, D_PAD: tl.constexpr,
+    PDL: tl.constexpr,
+):  # fmt: skip
+    """For BN neurons of head h: y = relu(LN(a) Dy) * x, z_part = y E (rows where x, y > 0). The
+    last program of the batch row writes v <- LN(v + LN(z)), z the sum of the parts of all heads.
+    PDL: launched while the attention kernel ends, and waits for it."""
+    if PDL:
+        tl.extra.cuda.gdc_launch_dependents()
+        tl.extra.cuda.gdc_wait()
+    bh = tl.program_id(0)
+    block = tl.program_id(1)
+    blocks = tl.num_programs(1)
+    b = bh // H
+    h = bh % H
+    j = block * BN + tl.arange(0, BN)
+    x = tl.load(x_ptr + bh * M + j, mask=j < M, other=0.0)
+    rows = (h * M + j)[:, None] * D  # Dy^T (h*M, d) and E (n, d) share the row index
+    y = tl.zeros((BN,), dtype=tl.float32)  # LN(a) Dy, BD columns of Dy^T's live rows at a time
+    for d0 in range(0, D, BD):
+        d = d0 + tl.arange(0, BD)
+        ln_a = tl.load(ln_ptr + bh * D + d, mask=d < D, other=0.0)
+        live = (x > 0.0)[:, None] & (d < D)[None, :]
+        dyt = tl.load(dyt_ptr + rows + d[None, :], mask=live, other=0.0).to(tl.float32)
+        y += tl.sum(dyt * ln_a[None, :], 1)
+    y = relu(y) * x  # BN; sparser than x
+    part = z_ptr + (bh * blocks + block) * D  # part h * blocks + block of batch row b
+    for d0 in range(0, D, BD):  # z_part = y E, BD columns of E's live rows at a time
+        d = d0 + tl.arange(0, BD)
+        live = (y != 0.0)[:, None] & (d < D)[None, :]
+        e = tl.load(e_ptr + rows + d[None, :], mask=live, other=0.0).to(tl.float32)
+        tl.store(part + d, tl.sum(y[:, None] * e, 0), mask=d < D)
+    count_ptr += b * (tl.cdiv(H * blocks, GROUP) + 1)  # this batch row's counters
+    _finish_sum(
+        z_ptr, groups_ptr, count_ptr, v_ptr, h * blocks + block, H * blocks, b, 1, 1, D,
+        RESIDUAL=True, GROUP=GROUP, GROUPS=GROUPS, D_PAD=D_PAD,
+    )  # fmt: skip
+
+
+@triton.jit
+def _step_embed_kernel(
+    byte_ptr, embed_ptr, v_ptr, pos_ptr, pos_now_ptr, D, D_PAD: tl.constexpr, PDL: tl.constexpr
+):  # fmt: skip
+    """v = LN(embedding of the byte), float32, for one batch row; the first also moves the position on
+    (pos_now: this byte's position, which the attention kernels read)."""
+    if PDL:
+        tl.extra.cuda.gdc_launch_dependents()  # the first attention kernel may start reading Dx
+    b = tl.program_id(0)
+    if b == 0:
+        pos = tl.load(pos_ptr)
+        tl.store(pos_now_ptr, pos)
+        tl.store(pos_ptr, pos + 1)
+    d = tl.arange(0, D_PAD)
+    row = tl.load(byte_ptr + b)
+    e = tl.load(embed_ptr + row * D + d, mask=d < D, other=0.0).to(tl.float32)
+    tl.store(v_ptr + b * D + d, _layer_norm_row(e, d < D, D), mask=d < D)
+
+
+class FusedStep:
+    """BDH.step through the step kernels: logits (B, V) after one more byte; the state in place.
+
+    Holds the weights in the layouts the kernels read (Dy transposed, so that a neuron's row is
+    contiguous) in the model's dtype; every sum is float32. Inference only: no dropout.
+    """
+
+    # pairs, state columns; parts a group (see _finish_sum)
+    ATTENTION_TILES = {"BP": 32, "BD": 64, "GROUP": 16, "num_warps": 2}
+    GATE_TILES = {"BN": 64, "BD": 128, "GROUP": 32, "num_warps": 2}  # neurons, columns; parts a group
+
+    def __init__(self, model: BDH, attention: dict | None = None, gate: dict | None = None) -> None:
+        """attention, gate: tiles that replace some of ATTENTION_TILES, GATE_TILES (kernel arguments)."""
+        cfg = model.config
+        if model.active_dropout > 0:
+            raise ValueError(
+                "FusedStep applies no dropout: call model.eval() first (BDH.step would apply it)"
+            )
+        self.config = cfg
+        self.attention = {**self.ATTENTION_TILES, **(attention or {})}
+        self.gate = {**self.GATE_TILES, **(gate or {})}
+        self.embed, self.readout = model.embed.weight, model.readout
+        self.Dx = model.Dx.contiguous()  # h, d, M
+        self.DyT = model.Dy.mT.contiguous()  # h, M, d
+        self.E = model.E.contiguous()  # n, d
+        freq = rope_frequencies(cfg, model.E.device)  # M: both members of a pair share a frequency
+        self.pair_freq = freq[first_of_pairs(cfg)].contiguous()  # M/2, turns per position
+        decay = chunk_decay(cfg, 1, model.E.device)  # gamma per head, or None
+        # gamma per head; without decay the kernel takes some pointer there and never reads it
+        self.gamma = decay.whole.flatten().contiguous() if decay is not None else self.pair_freq
+        self.counts: dict[int, torch.Tensor] = {}  # per batch size: the sums' counters, zero between kernels
+        # Programmatic dependent launch (Hopper on): each kernel starts while the one before ends
+        dev = model.E.device
+        self.pdl = dev.type == "cuda" and not INTERPRET and torch.cuda.get_device_capability(dev)[0] >= 9
+
+    def __call__(self, byte: torch.Tensor, state: RecurrentState) -> torch.Tensor:
+        cfg = self.config
+        B, H, M, D = state.layers[0].shape
+        att, gate = self.attention, self.gate
+        att_blocks = triton.cdiv(M // 2, att["BP"])  # parts of each (batch row, head)'s a
+        gate_blocks = triton.cdiv(M, gate["BN"])  # parts of each head's share of z
+        att_groups = triton.cdiv(att_blocks, att["GROUP"])
+        gate_groups = triton.cdiv(H * gate_blocks, gate["GROUP"])
+        tiles = triton.cdiv(B, BATCH_TILE)
+        att_counts = tiles * H * (att_groups + 1)
+        dev = state.pos.device
+        if B not in self.counts:  # made once (before any CUDA graph captures the step)
+            self.counts[B] = torch.zeros(att_counts + B * (gate_groups + 1), device=dev, dtype=torch.int32)
+        counts = self.counts[B]
+        f32 = torch.float32
+        v = torch.empty((B, D), device=dev, dtype=f32)
+        x = torch.empty((B, H, M), device=dev, dtype=f32)
+        a_parts = torch.empty((B * H, att_blocks, D), device=dev, dtype=f32)
+        a_groups = torch.empty((B * H, att_groups, D), device=dev, dtype=f32)
+        ln_a = torch.empty((B * H, D), device=dev, dtype=f32)
+        z_parts = torch.empty((B, H * gate_blocks, D), device=dev, dtype=f32)
+        z_groups = torch.empty((B, gate_groups, D), device=dev, dtype=f32)
+        pos_now = torch.empty((), device=dev, dtype=state.pos.dtype)
+        _step_embed_kernel[(B,)](byte, self.embed, v, state.pos, pos_now, D, D_PAD=pow2(D), PDL=self.pdl)
+        for S in state.layers:  # B, h, M, d float32
+            _step_attention_kernel[(tiles * H, att_blocks)](
+                v, self.Dx, self.pair_freq, pos_now, S, x, a_parts, a_groups, counts, ln_a, self.gamma,
+                B, H, M, D, INTERLEAVED=cfg.rope_style == "interleaved", BB=BATCH_TILE,
+                GROUPS=pow2(att_groups, 1), D_PAD=pow2(D), PDL=self.pdl, DECAY=cfg.half_lives is not None,
+                launch_pdl=self.pdl, **att,
+            )  # fmt: skip
+            _step_gate_kernel[(B * H, gate_blocks)](
+                ln_a, x, self.DyT, self.E, z_parts, z_groups, counts[att_counts:], v, H, M, D,
+                GROUPS=pow2(gate_groups, 1), D_PAD=pow2(D), PDL=self.pdl, launch_pdl=self.pdl, **gate,
+            )  # fmt: skip
+        return v.to(self.readout.dtype) @ self.readout  # B, V

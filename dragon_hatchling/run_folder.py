@@ -1,0 +1,340 @@
+"""What a training run writes into its folder, and the counters it saves with every checkpoint.
+
+    RUN/log.csv                 a row every --log_every steps (validation columns at each validation)
+    RUN/metrics.json            the results, and everything needed to say how they were made
+    RUN/{loss,bpb,lr,sparsity}.png
+    RUN/checkpoints/{best,last}/  model.safetensors, config.json, training_state.pt
+
+Under torchrun rank 0 writes; the other ranks' RunFolder writes nothing but takes part in what the
+ranks do together (gathering their random states for a checkpoint).
+"""
+
+from __future__ import annotations
+
+import csv
+import datetime as dt
+import math
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from dragon_hatchling import plots
+from dragon_hatchling.checkpoints import clear_run, save_checkpoint
+from dragon_hatchling.data import describe_source
+from dragon_hatchling.distributed import gather
+from dragon_hatchling.files import atomic_path, write_json
+from dragon_hatchling.hub import try_push
+from dragon_hatchling.paths import COMPILED, FUSED
+from dragon_hatchling.run_setup import Setup
+from dragon_hatchling.scoring import activation_summary
+from dragon_hatchling.stopping import Interrupted, StopSignals, kept_checkpoint, resume_argv, shell_command
+
+LN2 = math.log(2)
+CSV_FIELDS = [
+    "step",
+    "epoch",
+    "bytes_seen",
+    "train_loss",
+    "val_loss",
+    "val_bpb",
+    "lr",
+    "bytes_per_s",
+    "elapsed_s",
+]
+# at every validation: the fraction of non-zero neurons x and y (the paper reports about 5%), averaged
+# over the layers, on the first 8 validation windows
+SPARSITY_FIELDS = ["x_nonzero", "y_nonzero"]
+
+
+@dataclass
+class Progress:
+    """The run's counters, saved in every checkpoint beside the weights and the optimizer's state."""
+
+    done: int | None = 0  # the optimizer steps the weights hold (None: in the middle of an update)
+    best: dict = field(default_factory=lambda: {"val_loss": float("inf")})  # the best validation, its step
+    last_eval: dict = field(default_factory=dict)  # the last validation's losses
+    eval_step: int | None = None  # the step last_eval was measured at
+    train_time: float = 0.0  # seconds of training steps, over every stretch of the run
+    elapsed_before: float = 0.0  # wall seconds of the stretches before this one
+    saved: int | None = None  # the step of the last checkpoint
+    started: float = field(default_factory=time.time)
+
+    @classmethod
+    def of_checkpoint(cls, state: dict) -> Progress:
+        """The counters a training_state.pt saved (runs from before eval_step: the step saved at)."""
+        last_eval = state.get("last_eval", {})
+        eval_step = state.get("eval_step", state["step"] if last_eval else None)
+        return cls(
+            state["step"],
+            state["best"],
+            last_eval,
+            eval_step,
+            state["train_time_s"],
+            state["elapsed_s"],
+            saved=state["step"],
+        )
+
+    def elapsed(self) -> float:
+        return self.elapsed_before + time.time() - self.started
+
+
+def rng_state(device: torch.device) -> dict:
+    state = {"torch": torch.get_rng_state()}
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
+    return state
+
+
+def set_rng_state(state: dict, device: torch.device) -> None:
+    torch.set_rng_state(state["torch"])
+    if device.type == "cuda" and "cuda" in state:
+        torch.cuda.set_rng_state(state["cuda"], device)
+
+
+class CsvLog:
+    """The training log: one row every --log_every steps, flushed as it goes.
+
+    A resumed run keeps the rows up to its checkpoint's step (rewritten atomically, which also
+    drops a line torn by a kill) and appends after them.
+    """
+
+    def __init__(self, path: Path, fields: list[str], resume_step: int | None = None) -> None:
+        self.fields = fields
+        self.rows: list[dict] = []
+        if resume_step is not None and path.is_file():
+            with open(path, newline="") as f:
+                old = [r for r in csv.DictReader(f) if r.get("step", "").isdigit()]
+            self.rows = [{k: r.get(k) or "" for k in fields} for r in old if int(r["step"]) <= resume_step]
+        with atomic_path(path) as tmp, open(tmp, "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=fields, lineterminator="\n")
+            writer.writeheader()
+            writer.writerows(self.rows)
+        self.file = open(path, "a", newline="")
+        self.writer = csv.DictWriter(self.file, fieldnames=fields, lineterminator="\n")
+
+    def write(self, row: dict) -> None:
+        row = {k: row.get(k, "") for k in self.fields}
+        self.writer.writerow(row)
+        self.file.flush()
+        self.rows.append(row)
+
+    def close(self) -> None:
+        self.file.close()
+
+
+class NoLog:
+    """The log of a rank that writes nothing (every rank but 0)."""
+
+    rows: list[dict] = []
+
+    def write(self, row: dict) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+class RunFolder:
+    """The run's folder: its log, checkpoints, metrics and plots (a context manager that closes the log)."""
+
+    def __init__(self, run: Setup, nets, progress: Progress, sources: dict) -> None:
+        """nets: the model and its optimizer (experiment.Nets); sources: data_sources(run) (rank 0)."""
+        self.run, self.model, self.optimizer, self.progress = run, nets.model, nets.optimizer, progress
+        self.sources, self.push_failed = sources, False
+        self.command = shell_command(sys.argv[1:])
+        self.resume_command = shell_command(resume_argv(sys.argv[1:], run.out_dir))
+        self.log = NoLog()
+        if not run.ranks.main:
+            return
+        if run.resume is None:  # --overwrite: the old run goes before the new one writes anything
+            clear_run(run.out_dir)
+        extra = [f"{k}_{label}" for label in run.data.extra for k in ("val_loss", "val_bpb")]
+        fields = CSV_FIELDS + extra + SPARSITY_FIELDS
+        self.log = CsvLog(run.out_dir / "log.csv", fields, progress.done if run.resume is not None else None)
+
+    def __enter__(self) -> RunFolder:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.log.close()
+
+    def save(self, step: int, which: tuple[str, ...] = ("last",), together: bool = True) -> None:
+        """Rank 0 saves step `step`. together: every rank calls this at the same step (their random
+        states are gathered, so that each resumes where it was)."""
+        run, p = self.run, self.progress
+        rngs = gather(rng_state(run.device)) if together and run.ranks.several else None
+        p.saved = step
+        if not run.ranks.main:
+            return
+        state = {
+            "step": step,
+            "optimizer": self.optimizer.state_dict(),
+            "args": vars(run.args),
+            "best": p.best,
+            "last_eval": p.last_eval,
+            "eval_step": p.eval_step,
+            "rng": rng_state(run.device),
+            "rng_ranks": rngs,
+            "world_size": run.ranks.world,
+            "train_time_s": p.train_time,
+            "elapsed_s": p.elapsed(),
+        }
+        for name in which:
+            save_checkpoint(self.model, run.out_dir / "checkpoints" / name, state)
+
+    def write_results(self, step: int, finished: bool) -> dict:
+        """metrics.json and the plots, after step `step` (rank 0; the others return no metrics)."""
+        if not self.run.ranks.main:
+            return {}
+        metrics = run_metrics(self, step)
+        metrics["world_size"] = self.run.ranks.world
+        metrics["finished"] = finished
+        write_json(self.run.out_dir / "metrics.json", metrics)
+        extra = list(self.run.data.extra)
+        plots.training_curves(self.log.rows, extra, self.run.out_dir, self.model.display_name)
+        return metrics
+
+    def stopped(self, step: int, signals: StopSignals, saved_now: bool) -> Interrupted:
+        """After a signal: save step `step` (unless just saved) and the results, say how to resume."""
+        if not saved_now:
+            self.save(step)
+        self.write_results(step, finished=False)
+        where = self.run.out_dir / "checkpoints" / "last"
+        return Interrupted(
+            signals.signum,
+            f"{signals.name} at step {step}: saved {where}; resume with: {self.resume_command}",
+        )
+
+    def rescue(self, error: Exception) -> str:
+        """After an unexpected exception: save what the last whole step holds, say how to resume."""
+        p = self.progress
+        message = str(error).splitlines()[0][:300] if str(error) else ""
+        if p.done is not None and p.done > 0 and p.done != p.saved:
+            try:
+                self.save(p.done, together=False)
+            except Exception:  # e.g. a full disk: the previous checkpoint stays as it was
+                pass
+        try:
+            self.write_results(p.saved or 0, finished=False)
+        except Exception:
+            pass
+        when = f"after step {p.done}" if p.done is not None else "during an optimizer update"
+        kept = kept_checkpoint(self.run.out_dir)
+        return f"{type(error).__name__} {when}: {message}. {kept} Resume with: {self.resume_command}"
+
+    def push(self) -> None:
+        """Push the run's best checkpoint and results to the Hub (rank 0); a failure is one line, kept."""
+        if self.run.ranks.main:
+            self.push_failed |= not try_push(
+                self.run.out_dir, self.run.args.hf_repo_id, self.run.args.hf_private
+            )
+
+
+def data_sources(run: Setup) -> dict:
+    """Where each file of the run came from, for metrics.json (path, size, sha256)."""
+    args, data = run.args, run.data
+    return {
+        "train": describe_source("train", args.data_dir, data.train_path),
+        "valid": describe_source("valid", args.data_dir, data.valid_path),
+        "extra_valid": [describe_source(label, None, p) for label, p in data.extra_files.items()],
+    }
+
+
+def run_metrics(folder: RunFolder, step: int) -> dict:
+    """metrics.json: the run's results and everything needed to say how they were made."""
+    run, model, p, args = folder.run, folder.model, folder.progress, folder.run.args
+    sparsity = None  # a GPT has no sparse neurons
+    if model.has_neurons:
+        sparsity = activation_summary(
+            model, run.data.valid, args.eval_seq_len, min(8, args.eval_batch_size), run.device, run.dtype
+        )
+    trained_bytes = step * args.batch_size * args.seq_len
+    val = p.last_eval.get("val_loss")  # None: no validation has run yet
+    return {
+        **final_validation(val, step, p.best),
+        "final_extra_val": {
+            label: {
+                "loss": p.last_eval[f"val_loss_{label}"],
+                "bpb": p.last_eval[f"val_bpb_{label}"],
+                "perplexity": math.exp(p.last_eval[f"val_loss_{label}"]),
+            }
+            for label in run.data.extra
+            if f"val_loss_{label}" in p.last_eval
+        },
+        "activation_nonzero": sparsity,
+        "steps": step,
+        "total_steps": run.total_steps,
+        "epochs": round(step / run.steps_per_epoch, 4),
+        "bytes_trained": trained_bytes,
+        "wall_time_s": round(p.elapsed(), 1),
+        "train_time_s": round(p.train_time, 1),
+        "bytes_per_s": round(trained_bytes / max(p.train_time, 1e-9)),
+        "arch": args.arch,
+        "num_params": model.num_params(),
+        "config": model.config.to_dict(),
+        **hardware(run),
+        "command": folder.command,
+        "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+        "git_commit": git_commit(),
+        "data": folder.sources,
+        "args": vars(args),
+    }
+
+
+def final_validation(val: float | None, step: int, best: dict) -> dict:
+    """The last validation's loss, bits/byte and perplexity (None before the first), and the best's."""
+    validated = val is not None
+    return {
+        "final_val_loss": val,
+        "final_val_bpb": val / LN2 if validated else None,
+        "final_val_perplexity": math.exp(val) if validated else None,
+        "final_val_note": None if validated else f"no validation had run by step {step}",
+        "best_val_loss": best.get("val_loss") if best.get("step") is not None else None,
+        "best_val_bpb": best.get("val_bpb"),
+        "best_step": best.get("step"),
+    }
+
+
+def hardware(run: Setup) -> dict:
+    """Where and how the run computed: device, dtype, the forward path (paths.py), torch's version."""
+    return {
+        "device": device_name(run.device),
+        "dtype": str(run.dtype).removeprefix("torch."),
+        "path": run.path,
+        "compile": run.path == COMPILED,
+        "fused": run.path == FUSED,
+        "torch_version": torch.__version__,
+    }
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return f"cuda ({torch.cuda.get_device_name(device)})"
+    return device.type
+
+
+def git_commit() -> str | None:
+    """The commit this code is at, with -dirty if tracked files changed; None outside a checkout."""
+    here = Path(__file__).parent
+
+    def git(*words: str) -> subprocess.CompletedProcess:
+        return subprocess.run(["git", *words], capture_output=True, text=True, timeout=5, cwd=here)
+
+    try:
+        out = git("rev-parse", "--verify", "HEAD")
+        if out.returncode != 0:
+            return None
+        dirty = git("status", "--porcelain", "--untracked-files=no").stdout.strip()
+        return out.stdout.strip() + ("-dirty" if dirty else "")
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def rank_seed(seed: int, rank: int, step: int) -> int:
+    """The seed of rank > 0's random numbers (dropout) from `step` on, when it has no state of its own."""
+    return int(np.random.SeedSequence([seed, rank, step]).generate_state(1)[0])

@@ -1,0 +1,338 @@
+"""What experiment.py checks and reads before its first step: the recipe and the architecture's
+defaults filled in, the run to resume, the model's config, the data, the run folder. Every bad
+argument or input is a UsageError here, before any work.
+
+The recipes set the flags left out (explicit flags win, and a resumed run keeps its own):
+    long-context  8 x 512-byte windows, attention half-lives 8, 32, 128, 256 bytes (the default; the
+                  recipe that won results/long-context)
+    reference     the reference report's 32 x 128-byte windows, no decay (the paper's model)
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime as dt
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from dragon_hatchling.architectures import ARCHITECTURES, foreign_flags, model_flags
+from dragon_hatchling.checkpoints import checkpoint_folder, holds_run, load_training_state, lock_folder
+from dragon_hatchling.cli import UsageError, make_out_dir
+from dragon_hatchling.corpora import dataset_folder, prepare_dataset
+from dragon_hatchling.data import load_bytes_file, load_split, num_windows
+from dragon_hatchling.devices import check_fits, resolve_device, resolve_dtype
+from dragon_hatchling.distributed import Ranks, rank_device
+from dragon_hatchling.hub_client import REPO_ID
+from dragon_hatchling.paths import choose_path
+
+RECIPES = {
+    "long-context": {"batch_size": 8, "seq_len": 512, "half_lives": [8.0, 32.0, 128.0, 256.0]},
+    "reference": {"batch_size": 32, "seq_len": 128, "half_lives": None},
+}
+# Flags that must agree between a run and its resumption (the rest, e.g. --device, may change).
+RESUME_MUST_MATCH = (
+    "epochs",
+    "max_steps",
+    "batch_size",
+    "seq_len",
+    "eval_seq_len",
+    "lr",
+    "min_lr",
+    "warmup_steps",
+    "weight_decay",
+    "grad_clip",
+    "seed",
+    "n_embd",
+    "n_head",
+    "n_neurons",
+    "n_layer",
+    "dropout",
+    "rope_theta",
+    "rope_style",
+    "half_lives",
+    "arch",
+    "block_size",
+    "train_file",
+    "data_dir",
+    "dataset",
+    "dataset_config",
+    "text_column",
+    "val_fraction",
+)
+
+
+@dataclass
+class Data:
+    """The bytes a run trains and validates on, and where each came from (None: the Hub)."""
+
+    train: np.ndarray
+    valid: np.ndarray
+    extra: dict[str, np.ndarray]  # --extra_val_file, by label
+    train_path: str | Path | None
+    valid_path: str | Path | None
+    extra_files: dict[str, str]  # label: path
+
+
+@dataclass
+class Setup:
+    """Everything train() starts from, checked."""
+
+    args: argparse.Namespace
+    ranks: Ranks
+    device: torch.device
+    dtype: torch.dtype
+    path: str  # paths.FUSED, COMPILED or EAGER
+    config: object  # BDHConfig or GPTConfig
+    data: Data
+    steps_per_epoch: int
+    out_dir: Path
+    resume: Path | None  # the checkpoint folder resumed from
+    resume_state: dict | None  # its training_state.pt
+    lock: object | None  # the run folder's lock, held by rank 0
+
+    @property
+    def total_steps(self) -> int:
+        return self.args.max_steps or self.args.epochs * self.steps_per_epoch
+
+
+def prepare(args: argparse.Namespace, ranks: Ranks | None = None) -> Setup:
+    """Check every argument and input before any work; UsageError on the first bad one."""
+    ranks = ranks or Ranks()
+    device = rank_device(ranks, resolve_device(args.device))
+    dtype = resolve_dtype(args.dtype, device)
+    check_flags(args)
+    resume, resume_state = resume_from(args)
+    config = model_config(args)
+    path = choose_path(ARCHITECTURES[args.arch][0], device, args.fused, args.compile, dtype)
+    check_model(args, config, device, ranks)
+    data = load_data(args)
+    steps_per_epoch = check_windows(args, data)
+    out_dir = run_folder(args, resume)
+    lock = None
+    if ranks.main:  # rank 0 alone writes
+        make_out_dir(out_dir)
+        lock = lock_folder(out_dir)  # held for the run's life: two runs never share a folder
+        if holds_run(out_dir) and not args.overwrite and resume is None:
+            raise UsageError(
+                f"--out_dir {out_dir} already holds a run; pass --resume auto to continue it, "
+                "--overwrite to replace it, or choose another folder"
+            )
+    return Setup(
+        args, ranks, device, dtype, path, config, data, steps_per_epoch, out_dir, resume, resume_state, lock
+    )
+
+
+def check_flags(args: argparse.Namespace) -> None:
+    """The flags that disagree with each other, whatever the model and data."""
+    if args.push_every_epoch and not args.push_to_hub:
+        raise UsageError("--push_every_epoch needs --push_to_hub")
+    if args.min_lr > args.lr:
+        raise UsageError(
+            f"--min_lr {args.min_lr} is above --lr {args.lr}: the schedule decays from --lr to --min_lr"
+        )
+    if args.push_to_hub and (args.hf_repo_id is None or not REPO_ID.match(args.hf_repo_id)):
+        raise UsageError(f"--push_to_hub needs --hf_repo_id USER/NAME (got {args.hf_repo_id!r})")
+
+
+def resume_from(args: argparse.Namespace) -> tuple[Path | None, dict | None]:
+    """The checkpoint folder and training state of --resume (None, None: a new run), with every flag
+    left out filled in: from the checkpoint, else the recipe's and the architecture's defaults."""
+    resume = find_resume(args)
+    if resume is None:
+        apply_recipe(args, None)
+        return None, None
+    state = load_training_state(resume)
+    saved = state.get("args", {})
+    apply_recipe(args, saved)
+    differ = [k for k in RESUME_MUST_MATCH if k in saved and saved[k] != getattr(args, k)]
+    if differ:
+        detail = ", ".join(f"--{k} {getattr(args, k)} (checkpoint: {saved[k]})" for k in differ)
+        raise UsageError(
+            f"--resume {args.resume}: the checkpoint's config disagrees with the flags given: {detail}"
+        )
+    return resume, state
+
+
+def find_resume(args: argparse.Namespace) -> Path | None:
+    """The checkpoint folder that --resume names (auto: --out_dir's last checkpoint), or None."""
+    if args.resume is None:
+        return None
+    if args.resume == "auto":
+        if args.out_dir is None:
+            raise UsageError("--resume auto needs --out_dir (the run folder to continue)")
+        where = Path(args.out_dir)
+    else:
+        where = Path(args.resume)
+    folder = checkpoint_folder(where, "last") if not (where / "training_state.pt").is_file() else where
+    if folder is None or not (folder / "training_state.pt").is_file():
+        raise UsageError(
+            f"--resume {args.resume}: no checkpoint with training state in {where} "
+            "(expected checkpoints/last/training_state.pt)"
+        )
+    return folder
+
+
+def apply_recipe(args: argparse.Namespace, saved: dict | None) -> None:
+    """Fill the flags left out: from the checkpoint being resumed (its own recipe), else the recipe's."""
+    apply_arch(args, saved)
+    if args.recipe is None:
+        args.recipe = saved.get("recipe", "reference") if saved is not None else "long-context"
+    for name, default in RECIPES[args.recipe].items():
+        if getattr(args, name) is not None or name in foreign_flags(args.arch):
+            continue
+        if saved is not None:  # runs from before --recipe had the reference's windows and no decay
+            value = saved.get(name, RECIPES["reference"][name])
+        elif name == "half_lives" and default:
+            value = recipe_half_lives(default, args.n_head)
+        else:
+            value = default
+        setattr(args, name, value)
+    if args.half_lives and len(args.half_lives) == 1:  # one half-life for every head
+        args.half_lives = args.half_lives * args.n_head
+    args.half_lives = args.half_lives or None  # --half_lives none
+    if args.eval_seq_len is None:  # runs from before --eval_seq_len validated in their own windows
+        args.eval_seq_len = 128 if saved is None else saved.get("eval_seq_len", saved.get("seq_len", 128))
+
+
+def apply_arch(args: argparse.Namespace, saved: dict | None) -> None:
+    """Fill the model flags left out: from the checkpoint being resumed, else the architecture's
+    defaults (its config's). A flag of another architecture is a UsageError."""
+    if args.arch is None:
+        args.arch = saved.get("arch", "bdh") if saved is not None else "bdh"
+    given = [name for name in foreign_flags(args.arch) if getattr(args, name, None) is not None]
+    if given:
+        raise UsageError(f"--{given[0]} is not a flag of --arch {args.arch}")
+    for name, default in model_flags(args.arch).items():
+        if getattr(args, name) is None:
+            setattr(args, name, saved.get(name, default) if saved is not None else default)
+
+
+def recipe_half_lives(lives: list[float], n_head: int) -> list[float]:
+    """A recipe's half-lives (for 4 heads) for n_head heads: its curve, log-linear, at n_head points
+    from its first to its last (one head: the last, the longest)."""
+    if n_head == len(lives):
+        return list(lives)
+    at = np.linspace(0, len(lives) - 1, n_head) if n_head > 1 else np.array([len(lives) - 1.0])
+    return [round(float(t), 2) for t in np.exp(np.interp(at, np.arange(len(lives)), np.log(lives)))]
+
+
+def model_config(args: argparse.Namespace):
+    """The model's config from the (filled-in) flags of the same names; a UsageError if it is not a
+    valid model."""
+    cls = ARCHITECTURES[args.arch][1]
+    flags = {f.name: getattr(args, f.name) for f in dataclasses.fields(cls) if hasattr(args, f.name)}
+    try:
+        return cls(**flags)
+    except ValueError as e:
+        raise UsageError(f"model config: {e}") from e
+
+
+def check_model(args: argparse.Namespace, config, device: torch.device, ranks: Ranks) -> None:
+    """The model fits its windows, the batch divides among the ranks, and the device holds them."""
+    if args.batch_size % ranks.world:
+        raise UsageError(
+            f"--batch_size {args.batch_size} (the global batch) does not divide among {ranks.world} processes"
+        )
+    longest = max(args.seq_len, args.eval_seq_len)
+    if config.max_window is not None and longest > config.max_window:
+        raise UsageError(
+            f"--arch {args.arch} reads at most --block_size {config.max_window} bytes; "
+            f"--seq_len {args.seq_len} / --eval_seq_len {args.eval_seq_len} are longer"
+        )
+    # at least: float32 weights, gradients and AdamW's two moments, and the activations kept
+    kept = config.activation_bytes(args.batch_size * args.seq_len, training=True)
+    check_fits(
+        16 * config.num_params + kept // ranks.world,
+        device,
+        f"training this model ({config.num_params:,} parameters) on {args.batch_size} x {args.seq_len} bytes"
+        + (f" ({args.batch_size // ranks.world} windows a process)" if ranks.several else ""),
+    )
+
+
+def load_data(args: argparse.Namespace) -> Data:
+    """The train and validation bytes: --dataset's converted files, --train_file beside the
+    validation split, or the splits of --data_dir (or the Hub); and every --extra_val_file."""
+    train_path, valid_path = args.train_file, None  # None: the split of --data_dir or the Hub
+    if args.dataset is not None:
+        check_dataset_flags(args)
+        folder = dataset_folder(
+            args.data_cache, args.dataset, args.dataset_config, args.text_column, args.val_fraction
+        )
+        train_path, valid_path = folder / "train.bin", folder / "valid.bin"
+        train = load_bytes_file(train_path, what=f"--dataset {args.dataset}: train")
+        valid = load_bytes_file(valid_path, what=f"--dataset {args.dataset}: validation")
+    elif args.train_file is not None:
+        train = load_bytes_file(args.train_file, what="--train_file")
+        valid = load_split("valid", args.data_dir)
+    else:
+        train = load_split("train", args.data_dir)
+        valid = load_split("valid", args.data_dir)
+    extra_files = dict(zip(extra_labels(args.extra_val_file), args.extra_val_file, strict=True))
+    extra = {label: load_bytes_file(p, what="--extra_val_file") for label, p in extra_files.items()}
+    return Data(train, valid, extra, train_path, valid_path, extra_files)
+
+
+def check_windows(args: argparse.Namespace, data: Data) -> int:
+    """Every file holds a window, and the train file a batch of them; returns the steps of an epoch."""
+    windows = [("train", data.train, "--seq_len"), ("valid", data.valid, "--eval_seq_len")]
+    for name, text, flag in windows + [(name, text, "--eval_seq_len") for name, text in data.extra.items()]:
+        T = args.seq_len if flag == "--seq_len" else args.eval_seq_len
+        if num_windows(text, T) == 0:
+            raise UsageError(
+                f"{name} data ({len(text)} bytes) is shorter than one window of {flag} + 1 = {T + 1} bytes"
+            )
+    steps_per_epoch = num_windows(data.train, args.seq_len) // args.batch_size
+    if steps_per_epoch == 0:
+        raise UsageError(
+            f"train data has {num_windows(data.train, args.seq_len)} windows of "
+            f"{args.seq_len} bytes, fewer than --batch_size {args.batch_size}"
+        )
+    return steps_per_epoch
+
+
+def run_folder(args: argparse.Namespace, resume: Path | None) -> Path:
+    """--out_dir; else the folder of the run resumed (RUN/checkpoints/last); else a new one."""
+    if args.out_dir is not None:
+        return Path(args.out_dir)
+    if resume is not None:
+        return resume.parent.parent
+    return Path(f"results/runs/{dt.datetime.now():%Y%m%d-%H%M%S}")
+
+
+def extra_labels(paths: list[str]) -> list[str]:
+    """A label for each --extra_val_file, unique: the file's name, with as many of its folders in
+    front as it takes to tell apart files of the same name. The same file twice is an error."""
+    resolved = [Path(p).resolve() for p in paths]
+    if len(set(resolved)) < len(resolved):
+        twice = next(p for p in paths if resolved.count(Path(p).resolve()) > 1)
+        raise UsageError(f"--extra_val_file {twice} is given twice")
+    for depth in range(1, max((len(p.parts) for p in resolved), default=1) + 1):
+        labels = ["_".join(p.parts[-depth:]).replace(".", "_").replace("/", "") for p in resolved]
+        if len(set(labels)) == len(labels):
+            return labels
+    raise AssertionError("distinct files have distinct paths")
+
+
+def check_dataset_flags(args: argparse.Namespace) -> None:
+    if args.data_dir is not None or args.train_file is not None:
+        raise UsageError("--dataset replaces Wikitext-2: leave out --data_dir and --train_file")
+    if not args.val_fraction < 1:
+        raise UsageError(f"--val_fraction must be below 1, got {args.val_fraction}")
+
+
+def convert_dataset(args: argparse.Namespace) -> Path:
+    """--dataset's byte files, converted now unless they were before."""
+    check_dataset_flags(args)
+    return prepare_dataset(
+        args.dataset,
+        args.dataset_config,
+        args.text_column,
+        args.val_fraction,
+        args.data_cache,
+        seed=args.seed,
+        progress=not args.no_progress,
+    )

@@ -1,0 +1,210 @@
+"""Scoring a model on a text: windows (the reference report's protocol, and loss by position in
+them), the whole text read as one (the state carried from its first byte to its last), and the
+fraction of non-zero neurons. experiment.py validates with it and evaluate.py reports it.
+
+Protocol: window i covers bytes [i*T, i*T+T+1) of the text; the model reads its first T bytes and is
+scored on its last T; the loss is the mean cross-entropy in nats over all targets.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from dragon_hatchling.cli import UsageError
+from dragon_hatchling.data import window_batches
+from dragon_hatchling.devices import autocast
+
+EVAL_BATCH_BYTES = 65536  # an evaluation batch holds at most this many bytes (fewer windows when long)
+CHUNK_SIZE = 1024  # the chunked form's chunk: --stream reads this many bytes at a time
+
+
+def eval_batch_windows(batch_size: int, seq_len: int, batch_bytes: int = EVAL_BATCH_BYTES) -> int:
+    """Windows per evaluation batch: batch_size, fewer for long windows, at least one."""
+    return max(1, min(batch_size, batch_bytes // seq_len))
+
+
+def position_buckets(length: int) -> list[tuple[int, int]]:
+    """Positions [0, 128), [128, 256), [256, 512), ... doubling, the last one ending at length."""
+    edges = [0, min(128, length)]
+    while edges[-1] < length:
+        edges.append(min(2 * edges[-1], length))
+    return list(itertools.pairwise(edges))
+
+
+def by_bucket(sums: np.ndarray, counts: np.ndarray, buckets: list[tuple[int, int]]) -> dict[str, float]:
+    """Mean loss in each bucket, keyed "first-last" position."""
+    return {f"{a}-{b - 1}": float(s / c) for (a, b), s, c in zip(buckets, sums, counts, strict=True) if c}
+
+
+@contextmanager
+def eval_mode(model: torch.nn.Module) -> Iterator[None]:
+    """The model in eval mode (no dropout) for the block, then back in the mode it was in."""
+    was_training = model.training
+    model.eval()
+    try:
+        yield
+    finally:
+        model.train(was_training)
+
+
+class Stopped(Exception):
+    """The caller's stop() asked scoring to end before its last batch (a signal arrived)."""
+
+
+@torch.no_grad()
+def position_loss_sums(
+    model: torch.nn.Module,
+    data: np.ndarray,
+    seq_len: int,
+    batch_size: int,
+    device: torch.device,
+    max_chunks: int | None = None,
+    autocast_dtype: torch.dtype | None = None,
+    chunk_size: int | None = None,
+    stop: Callable[[], bool] | None = None,
+    shard: tuple[int, int] = (0, 1),
+) -> tuple[np.ndarray, int]:
+    """Cross-entropy (nats) summed over the windows at each position 0..T-1, and the windows scored.
+
+    chunk_size: read each window through model.forward_chunked, chunk_size bytes at a time (memory
+    linear in T); None: one parallel pass a window (model(x), which may be a compiled or fused model).
+    stop: asked after every batch; True ends the scoring with Stopped.
+    shard (rank, world): score only this rank's windows (every world-th); the caller adds up the ranks.
+    """
+    sums, windows = np.zeros(seq_len), 0
+    with eval_mode(model):
+        for x, y in window_batches(data, seq_len, batch_size, max_chunks, shard):
+            x, y = x.to(device), y.to(device)
+            with autocast(device, autocast_dtype):
+                logits = model.forward_chunked(x, chunk_size=chunk_size)[0] if chunk_size else model(x)[0]
+            loss = F.cross_entropy(logits.float().mT, y, reduction="none")  # B, T
+            sums += loss.sum(0).double().cpu().numpy()
+            windows += y.shape[0]
+            if stop is not None and stop():
+                raise Stopped
+    if windows == 0 and shard[1] == 1:
+        raise UsageError(f"the split ({len(data)} bytes) is shorter than one window of {seq_len + 1}")
+    return sums, windows
+
+
+def evaluate_loss(
+    model: torch.nn.Module,
+    data: np.ndarray,
+    seq_len: int,
+    batch_size: int,
+    device: torch.device,
+    max_chunks: int | None = None,
+    autocast_dtype: torch.dtype | None = None,
+    stop: Callable[[], bool] | None = None,
+) -> tuple[float, int]:
+    """Mean cross-entropy (nats per byte) over all targets of the windows, and the bytes scored."""
+    sums, windows = position_loss_sums(
+        model, data, seq_len, batch_size, device, max_chunks, autocast_dtype, stop=stop
+    )
+    return float(sums.sum() / (windows * seq_len)), windows * seq_len
+
+
+def loss_by_position(sums: np.ndarray, windows: int) -> dict[str, float]:
+    """Mean loss over positions 0-127, 128-255, 256-511, ... of the window (a model trained on short
+    windows may not carry its quality to later positions)."""
+    buckets = position_buckets(len(sums))
+    return by_bucket(
+        np.array([sums[a:b].sum() for a, b in buckets]), [windows * (b - a) for a, b in buckets], buckets
+    )
+
+
+@torch.no_grad()
+def stream_loss_sums(
+    model: torch.nn.Module,
+    data: np.ndarray,
+    device: torch.device,
+    autocast_dtype: torch.dtype | None = None,
+    chunk_size: int = CHUNK_SIZE,
+) -> tuple[np.ndarray, np.ndarray, list[tuple[int, int]]]:
+    """The text read as one: the chunked form carries its state from the first byte to the last.
+
+    Byte i + 1 is scored at position i, having seen bytes 0..i. Returns the cross-entropy summed
+    in each position bucket, the bytes in each, and the buckets (position_buckets). Memory does not
+    grow with the text: one chunk, the state (float32, B = 1) and the sums.
+    """
+    buckets = position_buckets(len(data) - 1)
+    starts = np.array([a for a, _ in buckets])
+    sums, counts = np.zeros(len(buckets)), np.zeros(len(buckets), dtype=np.int64)
+    state = model.initial_state(1, device)
+    with eval_mode(model):
+        for p0 in tqdm(range(0, len(data) - 1, chunk_size), desc="stream", unit="chunk", disable=None):
+            chunk = torch.from_numpy(np.asarray(data[p0 : p0 + chunk_size + 1]).astype(np.int64)).to(device)
+            with autocast(device, autocast_dtype):
+                logits, _, state = model.forward_chunked(chunk[None, :-1], chunk_size=chunk_size, state=state)
+            loss = F.cross_entropy(logits[0].float(), chunk[1:], reduction="none").double().cpu().numpy()
+            which = np.searchsorted(starts, np.arange(p0, p0 + len(loss)), side="right") - 1
+            np.add.at(sums, which, loss)
+            np.add.at(counts, which, 1)
+    return sums, counts, buckets
+
+
+@torch.no_grad()
+def activation_summary(
+    model: torch.nn.Module,
+    data: np.ndarray,
+    seq_len: int,
+    windows: int,
+    device: torch.device,
+    autocast_dtype: torch.dtype | None = None,
+) -> dict:
+    """Fraction of non-zero neurons x and y, per layer and averaged, on the first `windows` windows."""
+    idx = next(window_batches(data, seq_len, windows))[0].to(device)
+    with eval_mode(model), autocast(device, autocast_dtype):
+        per_layer = model.activation_stats(idx)
+    return {
+        "x_mean": float(np.mean([s["x_nonzero"] for s in per_layer])),
+        "rope_x_mean": float(np.mean([s["rope_x_nonzero"] for s in per_layer])),
+        "y_mean": float(np.mean([s["y_nonzero"] for s in per_layer])),
+        "per_layer": per_layer,
+    }
+
+
+def summary(loss_sum: float, n_bytes: int, by_position: dict[str, float], mode: str) -> dict:
+    """Loss (nats/byte), perplexity (per byte) and bits per byte of a scoring, with its loss by position."""
+    loss = loss_sum / n_bytes
+    return {
+        "loss": loss,
+        "perplexity": math.exp(loss),
+        "bpb": loss / math.log(2),
+        "bytes": n_bytes,
+        "mode": mode,
+        "loss_by_position": by_position,
+    }
+
+
+def score_windows(
+    model: torch.nn.Module,
+    data: np.ndarray,
+    seq_len: int,
+    batch_size: int,
+    device: torch.device,
+    dtype: torch.dtype | None = None,
+    max_chunks: int | None = None,
+    chunk_size: int | None = None,
+) -> dict:
+    """The protocol over the first max_chunks windows (all by default), in batches of at most
+    EVAL_BATCH_BYTES; chunk_size: through the chunked form (see position_loss_sums)."""
+    batch = eval_batch_windows(batch_size, seq_len)
+    sums, windows = position_loss_sums(model, data, seq_len, batch, device, max_chunks, dtype, chunk_size)
+    return summary(float(sums.sum()), windows * seq_len, loss_by_position(sums, windows), "windows")
+
+
+def score_stream(
+    model: torch.nn.Module, data: np.ndarray, device: torch.device, dtype: torch.dtype | None, chunk_size: int
+) -> dict:
+    """The whole text read as one (stream_loss_sums)."""
+    sums, counts, buckets = stream_loss_sums(model, data, device, dtype, chunk_size)
+    return summary(float(sums.sum()), int(counts.sum()), by_bucket(sums, counts, buckets), "stream")

@@ -1,0 +1,105 @@
+"""The fused recurrent step (dragon_hatchling/fused_recurrent.py) against the recurrent form of
+model.py, `BDH.step`, and generation through its CUDA graph against the plain steps.
+
+Without a GPU they run in Triton's CPU interpreter (TRITON_INTERPRET=1, set by conftest.py) at tiny
+sizes; on a GPU the same tests run compiled at the default model's full size.
+"""
+
+import pytest
+import torch
+
+from dragon_hatchling import fused_recurrent
+from dragon_hatchling.sampling import generate
+from model import BDH, BDHConfig
+from test_fused_parallel import DEVICE, make_model
+
+
+@pytest.mark.parametrize("style, decay", [("interleaved", False), ("half", False), ("interleaved", True)])
+def test_fused_recurrent_step_matches_the_plain_step(style, decay):
+    model = make_model(style, seed=2, decay=decay).eval()
+    prompt = torch.randint(0, 256, (2, 9), device=DEVICE)
+    _, _, plain = model.forward_chunked(prompt, chunk_size=4)
+    _, _, fused = model.forward_chunked(prompt, chunk_size=4)
+    for byte in torch.randint(0, 256, (5, 2), device=DEVICE):
+        want = model.step(byte, plain)
+        got = fused_recurrent.FusedStep(model)(byte, fused)
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+    for p, f in zip(plain.layers, fused.layers, strict=True):
+        torch.testing.assert_close(f, p, rtol=1e-5, atol=1e-5)
+
+
+def test_fused_step_refuses_a_model_that_would_apply_dropout():
+    model = make_model("half", dropout=0.1)
+    with pytest.raises(ValueError, match="model.eval"):
+        fused_recurrent.FusedStep(model.train())
+    fused_recurrent.FusedStep(model.eval())
+
+
+SMALL_TILES = {
+    "attention": {"BP": 8, "BD": 16, "GROUP": 2},
+    "gate": {"BN": 16, "BD": 16, "GROUP": 2},
+}
+
+
+@pytest.mark.parametrize("tiles, batch", [({}, 3), (SMALL_TILES, 3), ({}, fused_recurrent.BATCH_TILE + 1)])
+def test_fused_step_takes_sizes_that_fill_no_tile(tiles, batch):
+    """d, n/h, n/2h not multiples of any block size; three heads; the partner of a pair far away;
+    with small tiles, several blocks a head, the last one partial, and groups of parts of two, the
+    last one short; a batch of one row more than an attention program takes."""
+    torch.manual_seed(3)
+    cfg = BDHConfig(n_embd=24, n_head=3, n_neurons=3 * 44, n_layer=2, dropout=0.0, rope_style="half")
+    model = BDH(cfg).to(DEVICE).eval()
+    _, _, plain = model.forward_chunked(torch.randint(0, 256, (batch, 7), device=DEVICE), chunk_size=3)
+    fused = plain.clone()
+    step = fused_recurrent.FusedStep(model, **tiles)
+    for byte in torch.randint(0, 256, (2, batch), device=DEVICE):
+        torch.testing.assert_close(step(byte, fused), model.step(byte, plain), rtol=1e-4, atol=1e-4)
+    assert int(fused.pos) == int(plain.pos) == 9
+    for p, f in zip(plain.layers, fused.layers, strict=True):
+        torch.testing.assert_close(f, p, rtol=1e-5, atol=1e-5)
+
+
+def test_fused_step_is_deterministic():
+    """The sums over programs add in a fixed order: the same state and byte give the same bits."""
+    model = make_model("interleaved", seed=4).eval()
+    _, _, state = model.forward_chunked(torch.randint(0, 256, (2, 9), device=DEVICE), chunk_size=4)
+    step, byte = fused_recurrent.FusedStep(model), torch.tensor([7, 200], device=DEVICE)
+    runs = [state.clone() for _ in range(2)]
+    logits = [step(byte, s) for s in runs]
+    assert torch.equal(logits[0], logits[1])
+    for a, b in zip(*(s.layers for s in runs), strict=True):
+        assert torch.equal(a, b)
+    assert not step.counts[2].any()  # the kernels leave their counters at zero for the next launch
+
+
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")  # the NaN is the point
+def test_fused_step_keeps_nan_as_the_plain_step_does():
+    """A non-finite value reaches the logits as NaN, as in the plain step (not lost to a relu)."""
+    model = make_model("half", seed=5).eval()
+    byte = torch.tensor([7, 200], device=DEVICE)
+    _, _, state = model.forward_chunked(torch.randint(0, 256, (2, 9), device=DEVICE), chunk_size=4)
+    for S in state.layers:
+        S.fill_(float("inf"))  # a is then infinite or NaN, and LN(a) NaN
+    assert model.step(byte, state.clone()).isnan().all()
+    assert fused_recurrent.FusedStep(model)(byte, state).isnan().all()
+
+
+def test_generation_through_the_cuda_graph_equals_the_plain_steps():
+    """On a GPU, generate() captures FusedStep and the sampling in one CUDA graph; it must give the
+    plain steps' bytes, greedy and sampled (the graph draws what the generator would). On the CPU
+    both runs take the plain steps."""
+    torch.manual_seed(6)
+    cfg = BDHConfig(n_embd=64, n_head=2, n_neurons=2 * 256, n_layer=2, dropout=0.0)
+    model = BDH(cfg).to(DEVICE).eval()
+    model.reset_parameters(std=0.1)  # distinct logits: no near-ties for float32 rounding to tip
+    prompt = torch.randint(0, 256, (2, 5), device=DEVICE)
+    graphed = generate(model, prompt, 24, temperature=0.0, chunk_size=4)
+    plain = generate(model, prompt, 24, temperature=0.0, chunk_size=4, cuda_graph=False)
+    assert torch.equal(graphed, plain)
+    seeded = lambda: torch.Generator(DEVICE).manual_seed(11)  # noqa: E731
+    graphed = generate(model, prompt, 24, 1.0, 20, seeded(), context=12, chunk_size=4)  # restarts twice
+    plain = generate(model, prompt, 24, 1.0, 20, seeded(), context=12, chunk_size=4, cuda_graph=False)
+    assert torch.equal(graphed, plain)
+    assert not torch.equal(
+        graphed, generate(model, prompt, 24, 1.0, 20, torch.Generator(DEVICE).manual_seed(12))
+    )
