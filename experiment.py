@@ -80,7 +80,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_model_flags(
         p.add_argument_group("model (BDH-GPU by default, with the reference report's dimensions)")
     )
-    add_data_flags(p.add_argument_group("data and output"))
+    add_data_flags(p.add_argument_group("data"))
+    add_output_flags(p.add_argument_group("validation and output"))
     add_hub_flags(p.add_argument_group("Hugging Face Hub"))
     return p
 
@@ -217,6 +218,9 @@ def add_data_flags(g) -> None:
         metavar="PATH",
         help="also report validation loss on this file (repeatable)",
     )
+
+
+def add_output_flags(g) -> None:
     g.add_argument(
         "--eval_every",
         type=positive_int,

@@ -36,6 +36,34 @@ from dragon_hatchling.sampling import generate, generate_recompute
 from model import BDH, BDHConfig
 
 PATHS = ("plain eager", "plain compiled", "fused")
+PARTS = ("train", "long", "generate", "ddp")
+
+
+def subset_of(allowed: tuple[str, ...]):
+    """An argparse type: a comma-separated, non-empty subset of `allowed`, as a list."""
+
+    def parse(text: str) -> list[str]:
+        items = [t for t in text.split(",") if t]
+        if not items or not set(items) <= set(allowed):
+            raise argparse.ArgumentTypeError(
+                f"expected a comma-separated subset of {','.join(allowed)}, got {text!r}"
+            )
+        return items
+
+    return parse
+
+
+def shape_list(text: str) -> list[tuple[int, int]]:
+    """--shapes: BATCHxWINDOW pairs, comma-separated."""
+    try:
+        shapes = [tuple(int(n) for n in s.split("x")) for s in text.split(",")]
+        if all(len(s) == 2 and min(s) > 0 for s in shapes):
+            return shapes
+    except ValueError:
+        pass
+    raise argparse.ArgumentTypeError(f"expected BATCHxWINDOW pairs like 32x128,8x2048, got {text!r}")
+
+
 PROMPT = (
     b" = Valkyria Chronicles III = \n\n Senj\xc5\x8d no Valkyria 3 : Unrecorded Chronicles is a tactical "
     b"role @-@ playing video game developed by Sega and Media.Vision for the PlayStation Portable . "
@@ -48,10 +76,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, default=None, help="write the results here as JSON")
     p.add_argument(
         "--parts",
+        type=subset_of(PARTS),
         default="train,long,generate",
         help="comma-separated: train, long, generate, ddp (torchrun)",
     )
-    p.add_argument("--shapes", default="32x128,32x512,8x2048", help="training shapes, BATCHxWINDOW,...")
+    p.add_argument(
+        "--shapes", type=shape_list, default="32x128,32x512,8x2048", help="training shapes, BATCHxWINDOW,..."
+    )
     p.add_argument("--steps", type=positive_int, default=10, help="timed training steps per repeat")
     p.add_argument("--repeats", type=positive_int, default=3, help="timed repeats (the median is kept)")
     p.add_argument("--warmup", type=positive_int, default=3, help="untimed steps first (compilation)")
@@ -61,6 +92,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--n_layer", type=positive_int, default=6, help="layers (default model: 6)")
     p.add_argument(
         "--paths",
+        type=subset_of(PATHS),
         default=",".join(PATHS),
         help=f"training paths to time, comma-separated subset of {','.join(PATHS)} (all)",
     )
@@ -69,8 +101,8 @@ def build_parser() -> argparse.ArgumentParser:
         type=half_lives,
         default=None,
         metavar="H1,H2,...",
-        help="also time the fused path (training) and generation of the model with this attention decay, "
-        "against today's fused path at 32 x 128 without decay",
+        help="also time every path of --paths (training) and generation of the model with this attention "
+        "decay, and the fused path with decay against today's fused path at 32 x 128 without decay",
     )
     p.add_argument(
         "--model_path",
@@ -237,7 +269,8 @@ def measure_ddp(cfg: BDHConfig, B: int, T: int, args, device, ranks: Ranks) -> d
     return row
 
 
-DECAY_PATH = "fused, decay"
+DECAY = ", decay"  # what a path's label ends with for the model with decay
+DECAY_PATH = "fused" + DECAY
 
 
 def decay_ratios(rows: list[dict], args, device) -> dict[str, float]:
@@ -257,13 +290,18 @@ def decay_ratios(rows: list[dict], args, device) -> dict[str, float]:
 
 
 def table(results: list[dict]) -> str:
+    """Every training row against the compiled plain path at its shape (with or without decay)."""
     lines = [
         "| batch x window | path | bytes/s | vs compiled plain | peak memory |",
         "|---|---|---:|---:|---:|",
     ]
-    base = {(r["batch"], r["window"]): r["bytes_per_s"] for r in results if r["path"] == "plain compiled"}
+
+    def key(r: dict) -> tuple:
+        return r["batch"], r["window"], r["path"].endswith(DECAY)
+
+    base = {key(r): r["bytes_per_s"] for r in results if r["path"].removesuffix(DECAY) == "plain compiled"}
     for r in results:
-        ref = base.get((r["batch"], r["window"]))
+        ref = base.get(key(r))
         speed = f"{r['bytes_per_s'] / ref:.2f}x" if r.get("bytes_per_s") and ref else "-"
         mem = f"{r['peak_gb']:.1f} GB" if r.get("peak_gb") else r.get("error", "-")
         rate = fmt_rate(r.get("bytes_per_s")) if r.get("bytes_per_s") else r.get("error", "-")
@@ -278,44 +316,30 @@ def save(path: Path | None, report: dict) -> None:
         write_json(path, report)
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    parts = set(args.parts.split(","))
-    if not parts <= {"train", "long", "generate", "ddp"}:
-        fail(f"--parts: expected a comma-separated subset of train,long,generate,ddp, got {args.parts!r}")
-    try:
-        shapes = [tuple(int(n) for n in s.split("x")) for s in args.shapes.split(",")]
-        assert all(len(s) == 2 and min(s) > 0 for s in shapes)
-    except (ValueError, AssertionError):
-        fail(f"--shapes: expected BATCHxWINDOW pairs like 32x128,8x2048, got {args.shapes!r}")
-    trained = None
-    if args.model_path is not None and "generate" in parts:
-        try:
-            trained, _ = load_model(args.model_path)
-        except (UsageError, HubUnreachable) as e:
-            fail(str(e))
+def configs(args: argparse.Namespace) -> tuple[BDHConfig, BDHConfig | None]:
+    """The default model, and with --half_lives the same with that decay (one number: every head)."""
     cfg = BDHConfig(n_layer=args.n_layer)
-    decay = None
-    if args.half_lives:  # not None, not [] (none)
-        lives = args.half_lives * cfg.n_head if len(args.half_lives) == 1 else args.half_lives
-        try:
-            decay = BDHConfig(n_layer=args.n_layer, half_lives=lives)
-        except ValueError as e:
-            fail(f"--half_lives: {e}")
-    paths = [p for p in args.paths.split(",") if p]
-    if not paths or not set(paths) <= set(PATHS):
-        fail(f"--paths: expected a comma-separated subset of {','.join(PATHS)}, got {args.paths!r}")
+    if not args.half_lives:  # None, or [] (none)
+        return cfg, None
+    lives = args.half_lives * cfg.n_head if len(args.half_lives) == 1 else args.half_lives
     try:
-        ranks = ranks_from_env()
-        device = resolve_device(args.device)
-        if device.type == "cuda":
-            start(ranks, 600)
-            device = rank_device(ranks, device)
-    except UsageError as e:
-        fail(str(e))
+        return cfg, BDHConfig(n_layer=args.n_layer, half_lives=lives)
+    except ValueError as e:
+        raise UsageError(f"--half_lives: {e}") from None
+
+
+def gpu(args: argparse.Namespace) -> tuple[torch.device, Ranks]:
+    """This process's GPU (under torchrun, its rank's) and its place among the ranks."""
+    ranks = ranks_from_env()
+    device = resolve_device(args.device)
     if device.type != "cuda":
-        fail(f"--device: the benchmark times CUDA kernels, got {args.device!r}")
-    torch.backends.cuda.matmul.allow_tf32 = True
+        raise UsageError(f"--device: the benchmark times CUDA kernels, got {args.device!r}")
+    start(ranks, 600)
+    return rank_device(ranks, device), ranks
+
+
+def header(argv: list[str] | None, device: torch.device, cfg: BDHConfig, decay: BDHConfig | None) -> dict:
+    """What the report says of how it was measured."""
     report = {
         "command": "python " + " ".join([sys.argv[0]] + (argv if argv is not None else sys.argv[1:])),
         "date": date.today().isoformat(),
@@ -333,41 +357,71 @@ def main(argv: list[str] | None = None) -> int:
         report["triton"] = triton.__version__
     except ImportError:
         pass
-    if "train" in parts:
-        for B, T in shapes:
-            for path in paths:
-                report["train"].append(measure_train(cfg, path, B, T, args, device))
+    return report
+
+
+def time_training(report: dict, cfg: BDHConfig, decay: BDHConfig | None, args, device) -> None:
+    """Every path at every shape, with and without decay, into report["train"] (saved as it goes)."""
+    for B, T in args.shapes:
+        for model, suffix in ((cfg, ""), (decay, DECAY)):
+            for path in args.paths if model is not None else ():
+                report["train"].append(measure_train(model, path, B, T, args, device, label=path + suffix))
                 save(args.out, report)
-            if decay is not None:
-                report["train"].append(measure_train(decay, "fused", B, T, args, device, label=DECAY_PATH))
-                save(args.out, report)
-        if decay is not None:
-            report["decay_vs_fused_32x128"] = decay_ratios(report["train"], args, device)
-    if "long" in parts:
-        T, C = args.long_T, args.chunk_size
-        few = argparse.Namespace(**{**vars(args), "warmup": 1, "steps": 1, "repeats": 2})  # seconds a step
-        report["train"].append(measure_train(cfg, f"chunked C={C}", 1, T, few, device, C))
-        report["train"].append(measure_train(cfg, "plain eager", 1, T, few, device))
-        save(args.out, report)
-    if "ddp" in parts:
-        report["ddp"] = [measure_ddp(cfg, B, T, args, device, ranks) for B, T in shapes]
-        stop()
-        if not ranks.main:
-            return 0
-    if "generate" in parts:
-        report["generation"] = measure_generation(cfg, args, device, trained)
-        if decay is not None:
-            report["generation_decay"] = measure_generation(decay, args, device)
-    print(table(report["train"]))
-    for key, name in (("decay_vs_fused_32x128", "with decay against today's fused path at 32 x 128"),):
-        for shape, ratio in report.get(key, {}).items():
-            print(f"fused {shape} {name}: {ratio:.2f}x")
+    if decay is not None:
+        report["decay_vs_fused_32x128"] = decay_ratios(report["train"], args, device)
+
+
+def time_long_context(report: dict, cfg: BDHConfig, args, device) -> None:
+    """One training step on a --long_T window: the chunked form against the plain parallel one."""
+    T, C = args.long_T, args.chunk_size
+    few = argparse.Namespace(**{**vars(args), "warmup": 1, "steps": 1, "repeats": 2})  # seconds a step
+    report["train"].append(measure_train(cfg, f"chunked C={C}", 1, T, few, device, C))
+    report["train"].append(measure_train(cfg, "plain eager", 1, T, few, device))
+    save(args.out, report)
+
+
+def summary(report: dict) -> str:
+    """The tables and ratios, as printed."""
+    lines = [table(report["train"])]
+    for shape, ratio in report.get("decay_vs_fused_32x128", {}).items():
+        lines.append(f"fused {shape} with decay against today's fused path at 32 x 128: {ratio:.2f}x")
     for key in ("generation", "generation_decay"):
         if key in report:
             g = report[key]
-            print(f"\n{key} of {g['new_bytes']} bytes after a {g['prompt_bytes']}-byte prompt, batch 1:")
+            lines.append(
+                f"\n{key} of {g['new_bytes']} bytes after a {g['prompt_bytes']}-byte prompt, batch 1:"
+            )
             for name in g["runs"]:
-                print(f"  {name:>33}: {g[name]['seconds']:.3f} s, {g[name]['speedup_over_recompute']:.1f}x")
+                lines.append(
+                    f"  {name:>33}: {g[name]['seconds']:.3f} s, {g[name]['speedup_over_recompute']:.1f}x"
+                )
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        trained = load_model(args.model_path)[0] if args.model_path and "generate" in args.parts else None
+        cfg, decay = configs(args)
+        device, ranks = gpu(args)
+    except (UsageError, HubUnreachable) as e:
+        fail(str(e))
+    torch.backends.cuda.matmul.allow_tf32 = True
+    report = header(argv, device, cfg, decay)
+    if "train" in args.parts:
+        time_training(report, cfg, decay, args, device)
+    if "long" in args.parts:
+        time_long_context(report, cfg, args, device)
+    if "ddp" in args.parts:
+        report["ddp"] = [measure_ddp(cfg, B, T, args, device, ranks) for B, T in args.shapes]
+        stop()
+        if not ranks.main:
+            return 0
+    if "generate" in args.parts:
+        report["generation"] = measure_generation(cfg, args, device, trained)
+        if decay is not None:
+            report["generation_decay"] = measure_generation(decay, args, device)
+    print(summary(report))
     save(args.out, report)
     print(json.dumps({k: v for k, v in report.items() if k not in ("train", "generation", "config")}))
     return 0
