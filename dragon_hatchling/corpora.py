@@ -72,6 +72,29 @@ def prepare_dataset(
     if (folder / "meta.json").is_file():
         return folder
     ds = load_text_dataset(name, config, progress)
+    train = text_rows(ds, name, column)
+    own = next((s for s in VALID_SPLITS if s in ds), None)
+    train, valid = (train, ds[own]) if own is not None else held_out(train, name, val_fraction, seed)
+    folder.mkdir(parents=True, exist_ok=True)
+    sizes = {
+        split: write_bytes(folder / f"{split}.bin", rows, column, name, progress)
+        for split, rows in (("train", train), ("valid", valid))
+    }
+    meta = {
+        "dataset": name,
+        "config": config,
+        "text_column": column,
+        "valid": own or f"{val_fraction:g} of train",
+        "seed": seed,
+        "bytes": sizes,
+        "rows": {"train": train.num_rows, "valid": valid.num_rows},
+    }
+    write_text(folder / "meta.json", json.dumps(meta, indent=2) + "\n")  # last: the folder is complete
+    return folder
+
+
+def text_rows(ds, name: str, column: str):
+    """The dataset's train split, checked: it has rows, and a column of text by that name."""
     if "train" not in ds:
         raise UsageError(f"--dataset {name}: no train split (it has {', '.join(ds) or 'none'})")
     train = ds["train"]
@@ -85,34 +108,15 @@ def prepare_dataset(
     kind = getattr(train.features[column], "dtype", type(train.features[column]).__name__)
     if kind not in ("string", "large_string"):
         raise UsageError(f"--text_column {column} of --dataset {name} is not text (its type is {kind})")
-    own = next((s for s in VALID_SPLITS if s in ds), None)
-    if own is not None:
-        valid = ds[own]
-    else:
-        if train.num_rows < 2:
-            raise UsageError(
-                f"--dataset {name}: {train.num_rows} rows, too few to hold out a validation split"
-            )
-        held = train.train_test_split(test_size=max(1, round(val_fraction * train.num_rows)), seed=seed)
-        train, valid = held["train"], held["test"]
-    folder.mkdir(parents=True, exist_ok=True)
-    sizes = {
-        split: write_bytes(folder / f"{split}.bin", rows, column, name, progress)
-        for split, rows in (("train", train), ("valid", valid))
-    }
-    rows = {"train": train.num_rows, "valid": valid.num_rows}
-    held_out = own or f"{val_fraction:g} of train"
-    meta = {
-        "dataset": name,
-        "config": config,
-        "text_column": column,
-        "valid": held_out,
-        "seed": seed,
-        "bytes": sizes,
-        "rows": rows,
-    }
-    write_text(folder / "meta.json", json.dumps(meta, indent=2) + "\n")  # last: the folder is complete
-    return folder
+    return train
+
+
+def held_out(train, name: str, val_fraction: float, seed: int) -> tuple:
+    """(train, valid): val_fraction of the rows (at least one) held out at random."""
+    if train.num_rows < 2:
+        raise UsageError(f"--dataset {name}: {train.num_rows} rows, too few to hold out a validation split")
+    held = train.train_test_split(test_size=max(1, round(val_fraction * train.num_rows)), seed=seed)
+    return held["train"], held["test"]
 
 
 def write_bytes(path: Path, rows, column: str, name: str, progress: bool) -> int:

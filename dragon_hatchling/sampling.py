@@ -46,62 +46,68 @@ def sample_next(
     return (probs / torch.empty_like(probs).exponential_(generator=generator)).argmax(dim=-1, keepdim=True)
 
 
-def graphed_step(
-    model: BDH,
-    state: RecurrentState,
-    fused: Callable | None = None,
-    sample: Callable[[torch.Tensor], torch.Tensor] | None = None,
-    generator: torch.Generator | None = None,
-) -> Callable[..., torch.Tensor]:
+class GraphedStep:
     """The fused step captured once as a CUDA graph over this state.
 
-    Without sample: run(byte) -> logits (B, V). With sample (logits -> next bytes (B, 1), with no
-    host synchronisation), the graph samples as well and keeps the sampled bytes as its next
-    input: run() -> the next bytes (B, 1), overwritten by the next call; run(byte) steps on byte
-    instead. generator: the one sample draws from, if not the default. fused: the step to
-    capture, called as fused(byte, state) (default: fused_recurrent.FusedStep(model)).
+    Without sample: step(byte) -> logits (B, V). With sample (logits -> next bytes (B, 1), with no
+    host synchronisation), the graph samples as well and keeps the sampled bytes as its next input:
+    step() -> the next bytes (B, 1), overwritten by the next call; step(byte) steps on byte instead.
+    generator: the one sample draws from, if not the default. fused: the step to capture, called as
+    fused(byte, state) (default: fused_recurrent.FusedStep(model)); the graph reads its tensors
+    (weight layouts, counters), which this object keeps.
     """
-    if fused is None:
-        from dragon_hatchling.fused_recurrent import FusedStep  # imports Triton
 
-        fused = FusedStep(model)  # its weight layouts are made once, outside the graph
-    byte = torch.zeros(state.layers[0].shape[0], dtype=torch.long, device=state.pos.device)
+    def __init__(
+        self,
+        model: BDH,
+        state: RecurrentState,
+        fused: Callable | None = None,
+        sample: Callable[[torch.Tensor], torch.Tensor] | None = None,
+        generator: torch.Generator | None = None,
+    ) -> None:
+        if fused is None:
+            from dragon_hatchling.fused_recurrent import FusedStep  # imports Triton
 
-    def body() -> torch.Tensor:
-        logits = fused(byte, state)
-        if sample is None:
+            fused = FusedStep(model)  # its weight layouts are made once, outside the graph
+        self.fused, self.state, self.sample = fused, state, sample
+        self.byte = torch.zeros(state.layers[0].shape[0], dtype=torch.long, device=state.pos.device)
+        self.graph = torch.cuda.CUDAGraph()
+        self.out = self.capture(generator)
+
+    def body(self) -> torch.Tensor:
+        """What the graph holds: the step, and the sampling that feeds its byte back."""
+        logits = self.fused(self.byte, self.state)
+        if self.sample is None:
             return logits
-        nxt = sample(logits)  # B, 1
-        byte.copy_(nxt[:, 0])
+        nxt = self.sample(logits)  # B, 1
+        self.byte.copy_(nxt[:, 0])
         return nxt
 
-    saved = state.clone()
-    rng = generator.get_state() if generator is not None else torch.cuda.get_rng_state()
-    graph = torch.cuda.CUDAGraph()
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        body()  # warm up outside the graph: compiles the kernels, makes cuBLAS's handle
-        state.copy_(saved)
-        if generator is not None:
-            generator.set_state(rng)
-            graph.register_generator_state(generator)
-        else:
-            torch.cuda.set_rng_state(rng)
-        graph.capture_begin()  # not torch.cuda.graph(), which empties the allocator's cache
-        out = body()
-        graph.capture_end()
-    torch.cuda.current_stream().wait_stream(side)
-    del saved
-
-    def run(next_byte: torch.Tensor | None = None) -> torch.Tensor:
-        if next_byte is not None:
-            byte.copy_(next_byte)
-        graph.replay()
+    def capture(self, generator: torch.Generator | None) -> torch.Tensor:
+        """Warm up, put the state and the random state back, and capture body() on a side stream."""
+        saved = self.state.clone()
+        rng = generator.get_state() if generator is not None else torch.cuda.get_rng_state()
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            self.body()  # warm up outside the graph: compiles the kernels, makes cuBLAS's handle
+            self.state.copy_(saved)
+            if generator is not None:
+                generator.set_state(rng)
+                self.graph.register_generator_state(generator)
+            else:
+                torch.cuda.set_rng_state(rng)
+            self.graph.capture_begin()  # not torch.cuda.graph(), which empties the allocator's cache
+            out = self.body()
+            self.graph.capture_end()
+        torch.cuda.current_stream().wait_stream(side)
         return out
 
-    run.fused = fused  # the graph reads the step's own tensors (weight layouts, counters): keep them
-    return run
+    def __call__(self, next_byte: torch.Tensor | None = None) -> torch.Tensor:
+        if next_byte is not None:
+            self.byte.copy_(next_byte)
+        self.graph.replay()
+        return self.out
 
 
 @torch.no_grad()
@@ -139,7 +145,7 @@ def generate(
     no_dropout = model.active_dropout == 0  # the plain step applies dropout; FusedStep cannot
     graphed = None
     if cuda_graph and idx.is_cuda and max_new_tokens > 1 and no_dropout:
-        graphed = graphed_step(model, state, sample=pick, generator=generator)
+        graphed = GraphedStep(model, state, sample=pick, generator=generator)
     out = [idx, pick(logits[:, -1])]  # B, 1 a byte
     fed = False  # whether the graph holds the last byte as its next input already
     bar = tqdm(total=max_new_tokens, initial=1, unit="byte", disable=None if progress else True, leave=False)

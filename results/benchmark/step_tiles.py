@@ -1,7 +1,7 @@
 """Tile sweep for fused_recurrent.FusedStep (the recurrent step of generation) on one GPU.
 
 Times one step of the whole model (all layers, readout) as generation runs it:
-`sampling.graphed_step`, a CUDA graph replayed per byte. Sweeps the attention kernel's tiles (gate
+`sampling.GraphedStep`, a CUDA graph replayed per byte. Sweeps the attention kernel's tiles (gate
 tiles at their defaults), then the gate kernel's (the fastest attention tiles), then the group size
 of both kernels' sums; checks each step's logits against the plain PyTorch step; profiles the
 fastest eagerly; and runs `python -m dragon_hatchling.benchmark --parts generate` with the fastest
@@ -27,7 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 from dragon_hatchling import benchmark  # noqa: E402
 from dragon_hatchling.fused_recurrent import FusedStep  # noqa: E402
 from dragon_hatchling.loading import load_model  # noqa: E402
-from dragon_hatchling.sampling import graphed_step  # noqa: E402
+from dragon_hatchling.sampling import GraphedStep  # noqa: E402
 
 
 def module_from_file(path: str | Path, name: str):
@@ -54,7 +54,7 @@ def prepared(model_path: str) -> tuple:
 
 def ms_per_step(model, state0, byte, fused, reference: torch.Tensor) -> tuple[float, float]:
     """Milliseconds per replay of the captured step, and its first logits' error against reference."""
-    run = graphed_step(model, state0.clone(), fused)
+    run = GraphedStep(model, state0.clone(), fused)
     first = run(byte).float()
     err = ((first - reference).norm() / reference.norm()).item()
     for _ in range(10):

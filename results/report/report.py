@@ -252,7 +252,9 @@ def trained_tables(init: dict) -> str:
 def main() -> int:
     init_file = HERE / "init.json"
     if not init_file.is_file():
-        init_file.write_text(json.dumps(measure_init(), indent=2) + "\n")
+        from dragon_hatchling.files import write_text  # atomically
+
+        write_text(init_file, json.dumps(measure_init(), indent=2) + "\n")
     init = json.loads(init_file.read_text())
     curves()
     fits = scaling()

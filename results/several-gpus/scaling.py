@@ -13,7 +13,11 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repository
+from dragon_hatchling.files import write_text  # noqa: E402
 
 
 def ring_factor(n: int) -> float:
@@ -61,7 +65,7 @@ def main() -> int:
         )
     out = {"device": two["device"], "date": two["date"], "torch": two["torch"], "commands": [one["command"],
            two["command"]], "method": __doc__.strip().split("\n\n")[-1], "rows": rows}  # fmt: skip
-    args.out.write_text(json.dumps(out, indent=2) + "\n")
+    write_text(args.out, json.dumps(out, indent=2) + "\n")
     for r in rows:
         g2, proj = r["gpus"][1], r[f"projected_{args.project}_gpus"]
         ms = g2["allreduce_s"] * 1e3, g2["exposed_allreduce_s"] * 1e3
