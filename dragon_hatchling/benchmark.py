@@ -382,7 +382,7 @@ def time_long_context(report: dict, cfg: BDHConfig, args, device) -> None:
 
 def summary(report: dict) -> str:
     """The tables and ratios, as printed."""
-    lines = [table(report["train"])]
+    lines = [table(report["train"])] if report["train"] else []
     for shape, ratio in report.get("decay_vs_fused_32x128", {}).items():
         lines.append(f"fused {shape} with decay against today's fused path at 32 x 128: {ratio:.2f}x")
     for key in ("generation", "generation_decay"):
