@@ -38,7 +38,7 @@ from dragon_hatchling.cli import (
     positive_float,
     positive_int,
 )
-from dragon_hatchling.data import epoch_offsets, window_batches, windows_at
+from dragon_hatchling.data import batch_offsets, epoch_offsets, window_batches, windows_at
 from dragon_hatchling.devices import autocast
 from dragon_hatchling.distributed import Quiet, Ranks, agreed, all_reduce, ranks_from_env, share, start, stop
 from dragon_hatchling.loading import first_cause
@@ -435,8 +435,8 @@ def training_batch(run: Setup, step: int) -> tuple[torch.Tensor, torch.Tensor]:
     """This rank's share of step `step`'s windows (inputs, targets), on the device."""
     args = run.args
     epoch, pos = divmod(step, run.steps_per_epoch)
-    offsets = epoch_order(len(run.data.train), args.seq_len, epoch, args.seed)
-    batch = offsets[pos * args.batch_size : (pos + 1) * args.batch_size]
+    order = epoch_order(len(run.data.train), args.seq_len, epoch, args.seed)
+    batch = batch_offsets(order, pos, args.batch_size)  # always batch_size windows
     x, y = windows_at(run.data.train, share(batch, run.ranks), args.seq_len)
     return x.to(run.device, non_blocking=True), y.to(run.device, non_blocking=True)
 

@@ -135,20 +135,28 @@ def epoch_offsets(n_bytes: int, seq_len: int, epoch: int, seed: int) -> np.ndarr
     """Start offsets of one training epoch: non-overlapping windows after a random shift, shuffled.
 
     Depends only on (seed, epoch), so a resumed run sees the same order. Up to SHUFFLE_LIMIT windows,
-    an array of them in random order; beyond, an AffineOrder (the same slices, no memory).
+    an array of them in random order; beyond, an AffineOrder (the same indexing, no memory). The
+    shift leaves at least one window (n_bytes > seq_len).
     """
     rng = np.random.default_rng([seed, epoch])
-    shift = int(rng.integers(seq_len))
+    shift = int(rng.integers(min(seq_len, n_bytes - seq_len)))
     count = (n_bytes - 1 - shift) // seq_len
     if count > SHUFFLE_LIMIT:
         return AffineOrder(shift, seq_len, count, rng)
     return shift + seq_len * rng.permutation(count)
 
 
+def batch_offsets(order: np.ndarray | AffineOrder, step_in_epoch: int, batch_size: int) -> np.ndarray:
+    """The offsets of a step's batch: windows step*B .. step*B + B - 1 of the epoch's order, wrapping
+    round to its start where the epoch's random shift left fewer than steps x B windows (as
+    torch.utils.data.DistributedSampler pads its last batch): every step trains exactly B windows."""
+    return order[(step_in_epoch * batch_size + np.arange(batch_size)) % len(order)]
+
+
 class AffineOrder:
     """The windows of an epoch too large to shuffle in memory: the epoch's j-th window is window
-    (a j + b) mod count, a permutation as a is coprime to count. Slicing it gives offsets, as the
-    array would; it holds three numbers, whatever the corpus."""
+    (a j + b) mod count, a permutation as a is coprime to count. Indexing it (a slice or an array of
+    positions) gives offsets, as the array would; it holds three numbers, whatever the corpus."""
 
     def __init__(self, shift: int, seq_len: int, count: int, rng: np.random.Generator) -> None:
         self.shift, self.seq_len, self.count = shift, seq_len, count
@@ -160,6 +168,7 @@ class AffineOrder:
     def __len__(self) -> int:
         return self.count
 
-    def __getitem__(self, part: slice) -> np.ndarray:
-        windows = [(self.a * j + self.b) % self.count for j in range(*part.indices(self.count))]
+    def __getitem__(self, part: slice | np.ndarray) -> np.ndarray:
+        j = range(*part.indices(self.count)) if isinstance(part, slice) else part.tolist()
+        windows = [(self.a * i + self.b) % self.count for i in j]
         return self.shift + self.seq_len * np.array(windows, dtype=np.int64)

@@ -98,6 +98,15 @@ def small_data(tmp_path_factory, raw_dir: Path, tokens_dir: Path) -> Path:
     return folder
 
 
+@pytest.fixture(scope="session")
+def edge_train(tmp_path_factory, small_data: Path) -> Path:
+    """A train file of 390 bytes: 12 windows of 32 unshifted, 11 after most of an epoch's random
+    shifts, so that the last batch of 4 of each epoch would run short (the sampler wraps it round)."""
+    path = tmp_path_factory.mktemp("edges") / "edge.train"
+    path.write_bytes((small_data / "wiki.train.raw").read_bytes()[:390])
+    return path
+
+
 @pytest.fixture
 def small_data_dir(tmp_path: Path, small_data: Path) -> Path:
     """A copy of `small_data` of the test's own, to change as it likes."""

@@ -4,6 +4,7 @@ import torch
 
 from dragon_hatchling.cli import UsageError
 from dragon_hatchling.data import (
+    batch_offsets,
     epoch_offsets,
     load_bytes_file,
     load_split,
@@ -80,6 +81,37 @@ def test_epoch_offsets_cover_the_data_once_and_repeat_by_seed():
     starts = np.sort(a)
     assert np.all(np.diff(starts) == 100)  # non-overlapping, consecutive windows
     assert starts[-1] + 101 <= 10_001 and len(a) >= 99
+
+
+@pytest.mark.parametrize(
+    "n_bytes, seq_len, batch",
+    [(390, 32, 4), (33, 32, 1), (64 * 9 + 5, 64, 3), (1000, 7, 16), (10_001, 100, 8)],
+)
+def test_every_step_of_an_epoch_trains_a_whole_batch(n_bytes, seq_len, batch):
+    """An epoch's random shift can leave fewer windows than steps x batch (390 bytes in windows of
+    32: 12 windows unshifted, 11 after a shift of 6 or more); the last batch then wraps round to the
+    epoch's start: every step has exactly `batch` windows, all inside the data, none twice unless the
+    epoch has too few."""
+    steps = num_windows(np.zeros(n_bytes), seq_len) // batch
+    for epoch in range(40):
+        order = epoch_offsets(n_bytes, seq_len, epoch, seed=3)
+        batches = [batch_offsets(order, pos, batch) for pos in range(steps)]
+        assert all(len(b) == batch for b in batches)
+        offsets = np.concatenate(batches)
+        assert offsets.min() >= 0 and offsets.max() + seq_len + 1 <= n_bytes
+        assert len(set(offsets.tolist())) == min(steps * batch, len(order))
+
+
+def test_the_order_of_a_corpus_too_large_to_shuffle_takes_positions_too(monkeypatch):
+    from dragon_hatchling import data
+
+    monkeypatch.setattr(data, "SHUFFLE_LIMIT", 10)
+    order = epoch_offsets(32 * 50 + 7, 32, epoch=1, seed=5)
+    assert isinstance(order, data.AffineOrder)
+    assert np.array_equal(batch_offsets(order, 3, 4), order[12:16])
+    last = len(order) // 4  # the batch that runs past the end of the epoch's order and wraps round
+    wrapped = [order[i : i + 1][0] for i in (np.arange(4 * last, 4 * last + 4) % len(order))]
+    assert len(order) % 4 and np.array_equal(batch_offsets(order, last, 4), wrapped)
 
 
 def test_default_path_loads_the_hub_dataset_through_datasets(raw_dir, monkeypatch):

@@ -17,6 +17,15 @@ from dragon_hatchling.checkpoints import load_training_state
 from test_cli import assert_clean_error
 
 FLAGS = "--max_steps 12 --eval_every 6 --batch_size 4 --seq_len 32 --warmup_steps 3 --log_every 1 --dropout 0"
+
+
+@pytest.fixture(scope="module")
+def flags(edge_train) -> str:
+    """FLAGS on a train file of 3 steps an epoch whose last batch a shift leaves short: 12 steps cross
+    three epoch edges, where N processes must still train what one does."""
+    return f"{FLAGS} --train_file {edge_train}"
+
+
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
 ENV = {"PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
 
@@ -70,12 +79,12 @@ def assert_same_run(a, b, tol: float = 1e-5) -> None:
 
 
 @pytest.fixture(scope="module")
-def one_and_two(tmp_path_factory, small_data):
+def one_and_two(tmp_path_factory, small_data, flags):
     """The same run in one process and in two."""
     base = tmp_path_factory.mktemp("ddp")
     one, two = base / "one", base / "two"
-    assert experiment.main(tiny_run(small_data, one, FLAGS)[1:]) == 0
-    code, out, err = finish(torchrun(tiny_run(small_data, two, FLAGS)))
+    assert experiment.main(tiny_run(small_data, one, flags)[1:]) == 0
+    code, out, err = finish(torchrun(tiny_run(small_data, two, flags)))
     assert code == 0, err
     return one, two, out
 
@@ -91,10 +100,10 @@ def test_two_processes_train_what_one_process_trains(one_and_two):
     assert out.count("done: val loss") == 1 and "2 processes, 2 windows a step each" in out
 
 
-def test_sigterm_to_torchrun_saves_once_and_the_run_resumes(one_and_two, small_data, tmp_path):
+def test_sigterm_to_torchrun_saves_once_and_the_run_resumes(one_and_two, small_data, tmp_path, flags):
     _, two, _ = one_and_two
     run = tmp_path / "run"
-    proc = torchrun(tiny_run(small_data, run, FLAGS), env={"BDH_TEST_SLOW": "0.4"})
+    proc = torchrun(tiny_run(small_data, run, flags), env={"BDH_TEST_SLOW": "0.4"})
     deadline = time.time() + 90
     while not ((run / "log.csv").is_file() and len(rows(run)) >= 3):
         assert proc.poll() is None and time.time() < deadline, proc.communicate()
@@ -110,19 +119,19 @@ def test_sigterm_to_torchrun_saves_once_and_the_run_resumes(one_and_two, small_d
     # N -> M: the two processes' checkpoint resumes in one process...
     alone = tmp_path / "alone"
     shutil.copytree(run, alone)
-    assert experiment.main(tiny_run(small_data, alone, FLAGS + " --resume auto")[1:]) == 0
+    assert experiment.main(tiny_run(small_data, alone, flags + " --resume auto")[1:]) == 0
     assert_same_run(two, alone)
     # ... and in two, under torchrun
-    code, _, err = finish(torchrun(tiny_run(small_data, run, FLAGS + " --resume auto")))
+    code, _, err = finish(torchrun(tiny_run(small_data, run, flags + " --resume auto")))
     assert code == 0, err
     assert_same_run(two, run)
     assert json.loads((run / "metrics.json").read_text())["world_size"] == 2
 
 
-def test_a_rank_that_fails_stops_every_rank_with_one_line(small_data, tmp_path):
+def test_a_rank_that_fails_stops_every_rank_with_one_line(small_data, tmp_path, flags):
     run = tmp_path / "run"
     start = time.time()
-    code, _, err = finish(torchrun(tiny_run(small_data, run, FLAGS), env={"BDH_TEST_FAIL": "1:7"}), 90)
+    code, _, err = finish(torchrun(tiny_run(small_data, run, flags), env={"BDH_TEST_FAIL": "1:7"}), 90)
     assert code == 1 and time.time() - start < 90
     lines = our_lines(err)
     assert len(lines) == 1, err
@@ -135,17 +144,17 @@ def test_a_rank_that_fails_stops_every_rank_with_one_line(small_data, tmp_path):
     assert load_training_state(run / "checkpoints" / "last")["step"] in (6, 7)
 
 
-def test_a_nan_on_one_rank_stops_every_rank_with_one_line(small_data, tmp_path):
+def test_a_nan_on_one_rank_stops_every_rank_with_one_line(small_data, tmp_path, flags):
     run = tmp_path / "run"
-    code, _, err = finish(torchrun(tiny_run(small_data, run, FLAGS), env={"BDH_TEST_NAN": "1:7"}), 90)
+    code, _, err = finish(torchrun(tiny_run(small_data, run, flags), env={"BDH_TEST_NAN": "1:7"}), 90)
     assert code == 1
     lines = our_lines(err)
     assert len(lines) == 1 and "training loss became nan by step 9" in lines[0], err  # rank 1's loss, step 9
     assert load_training_state(run / "checkpoints" / "last")["step"] == 6  # the last good checkpoint
 
 
-def test_a_global_batch_that_does_not_divide_is_refused_once(small_data, tmp_path):
-    code, _, err = finish(torchrun(tiny_run(small_data, tmp_path / "run", FLAGS + " --batch_size 3")), 90)
+def test_a_global_batch_that_does_not_divide_is_refused_once(small_data, tmp_path, flags):
+    code, _, err = finish(torchrun(tiny_run(small_data, tmp_path / "run", flags + " --batch_size 3")), 90)
     assert code != 0 and our_lines(err) == [
         "error: --batch_size 3 (the global batch) does not divide among 2 processes"
     ], err
@@ -153,9 +162,9 @@ def test_a_global_batch_that_does_not_divide_is_refused_once(small_data, tmp_pat
 
 
 def test_one_process_refuses_a_torchrun_environment_that_makes_no_sense(
-    small_data, tmp_path, capsys, monkeypatch
+    small_data, tmp_path, capsys, monkeypatch, flags
 ):
     monkeypatch.setenv("WORLD_SIZE", "two")
     assert_clean_error(
-        call_main(experiment.main, tiny_run(small_data, tmp_path / "r", FLAGS)[1:], capsys), "WORLD_SIZE"
+        call_main(experiment.main, tiny_run(small_data, tmp_path / "r", flags)[1:], capsys), "WORLD_SIZE"
     )
