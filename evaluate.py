@@ -358,9 +358,9 @@ def main(argv: list[str] | None = None) -> int:
         graph = neuron_graph(model, args.init_seed)
         write_json(out_dir / "neuron_graph.json", graph)
         plots.degree_ccdfs(graph, out_dir / "neuron_graph.png", str(args.model_path))
+    write_json(out_dir / "metrics.json", metrics)  # first: the scoring is kept whatever follows
     model = model.cpu()
     stats = weight_stats(model)
-    write_json(out_dir / "metrics.json", metrics)
     write_json(out_dir / "weight_stats.json", stats)
     if not args.no_plots:
         write_plots(model, stats, metrics, args, out_dir)

@@ -26,7 +26,7 @@ import torch
 from tqdm import tqdm
 
 from dragon_hatchling.architectures import ARCHITECTURES, model_class
-from dragon_hatchling.checkpoints import load_weights
+from dragon_hatchling.checkpoints import check_tensors, load_weights
 from dragon_hatchling.cli import (
     Parser,
     UsageError,
@@ -383,10 +383,12 @@ def build(run: Setup) -> Nets:
 def resumed(run: Setup, nets: Nets) -> Progress:
     """The weights, optimizer state, counters and random states of the checkpoint resumed from."""
     args, ranks, state = run.args, run.ranks, run.resume_state
+    tensors = load_weights(run.resume)
+    check_tensors(nets.model, tensors, f"--resume {args.resume}: the checkpoint is not this model's")
     try:
-        nets.model.load_state_dict(load_weights(run.resume))
+        nets.model.load_state_dict(tensors)
         nets.optimizer.load_state_dict(state["optimizer"])
-    except (RuntimeError, ValueError, KeyError) as e:  # weights or optimizer state of another model
+    except (RuntimeError, ValueError, KeyError) as e:  # the optimizer state of another model
         raise UsageError(
             f"--resume {args.resume}: the checkpoint is not this model's ({first_cause(e)})"
         ) from e

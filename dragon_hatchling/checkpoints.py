@@ -9,6 +9,7 @@ from pathlib import Path
 
 import torch
 
+from dragon_hatchling.architectures import ARCHITECTURES, arch_of, checked_config
 from dragon_hatchling.cli import UsageError
 from dragon_hatchling.files import atomic_path
 
@@ -111,6 +112,56 @@ def load_weights(folder: str | Path) -> dict[str, torch.Tensor]:
         raise UsageError(f"{path} cannot be read ({e.strerror or e})") from e
     except Exception as e:
         raise UsageError(f"{path} is truncated or corrupted ({type(e).__name__})") from e
+
+
+def check_tensors(model: torch.nn.Module, tensors: dict[str, torch.Tensor], where: str) -> None:
+    """Every tensor of the model in `tensors`, of its shape and dtype, and no other; a UsageError
+    naming the first that is not (load_state_dict would cast a dtype, and from_pretrained leaves a
+    missing tensor as it was initialised)."""
+    expected = model.state_dict()
+    for name, want in expected.items():
+        got = tensors.get(name)
+        if got is None:
+            raise UsageError(
+                f"{where}: model.safetensors has no tensor {name} (expected {tuple(want.shape)})"
+            )
+        if got.shape != want.shape:
+            raise UsageError(
+                f"{where}: size mismatch for {name}: {tuple(got.shape)} in the checkpoint, "
+                f"{tuple(want.shape)} in the model its config.json describes"
+            )
+        if got.dtype != want.dtype:
+            raise UsageError(f"{where}: tensor {name} is {got.dtype}, expected {want.dtype}")
+    unknown = sorted(set(tensors) - set(expected))
+    if unknown:
+        raise UsageError(f"{where}: model.safetensors has a tensor {unknown[0]} that this model does not")
+
+
+def read_config(folder: str | Path) -> object:
+    """FOLDER/config.json's contents; a UsageError if it cannot be read as JSON."""
+    path = Path(folder) / "config.json"
+    try:
+        return json.loads(path.read_text())
+    except OSError as e:
+        raise UsageError(f"{path} cannot be read ({e.strerror or e})") from None
+    except (ValueError, UnicodeDecodeError) as e:
+        raise UsageError(f"{path} is not JSON ({e})") from None
+
+
+def load_checkpoint(folder: str | Path) -> torch.nn.Module:
+    """The model of a checkpoint folder of this project, loaded strictly: its config.json complete
+    and of the right types (architectures.checked_config), every tensor of model.safetensors there
+    with its shape and dtype (check_tensors). A UsageError naming what is not."""
+    where = f"{folder}: could not load the checkpoint"
+    config = checked_config(read_config(folder), where)
+    model = ARCHITECTURES[arch_of(config)][0](config)
+    try:
+        tensors = load_weights(folder)
+    except UsageError as e:
+        raise UsageError(f"{where} ({e})") from None
+    check_tensors(model, tensors, where)
+    model.load_state_dict(tensors)
+    return model.eval()
 
 
 def load_training_state(folder: str | Path) -> dict:

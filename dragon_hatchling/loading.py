@@ -4,14 +4,12 @@ told. `load_model` is the one entry; evaluate.py, the Hub tool's convert and the
 
 from __future__ import annotations
 
-import json
 import re
 from pathlib import Path
 
 import torch
 
-from dragon_hatchling.architectures import model_class
-from dragon_hatchling.checkpoints import checkpoint_folder, is_checkpoint
+from dragon_hatchling.checkpoints import checkpoint_folder, is_checkpoint, load_checkpoint
 from dragon_hatchling.cli import UsageError
 from dragon_hatchling.hub_client import REPO_ID, HubUnreachable, hub_error, with_deadline
 from model import BDH, BDHConfig
@@ -117,19 +115,16 @@ def choose_pt(names: list[str], checkpoint: str | None, where: str) -> str:
 # ----------------------------------------------------------------------------- loading
 
 
-def load_ours(folder: str | Path, **kwargs) -> torch.nn.Module:
-    """A checkpoint in this project's format (a folder, or a Hub repo id with revision=...)."""
-    try:
-        if Path(folder).is_dir():
-            config_file = Path(folder) / "config.json"
-        else:
-            from huggingface_hub import hf_hub_download
+def load_ours(folder: str | Path, revision: str | None = None) -> torch.nn.Module:
+    """A checkpoint in this project's format, loaded strictly (checkpoints.load_checkpoint): a folder,
+    or a Hub repo id (its config.json and model.safetensors at revision, downloaded)."""
+    if not Path(folder).is_dir():
+        from huggingface_hub import hf_hub_download
 
-            config_file = hf_hub_download(str(folder), "config.json", revision=kwargs.get("revision"))
-        config = json.loads(Path(config_file).read_text())
-        return model_class(config).from_pretrained(folder, **kwargs)
-    except Exception as e:  # safetensors, JSON, shape and I/O errors alike: a bad checkpoint
-        raise UsageError(f"{folder}: could not load the checkpoint ({first_cause(e)})") from e
+        for name in ("config.json", "model.safetensors"):
+            local = hf_hub_download(str(folder), name, revision=revision)
+        return load_checkpoint(Path(local).parent)  # the repo's snapshot in the local cache
+    return load_checkpoint(folder)
 
 
 def first_cause(e: Exception) -> str:

@@ -24,22 +24,27 @@ def hill_tail_index(values: np.ndarray, fraction: float = TAIL_FRACTION) -> dict
 
 def weight_stats(model: torch.nn.Module) -> dict[str, dict[str, float]]:
     """Mean, std, excess kurtosis, the fraction beyond 3 std and the tail index (Hill, the largest 1%
-    of |w|) of each weight matrix. A Gaussian has excess kurtosis 0 and no finite tail index."""
+    of |w|) of each weight matrix. A Gaussian has excess kurtosis 0 and no finite tail index. A
+    constant matrix (a LayerNorm's ones, a zeroed ablation) has std 0 and no shape: None for those."""
     stats = {}
     for name, w in model.named_parameters():
         w = w.detach().double().flatten()
-        mean, std = w.mean().item(), w.std().item()
-        z = (w - mean) / std
-        stats[name] = {
-            "numel": w.numel(),
-            "mean": mean,
-            "std": std,
-            "excess_kurtosis": (z**4).mean().item() - 3.0,
-            "frac_beyond_3std": (z.abs() > 3).double().mean().item(),
-            "max_abs_over_std": (w.abs().max().item() / std),
-            "tail": hill_tail_index((w - mean).numpy()),
-        }
+        mean, std = w.mean().item(), w.std().item() if w.numel() > 1 else 0.0
+        stats[name] = {"numel": w.numel(), "mean": mean, "std": std, **shape_stats(w, mean, std)}
     return stats
+
+
+def shape_stats(w: torch.Tensor, mean: float, std: float) -> dict:
+    """The shape of a matrix's distribution beyond its mean and std (None for each if std is 0)."""
+    if not std > 0:
+        return {"excess_kurtosis": None, "frac_beyond_3std": None, "max_abs_over_std": None, "tail": None}
+    z = (w - mean) / std
+    return {
+        "excess_kurtosis": (z**4).mean().item() - 3.0,
+        "frac_beyond_3std": (z.abs() > 3).double().mean().item(),
+        "max_abs_over_std": (w.abs().max().item() / std),
+        "tail": hill_tail_index((w - mean).numpy()),
+    }
 
 
 @torch.no_grad()

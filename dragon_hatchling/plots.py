@@ -101,13 +101,14 @@ def weight_histograms(
         _, edges, _ = ax.hist(w, bins=121, log=True, color="tab:blue", alpha=0.8)
         s, width = stats[name], edges[1] - edges[0]
         centers = (edges[:-1] + edges[1:]) / 2
-        ax.plot(
-            centers,
-            gaussian_counts(centers, width, w.size, s["mean"], s["std"]),
-            "k--",
-            lw=1,
-            label="Gaussian, same std",
-        )
+        if s["std"] > 0:
+            ax.plot(
+                centers,
+                gaussian_counts(centers, width, w.size, s["mean"], s["std"]),
+                "k--",
+                lw=1,
+                label="Gaussian, same std",
+            )
         ax.plot(
             centers,
             gaussian_counts(centers, width, w.size, 0.0, INIT_STD),
@@ -117,8 +118,12 @@ def weight_histograms(
             label="initial weights",
         )
         ax.set_ylim(bottom=0.5)
-        kurtosis, alpha = s["excess_kurtosis"], s["tail"]["alpha"]
-        ax.set_title(f"{label}\nexcess kurtosis {kurtosis:.2f}, tail index {alpha:.1f}", fontsize=9)
+        shape = (
+            "constant"
+            if s["tail"] is None
+            else (f"excess kurtosis {s['excess_kurtosis']:.2f}, tail index {s['tail']['alpha']:.1f}")
+        )
+        ax.set_title(f"{label}\n{shape}", fontsize=9)
         ax.set_xlabel("weight")
     first = np.atleast_1d(axes)[0]
     first.set_ylabel("count (log)")

@@ -172,3 +172,19 @@ def test_the_neuron_graphs_fresh_model_is_the_runs_own_initial_weights(tmp_path,
     assert graphs[7]["initial"]["seed"] == 7
     assert graphs[7]["initial"] == {**graphs[7]["model"], "seed": 7}  # threshold (5 sd of G), degrees
     assert graphs[8]["initial"]["threshold"] != pytest.approx(graphs[8]["model"]["threshold"])
+
+
+def test_a_constant_matrix_is_measured_not_divided_by(tmp_path, raw_dir, capsys):
+    """An ablation that zeroes a matrix (and a GPT's LayerNorm weights, all ones): std 0, so no
+    kurtosis or tail index, and the scoring, the statistics and the plots are all written."""
+    model, args = evaluate_args(tmp_path, raw_dir, 700)
+    with torch.no_grad():
+        model.E.zero_()
+    model.save_pretrained(tmp_path / "ckpt")
+    out = tmp_path / "eval"
+    assert evaluate.main([*args, "--out_dir", str(out)]) == 0
+    stats = json.loads((out / "weight_stats.json").read_text())
+    assert stats["E"]["std"] == 0 and stats["E"]["excess_kurtosis"] is None and stats["E"]["tail"] is None
+    assert stats["Dx"]["tail"]["alpha"] > 0
+    assert json.loads((out / "metrics.json").read_text())["loss"] > 0
+    assert (out / "weights.png").read_bytes()[:4] == b"\x89PNG"
