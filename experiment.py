@@ -613,9 +613,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         ranks = ranks_from_env()
         start(ranks, args.dist_timeout)
+        dataset = None
         if args.dataset is not None:  # rank 0 converts it (once); the others wait for it
-            agreed(ranks, lambda: ranks.main and convert_dataset(args))
-        run = agreed(ranks, lambda: prepare(args, ranks))
+            dataset = agreed(ranks, lambda: convert_dataset(args, convert=ranks.main))
+        run = agreed(ranks, lambda: prepare(args, ranks, dataset))
         metrics = train(run)
     except Quiet as e:  # another rank says why
         raise SystemExit(e.code) from None

@@ -8,6 +8,7 @@ Rows become bytes by Wikitext-2's rule (data.rows_to_bytes: UTF-8, an empty row 
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 
@@ -16,16 +17,47 @@ from tqdm import tqdm
 from dragon_hatchling.cli import UsageError
 from dragon_hatchling.data import rows_to_bytes
 from dragon_hatchling.files import atomic_path, write_text
+from dragon_hatchling.hub_client import hub_error, with_deadline
 
 VALID_SPLITS = ("validation", "valid", "val")  # a dataset's own validation split, by these names
 
 
 def dataset_folder(
-    cache_dir: str | Path, name: str, config: str | None, column: str, val_fraction: float
+    cache_dir: str | Path, name: str, config: str | None, column: str, val_fraction: float, seed: int
 ) -> Path:
-    """Where --dataset's byte files live: one folder per dataset, config, column and held-out fraction."""
+    """Where --dataset's byte files live: a folder keyed by what was converted, so that another
+    dataset of the same name (another folder, an edited file, a new revision on the Hub), another
+    column or another held-out split never reuses them: the source (dataset_source), the config, the
+    column, the held-out fraction and its seed."""
+    key = {"source": dataset_source(name), "config": config, "column": column, "val_fraction": val_fraction,
+           "seed": seed}  # fmt: skip
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
     slug = "__".join(str(part).strip("/").replace("/", "--") for part in (name, config or "default", column))
-    return Path(cache_dir).expanduser() / f"{slug}__val{val_fraction:g}"
+    return Path(cache_dir).expanduser() / f"{slug[-80:]}__{digest}"
+
+
+def dataset_source(name: str) -> dict:
+    """What --dataset NAME is now: a local file or folder (its resolved path, and every file's size
+    and modification time), else a Hub dataset at the commit the Hub resolves it to."""
+    path = Path(name)
+    if not path.exists():
+        return {"hub": name, "revision": hub_revision(name)}
+    files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
+    stats = [[str(p.relative_to(path)) if p != path else p.name, p.stat().st_size, p.stat().st_mtime_ns]
+             for p in files]  # fmt: skip
+    return {"path": str(path.resolve()), "files": stats}
+
+
+def hub_revision(name: str) -> str:
+    """The commit of the Hub's dataset `name` now; a UsageError if the Hub cannot say."""
+    from huggingface_hub import HfApi
+
+    try:
+        return with_deadline(lambda: HfApi().dataset_info(name).sha)
+    except Exception as e:  # no such dataset, no network, offline: one line
+        raise UsageError(
+            f"--dataset {name}: no such local path, and the Hub could not say what it is ({hub_error(e)})"
+        ) from None
 
 
 def load_text_dataset(name: str, config: str | None, progress: bool = True):
@@ -61,14 +93,13 @@ def prepare_dataset(
     config: str | None,
     column: str,
     val_fraction: float,
-    cache_dir: str | Path,
+    folder: Path,
     seed: int = 1337,
     progress: bool = True,
 ) -> Path:
     """Convert a text dataset once into train.bin and valid.bin (its rows as bytes, by rows_to_bytes'
-    rule) in its cache folder, which it returns; a folder converted before is kept. Validation is
-    the dataset's own split, else val_fraction of its train rows held out at random (seed)."""
-    folder = dataset_folder(cache_dir, name, config, column, val_fraction)
+    rule) in its cache folder (dataset_folder), which it returns; a folder converted before is kept.
+    Validation is the dataset's own split, else val_fraction of its train rows held out at random (seed)."""
     if (folder / "meta.json").is_file():
         return folder
     ds = load_text_dataset(name, config, progress)
@@ -82,6 +113,7 @@ def prepare_dataset(
     }
     meta = {
         "dataset": name,
+        "source": dataset_source(name),
         "config": config,
         "text_column": column,
         "valid": own or f"{val_fraction:g} of train",
@@ -115,7 +147,13 @@ def held_out(train, name: str, val_fraction: float, seed: int) -> tuple:
     """(train, valid): val_fraction of the rows (at least one) held out at random."""
     if train.num_rows < 2:
         raise UsageError(f"--dataset {name}: {train.num_rows} rows, too few to hold out a validation split")
-    held = train.train_test_split(test_size=max(1, round(val_fraction * train.num_rows)), seed=seed)
+    size = max(1, round(val_fraction * train.num_rows))
+    if size >= train.num_rows:
+        raise UsageError(
+            f"--val_fraction {val_fraction:g} holds out {size} of --dataset {name}'s {train.num_rows} rows: "
+            "none would be left to train on"
+        )
+    held = train.train_test_split(test_size=size, seed=seed)
     return held["train"], held["test"]
 
 

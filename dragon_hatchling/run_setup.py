@@ -99,8 +99,9 @@ class Setup:
         return self.args.max_steps or self.args.epochs * self.steps_per_epoch
 
 
-def prepare(args: argparse.Namespace, ranks: Ranks | None = None) -> Setup:
-    """Check every argument and input before any work; UsageError on the first bad one."""
+def prepare(args: argparse.Namespace, ranks: Ranks | None = None, dataset: Path | None = None) -> Setup:
+    """Check every argument and input before any work; UsageError on the first bad one. dataset:
+    --dataset's converted folder (convert_dataset)."""
     ranks = ranks or Ranks()
     device = rank_device(ranks, resolve_device(args.device))
     dtype = resolve_dtype(args.dtype, device)
@@ -109,7 +110,7 @@ def prepare(args: argparse.Namespace, ranks: Ranks | None = None) -> Setup:
     config = model_config(args)
     path = choose_path(ARCHITECTURES[args.arch][0], device, args.fused, args.compile, dtype)
     check_model(args, config, device, ranks)
-    data = load_data(args)
+    data = load_data(args, dataset)
     steps_per_epoch = check_windows(args, data)
     out_dir = run_folder(args, resume)
     lock = None
@@ -253,15 +254,13 @@ def check_model(args: argparse.Namespace, config, device: torch.device, ranks: R
     )
 
 
-def load_data(args: argparse.Namespace) -> Data:
+def load_data(args: argparse.Namespace, dataset: Path | None = None) -> Data:
     """The train and validation bytes: --dataset's converted files, --train_file beside the
-    validation split, or the splits of --data_dir (or the Hub); and every --extra_val_file."""
+    validation split, or the splits of --data_dir (or the Hub); and every --extra_val_file. dataset:
+    --dataset's folder, if convert_dataset made it already."""
     train_path, valid_path = args.train_file, None  # None: the split of --data_dir or the Hub
     if args.dataset is not None:
-        check_dataset_flags(args)
-        folder = dataset_folder(
-            args.data_cache, args.dataset, args.dataset_config, args.text_column, args.val_fraction
-        )
+        folder = dataset or convert_dataset(args, convert=False)
         train_path, valid_path = folder / "train.bin", folder / "valid.bin"
         train = load_bytes_file(train_path, what=f"--dataset {args.dataset}: train")
         valid = load_bytes_file(valid_path, what=f"--dataset {args.dataset}: validation")
@@ -324,15 +323,18 @@ def check_dataset_flags(args: argparse.Namespace) -> None:
         raise UsageError(f"--val_fraction must be below 1, got {args.val_fraction}")
 
 
-def convert_dataset(args: argparse.Namespace) -> Path:
-    """--dataset's byte files, converted now unless they were before."""
+def convert_dataset(args: argparse.Namespace, convert: bool = True) -> Path:
+    """--dataset's cache folder (keyed by what the dataset is now), converted now unless it was
+    before (convert=False: only the folder, for the ranks that wait for rank 0 to convert)."""
     check_dataset_flags(args)
-    return prepare_dataset(
-        args.dataset,
-        args.dataset_config,
-        args.text_column,
-        args.val_fraction,
-        args.data_cache,
-        seed=args.seed,
-        progress=not args.no_progress,
-    )
+    folder = dataset_folder(args.data_cache, args.dataset, args.dataset_config, args.text_column,
+                            args.val_fraction, args.seed)  # fmt: skip
+    if not convert:
+        return folder
+    try:
+        return prepare_dataset(args.dataset, args.dataset_config, args.text_column, args.val_fraction, folder,
+                               seed=args.seed, progress=not args.no_progress)  # fmt: skip
+    except OSError as e:  # a full disk, a folder that cannot be written
+        raise UsageError(
+            f"--data_cache {args.data_cache}: cannot write {folder.name} ({e.strerror or e})"
+        ) from e

@@ -3,6 +3,7 @@
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -75,7 +76,7 @@ def test_a_local_json_dataset_is_converted_once_and_trains(tmp_path, text_rows, 
         experiment.main, dataset_run(folder, cache, tmp_path / "run", "--val_fraction", "0.1"), capsys
     )
     assert result.returncode == 0, result.stderr
-    converted = corpora.dataset_folder(cache, str(folder), None, "text", 0.1)
+    converted = corpora.dataset_folder(cache, str(folder), None, "text", 0.1, 1337)
     meta = json.loads((converted / "meta.json").read_text())
     assert meta["rows"] == {"train": 54, "valid": 6} and meta["valid"] == "0.1 of train"
     together = (converted / "train.bin").read_bytes() + (converted / "valid.bin").read_bytes()
@@ -106,7 +107,7 @@ def test_a_saved_dataset_with_its_own_validation_split(tmp_path, text_rows, caps
         experiment.main, dataset_run(folder, cache, tmp_path / "run", "--text_column", "body"), capsys
     )
     assert result.returncode == 0, result.stderr
-    converted = corpora.dataset_folder(cache, str(folder), None, "body", 0.005)
+    converted = corpora.dataset_folder(cache, str(folder), None, "body", 0.005, 1337)
     assert (converted / "valid.bin").read_bytes() == data.rows_to_bytes(text_rows[50:])
 
 
@@ -135,9 +136,8 @@ def test_an_empty_dataset_is_refused(tmp_path, capsys, monkeypatch):
     result = call_main(experiment.main, dataset_run(empty_file, tmp_path / "c", tmp_path / "r"), capsys)
     assert_clean_error(result, "--dataset", "could not load it")
     empty = Dataset.from_dict({"text": []}, features=Features({"text": Value("string")}))
-    monkeypatch.setattr(
-        corpora, "load_text_dataset", lambda *a: DatasetDict({"train": empty})
-    )  # as the Hub's
+    monkeypatch.setattr(corpora, "load_text_dataset", lambda *a: DatasetDict({"train": empty}))  # the Hub's
+    monkeypatch.setattr(corpora, "hub_revision", lambda name: "0123abc")
     result = call_main(experiment.main, dataset_run("someone/empty", tmp_path / "c", tmp_path / "r"), capsys)
     assert_clean_error(result, "--dataset someone/empty is empty")
 
@@ -147,3 +147,50 @@ def test_a_dataset_that_does_not_exist_is_one_line(tmp_path, capsys):
         experiment.main, dataset_run(tmp_path / "nowhere", tmp_path / "c", tmp_path / "r"), capsys
     )
     assert_clean_error(result, "--dataset")
+
+
+def test_the_cache_is_keyed_by_what_was_converted(tmp_path, text_rows, capsys, monkeypatch):
+    """Two folders of one name (from two working folders), a dataset edited after its conversion, and
+    another --seed (another held-out split) are converted anew, never served another's bytes."""
+    cache = tmp_path / "cache"
+    for where, rows in (("a", text_rows[:30]), ("b", text_rows[30:])):
+        (tmp_path / where).mkdir()
+        write_json_dataset(tmp_path / where / "mydata", [{"text": t} for t in rows])
+    runs = []
+    for step, (cwd, flags) in enumerate([("a", []), ("b", []), ("b", ["--seed", "7"]), ("a", [])]):
+        if step == 3:  # the dataset of a, edited: one row more
+            with open(tmp_path / "a" / "mydata" / "train.jsonl", "a") as f:
+                f.write(json.dumps({"text": "an edited row"}) + "\n")
+        monkeypatch.chdir(tmp_path / cwd)
+        argv = dataset_run("mydata", cache, tmp_path / f"run{step}", "--val_fraction", "0.2", *flags)
+        assert call_main(experiment.main, argv, capsys).returncode == 0
+        runs.append(json.loads((tmp_path / f"run{step}" / "metrics.json").read_text())["data"])
+    assert len({r["train"]["source"] for r in runs}) == 4 and len({r["train"]["sha256"] for r in runs}) == 4
+    for run, rows in zip(runs, (text_rows[:30], text_rows[30:], text_rows[30:]), strict=False):
+        both = [Path(run[split]["source"]).read_bytes() for split in ("train", "valid")]
+        assert sum(len(b) for b in both) == len(data.rows_to_bytes(rows))  # its own rows, all of them
+    assert (
+        Path(runs[3]["train"]["source"]).read_bytes().count(b"an edited row")
+        + Path(runs[3]["valid"]["source"]).read_bytes().count(b"an edited row")
+        == 1
+    )
+
+
+def test_a_held_out_split_of_every_row_and_a_full_disk_are_one_line(tmp_path, text_rows, capsys, monkeypatch):
+    folder = tmp_path / "docs"
+    write_json_dataset(folder, [{"text": t} for t in text_rows[:4]])
+    cache = tmp_path / "cache"
+    result = call_main(
+        experiment.main, dataset_run(folder, cache, tmp_path / "r", "--val_fraction", "0.9"), capsys
+    )
+    assert_clean_error(result, "--val_fraction 0.9 holds out 4 of", "4 rows")
+
+    def full(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(corpora, "rows_to_bytes", full)
+    result = call_main(
+        experiment.main, dataset_run(folder, cache, tmp_path / "r", "--val_fraction", "0.5"), capsys
+    )
+    assert_clean_error(result, "--data_cache", "No space left on device")
+    assert not list(cache.rglob("*.tmp")) and not list(cache.rglob("meta.json"))
