@@ -44,6 +44,7 @@ from dragon_hatchling.distributed import Quiet, Ranks, agreed, all_reduce, ranks
 from dragon_hatchling.loading import first_cause
 from dragon_hatchling.paths import forward_of
 from dragon_hatchling.run_folder import (
+    Meter,
     Progress,
     RunFolder,
     data_sources,
@@ -281,12 +282,13 @@ def train(run: Setup) -> dict:
     sources = data_sources(run) if ranks.main else {}
     announce(run, nets.model, sources, progress)
     check_validation_fits(run, nets.forward)
-    folder = RunFolder(run, nets, progress, sources)
-    meter, progress.started = Meter(run.device), time.time()
+    meter = Meter(run.device, progress.interval)
+    folder = RunFolder(run, nets, progress, sources, meter)
+    progress.started = time.time()
     with StopSignals() as signals, folder, progress_bar(run, progress) as bar:
         try:
-            if run.resume is not None and progress.done >= total and progress.eval_step != progress.done:
-                final_validation(run, nets, folder, signals)  # a signal had cut it short
+            if run.resume is not None and cut_short(run, progress):
+                cut_validation(run, nets, folder, signals)
             for step in range(progress.done, total):
                 # forward, backward, update
                 x, y = training_batch(run, step)
@@ -294,13 +296,16 @@ def train(run: Setup) -> dict:
                 meter.add(nets.step(x, y, lr, run, progress), x.numel() * ranks.world)
                 done = step + 1
                 bar.update(1)
-                evaluating = done % args.eval_every == 0 or done == total or push_after(run, done)
-                if not (done % args.log_every == 0 or evaluating or (signals.caught and not ranks.several)):
+                evaluating = evaluation_due(run, done)
+                if not (done % args.log_every == 0 or evaluating):
+                    if signals.caught and not ranks.several:  # between log rows: the interval is saved
+                        raise folder.stopped(done, signals, saved_now=False)
                     continue
                 # a log row: the ranks agree on the mean loss and on whether any was told to stop
                 row = meter.row(done, lr, run, progress, signals)
                 # validation, the best checkpoint and a save (a signal may cut it short)
                 evaluated = evaluating and validation(done, row, meter.mean, run, nets, folder, signals)
+                progress.validation_cut = evaluating and not evaluated
                 row["elapsed_s"] = round(progress.elapsed(), 1)
                 folder.log.write(row)
                 bar.set_postfix(loss=f"{meter.mean:.3f}", bytes_s=f"{row['bytes_per_s']:,.0f}")
@@ -443,52 +448,14 @@ def training_batch(run: Setup, step: int) -> tuple[torch.Tensor, torch.Tensor]:
     return x.to(run.device, non_blocking=True), y.to(run.device, non_blocking=True)
 
 
+def evaluation_due(run: Setup, done: int) -> bool:
+    """Whether step `done` validates: every --eval_every steps, at the end, after an epoch pushed."""
+    return done % run.args.eval_every == 0 or done == run.total_steps or push_after(run, done)
+
+
 def push_after(run: Setup, done: int) -> bool:
     """Whether step `done` ends an epoch that --push_every_epoch pushes (and validates) after."""
     return run.args.push_every_epoch and done % run.steps_per_epoch == 0
-
-
-class Meter:
-    """The training loss and speed since the last log row."""
-
-    def __init__(self, device: torch.device) -> None:
-        self.loss_sum, self.steps, self.bytes = torch.zeros((), device=device), 0, 0
-        self.mean = math.nan  # the last row's mean loss, unrounded
-        self.t0 = time.time()
-
-    def add(self, loss: torch.Tensor, n_bytes: int) -> None:
-        self.loss_sum += loss
-        self.steps += 1
-        self.bytes += n_bytes
-
-    def row(self, done: int, lr: float, run: Setup, progress: Progress, signals: StopSignals) -> dict:
-        """The log row of step `done`; the ranks agree on the loss and on a signal (every rank calls this)."""
-        loss = self.loss_sum.item() / self.steps  # syncs the device
-        if run.ranks.several:
-            loss = float(all_reduce(np.array([loss]))[0]) / run.ranks.world
-        signals.agree(run.ranks)
-        seconds = time.time() - self.t0
-        progress.train_time += seconds
-        if not math.isfinite(loss):
-            raise FloatingPointError(
-                f"training loss became {loss} by step {done}; stopped. " + kept_checkpoint(run.out_dir)
-            )
-        args = run.args
-        row = {
-            "step": done,
-            "epoch": round(done / run.steps_per_epoch, 4),
-            "bytes_seen": done * args.batch_size * args.seq_len,
-            "train_loss": round(loss, 5),
-            "lr": f"{lr:.6g}",
-            "bytes_per_s": round(self.bytes / max(seconds, 1e-9)),
-        }
-        self.mean, self.steps, self.bytes = loss, 0, 0
-        self.loss_sum.zero_()
-        return row
-
-    def restart(self) -> None:
-        """Start timing the next interval (what a log step did besides training is not counted)."""
-        self.t0 = time.time()
 
 
 # ----------------------------------------------------------------------------- validation
@@ -566,12 +533,25 @@ def validation(
     return True
 
 
-def final_validation(run: Setup, nets: Nets, folder: RunFolder, signals: StopSignals) -> None:
-    """The last step's validation, when a signal had cut it short before the run was saved."""
-    try:
-        validate_and_save(folder.progress.done, run, nets, folder, signals)
-    except Stopped:
-        raise folder.stopped(folder.progress.done, signals, saved_now=True) from None
+def cut_short(run: Setup, progress: Progress) -> bool:
+    """Whether a signal cut short the validation of the step the checkpoint resumed from saved
+    (checkpoints from before it said so: the last step's, unless it had validated)."""
+    if progress.done >= run.total_steps and progress.eval_step != progress.done:
+        return True
+    return progress.validation_cut
+
+
+def cut_validation(run: Setup, nets: Nets, folder: RunFolder, signals: StopSignals) -> None:
+    """On resuming at a step whose validation a signal had cut short: that validation, into the log
+    row the stop wrote without it, and onto the console."""
+    done = folder.progress.done
+    row = folder.log.row_at(done)
+    loss = float(row.get("train_loss") or "nan")
+    folder.progress.validation_cut = False  # what the validation's checkpoint says
+    if not validation(done, row, loss, run, nets, folder, signals):
+        folder.progress.validation_cut = True
+        raise folder.stopped(done, signals, saved_now=True)
+    folder.log.rewrite()
 
 
 @torch.no_grad()

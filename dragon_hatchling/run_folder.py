@@ -26,7 +26,7 @@ import torch
 from dragon_hatchling import plots
 from dragon_hatchling.checkpoints import clear_run, save_checkpoint
 from dragon_hatchling.data import describe_source
-from dragon_hatchling.distributed import gather
+from dragon_hatchling.distributed import all_reduce, gather
 from dragon_hatchling.files import atomic_path, write_json
 from dragon_hatchling.hub import try_push
 from dragon_hatchling.paths import COMPILED, FUSED
@@ -62,6 +62,8 @@ class Progress:
     train_time: float = 0.0  # seconds of training steps, over every stretch of the run
     elapsed_before: float = 0.0  # wall seconds of the stretches before this one
     saved: int | None = None  # the step of the last checkpoint
+    interval: dict | None = None  # the log interval the checkpoint was saved in (Meter.state)
+    validation_cut: bool = False  # a signal cut short the validation of the step saved
     started: float = field(default_factory=time.time)
 
     @classmethod
@@ -77,10 +79,65 @@ class Progress:
             state["train_time_s"],
             state["elapsed_s"],
             saved=state["step"],
+            interval=state.get("interval"),
+            validation_cut=state.get(
+                "validation_cut", state["step"] != eval_step and "interval" not in state
+            ),
         )
 
     def elapsed(self) -> float:
         return self.elapsed_before + time.time() - self.started
+
+
+class Meter:
+    """The training loss and speed since the last log row; a checkpoint saves it (state), so that
+    the first row after resuming averages the steps the unstopped run's row does."""
+
+    def __init__(self, device: torch.device, saved: dict | None = None) -> None:
+        saved = saved or {"loss_sum": 0.0, "steps": 0, "bytes": 0, "seconds": 0.0}
+        self.loss_sum = torch.tensor(saved["loss_sum"], dtype=torch.float32, device=device)
+        self.steps, self.bytes = saved["steps"], saved["bytes"]
+        self.mean = math.nan  # the last row's mean loss, unrounded
+        self.t0 = time.time() - saved["seconds"]
+
+    def state(self) -> dict:
+        """The interval in hand, for a checkpoint."""
+        return {"loss_sum": self.loss_sum.item(), "steps": self.steps, "bytes": self.bytes,
+                "seconds": time.time() - self.t0}  # fmt: skip
+
+    def add(self, loss: torch.Tensor, n_bytes: int) -> None:
+        self.loss_sum += loss
+        self.steps += 1
+        self.bytes += n_bytes
+
+    def row(self, done: int, lr: float, run: Setup, progress: Progress, signals: StopSignals) -> dict:
+        """The log row of step `done`; the ranks agree on the loss and on a signal (every rank calls this)."""
+        loss = self.loss_sum.item() / self.steps  # syncs the device
+        if run.ranks.several:
+            loss = float(all_reduce(np.array([loss]))[0]) / run.ranks.world
+        signals.agree(run.ranks)
+        seconds = time.time() - self.t0
+        progress.train_time += seconds
+        if not math.isfinite(loss):
+            raise FloatingPointError(
+                f"training loss became {loss} by step {done}; stopped. " + kept_checkpoint(run.out_dir)
+            )
+        args = run.args
+        row = {
+            "step": done,
+            "epoch": round(done / run.steps_per_epoch, 4),
+            "bytes_seen": done * args.batch_size * args.seq_len,
+            "train_loss": round(loss, 5),
+            "lr": f"{lr:.6g}",
+            "bytes_per_s": round(self.bytes / max(seconds, 1e-9)),
+        }
+        self.mean, self.steps, self.bytes = loss, 0, 0
+        self.loss_sum.zero_()
+        return row
+
+    def restart(self) -> None:
+        """Start timing the next interval (what a log step did besides training is not counted)."""
+        self.t0 = time.time()
 
 
 def rng_state(device: torch.device) -> dict:
@@ -99,29 +156,50 @@ def set_rng_state(state: dict, device: torch.device) -> None:
 class CsvLog:
     """The training log: one row every --log_every steps, flushed as it goes.
 
-    A resumed run keeps the rows up to its checkpoint's step (rewritten atomically, which also
-    drops a line torn by a kill) and appends after them.
+    A resumed run keeps the rows up to its checkpoint's step (from `source`, the resumed run's log,
+    by default this one) and every column they had, rewritten atomically (which also drops a line
+    torn by a kill), and appends after them.
     """
 
-    def __init__(self, path: Path, fields: list[str], resume_step: int | None = None) -> None:
-        self.fields = fields
-        self.rows: list[dict] = []
-        if resume_step is not None and path.is_file():
-            with open(path, newline="") as f:
-                old = [r for r in csv.DictReader(f) if r.get("step", "").isdigit()]
-            self.rows = [{k: r.get(k) or "" for k in fields} for r in old if int(r["step"]) <= resume_step]
-        with atomic_path(path) as tmp, open(tmp, "w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=fields, lineterminator="\n")
+    def __init__(
+        self, path: Path, fields: list[str], resume_step: int | None = None, source: Path | None = None
+    ):
+        self.path, self.rows = path, []
+        source = source or path
+        old_fields: list[str] = []
+        if resume_step is not None and source.is_file():
+            with open(source, newline="") as f:
+                reader = csv.DictReader(f)
+                old = [r for r in reader if r.get("step", "").isdigit() and int(r["step"]) <= resume_step]
+                old_fields = list(reader.fieldnames or [])
+        self.fields = old_fields + [k for k in fields if k not in old_fields]
+        self.rows = [{k: r.get(k) or "" for k in self.fields} for r in old] if old_fields else []
+        self.rewrite()
+
+    def rewrite(self) -> None:
+        """The whole log again, atomically (after a row changed), and appending after it."""
+        if getattr(self, "file", None) is not None:
+            self.file.close()
+        with atomic_path(self.path) as tmp, open(tmp, "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=self.fields, lineterminator="\n")
             writer.writeheader()
             writer.writerows(self.rows)
-        self.file = open(path, "a", newline="")
-        self.writer = csv.DictWriter(self.file, fieldnames=fields, lineterminator="\n")
+        self.file = open(self.path, "a", newline="")
+        self.writer = csv.DictWriter(self.file, fieldnames=self.fields, lineterminator="\n")
 
     def write(self, row: dict) -> None:
         row = {k: row.get(k, "") for k in self.fields}
         self.writer.writerow(row)
         self.file.flush()
         self.rows.append(row)
+
+    def row_at(self, step: int) -> dict:
+        """The row of step `step` (to fill in), or a new one at the end."""
+        found = next((r for r in self.rows if str(r.get("step")) == str(step)), None)
+        if found is None:
+            found = {"step": str(step)}
+            self.rows.append(found)
+        return found
 
     def close(self) -> None:
         self.file.close()
@@ -135,6 +213,12 @@ class NoLog:
     def write(self, row: dict) -> None:
         pass
 
+    def row_at(self, step: int) -> dict:
+        return {}
+
+    def rewrite(self) -> None:
+        pass
+
     def close(self) -> None:
         pass
 
@@ -142,9 +226,11 @@ class NoLog:
 class RunFolder:
     """The run's folder: its log, checkpoints, metrics and plots (a context manager that closes the log)."""
 
-    def __init__(self, run: Setup, nets, progress: Progress, sources: dict) -> None:
-        """nets: the model and its optimizer (experiment.Nets); sources: data_sources(run) (rank 0)."""
+    def __init__(self, run: Setup, nets, progress: Progress, sources: dict, meter: Meter) -> None:
+        """nets: the model and its optimizer (experiment.Nets); sources: data_sources(run) (rank 0);
+        meter: the loop's, whose interval every checkpoint saves."""
         self.run, self.model, self.optimizer, self.progress = run, nets.model, nets.optimizer, progress
+        self.meter = meter
         self.sources, self.push_failed = sources, False
         self.command = shell_command(sys.argv[1:])
         self.resume_command = shell_command(resume_argv(sys.argv[1:], run.out_dir))
@@ -155,7 +241,9 @@ class RunFolder:
             clear_run(run.out_dir)
         extra = [f"{k}_{label}" for label in run.data.extra for k in ("val_loss", "val_bpb")]
         fields = CSV_FIELDS + extra + SPARSITY_FIELDS
-        self.log = CsvLog(run.out_dir / "log.csv", fields, progress.done if run.resume is not None else None)
+        resumed = run.resume is not None
+        source = run.resume.parent.parent / "log.csv" if resumed else None  # RUN/checkpoints/last
+        self.log = CsvLog(run.out_dir / "log.csv", fields, progress.done if resumed else None, source)
 
     def __enter__(self) -> RunFolder:
         return self
@@ -183,6 +271,9 @@ class RunFolder:
             "world_size": run.ranks.world,
             "train_time_s": p.train_time,
             "elapsed_s": p.elapsed(),
+            "interval": self.meter.state(),
+            "validation_cut": p.validation_cut,
+            "data": self.sources,
         }
         for name in which:
             save_checkpoint(self.model, run.out_dir / "checkpoints" / name, state)

@@ -590,9 +590,34 @@ def test_a_signal_during_validation_stops_it_between_batches(
     state = load_training_state(checkpoint_folder(parts, "last"))
     assert state["step"] == 3 and state["eval_step"] is None
     monkeypatch.undo()
-    assert train(tiny_run(small_data, parts, f"{flags} --resume auto"), capsys).returncode == 0
+    resumed = train(tiny_run(small_data, parts, f"{flags} --resume auto"), capsys)
+    assert resumed.returncode == 0 and "step 3: train" in resumed.stdout  # the cut validation, run now
     assert strict_json(parts / "metrics.json")["finished"]
     assert (
         strict_json(parts / "metrics.json")["final_val_loss"]
         == strict_json(whole / "metrics.json")["final_val_loss"]
     )
+    assert logged(parts) == logged(whole)  # the validation at step 3 in its row, as in the unstopped run
+
+
+def logged(run, keys=("train_loss", "val_loss", "val_loss_wiki_train_raw", "x_nonzero")) -> list[tuple]:
+    """The log as a run computes it: each row's step and losses (not its times)."""
+    with open(run / "log.csv", newline="") as f:
+        return [(r["step"], *(r.get(k) for k in keys)) for r in csv.DictReader(f)]
+
+
+@pytest.mark.parametrize("stop_at", [6, 8, 12])  # inside a log interval, at its end, at a validation
+def test_a_stopped_and_resumed_run_logs_what_an_unstopped_one_logs(stop_at, tmp_path, small_data, capsys,
+                                                                   monkeypatch):  # fmt: skip
+    """SIGINT between log rows: no row at the stop, and the interval in hand is saved with the
+    checkpoint, so the first row after resuming averages the same steps: the same log, row for row."""
+    flags = "--batch_size 4 --seq_len 32 --warmup_steps 3 --log_every 4 --max_steps 20 --eval_every 12"
+    whole, parts = tmp_path / "whole", tmp_path / "parts"
+    assert train(tiny_run(small_data, whole, flags), capsys).returncode == 0
+    interrupt_at_step(monkeypatch, stop_at)
+    result = train(tiny_run(small_data, parts, flags), capsys)
+    assert result.returncode == 130 and f"SIGINT at step {stop_at}" in result.stderr, result.stderr
+    assert [r[0] for r in logged(parts)] == [str(s) for s in range(4, stop_at + 1, 4)]  # no row at 6
+    monkeypatch.undo()
+    assert train(tiny_run(small_data, parts, f"{flags} --resume auto"), capsys).returncode == 0
+    assert logged(parts) == logged(whole)
