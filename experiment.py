@@ -47,7 +47,6 @@ from dragon_hatchling.run_folder import (
     Meter,
     Progress,
     RunFolder,
-    data_sources,
     device_name,
     rank_seed,
     set_rng_state,
@@ -239,6 +238,12 @@ def add_output_flags(g) -> None:
     g.add_argument("--out_dir", default=None, help="run folder (default: results/runs/<date-time>)")
     g.add_argument("--overwrite", action="store_true", help="allow reusing a folder that has a run")
     g.add_argument(
+        "--accept_new_data",
+        action="store_true",
+        help="with --resume: continue although the train or validation file changed since the checkpoint "
+        "(metrics.json records the change, data_changes)",
+    )
+    g.add_argument(
         "--resume",
         default=None,
         metavar="PATH|auto",
@@ -279,11 +284,10 @@ def train(run: Setup) -> dict:
     args, ranks, total = run.args, run.ranks, run.total_steps
     nets = build(run)
     progress = resumed(run, nets) if run.resume is not None else Progress()
-    sources = data_sources(run) if ranks.main else {}
-    announce(run, nets.model, sources, progress)
+    announce(run, nets.model, progress)
     check_validation_fits(run, nets.forward)
     meter = Meter(run.device, progress.interval)
-    folder = RunFolder(run, nets, progress, sources, meter)
+    folder = RunFolder(run, nets, progress, meter)
     progress.started = time.time()
     with StopSignals() as signals, folder, progress_bar(run, progress) as bar:
         try:
@@ -408,14 +412,14 @@ def resumed(run: Setup, nets: Nets) -> Progress:
     return progress
 
 
-def announce(run: Setup, model: torch.nn.Module, sources: dict, progress: Progress) -> None:
+def announce(run: Setup, model: torch.nn.Module, progress: Progress) -> None:
     """The model, the data and the plan, in two lines (rank 0)."""
     if not run.ranks.main:
         return
     args, ranks = run.args, run.ranks
     print(f"{model.display_name}: {model.num_params():,} parameters, {run.config}")
     print(
-        f"train {len(run.data.train):,} bytes ({sources['train']['source']}), "
+        f"train {len(run.data.train):,} bytes ({run.sources['train']['source']}), "
         f"{run.steps_per_epoch} steps/epoch, {run.total_steps} steps; device {device_name(run.device)}, "
         f"{str(run.dtype).removeprefix('torch.')}, {run.path} path; out {run.out_dir}"
         + (f"; {ranks.world} processes, {args.batch_size // ranks.world} windows a step each" * ranks.several)

@@ -25,7 +25,6 @@ import torch
 
 from dragon_hatchling import plots
 from dragon_hatchling.checkpoints import clear_run, save_checkpoint
-from dragon_hatchling.data import describe_source
 from dragon_hatchling.distributed import all_reduce, gather
 from dragon_hatchling.files import atomic_path, write_json
 from dragon_hatchling.hub import try_push
@@ -226,12 +225,12 @@ class NoLog:
 class RunFolder:
     """The run's folder: its log, checkpoints, metrics and plots (a context manager that closes the log)."""
 
-    def __init__(self, run: Setup, nets, progress: Progress, sources: dict, meter: Meter) -> None:
-        """nets: the model and its optimizer (experiment.Nets); sources: data_sources(run) (rank 0);
-        meter: the loop's, whose interval every checkpoint saves."""
+    def __init__(self, run: Setup, nets, progress: Progress, meter: Meter) -> None:
+        """nets: the model and its optimizer (experiment.Nets); meter: the loop's, whose interval
+        every checkpoint saves."""
         self.run, self.model, self.optimizer, self.progress = run, nets.model, nets.optimizer, progress
         self.meter = meter
-        self.sources, self.push_failed = sources, False
+        self.push_failed = False
         self.command = shell_command(sys.argv[1:])
         self.resume_command = shell_command(resume_argv(sys.argv[1:], run.out_dir))
         self.log = NoLog()
@@ -273,7 +272,8 @@ class RunFolder:
             "elapsed_s": p.elapsed(),
             "interval": self.meter.state(),
             "validation_cut": p.validation_cut,
-            "data": self.sources,
+            "data": run.sources,
+            "data_changes": run.data_changes,
         }
         for name in which:
             save_checkpoint(self.model, run.out_dir / "checkpoints" / name, state)
@@ -326,16 +326,6 @@ class RunFolder:
             )
 
 
-def data_sources(run: Setup) -> dict:
-    """Where each file of the run came from, for metrics.json (path, size, sha256)."""
-    args, data = run.args, run.data
-    return {
-        "train": describe_source("train", args.data_dir, data.train_path),
-        "valid": describe_source("valid", args.data_dir, data.valid_path),
-        "extra_valid": [describe_source(label, None, p) for label, p in data.extra_files.items()],
-    }
-
-
 def run_metrics(folder: RunFolder, step: int) -> dict:
     """metrics.json: the run's results and everything needed to say how they were made."""
     run, model, p, args = folder.run, folder.model, folder.progress, folder.run.args
@@ -372,7 +362,8 @@ def run_metrics(folder: RunFolder, step: int) -> dict:
         "command": folder.command,
         "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
         "git_commit": git_commit(),
-        "data": folder.sources,
+        "data": run.sources,
+        "data_changes": run.data_changes,
         "args": vars(args),
     }
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import datetime as dt
+import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,7 +24,7 @@ from dragon_hatchling.architectures import ARCHITECTURES, foreign_flags, model_f
 from dragon_hatchling.checkpoints import checkpoint_folder, holds_run, load_training_state, lock_folder
 from dragon_hatchling.cli import UsageError, make_out_dir
 from dragon_hatchling.corpora import dataset_folder, prepare_dataset
-from dragon_hatchling.data import load_bytes_file, load_split, num_windows
+from dragon_hatchling.data import describe_source, load_bytes_file, load_split, num_windows
 from dragon_hatchling.devices import check_fits, resolve_device, resolve_dtype
 from dragon_hatchling.distributed import Ranks, rank_device
 from dragon_hatchling.hub_client import REPO_ID
@@ -62,6 +63,7 @@ RESUME_MUST_MATCH = (
     "dataset_config",
     "text_column",
     "val_fraction",
+    "recipe",
 )
 
 
@@ -93,6 +95,8 @@ class Setup:
     resume: Path | None  # the checkpoint folder resumed from
     resume_state: dict | None  # its training_state.pt
     lock: object | None  # the run folder's lock, held by rank 0
+    sources: dict  # where each file came from (data_sources; rank 0)
+    data_changes: list  # files that changed under the run, with the step (--accept_new_data)
 
     @property
     def total_steps(self) -> int:
@@ -113,18 +117,81 @@ def prepare(args: argparse.Namespace, ranks: Ranks | None = None, dataset: Path 
     data = load_data(args, dataset)
     steps_per_epoch = check_windows(args, data)
     out_dir = run_folder(args, resume)
-    lock = None
-    if ranks.main:  # rank 0 alone writes
-        make_out_dir(out_dir)
-        lock = lock_folder(out_dir)  # held for the run's life: two runs never share a folder
-        if holds_run(out_dir) and not args.overwrite and resume is None:
-            raise UsageError(
-                f"--out_dir {out_dir} already holds a run; pass --resume auto to continue it, "
-                "--overwrite to replace it, or choose another folder"
-            )
-    return Setup(
-        args, ranks, device, dtype, path, config, data, steps_per_epoch, out_dir, resume, resume_state, lock
-    )
+    sources = data_sources(args, data) if ranks.main else {}  # rank 0 alone writes
+    changes = data_changes(args, resume_state, resume, sources) if ranks.main else []
+    lock = claim(out_dir, args, resume) if ranks.main else None
+    return Setup(args, ranks, device, dtype, path, config, data, steps_per_epoch, out_dir, resume,
+                 resume_state, lock, sources, changes)  # fmt: skip
+
+
+def claim(out_dir: Path, args: argparse.Namespace, resume: Path | None):
+    """Make the run folder and hold its lock for the run's life (two runs never share a folder); a
+    UsageError if it holds a run that this one would replace: a new run without --overwrite, or a
+    resumed run continuing into another run's folder. Returns the lock."""
+    make_out_dir(out_dir)
+    lock = lock_folder(out_dir)
+    if holds_run(out_dir) and resume is None and not args.overwrite:
+        lock.close()
+        raise UsageError(
+            f"--out_dir {out_dir} already holds a run; pass --resume auto to continue it, "
+            "--overwrite to replace it, or choose another folder"
+        )
+    if resume is not None and out_dir.resolve() != run_of(resume).resolve() and holds_run(out_dir):
+        lock.close()
+        raise UsageError(
+            f"--out_dir {out_dir} holds another run than the one --resume {args.resume} continues; "
+            "choose an empty folder (or leave out --out_dir to continue in the run's own)"
+        )
+    return lock
+
+
+def run_of(checkpoint: Path) -> Path:
+    """The run folder of a checkpoint folder (RUN/checkpoints/last), or the folder itself."""
+    return checkpoint.parent.parent if checkpoint.parent.name == "checkpoints" else checkpoint
+
+
+def data_sources(args: argparse.Namespace, data: Data) -> dict:
+    """Where each file of the run came from, for its records (path, size, sha256)."""
+    return {
+        "train": describe_source("train", args.data_dir, data.train_path),
+        "valid": describe_source("valid", args.data_dir, data.valid_path),
+        "extra_valid": [describe_source(label, None, p) for label, p in data.extra_files.items()],
+    }
+
+
+def data_changes(args: argparse.Namespace, state: dict | None, resume: Path | None, sources: dict) -> list:
+    """The run's record of files that changed under it: a UsageError if the train or validation file
+    of a resumed run is not the one its checkpoint (or, before checkpoints kept it, its metrics.json)
+    recorded, unless --accept_new_data, which adds the change to the record."""
+    if state is None:
+        return []
+    before = state.get("data") or recorded_sources(run_of(resume))
+    changed = [k for k in ("train", "valid") if k in before and before[k] != sources[k]]
+    if changed and not args.accept_new_data:
+        k = changed[0]
+        then, now = describe(before[k]), describe(sources[k])
+        raise UsageError(
+            f"--resume {args.resume}: the {k} file is not the one the run trained on "
+            f"({before[k].get('source')}: {then} then, {now} now); pass --accept_new_data to continue on it"
+        )
+    changes = list(state.get("data_changes", []))
+    if changed:
+        changes.append({"step": state["step"], **{k: before[k] for k in changed}})
+    return changes
+
+
+def recorded_sources(run: Path) -> dict:
+    """The data a run's metrics.json recorded (checkpoints from before they kept it)."""
+    try:
+        return json.loads((run / "metrics.json").read_text()).get("data", {})
+    except (OSError, ValueError, AttributeError):
+        return {}
+
+
+def describe(source: dict) -> str:
+    if source.get("sha256"):
+        return f"sha256 {source['sha256'][:12]}"
+    return f"{source.get('bytes', '?')} bytes, modified {source.get('modified', '?')}"
 
 
 def check_flags(args: argparse.Namespace) -> None:
@@ -135,6 +202,8 @@ def check_flags(args: argparse.Namespace) -> None:
         raise UsageError(
             f"--min_lr {args.min_lr} is above --lr {args.lr}: the schedule decays from --lr to --min_lr"
         )
+    if args.overwrite and args.resume is not None:
+        raise UsageError("--overwrite replaces a run and --resume continues one: leave out one of them")
     if args.push_to_hub and (args.hf_repo_id is None or not REPO_ID.match(args.hf_repo_id)):
         raise UsageError(f"--push_to_hub needs --hf_repo_id USER/NAME (got {args.hf_repo_id!r})")
 
@@ -298,7 +367,7 @@ def run_folder(args: argparse.Namespace, resume: Path | None) -> Path:
     if args.out_dir is not None:
         return Path(args.out_dir)
     if resume is not None:
-        return resume.parent.parent
+        return run_of(resume)
     return Path(f"results/runs/{dt.datetime.now():%Y%m%d-%H%M%S}")
 
 

@@ -621,3 +621,85 @@ def test_a_stopped_and_resumed_run_logs_what_an_unstopped_one_logs(stop_at, tmp_
     monkeypatch.undo()
     assert train(tiny_run(small_data, parts, f"{flags} --resume auto"), capsys).returncode == 0
     assert logged(parts) == logged(whole)
+
+
+# ----------------------------------------------------------------------------- resuming: what the run records
+
+
+def stopped_run(tmp_path, small_data, capsys, monkeypatch, flags: str, name: str = "run"):
+    """A run stopped by SIGINT at step 4 of 8 (a checkpoint, a log, metrics), and its flags."""
+    interrupt_at_step(monkeypatch, 4)
+    run = tmp_path / name
+    assert (
+        train(tiny_run(small_data, run, f"{FAST} --max_steps 8 --eval_every 8 {flags}"), capsys).returncode
+        == 130
+    )
+    monkeypatch.undo()
+    return run, f"{FAST} --max_steps 8 --eval_every 8 {flags}"
+
+
+def test_resuming_on_a_changed_train_file_is_refused_unless_accepted(
+    tmp_path, small_data, capsys, monkeypatch
+):
+    text = tmp_path / "train.txt"
+    text.write_bytes((small_data / "wiki.train.raw").read_bytes()[:20_000])
+    run, flags = stopped_run(tmp_path, small_data, capsys, monkeypatch, f"--train_file {text}")
+    before = (run / "log.csv").read_bytes()
+    text.write_bytes(text.read_bytes()[::-1])  # the same path, other bytes
+    result = train(tiny_run(small_data, run, f"{flags} --resume auto"), capsys)
+    assert_clean_error(result, "the train file is not the one the run trained on", "--accept_new_data")
+    assert (run / "log.csv").read_bytes() == before
+    assert (
+        train(tiny_run(small_data, run, f"{flags} --resume auto --accept_new_data"), capsys).returncode == 0
+    )
+    metrics = strict_json(run / "metrics.json")
+    (change,) = metrics["data_changes"]
+    assert change["step"] == 4 and change["train"]["sha256"] != metrics["data"]["train"]["sha256"]
+
+
+@pytest.mark.parametrize(
+    "flags, says",
+    [
+        ("--recipe reference --overwrite", "--overwrite replaces a run and --resume continues one"),
+        ("--recipe long-context", "--recipe long-context (checkpoint: reference)"),
+    ],
+)
+def test_flags_a_resumed_run_cannot_honour_are_refused(
+    flags, says, tmp_path, small_data, capsys, monkeypatch
+):
+    run, _ = stopped_run(tmp_path, small_data, capsys, monkeypatch, "--recipe reference")
+    before = (run / "log.csv").read_bytes()
+    result = train(
+        tiny_run(small_data, run, f"{FAST} --max_steps 8 --eval_every 8 {flags} --resume auto"), capsys
+    )
+    assert_clean_error(result, says)
+    assert (run / "log.csv").read_bytes() == before
+
+
+def test_resuming_into_another_folder_never_replaces_a_run(tmp_path, small_data, capsys, monkeypatch):
+    """--resume A/checkpoints/last --out_dir B: refused if B holds another run (nothing of B replaced);
+    into an empty folder, the run continues there with A's log up to the checkpoint, A untouched."""
+    a, flags = stopped_run(tmp_path, small_data, capsys, monkeypatch, "", name="a")
+    b, _ = stopped_run(tmp_path, small_data, capsys, monkeypatch, "--seed 5", name="b")
+    kept = {p: p.read_bytes() for p in b.rglob("*") if p.is_file() and p.name != ".lock"}
+    resume = ["--resume", str(a / "checkpoints" / "last")]
+    result = train([*tiny_run(small_data, b, flags), *resume], capsys)
+    assert_clean_error(result, f"--out_dir {b} holds another run")
+    assert {p: p.read_bytes() for p in kept} == kept
+    a_log = (a / "log.csv").read_bytes()
+    assert train([*tiny_run(small_data, tmp_path / "c", flags), *resume], capsys).returncode == 0
+    assert (a / "log.csv").read_bytes() == a_log
+    assert logged(tmp_path / "c")[:4] == logged(a) and len(logged(tmp_path / "c")) == 8
+
+
+def test_resuming_without_an_extra_validation_file_keeps_its_columns(
+    tmp_path, small_data, capsys, monkeypatch
+):
+    extra = f"--extra_val_file {small_data / 'wiki.test.raw'}"
+    run, flags = stopped_run(tmp_path, small_data, capsys, monkeypatch, extra)
+    assert (
+        train(tiny_run(small_data, run, f"{flags} --resume auto".replace(extra, "")), capsys).returncode == 0
+    )
+    with open(run / "log.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert "val_loss_wiki_test_raw" in rows[0] and len(rows) == 8
