@@ -42,6 +42,7 @@ from dragon_hatchling.cli import (
     make_out_dir,
     nonneg_int,
     positive_int,
+    unique_folder,
 )
 from dragon_hatchling.data import SPLITS, load_bytes_file, load_split
 from dragon_hatchling.devices import check_fits, resolve_device, resolve_dtype
@@ -147,7 +148,11 @@ def add_sample_flags(g) -> None:
 
 
 def add_output_flags(g) -> None:
-    g.add_argument("--out_dir", default=None, help="where to write (default: results/eval/<name>)")
+    g.add_argument(
+        "--out_dir",
+        default=None,
+        help="where to write (default: a new folder results/eval/MODEL-TEXT-READ, e.g. run-last-valid-w128)",
+    )
     g.add_argument("--no_plots", action="store_true", help="skip the weight histograms")
     g.add_argument(
         "--neuron_graph",
@@ -312,6 +317,19 @@ def report(metrics: dict, args: argparse.Namespace, out_dir: Path) -> None:
 # ----------------------------------------------------------------------------- the command
 
 
+def default_folder(args: argparse.Namespace) -> Path:
+    """results/eval/MODEL-TEXT-READ, e.g. runA-last-valid-w128 (made unique by cli.unique_folder)."""
+    path = Path(args.model_path)
+    if path.exists():
+        path = path.resolve()
+        model = f"{path.parent.parent.name}-{path.name}" if path.parent.name == "checkpoints" else path.name
+    else:  # a Hub repo id
+        model = args.model_path.replace("/", "--")
+    text = Path(args.data_file).name if args.data_file else args.split
+    read = "stream" if args.stream else f"w{args.seq_len}"
+    return Path("results/eval") / f"{model}-{text}-{read}"
+
+
 def prepare(args: argparse.Namespace) -> tuple:
     """Check every argument and input, then load: the model (on the device), its source, the text,
     the device, dtype, path and output folder. A UsageError on the first bad one."""
@@ -325,17 +343,18 @@ def prepare(args: argparse.Namespace) -> tuple:
     )
     if args.stream and len(data) < 2:
         raise UsageError(f"--stream needs a text of at least 2 bytes, got {len(data)}")
-    out_dir = Path(args.out_dir or Path("results/eval") / Path(args.model_path).resolve().name)
-    if holds_run(out_dir):
+    if args.out_dir is not None and holds_run(args.out_dir):
         raise UsageError(
-            f"--out_dir {out_dir} holds a training run, whose metrics.json this would replace; "
-            f"choose another folder (e.g. {out_dir / 'eval'})"
+            f"--out_dir {args.out_dir} holds a training run, whose metrics.json this would replace; "
+            f"choose another folder (e.g. {Path(args.out_dir) / 'eval'})"
         )
-    make_out_dir(out_dir)
+    if args.out_dir is not None:
+        make_out_dir(args.out_dir)
     model, source = load_model(args.model_path, args.checkpoint, args.revision, args.n_layer)
     check_model(args, model)
     path = choose_path(type(model), device, args.fused, compile=False, dtype=dtype)
     check_fits(scoring_bytes(model.config, args), device, "scoring this model")
+    out_dir = Path(args.out_dir) if args.out_dir else unique_folder(default_folder(args))  # a new one
     return model.to(device).eval(), source, data, device, dtype, path, out_dir
 
 

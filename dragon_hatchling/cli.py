@@ -105,3 +105,20 @@ def make_out_dir(path: str | Path) -> Path:
     except OSError as e:
         raise UsageError(f"--out_dir {path} cannot be written ({e.strerror or e})") from e
     return path
+
+
+def unique_folder(base: str | Path) -> Path:
+    """A new, empty folder at `base`, or at base-2, base-3, ... if those exist: made here (mkdir is
+    atomic), so that two processes choosing the same default never share one."""
+    base = Path(base)
+    base.parent.mkdir(parents=True, exist_ok=True)
+    for n in range(1, 10_000):
+        path = base if n == 1 else base.with_name(f"{base.name}-{n}")
+        try:
+            path.mkdir()
+            return path
+        except FileExistsError:
+            continue
+        except OSError as e:
+            raise UsageError(f"--out_dir {path} cannot be made ({e.strerror or e})") from e
+    raise UsageError(f"--out_dir: {base} and 9,999 more like it exist; choose a folder")

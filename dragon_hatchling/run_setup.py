@@ -22,7 +22,7 @@ import torch
 
 from dragon_hatchling.architectures import ARCHITECTURES, foreign_flags, model_flags
 from dragon_hatchling.checkpoints import checkpoint_folder, holds_run, load_training_state, lock_folder
-from dragon_hatchling.cli import UsageError, make_out_dir
+from dragon_hatchling.cli import UsageError, make_out_dir, unique_folder
 from dragon_hatchling.corpora import dataset_folder, prepare_dataset
 from dragon_hatchling.data import describe_source, load_bytes_file, load_split, num_windows
 from dragon_hatchling.devices import check_fits, resolve_device, resolve_dtype
@@ -116,7 +116,7 @@ def prepare(args: argparse.Namespace, ranks: Ranks | None = None, dataset: Path 
     check_model(args, config, device, ranks)
     data = load_data(args, dataset)
     steps_per_epoch = check_windows(args, data)
-    out_dir = run_folder(args, resume)
+    out_dir = run_folder(args, resume, make=ranks.main)
     sources = data_sources(args, data) if ranks.main else {}  # rank 0 alone writes
     changes = data_changes(args, resume_state, resume, sources) if ranks.main else []
     lock = claim(out_dir, args, resume) if ranks.main else None
@@ -362,13 +362,15 @@ def check_windows(args: argparse.Namespace, data: Data) -> int:
     return steps_per_epoch
 
 
-def run_folder(args: argparse.Namespace, resume: Path | None) -> Path:
-    """--out_dir; else the folder of the run resumed (RUN/checkpoints/last); else a new one."""
+def run_folder(args: argparse.Namespace, resume: Path | None, make: bool = True) -> Path:
+    """--out_dir; else the folder of the run resumed (RUN/checkpoints/last); else a new one, made now
+    so that no two runs share it (make=False, the ranks after 0, which write nothing: only its name)."""
     if args.out_dir is not None:
         return Path(args.out_dir)
     if resume is not None:
         return run_of(resume)
-    return Path(f"results/runs/{dt.datetime.now():%Y%m%d-%H%M%S}")
+    base = f"results/runs/{dt.datetime.now():%Y%m%d-%H%M%S}"
+    return unique_folder(base) if make else Path(base)
 
 
 def extra_labels(paths: list[str]) -> list[str]:

@@ -703,3 +703,26 @@ def test_resuming_without_an_extra_validation_file_keeps_its_columns(
     with open(run / "log.csv", newline="") as f:
         rows = list(csv.DictReader(f))
     assert "val_loss_wiki_test_raw" in rows[0] and len(rows) == 8
+
+
+def test_default_folders_never_collide(tmp_path, small_data, capsys, monkeypatch):
+    """experiment.py's results/runs/<date-time> and evaluate.py's results/eval/<...> are made new:
+    two runs in one second, the `last` checkpoints of two runs, a --stream after windows, and the
+    same evaluation twice each get a folder of their own."""
+    monkeypatch.chdir(tmp_path)
+    flags = f"{FAST} --max_steps 2 --eval_every 2"
+    for _ in range(2):
+        argv = tiny_run(small_data, tmp_path / "unused", flags)
+        argv = argv[: argv.index("--out_dir")] + argv[argv.index("--out_dir") + 2 :]
+        assert train(argv, capsys).returncode == 0
+    runs = sorted((tmp_path / "results" / "runs").iterdir())
+    assert len(runs) == 2 and all((r / "metrics.json").is_file() for r in runs)
+    base = ["--data_dir", str(small_data), "--device", "cpu", "--no_plots"]
+    windows, stream = ["--max_chunks", "2"], ["--stream"]
+    for run, read in [(runs[0], windows), (runs[1], windows), (runs[0], stream), (runs[0], windows)]:
+        argv = ["--model_path", str(run / "checkpoints" / "last"), *base, *read]
+        assert call_main(evaluate.main, argv, capsys).returncode == 0
+    folders = sorted(p.name for p in (tmp_path / "results" / "eval").iterdir())
+    assert len(folders) == 4 and all(
+        (tmp_path / "results" / "eval" / f / "metrics.json").is_file() for f in folders
+    )
