@@ -59,6 +59,7 @@ from dragon_hatchling.scoring import (
     score_stream,
     score_windows,
 )
+from dragon_hatchling.stopping import interruptible
 
 MAX_NEW_BYTES = 1_000_000  # the most bytes one sample may have (a recurrent step each)
 
@@ -358,6 +359,7 @@ def prepare(args: argparse.Namespace) -> tuple:
     return model.to(device).eval(), source, data, device, dtype, path, out_dir
 
 
+@interruptible("before it finished: metrics.json and what follows it may be missing")
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:

@@ -63,6 +63,7 @@ from dragon_hatchling.stopping import (
     Interrupted,
     RunFailed,
     StopSignals,
+    interruptible,
     kept_checkpoint,
     peer_failed,
 )
@@ -590,6 +591,7 @@ def finish(run: Setup, folder: RunFolder, metrics: dict) -> None:
         folder.push()
 
 
+@interruptible("before its first step: nothing was trained, and a resumed run's checkpoints are as they were")
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     run: Setup | None = None

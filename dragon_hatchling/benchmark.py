@@ -33,6 +33,7 @@ from dragon_hatchling.files import write_json
 from dragon_hatchling.hub_client import HubUnreachable
 from dragon_hatchling.loading import load_model
 from dragon_hatchling.sampling import generate, generate_recompute
+from dragon_hatchling.stopping import interruptible
 from model import BDH, BDHConfig
 
 PATHS = ("plain eager", "plain compiled", "fused")
@@ -398,6 +399,7 @@ def summary(report: dict) -> str:
     return "\n".join(lines)
 
 
+@interruptible("before it finished (--out has what was measured by then)")
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:

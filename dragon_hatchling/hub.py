@@ -40,6 +40,7 @@ from dragon_hatchling.checkpoints import SaveFailed, checkpoint_folder, save_che
 from dragon_hatchling.cli import Parser, UsageError, fail, make_out_dir, positive_int
 from dragon_hatchling.hub_client import HUB_DEADLINE, REPO_ID, HubUnreachable, hub_error, with_deadline
 from dragon_hatchling.loading import load_model
+from dragon_hatchling.stopping import interruptible
 
 # ----------------------------------------------------------------------------- pushing
 
@@ -224,6 +225,7 @@ def convert_target(out_dir: Path, overwrite: bool) -> Path:
         raise UsageError(str(e).replace("--out_dir", "out_dir", 1)) from None
 
 
+@interruptible("before it finished (a convert writes its folder whole or not at all)")
 def main(argv: list[str] | None = None) -> int:
     p = Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="command", required=True)

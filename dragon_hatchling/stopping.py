@@ -4,6 +4,7 @@ under torchrun the ranks agreeing on either."""
 
 from __future__ import annotations
 
+import functools
 import os
 import shlex
 import signal
@@ -100,3 +101,39 @@ def resume_argv(argv: list[str], out_dir: Path) -> list[str]:
     if not any(a == "--out_dir" or a.startswith("--out_dir=") for a in kept):
         kept += ["--out_dir", str(out_dir)]
     return [*kept, "--resume", "auto"]
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM outside the work that handles signals itself, raised as Ctrl-C's KeyboardInterrupt is."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signum)
+        self.signum = signum
+
+
+def raise_terminated(signum: int, frame) -> None:
+    raise Terminated(signum)
+
+
+def interruptible(what: str):
+    """A command's main(argv), SIGINT and SIGTERM at any moment it does not handle them itself (the
+    training loop saves and stops: StopSignals) ending it with one line and exit code 130 or 143, no
+    traceback; `what` says what was kept. Under torchrun the ranks after 0 stop without a word."""
+
+    def wrap(main):
+        @functools.wraps(main)
+        def run(argv: list[str] | None = None) -> int:
+            previous = signal.signal(signal.SIGTERM, raise_terminated)
+            try:
+                return main(argv)
+            except KeyboardInterrupt as e:
+                signum = getattr(e, "signum", signal.SIGINT)
+                if os.environ.get("RANK", "0") == "0":
+                    print(f"error: {signal.Signals(signum).name}: stopped; {what}", file=sys.stderr)
+                raise SystemExit(128 + signum) from None
+            finally:
+                signal.signal(signal.SIGTERM, previous)
+
+        return run
+
+    return wrap

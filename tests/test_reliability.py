@@ -726,3 +726,44 @@ def test_default_folders_never_collide(tmp_path, small_data, capsys, monkeypatch
     assert len(folders) == 4 and all(
         (tmp_path / "results" / "eval" / f / "metrics.json").is_file() for f in folders
     )
+
+
+@pytest.mark.parametrize("sig, code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+@pytest.mark.parametrize("phase", ["loading the data", "the validation dry run", "evaluating"])
+def test_a_signal_at_any_phase_is_one_line(
+    sig, code, phase, tmp_path, small_data, capsys, monkeypatch, finished_once
+):
+    """Before the training loop takes over the signals (reading the data, the first validation) and
+    in evaluate.py: one line naming the signal, 130 or 143, no traceback."""
+    import dragon_hatchling.run_setup as run_setup
+
+    def signalled(real):
+        def call(*args, **kwargs):
+            os.kill(os.getpid(), sig)
+            return real(*args, **kwargs)
+
+        return call
+
+    if phase == "loading the data":
+        monkeypatch.setattr(run_setup, "load_split", signalled(run_setup.load_split))
+    elif phase == "the validation dry run":
+        monkeypatch.setattr(experiment, "eval_mode", signalled(experiment.eval_mode))
+    if phase == "evaluating":
+        monkeypatch.setattr(scoring, "window_batches", signalled(scoring.window_batches))
+        argv = [
+            "--model_path",
+            str(finished_once),
+            "--data_dir",
+            str(small_data),
+            "--out_dir",
+            str(tmp_path / "e"),
+        ]
+        result = call_main(evaluate.main, argv, capsys)
+    else:
+        result = train(tiny_run(small_data, tmp_path / "run", f"{FAST} --max_steps 2"), capsys)
+    assert result.returncode == code and "Traceback" not in result.stderr, result.stderr
+    assert (
+        result.stderr.strip().splitlines() == [result.stderr.strip()]
+        and signal.Signals(sig).name in result.stderr
+    )
+    assert not (tmp_path / "run" / "checkpoints").exists()
