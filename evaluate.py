@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import copy
 import math
+import os
 import sys
 from pathlib import Path
 
@@ -42,9 +43,10 @@ from dragon_hatchling.cli import (
     make_out_dir,
     nonneg_int,
     positive_int,
+    seed,
     unique_folder,
 )
-from dragon_hatchling.data import SPLITS, load_bytes_file, load_split
+from dragon_hatchling.data import SPLITS, load_bytes_file, load_split, num_windows
 from dragon_hatchling.devices import check_fits, resolve_device, resolve_dtype
 from dragon_hatchling.files import write_json, write_text
 from dragon_hatchling.hub_client import HubUnreachable
@@ -145,7 +147,7 @@ def add_sample_flags(g) -> None:
         "(0: the whole text; default: the whole text for a model with decay, whose quality holds at any "
         "length, else --seq_len)",
     )
-    g.add_argument("--seed", type=int, default=1337, help="random seed for sampling (1337)")
+    g.add_argument("--seed", type=seed, default=1337, help="random seed for sampling (1337)")
 
 
 def add_output_flags(g) -> None:
@@ -163,7 +165,7 @@ def add_output_flags(g) -> None:
     )
     g.add_argument(
         "--init_seed",
-        type=int,
+        type=seed,
         default=1337,
         help="the seed of --neuron_graph's fresh model (1337, experiment.py's default --seed: the run's "
         "own initial weights)",
@@ -207,10 +209,11 @@ def check_model(args: argparse.Namespace, model: torch.nn.Module) -> None:
         raise UsageError("--seq_len 1 as the sampler's window: pass --context 0 or at least 2")
 
 
-def scoring_bytes(config, args: argparse.Namespace) -> int:
+def scoring_bytes(model, args: argparse.Namespace) -> int:
     """A lower bound on the memory scoring takes: float32 weights, and the activations of a batch (of
     one chunk of the window or text, when it goes through the chunked form), with the chunked form's state."""
-    chunked = args.stream or args.seq_len > args.chunk_size
+    config = model.config
+    chunked = model.reads_streams and (args.stream or args.seq_len > args.chunk_size)
     batch = 1 if args.stream else eval_batch_windows(args.batch_size, args.seq_len)
     positions = batch * (args.chunk_size if chunked else args.seq_len)
     state = config.state_bytes(batch) if chunked else 0
@@ -227,7 +230,7 @@ def score(
     chosen, or the chunked form for windows longer than --chunk_size), or of the text read as one."""
     if args.stream:
         return score_stream(model, data, device, dtype, args.chunk_size)
-    if args.seq_len > args.chunk_size:  # long windows: linear memory
+    if args.seq_len > args.chunk_size and model.reads_streams:  # long windows: linear memory
         return score_windows(
             model, data, args.seq_len, args.batch_size, device, dtype, args.max_chunks, args.chunk_size
         )
@@ -239,7 +242,8 @@ def sample_text(model: torch.nn.Module, args: argparse.Namespace, device, dtype,
     """The prompt and a sampled continuation, decoded as UTF-8 (invalid bytes replaced): recurrent
     steps (a CUDA graph of the fused step on the fused path), or the window again for every byte for a
     model without a recurrent form."""
-    idx = torch.tensor([list(args.prompt.encode("utf-8"))], dtype=torch.long, device=device)
+    prompt = os.fsencode(args.prompt)  # the bytes as given, UTF-8 or not
+    idx = torch.tensor([list(prompt)], dtype=torch.long, device=device)
     gen = torch.Generator(device=device).manual_seed(args.seed)
     sampler = copy.deepcopy(model).to(dtype)  # weights in the dtype itself: a CUDA graph takes no autocast
     context = sample_context(args.context, args.seq_len, model.config)
@@ -342,8 +346,14 @@ def prepare(args: argparse.Namespace) -> tuple:
         if args.data_file
         else load_split(args.split, args.data_dir)
     )
+    what = f"--data_file {args.data_file}" if args.data_file else f"the {args.split} split"
     if args.stream and len(data) < 2:
-        raise UsageError(f"--stream needs a text of at least 2 bytes, got {len(data)}")
+        raise UsageError(f"--stream needs a text of at least 2 bytes; {what} has {len(data)}")
+    if not args.stream and num_windows(data, args.seq_len) == 0:
+        window = args.seq_len + 1
+        raise UsageError(
+            f"{what} ({len(data)} bytes) is shorter than one window of --seq_len + 1 = {window} bytes"
+        )
     if args.out_dir is not None and holds_run(args.out_dir):
         raise UsageError(
             f"--out_dir {args.out_dir} holds a training run, whose metrics.json this would replace; "
@@ -354,7 +364,7 @@ def prepare(args: argparse.Namespace) -> tuple:
     model, source = load_model(args.model_path, args.checkpoint, args.revision, args.n_layer)
     check_model(args, model)
     path = choose_path(type(model), device, args.fused, compile=False, dtype=dtype)
-    check_fits(scoring_bytes(model.config, args), device, "scoring this model")
+    check_fits(scoring_bytes(model, args), device, "scoring this model")
     out_dir = Path(args.out_dir) if args.out_dir else unique_folder(default_folder(args))  # a new one
     return model.to(device).eval(), source, data, device, dtype, path, out_dir
 

@@ -37,6 +37,7 @@ from dragon_hatchling.cli import (
     nonneg_int,
     positive_float,
     positive_int,
+    seed,
 )
 from dragon_hatchling.data import batch_offsets, epoch_offsets, window_batches, windows_at
 from dragon_hatchling.devices import autocast
@@ -137,7 +138,7 @@ def add_schedule_flags(g) -> None:
         default=1.0,
         help="clip the gradient's global norm to this; 0 turns clipping off (1.0)",
     )
-    g.add_argument("--seed", type=int, default=1337, help="random seed for weights and data order")
+    g.add_argument("--seed", type=seed, default=1337, help="random seed for weights and data order")
 
 
 def add_model_flags(g) -> None:
@@ -604,6 +605,7 @@ def main(argv: list[str] | None = None) -> int:
             dataset = agreed(ranks, lambda: convert_dataset(args, convert=ranks.main))
         run = agreed(ranks, lambda: prepare(args, ranks, dataset))
         metrics = train(run)
+        stop(together=True)
     except Quiet as e:  # another rank says why
         raise SystemExit(e.code) from None
     except UsageError as e:

@@ -46,6 +46,14 @@ def nonneg_int(text: str) -> int:
     return value
 
 
+def seed(text: str) -> int:
+    """--seed: an integer from 0 to 2^63 - 1 (what torch and NumPy both take)."""
+    value = int(text)
+    if not 0 <= value < 2**63:
+        raise argparse.ArgumentTypeError(f"expected an integer from 0 to 2^63 - 1, got {text}")
+    return value
+
+
 def half_lives(text: str) -> list[float]:
     """--half_lives: comma-separated positive numbers of bytes; none: no decay (an empty list)."""
     if text.strip().lower() == "none":

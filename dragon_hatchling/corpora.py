@@ -82,9 +82,12 @@ def load_text_dataset(name: str, config: str | None, progress: bool = True):
             ds = load_from_disk(str(path))
         else:
             ds = load_dataset(name, config)
-    except Exception as e:  # no such dataset, no network, a bad config: one line
-        first = str(e).splitlines()[0][:200] if str(e) else "no rows or no files it can read"
-        raise UsageError(f"--dataset {name}: could not load it ({type(e).__name__}: {first})") from None
+    except Exception as e:  # no such dataset, no network, a bad config, bytes that are not text: one line
+        root = e
+        while root.__cause__ is not None or root.__context__ is not None:  # what datasets wraps says why
+            root = root.__cause__ or root.__context__
+        first = str(root).splitlines()[0][:200] if str(root) else "no rows or no files it can read"
+        raise UsageError(f"--dataset {name}: could not load it ({type(root).__name__}: {first})") from None
     return DatasetDict({"train": ds}) if isinstance(ds, Dataset) else ds
 
 

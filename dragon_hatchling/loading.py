@@ -9,6 +9,7 @@ from pathlib import Path
 
 import torch
 
+from dragon_hatchling.architectures import VOCAB
 from dragon_hatchling.checkpoints import checkpoint_folder, is_checkpoint, load_checkpoint
 from dragon_hatchling.cli import UsageError
 from dragon_hatchling.hub_client import REPO_ID, HubUnreachable, hub_error, with_deadline
@@ -39,6 +40,7 @@ LEGACY_FORMATS = {
     },
 }
 IGNORED_LEGACY_KEYS = {"attn.freqs"}  # recomputed, never trusted
+LEGACY_RANKS = {"embed.weight": 2, "Dx": 3, "Dy": 3, "E": 2, "readout": 2}  # dimensions of each tensor
 EPOCH_FILE = re.compile(r"model_epoch_(\d+)\.pt$")
 DEFAULT_N_LAYER = 6
 
@@ -59,8 +61,17 @@ def model_from_legacy(state_dict: dict, n_layer: int = DEFAULT_N_LAYER) -> BDH:
     """A BDH model from a legacy state dict; dimensions are read from the tensor shapes."""
     fmt = LEGACY_FORMATS[detect_legacy_format(state_dict)]
     weights = {ours: state_dict[theirs] for theirs, ours in fmt["keys"].items()}
+    for theirs, ours in fmt["keys"].items():  # h x d x n/h, or a matrix
+        t = weights[ours]
+        if t.dim() != LEGACY_RANKS[ours] or not t.is_floating_point():
+            raise UsageError(
+                f"legacy checkpoint: {theirs} is {t.dtype} of shape {tuple(t.shape)}, expected a "
+                f"{LEGACY_RANKS[ours]}-dimensional floating-point tensor"
+            )
     h, d, m = weights["Dx"].shape
     vocab = weights["embed.weight"].shape[0]
+    if vocab != VOCAB:
+        raise UsageError(f"legacy checkpoint: an embedding of {vocab} rows, expected {VOCAB} (bytes)")
     try:
         config = BDHConfig(
             n_embd=d, n_head=h, n_neurons=h * m, n_layer=n_layer, vocab_size=vocab, dropout=0.0, **fmt["rope"]

@@ -142,3 +142,11 @@ def test_a_gpt_goes_to_the_hub_and_back(hub, gpt_trained, capsys):
     assert isinstance(remote, GPT) and source["repo_id"] == "tester/tiny-gpt"
     for (name, a), (_, b) in zip(local.state_dict().items(), remote.state_dict().items(), strict=True):
         assert torch.equal(a, b), name
+
+
+def test_a_gpt_scores_windows_longer_than_a_chunk(gpt_trained, small_data, tmp_path, capsys):
+    """The chunked form is BDH's: a GPT reads windows longer than --chunk_size (within its block) whole."""
+    argv = ["--model_path", str(gpt_trained), "--data_dir", str(small_data), "--device", "cpu", "--no_plots",
+            "--seq_len", "100", "--chunk_size", "64", "--out_dir", str(tmp_path / "e")]  # fmt: skip
+    assert call_main(evaluate.main, argv, capsys).returncode == 0
+    assert json.loads((tmp_path / "e" / "metrics.json").read_text())["seq_len"] == 100

@@ -194,3 +194,11 @@ def test_a_held_out_split_of_every_row_and_a_full_disk_are_one_line(tmp_path, te
     )
     assert_clean_error(result, "--data_cache", "No space left on device")
     assert not list(cache.rglob("*.tmp")) and not list(cache.rglob("meta.json"))
+
+
+def test_a_dataset_that_is_not_text_says_why(tmp_path, capsys):
+    folder = tmp_path / "latin1"
+    folder.mkdir()
+    (folder / "train.txt").write_bytes("caf\xe9\n".encode("latin-1") * 10)  # not UTF-8
+    result = call_main(experiment.main, dataset_run(folder, tmp_path / "c", tmp_path / "r"), capsys)
+    assert_clean_error(result, "--dataset", "UnicodeDecodeError")

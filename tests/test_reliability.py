@@ -767,3 +767,35 @@ def test_a_signal_at_any_phase_is_one_line(
         and signal.Signals(sig).name in result.stderr
     )
     assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+# ----------------------------------------------------------------------------- no traceback, anywhere
+
+
+def test_inputs_that_once_ended_in_a_traceback(tmp_path, small_data, shared, capsys, finished_once):
+    """Each of these was a traceback or a wrong exit code: now one line, exit 2, or the work done."""
+    seed = torch.load(shared / "fixtures" / "legacy" / "seed_format.pt", weights_only=True)
+    torch.save(
+        {**seed, "decoder_x": seed["decoder_x"][0]}, tmp_path / "flat.pt"
+    )  # a tensor of the wrong rank
+    base = ["--data_dir", str(small_data), "--device", "cpu", "--no_plots"]
+    result = call_main(evaluate.main, ["--model_path", str(tmp_path / "flat.pt"), *base], capsys)
+    assert_clean_error(result, "decoder_x", "3-dimensional")
+    (tmp_path / "short.txt").write_bytes(b"too short")
+    argv = ["--model_path", str(finished_once), *base, "--data_file", str(tmp_path / "short.txt")]
+    assert_clean_error(call_main(evaluate.main, argv, capsys), "--data_file", "--seq_len + 1 = 129")
+    for bad in ("-1", str(2**64)):
+        assert_clean_error(
+            train(tiny_run(small_data, tmp_path / "r", f"--seed {bad}"), capsys), "--seed", bad
+        )
+        argv = ["--model_path", str(finished_once), *base, "--seed", bad]
+        assert_clean_error(call_main(evaluate.main, argv, capsys), "--seed")
+
+
+def test_a_prompt_that_is_not_utf8_is_sampled_as_its_bytes(tmp_path, small_data, capsys, finished_once):
+    prompt = os.fsdecode(b"caf\xe9 ")  # Latin-1, as a shell passes it: not UTF-8
+    argv = ["--model_path", str(finished_once), "--data_dir", str(small_data), "--device", "cpu",
+            "--no_plots", "--max_chunks", "1", "--prompt", prompt, "--max_new_bytes", "5",
+            "--out_dir", str(tmp_path / "e")]  # fmt: skip
+    assert call_main(evaluate.main, argv, capsys).returncode == 0
+    assert (tmp_path / "e" / "sample.txt").read_text().startswith("caf\ufffd ")  # its bytes, shown as UTF-8
