@@ -74,7 +74,7 @@ PROMPT = (
 def build_parser() -> argparse.ArgumentParser:
     p = Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default="cuda", help="cuda (the numbers mean little elsewhere)")
-    p.add_argument("--out", type=Path, default=None, help="write the results here as JSON")
+    p.add_argument("--out", default=None, help="write the results here as JSON")
     p.add_argument(
         "--parts",
         type=subset_of(PARTS),
@@ -310,10 +310,10 @@ def table(results: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def save(path: Path | None, report: dict) -> None:
+def save(path: str | None, report: dict) -> None:
     """Write what has been measured so far (a later crash or timeout keeps it)."""
     if path:
-        path.parent.mkdir(parents=True, exist_ok=True)
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
         write_json(path, report)
 
 

@@ -69,9 +69,25 @@ def half_lives(text: str) -> list[float]:
     return values
 
 
+def nonempty(text: str) -> str:
+    """Free text (a path, a name, a device): anything but the empty string, which would name the
+    current folder or nothing at all."""
+    if not text:
+        raise argparse.ArgumentTypeError("expected a value, got an empty string")
+    return text
+
+
 class Parser(argparse.ArgumentParser):
+    """argparse with one-line errors, and free-text arguments (no type of their own) never empty."""
+
     def error(self, message: str) -> None:  # one line, exit 2, no usage dump
         fail(message)
+
+    def parse_known_args(self, args=None, namespace=None):
+        for action in self._actions:
+            if action.type is None and action.nargs != 0 and action.choices is None:
+                action.type = nonempty
+        return super().parse_known_args(args, namespace)
 
 
 def add_device_args(parser: argparse.ArgumentParser | argparse._ArgumentGroup, work: str) -> None:

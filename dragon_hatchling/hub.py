@@ -225,8 +225,7 @@ def convert_target(out_dir: Path, overwrite: bool) -> Path:
         raise UsageError(str(e).replace("--out_dir", "out_dir", 1)) from None
 
 
-@interruptible("before it finished (a convert writes its folder whole or not at all)")
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     p = Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="command", required=True)
     push = sub.add_parser("push", help="push a finished run folder to the Hub")
@@ -242,7 +241,12 @@ def main(argv: list[str] | None = None) -> int:
     conv.add_argument(
         "--overwrite", action="store_true", help="replace the checkpoint in out_dir if it has one"
     )
-    args = p.parse_args(argv)
+    return p
+
+
+@interruptible("before it finished (a convert writes its folder whole or not at all)")
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
     try:
         if args.command == "push":
             if not REPO_ID.match(args.hf_repo_id):
