@@ -1,0 +1,30 @@
+"""The default command after the epoch sampler's fix (run/) against results/long-context/runs/default
+(before it): the rows before the first epoch edge (step 2636) are the same, and where they part.
+
+    uv run python results/epoch-edges/compare.py
+"""
+
+import csv
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+BEFORE = HERE.parent / "long-context/runs/default/log.csv"
+
+
+def rows(path: Path) -> list[dict]:
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def main() -> int:
+    before, now = rows(BEFORE), rows(HERE / "run/log.csv")
+    same = [b["train_loss"] == n["train_loss"] for b, n in zip(before, now, strict=True)]
+    first = same.index(False) if False in same else None
+    last_same, first_other = now[first - 1]["step"], now[first]["step"]
+    print(f"{len(now)} logged rows; the same train loss in the first {first} (to step {last_same}); "
+          f"the first that differs is step {first_other}")  # fmt: skip
+    return 0 if first is not None and all(same[:first]) and int(now[first]["step"]) >= 2636 else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
