@@ -38,6 +38,7 @@ from dragon_hatchling.cli import (
     positive_float,
     positive_int,
     seed,
+    timeout_seconds,
 )
 from dragon_hatchling.data import batch_offsets, epoch_offsets, window_batches, windows_at
 from dragon_hatchling.devices import autocast
@@ -98,7 +99,7 @@ def add_hardware_flags(g) -> None:
     )
     g.add_argument(
         "--dist_timeout",
-        type=positive_float,
+        type=timeout_seconds,
         default=600.0,
         help="under torchrun: seconds a rank waits for the others before the run stops (600)",
     )

@@ -32,6 +32,14 @@ def positive_float(text: str) -> float:
     return value
 
 
+def timeout_seconds(text: str) -> float:
+    """A timeout: a positive number of seconds, at most a week (datetime.timedelta's range is bounded)."""
+    value = positive_float(text)
+    if value > 7 * 24 * 3600:
+        raise argparse.ArgumentTypeError(f"expected at most a week (604,800 seconds), got {text}")
+    return value
+
+
 def nonneg_float(text: str) -> float:
     value = float(text)
     if not value >= 0 or not math.isfinite(value):

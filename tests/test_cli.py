@@ -36,6 +36,7 @@ def assert_clean_error(result, *needles):
         (["--half_lives", "0"], ["--half_lives", "positive"]),
         (["--recipe", "fast"], ["--recipe", "fast"]),
         (["--eval_seq_len", "0"], ["--eval_seq_len", "positive"]),
+        (["--dist_timeout", "1e300"], ["--dist_timeout", "a week"]),
     ],
 )
 def test_experiment_rejects_bad_values(args, needles, small_data_dir, tmp_path, capsys):
