@@ -34,7 +34,7 @@ import numpy as np
 import torch
 
 from dragon_hatchling import plots
-from dragon_hatchling.checkpoints import holds_run
+from dragon_hatchling.checkpoints import holds_run, run_of
 from dragon_hatchling.cli import (
     Parser,
     UsageError,
@@ -327,7 +327,7 @@ def default_folder(args: argparse.Namespace) -> Path:
     path = Path(args.model_path)
     if path.exists():
         path = path.resolve()
-        model = f"{path.parent.parent.name}-{path.name}" if path.parent.name == "checkpoints" else path.name
+        model = f"{run_of(path).name}-{path.name}" if run_of(path) != path else path.name
     else:  # a Hub repo id
         model = args.model_path.replace("/", "--")
     text = Path(args.data_file).name if args.data_file else args.split

@@ -95,6 +95,11 @@ def lock_folder(folder: str | Path, what: str = "--out_dir") -> object:
     return handle
 
 
+def run_of(checkpoint: Path) -> Path:
+    """The run folder of a checkpoint folder (RUN/checkpoints/last), or the folder itself."""
+    return checkpoint.parent.parent if checkpoint.parent.name == "checkpoints" else checkpoint
+
+
 def checkpoint_folder(run_dir: str | Path, which: str = "last") -> Path | None:
     """RUN/checkpoints/<which>, or its `.old` twin if a save was cut short between its two renames."""
     base = Path(run_dir) / "checkpoints"

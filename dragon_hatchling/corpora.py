@@ -23,13 +23,14 @@ VALID_SPLITS = ("validation", "valid", "val")  # a dataset's own validation spli
 
 
 def dataset_folder(
-    cache_dir: str | Path, name: str, config: str | None, column: str, val_fraction: float, seed: int
-) -> Path:
+    cache_dir: str | Path, name: str, config: str | None, column: str, val_fraction: float, seed: int,
+    source: dict,
+) -> Path:  # fmt: skip
     """Where --dataset's byte files live: a folder keyed by what was converted, so that another
     dataset of the same name (another folder, an edited file, a new revision on the Hub), another
-    column or another held-out split never reuses them: the source (dataset_source), the config, the
+    column or another held-out split never reuses them: the source (dataset_source(name)), the config, the
     column, the held-out fraction and its seed."""
-    key = {"source": dataset_source(name), "config": config, "column": column, "val_fraction": val_fraction,
+    key = {"source": source, "config": config, "column": column, "val_fraction": val_fraction,
            "seed": seed}  # fmt: skip
     digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
     slug = "__".join(str(part).strip("/").replace("/", "--") for part in (name, config or "default", column))
@@ -97,6 +98,7 @@ def prepare_dataset(
     column: str,
     val_fraction: float,
     folder: Path,
+    source: dict,
     seed: int = 1337,
     progress: bool = True,
 ) -> Path:
@@ -116,7 +118,7 @@ def prepare_dataset(
     }
     meta = {
         "dataset": name,
-        "source": dataset_source(name),
+        "source": source,
         "config": config,
         "text_column": column,
         "valid": own or f"{val_fraction:g} of train",

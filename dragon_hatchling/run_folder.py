@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 from dragon_hatchling import plots
-from dragon_hatchling.checkpoints import clear_run, save_checkpoint
+from dragon_hatchling.checkpoints import clear_run, run_of, save_checkpoint
 from dragon_hatchling.distributed import all_reduce, gather
 from dragon_hatchling.files import atomic_path, write_json
 from dragon_hatchling.hub import try_push
@@ -163,21 +163,21 @@ class CsvLog:
     def __init__(
         self, path: Path, fields: list[str], resume_step: int | None = None, source: Path | None = None
     ):
-        self.path, self.rows = path, []
+        self.path, self.file = path, None
+        old, old_fields = [], []
         source = source or path
-        old_fields: list[str] = []
         if resume_step is not None and source.is_file():
             with open(source, newline="") as f:
                 reader = csv.DictReader(f)
                 old = [r for r in reader if r.get("step", "").isdigit() and int(r["step"]) <= resume_step]
                 old_fields = list(reader.fieldnames or [])
         self.fields = old_fields + [k for k in fields if k not in old_fields]
-        self.rows = [{k: r.get(k) or "" for k in self.fields} for r in old] if old_fields else []
+        self.rows = [{k: r.get(k) or "" for k in self.fields} for r in old]
         self.rewrite()
 
     def rewrite(self) -> None:
         """The whole log again, atomically (after a row changed), and appending after it."""
-        if getattr(self, "file", None) is not None:
+        if self.file is not None:
             self.file.close()
         with atomic_path(self.path) as tmp, open(tmp, "w", newline="") as f:
             writer = csv.DictWriter(f, fieldnames=self.fields, lineterminator="\n")
@@ -241,7 +241,7 @@ class RunFolder:
         extra = [f"{k}_{label}" for label in run.data.extra for k in ("val_loss", "val_bpb")]
         fields = CSV_FIELDS + extra + SPARSITY_FIELDS
         resumed = run.resume is not None
-        source = run.resume.parent.parent / "log.csv" if resumed else None  # RUN/checkpoints/last
+        source = run_of(run.resume) / "log.csv" if resumed else None
         self.log = CsvLog(run.out_dir / "log.csv", fields, progress.done if resumed else None, source)
 
     def __enter__(self) -> RunFolder:

@@ -21,9 +21,15 @@ import numpy as np
 import torch
 
 from dragon_hatchling.architectures import ARCHITECTURES, foreign_flags, model_flags
-from dragon_hatchling.checkpoints import checkpoint_folder, holds_run, load_training_state, lock_folder
+from dragon_hatchling.checkpoints import (
+    checkpoint_folder,
+    holds_run,
+    load_training_state,
+    lock_folder,
+    run_of,
+)
 from dragon_hatchling.cli import UsageError, make_out_dir, unique_folder
-from dragon_hatchling.corpora import dataset_folder, prepare_dataset
+from dragon_hatchling.corpora import dataset_folder, dataset_source, prepare_dataset
 from dragon_hatchling.data import describe_source, load_bytes_file, load_split, num_windows
 from dragon_hatchling.devices import check_fits, resolve_device, resolve_dtype
 from dragon_hatchling.distributed import Ranks, rank_device
@@ -143,11 +149,6 @@ def claim(out_dir: Path, args: argparse.Namespace, resume: Path | None):
             "choose an empty folder (or leave out --out_dir to continue in the run's own)"
         )
     return lock
-
-
-def run_of(checkpoint: Path) -> Path:
-    """The run folder of a checkpoint folder (RUN/checkpoints/last), or the folder itself."""
-    return checkpoint.parent.parent if checkpoint.parent.name == "checkpoints" else checkpoint
 
 
 def data_sources(args: argparse.Namespace, data: Data) -> dict:
@@ -398,13 +399,14 @@ def convert_dataset(args: argparse.Namespace, convert: bool = True) -> Path:
     """--dataset's cache folder (keyed by what the dataset is now), converted now unless it was
     before (convert=False: only the folder, for the ranks that wait for rank 0 to convert)."""
     check_dataset_flags(args)
+    source = dataset_source(args.dataset)  # what the dataset is now, asked once
     folder = dataset_folder(args.data_cache, args.dataset, args.dataset_config, args.text_column,
-                            args.val_fraction, args.seed)  # fmt: skip
+                            args.val_fraction, args.seed, source)  # fmt: skip
     if not convert:
         return folder
     try:
         return prepare_dataset(args.dataset, args.dataset_config, args.text_column, args.val_fraction, folder,
-                               seed=args.seed, progress=not args.no_progress)  # fmt: skip
+                               source, seed=args.seed, progress=not args.no_progress)  # fmt: skip
     except OSError as e:  # a full disk, a folder that cannot be written
         raise UsageError(
             f"--data_cache {args.data_cache}: cannot write {folder.name} ({e.strerror or e})"

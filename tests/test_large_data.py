@@ -76,7 +76,9 @@ def test_a_local_json_dataset_is_converted_once_and_trains(tmp_path, text_rows, 
         experiment.main, dataset_run(folder, cache, tmp_path / "run", "--val_fraction", "0.1"), capsys
     )
     assert result.returncode == 0, result.stderr
-    converted = corpora.dataset_folder(cache, str(folder), None, "text", 0.1, 1337)
+    converted = corpora.dataset_folder(
+        cache, str(folder), None, "text", 0.1, 1337, corpora.dataset_source(str(folder))
+    )
     meta = json.loads((converted / "meta.json").read_text())
     assert meta["rows"] == {"train": 54, "valid": 6} and meta["valid"] == "0.1 of train"
     together = (converted / "train.bin").read_bytes() + (converted / "valid.bin").read_bytes()
@@ -107,7 +109,9 @@ def test_a_saved_dataset_with_its_own_validation_split(tmp_path, text_rows, caps
         experiment.main, dataset_run(folder, cache, tmp_path / "run", "--text_column", "body"), capsys
     )
     assert result.returncode == 0, result.stderr
-    converted = corpora.dataset_folder(cache, str(folder), None, "body", 0.005, 1337)
+    converted = corpora.dataset_folder(
+        cache, str(folder), None, "body", 0.005, 1337, corpora.dataset_source(str(folder))
+    )
     assert (converted / "valid.bin").read_bytes() == data.rows_to_bytes(text_rows[50:])
 
 
