@@ -37,8 +37,10 @@ def load_bytes_file(path: str | Path, what: str = "data file") -> np.ndarray:
     path = Path(path)
     if path.is_dir():
         raise UsageError(f"{what} {path} is a folder, expected a file")
-    if not path.is_file():
+    if not path.exists():
         raise UsageError(f"{what} {path} does not exist")
+    if not path.is_file():
+        raise UsageError(f"{what} {path} is not a regular file (a device or a pipe), expected a file")
     if path.stat().st_size == 0:
         raise UsageError(f"{what} {path} is empty")
     try:

@@ -138,16 +138,22 @@ The run's `log.csv` and `metrics.json` are in this repository.
     return str(ModelCard(f"---\n{data.to_yaml()}\n---\n{body}"))
 
 
-def push_run(run_dir: str | Path, repo_id: str, private: bool = False, checkpoint: str = "best") -> str:
-    """Push a run's checkpoint (safetensors + config), a model card and its results in one commit."""
-    from huggingface_hub import HfApi
-
-    run_dir = Path(run_dir)
+def finished_run(run_dir: Path, checkpoint: str = "best") -> Path:
+    """The checkpoint folder of a finished run folder; a UsageError if it is not one."""
     folder = checkpoint_folder(run_dir, checkpoint)
     if folder is None or not (run_dir / "metrics.json").is_file():
         raise UsageError(
             f"{run_dir} is not a finished run folder (expected checkpoints/{checkpoint}/ and metrics.json)"
         )
+    return folder
+
+
+def push_run(run_dir: str | Path, repo_id: str, private: bool = False, checkpoint: str = "best") -> str:
+    """Push a run's checkpoint (safetensors + config), a model card and its results in one commit."""
+    from huggingface_hub import HfApi
+
+    run_dir = Path(run_dir)
+    folder = finished_run(run_dir, checkpoint)
     with tempfile.TemporaryDirectory() as tmp:
         stage = Path(tmp)
         for name in ("model.safetensors", "config.json"):
@@ -251,6 +257,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "push":
             if not REPO_ID.match(args.hf_repo_id):
                 raise UsageError(f"--hf_repo_id {args.hf_repo_id!r}: expected USER/NAME")
+            finished_run(Path(args.run_dir))  # bad input before any work: exit 2
             return 0 if try_push(Path(args.run_dir), args.hf_repo_id, args.private) else 1
         out_dir = convert_target(Path(args.out_dir), args.overwrite)
         model, info = load_model(args.model_path, args.checkpoint, args.revision, args.n_layer)

@@ -139,3 +139,8 @@ def test_hub_failure_is_one_clear_error(monkeypatch):
     monkeypatch.setattr(datasets, "load_dataset", offline)
     with pytest.raises(UsageError, match="could not load Salesforce/wikitext.*--data_dir"):
         load_split("valid")
+
+
+def test_a_device_or_a_pipe_is_not_a_data_file():
+    with pytest.raises(UsageError, match="/dev/null is not a regular file"):
+        load_bytes_file("/dev/null", what="--data_file")

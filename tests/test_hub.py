@@ -300,3 +300,11 @@ def test_retries_print_one_line(capsys):
         logger.warning(f"Retrying in {2**attempt}s [Retry {attempt}/5].")
     lines = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
     assert lines == [f"the Hub did not answer; retrying for up to {hub_client.HUB_DEADLINE:.0f} s"]
+
+
+def test_pushing_what_is_not_a_finished_run_is_bad_input(tmp_path, capsys):
+    from test_cli import assert_clean_error
+
+    for where in (tmp_path / "nowhere", tmp_path):
+        result = call_main(hub.main, ["push", str(where), "--hf_repo_id", "u/n"], capsys)
+        assert_clean_error(result, "is not a finished run folder")
