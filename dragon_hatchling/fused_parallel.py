@@ -25,6 +25,12 @@ so that no B x T x n tensor was written at all; those ran at 120-250 TFLOP/s aga
 600-770 on an H100, and the training step was no faster than compiled plain PyTorch:
 results/benchmark/README.md.)
 
+A window that continues a text (truncated backpropagation through time, carried.py) reads the
+state S of the bytes before it, one per layer (CarriedInput): two more products a layer, its read
+gamma^t RoPE(x_t) S added to a, and the window's terms RoPE(x)^T (gamma^(T-1-t) v_t) of the next state;
+gradients stop at S, as the paper's TBPTT detaches it. fused_forward(model, idx, targets, state) is
+BDH.forward_chunked's one chunk, the state in the kernels' pair order.
+
 RoPE rotates pairs of neurons. The kernels order each head's neurons as [first of every pair,
 second of every pair] (the "half" layout; an "interleaved" model's weights are permuted into it),
 so that a tile holds whole pairs.
@@ -32,13 +38,15 @@ so that a tile holds whole pairs.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 import triton
 import triton.language as tl
 
 from dragon_hatchling.fused_common import first_of_pairs, relu
-from model import BDH, layer_norm, rope_cos_sin
+from model import BDH, ChunkDecay, RecurrentState, chunk_decay, layer_norm, rope_cos_sin
 
 BR, BP = 32, 64  # tile of the training kernels: rows, and pairs of neurons (BP first halves, BP second)
 
@@ -194,10 +202,12 @@ def rotated(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, T: int, H: in
     return r
 
 
-def _attention(S: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """LN(a), a = S v per head with S masked already: S h, B, T, T bf16; v B, T, d. Returns h, B, T, d
-    float32. bf16 operands, as in the plain path under autocast."""
-    return layer_norm((S @ v.to(S.dtype)).float())
+def _attention(S: torch.Tensor, v: torch.Tensor, earlier: torch.Tensor | None = None) -> torch.Tensor:
+    """LN(a), a = S v per head with S masked already (+ earlier, the bytes before the window through
+    the carried state): S h, B, T, T bf16; v B, T, d; earlier h, B, T, d. Returns h, B, T, d float32.
+    bf16 operands, as in the plain path under autocast."""
+    a = (S @ v.to(S.dtype)).float()
+    return layer_norm(a if earlier is None else a + earlier)
 
 
 def _pre_relu(v: torch.Tensor, Dx: torch.Tensor) -> torch.Tensor:
@@ -218,34 +228,42 @@ class FusedNeurons(torch.autograd.Function):
     B x T x n tensor is kept for backward: backward multiplies x and u again."""
 
     @staticmethod
-    def forward(ctx, v, Dx, Dy, E, cos, sin, p_drop: float, seed: int, decay=None):  # v: B, T, d bf16
+    def forward(ctx, v, Dx, Dy, E, cos, sin, p_drop: float, seed: int, decay=None, carried=None):
+        # v: B, T, d bf16. carried: the state of the bytes before the window (CarriedInput), or None
         B, T, D = v.shape
         H, _, M = Dx.shape
         R = B * T
         x = _pre_relu(v, Dx)  # R, n
         r = rotated(x, cos, sin, T, H).view(H, B, T, M)
         S = _mask_scores(r @ r.mT, decay)  # h, B, T, T
+        earlier = update = None
+        if carried is not None:  # the earlier bytes through the state, and their successor state
+            earlier, update = carried.read_and_update(r, v)  # h, B, T, d float32; h, B, M, d bf16
         del r
-        ahat = _attention(S, v).to(torch.bfloat16)  # h, B, T, d
+        ahat = _attention(S, v, earlier).to(torch.bfloat16)  # h, B, T, d
         u = ahat.view(H, R, D) @ Dy  # h, R, M
         y = torch.empty_like(x)
         _gate_kernel[_grid(R, H, M)](x, u, y, R, M, H, p_drop, seed, HAS_DROPOUT=p_drop > 0, BR=BR, BP=BP)
         del x, u
         z = y @ E  # R, d
-        ctx.save_for_backward(v, Dx, Dy, E, cos, sin, S, decay)
-        ctx.p_drop, ctx.seed = p_drop, seed
-        return z.view(B, T, D)
+        ctx.save_for_backward(v, Dx, Dy, E, cos, sin, S, decay, earlier)
+        ctx.p_drop, ctx.seed, ctx.carried = p_drop, seed, carried
+        if update is None:
+            return z.view(B, T, D)
+        ctx.mark_non_differentiable(update)
+        return z.view(B, T, D), update
 
     @staticmethod
-    def backward(ctx, gz):
-        v, Dx, Dy, E, cos, sin, S, decay = ctx.saved_tensors
+    def backward(ctx, gz, _g_update=None):
+        v, Dx, Dy, E, cos, sin, S, decay, earlier = ctx.saved_tensors
         B, T, D = v.shape
         H, _, M = Dx.shape
         R = B * T
         with torch.enable_grad():  # the small PyTorch part, recomputed and differentiated by autograd
             S_ = S.detach().requires_grad_()
             v_ = v.detach().float().requires_grad_()
-            ahat_ = _attention(S_, v_)  # h, B, T, d
+            earlier_ = None if earlier is None else earlier.detach().requires_grad_()
+            ahat_ = _attention(S_, v_, earlier_)  # h, B, T, d
         ahat = ahat_.detach().to(torch.bfloat16)
         gz = gz.reshape(R, D).to(torch.bfloat16)
         x, u = _pre_relu(v, Dx), ahat.view(H, R, D) @ Dy  # R, n and h, R, M: as in forward
@@ -265,16 +283,58 @@ class FusedNeurons(torch.autograd.Function):
         G = mirrored(S_.grad if decay is None else S_.grad * decay.unsqueeze(1))  # h, B, T, T
         gr = G @ rotated(x, cos, sin, T, H).view(H, B, T, M)  # dL/dRoPE(x)
         del G
+        if earlier is not None:  # and the part that reached it through the state
+            ctx.carried.add_read_grad(gr, earlier_.grad)
         _grad_x_kernel[_grid(R, H, M)](x, gr, cos, sin, gx, R, T, M, H, BR=BR, BP=BP)
         del x, gr
         gx_h = gx.view(R, H, M).transpose(0, 1)  # h, R, M
         gDx = v.view(R, D).mT @ gx_h  # h, d, M
         gv = v_.grad.view(R, D) + (gx_h @ Dx.mT).sum(0)  # R, d
-        return gv.view(B, T, D).to(v.dtype), gDx, gDy, gE, None, None, None, None, None
+        return gv.view(B, T, D).to(v.dtype), gDx, gDy, gE, None, None, None, None, None, None
+
+
+class CarriedInput:
+    """One layer's attention state before a window, for FusedNeurons: S (B, h, M, d float32, the
+    kernels' pair order), the sum of gamma^(pos-1-s) RoPE(x_s)^T v_s over every earlier byte s.
+
+    Two products a layer: its read, earlier_t = gamma^t RoPE(x_t) S (backward: g_r += gamma^t g_a S^T),
+    and the window's own terms for the next state, RoPE(x)^T (gamma^(T-1-t) v_t)."""
+
+    def __init__(self, state: torch.Tensor, decay: ChunkDecay | None) -> None:
+        B, H, M, D = state.shape
+        self.S = torch.empty((H, B, M, D), device=state.device, dtype=torch.bfloat16)
+        self.S.copy_(state.transpose(0, 1))  # h, B, M, d   bf16, as the plain path reads it under autocast
+        self.decay = decay
+
+    def read_and_update(self, r: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """r: RoPE(x), h, B, T, M; v: B, T, d. Returns earlier (h, B, T, d float32) and the window's
+        terms of the next state (h, B, M, d bf16)."""
+        earlier = (r @ self.S).float()  # h, B, T, d
+        if self.decay is None:
+            return earlier, r.mT @ v.unsqueeze(0)
+        faded = (self.decay.to_end.unsqueeze(1) * v.unsqueeze(0).float()).to(torch.bfloat16)  # h, B, T, d
+        return earlier * self.decay.since_start.unsqueeze(1), r.mT @ faded
+
+    def add_read_grad(self, gr: torch.Tensor, g_earlier: torch.Tensor) -> None:
+        """gr += dL/dRoPE(x) through the read, in place. gr: h, B, T, M bf16; g_earlier: h, B, T, d."""
+        if self.decay is not None:
+            g_earlier = g_earlier * self.decay.since_start.unsqueeze(1)
+        H, B, T, M = gr.shape
+        flat = gr.view(H * B, T, M)
+        flat.baddbmm_(g_earlier.to(torch.bfloat16).view(H * B, T, -1), self.S.view(H * B, M, -1).mT)
+
+    def next_state(self, state: torch.Tensor, update: torch.Tensor) -> torch.Tensor:
+        """The state after the window: gamma^T S + its terms. state: B, h, M, d float32 (not changed)."""
+        terms = update.transpose(0, 1).float()  # B, h, M, d
+        if self.decay is None:
+            return state + terms
+        return state * self.decay.whole.view(1, -1, 1, 1) + terms
 
 
 class Fused(torch.nn.Module):
-    """A BDH called through the fused kernels, for loops that call module(idx, targets)."""
+    """A BDH called through the fused kernels, for loops that call module(idx, targets), and for
+    those that read a text in pieces, the state carried (forward_chunked, as BDH's; the state in the
+    kernels' pair order: to_model_order and from_model_order translate it)."""
 
     def __init__(self, model: BDH) -> None:
         super().__init__()
@@ -282,6 +342,29 @@ class Fused(torch.nn.Module):
 
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None):
         return fused_forward(self.model, idx, targets)
+
+    def initial_state(self, batch_size: int, device: torch.device | str | None = None) -> RecurrentState:
+        return self.model.initial_state(batch_size, device)  # zeros: the same in either order
+
+    def forward_chunked(self, idx, targets=None, chunk_size: int = 256, state=None, checkpoint: bool = False):
+        """BDH.forward_chunked through the kernels (state in pair order); checkpoint is not needed:
+        the kernels keep no B x T x n tensor for backward."""
+        state = state if state is not None else self.initial_state(idx.shape[0], idx.device)
+        logits = []
+        for start in range(0, idx.shape[1], chunk_size):
+            out, _, state = fused_forward(self.model, idx[:, start : start + chunk_size], state=state)
+            logits.append(out)
+        logits = torch.cat(logits, dim=1)
+        loss = None if targets is None else F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten())
+        return logits, loss, state
+
+    def to_model_order(self, state: RecurrentState) -> RecurrentState:
+        inverse = torch.argsort(pair_order(self.model)[: self.model.config.head_size])
+        return RecurrentState([S.index_select(2, inverse) for S in state.layers], state.pos.clone())
+
+    def from_model_order(self, state: RecurrentState) -> RecurrentState:
+        local = pair_order(self.model)[: self.model.config.head_size]
+        return RecurrentState([S.index_select(2, local) for S in state.layers], state.pos.clone())
 
 
 def pair_order(model: BDH) -> torch.Tensor:
@@ -313,17 +396,19 @@ class _InPairOrder(torch.autograd.Function):
         return g.index_select(ctx.dim, inverse).to(ctx.dtype), None, None
 
 
-def pair_cos_sin(model: BDH, T: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos and sin of every pair's angle at positions 0..T-1, each (T, n/2h) float32."""
-    cos, sin = rope_cos_sin(model.config, torch.arange(T, device=device))  # T, n/h: per dimension
+def pair_cos_sin(model: BDH, T: int, device: torch.device, start=0) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin of every pair's angle at positions start..start+T-1, each (T, n/2h) float32."""
+    cos, sin = rope_cos_sin(model.config, start + torch.arange(T, device=device))  # T, n/h: per dimension
     first = first_of_pairs(model.config)
     return cos[:, first].contiguous(), sin[:, first].contiguous()
 
 
 def fused_forward(
-    model: BDH, idx: torch.Tensor, targets: torch.Tensor | None = None
-) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """BDH.forward through the fused kernels (bf16 operands, float32 accumulation). idx: B, T."""
+    model: BDH, idx: torch.Tensor, targets: torch.Tensor | None = None, state: RecurrentState | None = None
+):
+    """BDH.forward through the fused kernels (bf16 operands, float32 accumulation). idx: B, T.
+    Returns logits and loss; with state (the bytes before idx, in the kernels' pair order, as
+    BDH.chunk takes it), also the state after idx, as BDH.forward_chunked does."""
     cfg = model.config
     B, T = idx.shape
     order = pair_order(model)
@@ -331,23 +416,46 @@ def fused_forward(
     Dx = _InPairOrder.apply(model.Dx, 2, local)  # h, d, M   bf16, pair order
     Dy = _InPairOrder.apply(model.Dy, 2, local)
     E = _InPairOrder.apply(model.E, 0, order)  # n, d
-    cos, sin = pair_cos_sin(model, T, idx.device)
-    decay = model.decay_weights(T, idx.device)  # h, T, T or None
-    decay = None if decay is None else decay.to(torch.bfloat16)
-    p_drop = model.active_dropout
+    cos, sin = pair_cos_sin(model, T, idx.device, 0 if state is None else state.pos)
+    chunk = chunk_decay(cfg, T, idx.device)  # float32, or None
+    decay = None if chunk is None else chunk.weights.to(torch.bfloat16)  # h, T, T
     with torch.autocast(idx.device.type, enabled=False):  # the kernels choose their own precision
-        return _layers(model, idx, targets, Dx, Dy, E, cos, sin, p_drop, decay)
+        weights = Weights(Dx, Dy, E, cos, sin, decay, chunk)
+        logits, loss, layers = _layers(model, idx, targets, weights, None if state is None else state.layers)
+    if state is None:
+        return logits, loss
+    return logits, loss, RecurrentState(layers, state.pos + T)
 
 
-def _layers(model, idx, targets, Dx, Dy, E, cos, sin, p_drop, decay):
-    bf16 = torch.bfloat16
+@dataclass
+class Weights:
+    """What every layer of one pass reads: the weights in pair order (bf16), RoPE's tables, the decay."""
+
+    Dx: torch.Tensor
+    Dy: torch.Tensor
+    E: torch.Tensor
+    cos: torch.Tensor
+    sin: torch.Tensor
+    decay: torch.Tensor | None  # h, T, T bf16
+    chunk: ChunkDecay | None  # float32, for a carried state
+
+
+def _layers(model, idx, targets, w: Weights, states: list[torch.Tensor] | None):
+    bf16, p_drop = torch.bfloat16, model.active_dropout
     v = layer_norm(model.embed(idx).float())  # B, T, d
-    for _ in range(model.config.n_layer):
+    after = []
+    for layer in range(model.config.n_layer):
         seed = int(torch.randint(0, 2**31 - 1, (1,)).item()) if p_drop > 0 else 0
-        z = FusedNeurons.apply(v.to(bf16), Dx, Dy, E, cos, sin, p_drop, seed, decay)  # B, T, d
+        args = (v.to(bf16), w.Dx, w.Dy, w.E, w.cos, w.sin, p_drop, seed, w.decay)
+        if states is None:
+            z = FusedNeurons.apply(*args)  # B, T, d
+        else:
+            carried = CarriedInput(states[layer], w.chunk)
+            z, update = FusedNeurons.apply(*args, carried)
+            after.append(carried.next_state(states[layer], update))
         v = layer_norm(v + layer_norm(z.float()))
     logits = (v.to(bf16) @ model.readout.to(bf16)).float()  # B, T, V
     loss = None
     if targets is not None:
         loss = F.cross_entropy(logits.flatten(0, 1), targets.flatten())
-    return logits, loss
+    return logits, loss, after

@@ -210,3 +210,50 @@ def test_fused_forward_takes_batches_of_more_than_2_31_neurons():
         logits, _ = fused_parallel.fused_forward(model, idx)
         last, _ = fused_parallel.fused_forward(model, idx[-1:])
     assert rel(logits[-1:], last) < 1e-2  # bf16: cuBLAS rounds differently at another batch size
+
+
+@pytest.mark.parametrize("decay", [False, True])
+def test_fused_window_with_a_carried_state_matches_the_chunked_form(decay):
+    """A window read after earlier bytes, the state carried: the fused pass (state in pair order)
+    against BDH.forward_chunked in float32, for the logits, every gradient and the next state; the
+    plain path under bf16 autocast is the yardstick, as above."""
+    B, T = SIZES[3], SIZES[4]
+    model = make_model("interleaved", seed=2, decay=decay)
+    fused = fused_parallel.Fused(model)
+    before = torch.randint(0, 256, (B, 2 * T), device=DEVICE)
+    idx, targets = (torch.randint(0, 256, (B, T), device=DEVICE) for _ in range(2))
+    with torch.no_grad():
+        _, _, state = model.forward_chunked(before, chunk_size=T)  # the earlier bytes, float32
+    params = list(model.parameters())
+
+    def run(fused_path: bool = False):
+        if fused_path:
+            logits, loss, after = fused.forward_chunked(idx, targets, T, fused.from_model_order(state))
+            after = fused.to_model_order(after)
+        else:
+            logits, loss, after = model.forward_chunked(idx, targets, T, state.clone())
+        return [logits.float(), *torch.autograd.grad(loss, params), *after.layers], after.pos
+
+    ref, pos = run()
+    with torch.autocast(DEVICE, dtype=torch.bfloat16):
+        plain, _ = run()
+    out, fused_pos = run(fused_path=True)
+    assert fused_pos.item() == pos.item() == 3 * T
+    names = ["logits"] + [n for n, _ in model.named_parameters()] + ["state 0", "state 1"]
+    errors = {n: (rel(f, r), rel(p, r)) for n, f, p, r in zip(names, out, plain, ref, strict=True)}
+    assert errors["logits"][0] < 1e-2, errors
+    for name, (fused_err, plain_err) in errors.items():
+        assert fused_err < 3 * plain_err + 5e-3, (name, errors)
+
+
+def test_a_carried_state_changes_the_fused_window():
+    """The state is read: a window after other bytes gives other logits than the same window alone,
+    and the gradient reaches Dx through the read (the test above holds its value)."""
+    B, T = SIZES[3], SIZES[4]
+    model = make_model("half", seed=3)
+    fused = fused_parallel.Fused(model)
+    idx = torch.randint(0, 256, (B, T), device=DEVICE)
+    alone = fused_parallel.fused_forward(model, idx)[0]
+    _, _, state = fused.forward_chunked(torch.randint(0, 256, (B, T), device=DEVICE), chunk_size=T)
+    after = fused.forward_chunked(idx, chunk_size=T, state=state)[0]
+    assert rel(after, alone) > 1e-3
