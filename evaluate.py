@@ -197,7 +197,8 @@ def check_model(args: argparse.Namespace, model: torch.nn.Module) -> None:
     name, longest = model.display_name, model.config.max_window
     if args.stream and not model.reads_streams:
         raise UsageError(
-            f"--stream reads the text through BDH's recurrent form; a {name} has none (use windows)"
+            f"--stream reads the text as one, the state carried; a {name} without a memory has none "
+            "(use windows, or train a GPT with --memory)"
         )
     if args.neuron_graph and not model.has_neurons:
         raise UsageError(f"--neuron_graph is the graph of BDH's neurons; a {name} has none")
@@ -248,7 +249,7 @@ def sample_text(model: torch.nn.Module, args: argparse.Namespace, device, dtype,
     sampler = copy.deepcopy(model).to(dtype)  # weights in the dtype itself: a CUDA graph takes no autocast
     context = sample_context(args.context, args.seq_len, model.config)
     sampling = (args.max_new_bytes, args.temperature, args.top_k, gen, context)
-    if model.reads_streams:
+    if model.steps_recurrently:
         out = generate(sampler, idx, *sampling, progress=True, cuda_graph=path == FUSED)
     else:
         out = generate_recompute(sampler, idx, *sampling)

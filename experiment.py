@@ -26,6 +26,7 @@ import torch
 from tqdm import tqdm
 
 from dragon_hatchling.architectures import ARCHITECTURES, model_class
+from dragon_hatchling.carried import Carried, load_state, rows_of, stream_offsets
 from dragon_hatchling.checkpoints import check_tensors, load_weights
 from dragon_hatchling.cli import (
     Parser,
@@ -60,6 +61,7 @@ from dragon_hatchling.scoring import (
     eval_batch_windows,
     eval_mode,
     position_loss_sums,
+    stream_loss_sums,
 )
 from dragon_hatchling.stopping import (
     Interrupted,
@@ -140,6 +142,16 @@ def add_schedule_flags(g) -> None:
         help="clip the gradient's global norm to this; 0 turns clipping off (1.0)",
     )
     g.add_argument("--seed", type=seed, default=1337, help="random seed for weights and data order")
+    g.add_argument(
+        "--carry_state",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="truncated backpropagation through time (the paper's Appendix B.2): row i of the batch "
+        "reads the i-th of --batch_size stretches of the train text in order, one window a step, and "
+        "the model's state (BDH's attention state, a GPT's --memory) is carried, detached, from each "
+        "step into the next, emptied at each epoch; validation also reads each file as one text "
+        "(val_loss_stream). Default: on for a GPT with --memory, off otherwise",
+    )
 
 
 def add_model_flags(g) -> None:
@@ -164,6 +176,20 @@ def add_model_flags(g) -> None:
         type=positive_int,
         default=None,
         help="gpt: the longest window, learned positions (512)",
+    )
+    g.add_argument(
+        "--memory",
+        type=nonneg_int,
+        default=None,
+        help="gpt: carry the keys and values of each row's last M bytes from step to step "
+        "(Transformer-XL; the paper's GPTXL has 4096), with ALiBi positions (0: none, the default)",
+    )
+    g.add_argument(
+        "--position",
+        choices=["learned", "alibi"],
+        default=None,
+        help="gpt: learned positions over --block_size, or ALiBi's distance bias (any length; the "
+        "default with --memory)",
     )
     g.add_argument("--dropout", type=nonneg_float, default=0.1, help="dropout on y (0.1)")
     g.add_argument("--rope_theta", type=positive_float, default=None, help="bdh: RoPE base (65536)")
@@ -297,7 +323,9 @@ def train(run: Setup) -> dict:
             if run.resume is not None and cut_short(run, progress):
                 cut_validation(run, nets, folder, signals)
             for step in range(progress.done, total):
-                # forward, backward, update
+                # forward, backward, update (a carried state starts empty at each epoch)
+                if nets.carried is not None and step % run.steps_per_epoch == 0:
+                    nets.carried.reset()
                 x, y = training_batch(run, step)
                 lr = lr_at(step, total, args)
                 meter.add(nets.step(x, y, lr, run, progress), x.numel() * ranks.world)
@@ -345,6 +373,7 @@ class Nets:
     forward: torch.nn.Module  # validation's
     train_forward: torch.nn.Module
     optimizer: torch.optim.Optimizer
+    carried: Carried | None = None  # --carry_state: the forward that carries the state across steps
 
     def step(
         self, x: torch.Tensor, y: torch.Tensor, lr: float, run: Setup, progress: Progress
@@ -372,7 +401,8 @@ def build(run: Setup) -> Nets:
     if ranks.rank > 0:  # the same weights on every rank, dropout of its own
         torch.manual_seed(rank_seed(args.seed, ranks.rank, 0))
     forward = forward_of(model, run.path)
-    train_forward = forward
+    carried = Carried(forward) if args.carry_state else None
+    train_forward = carried or forward
     if ranks.several:  # gradients averaged over the ranks as backward goes
         from torch.nn.parallel import DistributedDataParallel
 
@@ -381,7 +411,7 @@ def build(run: Setup) -> Nets:
         # all-reduce then starts after the compiled backward, not inside it
         torch._dynamo.config.optimize_ddp = False
         train_forward = DistributedDataParallel(
-            forward, device_ids=[device.index] if device.type == "cuda" else None
+            train_forward, device_ids=[device.index] if device.type == "cuda" else None
         )
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
@@ -389,7 +419,7 @@ def build(run: Setup) -> Nets:
     optimizer = torch.optim.AdamW(
         model.parameters(), lr=args.lr, weight_decay=args.weight_decay, fused=device.type == "cuda"
     )
-    return Nets(model, forward, train_forward, optimizer)
+    return Nets(model, forward, train_forward, optimizer, carried)
 
 
 def resumed(run: Setup, nets: Nets) -> Progress:
@@ -405,6 +435,9 @@ def resumed(run: Setup, nets: Nets) -> Progress:
             f"--resume {args.resume}: the checkpoint is not this model's ({first_cause(e)})"
         ) from e
     progress = Progress.of_checkpoint(state)
+    if nets.carried is not None:  # this rank's rows of the state the checkpoint's step left
+        saved = load_state(run.resume, f"--resume {args.resume}")
+        nets.carried.restore(rows_of(saved, ranks), run.device)
     rngs = state.get("rng_ranks")
     if rngs and len(rngs) == ranks.world:  # each rank where it was
         set_rng_state(rngs[ranks.rank], run.device)
@@ -446,11 +479,15 @@ def epoch_order(n_bytes: int, seq_len: int, epoch: int, seed: int):
 
 
 def training_batch(run: Setup, step: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """This rank's share of step `step`'s windows (inputs, targets), on the device."""
+    """This rank's share of step `step`'s windows (inputs, targets), on the device: a shuffled
+    epoch's, or with --carry_state each row's next window of its stretch (carried.py)."""
     args = run.args
     epoch, pos = divmod(step, run.steps_per_epoch)
-    order = epoch_order(len(run.data.train), args.seq_len, epoch, args.seed)
-    batch = batch_offsets(order, pos, args.batch_size)  # always batch_size windows
+    if args.carry_state:
+        batch = stream_offsets(len(run.data.train), args.seq_len, args.batch_size, epoch, args.seed, pos)
+    else:
+        order = epoch_order(len(run.data.train), args.seq_len, epoch, args.seed)
+        batch = batch_offsets(order, pos, args.batch_size)  # always batch_size windows
     x, y = windows_at(run.data.train, share(batch, run.ranks), args.seq_len)
     return x.to(run.device, non_blocking=True), y.to(run.device, non_blocking=True)
 
@@ -477,14 +514,15 @@ def eval_batch(run: Setup) -> int:
     )
 
 
-def validate(run: Setup, forward: torch.nn.Module, signals: StopSignals) -> dict:
-    """The loss on every validation file in --eval_seq_len windows, split over the ranks; with one
-    process, Stopped as soon as a signal arrives (between batches). Several wait for the next log step."""
+def validate(run: Setup, nets: Nets, signals: StopSignals) -> dict:
+    """The loss on every validation file in --eval_seq_len windows, split over the ranks (and with
+    --carry_state read as one text); with one process, Stopped as soon as a signal arrives (between
+    batches). Several wait for the next log step."""
     args, ranks = run.args, run.ranks
     out = {}
     for label, data in {"": run.data.valid, **run.data.extra}.items():
         sums, windows = position_loss_sums(
-            forward,
+            nets.forward,
             data,
             args.eval_seq_len,
             eval_batch(run),
@@ -497,13 +535,27 @@ def validate(run: Setup, forward: torch.nn.Module, signals: StopSignals) -> dict
         loss = float(total / (count * args.eval_seq_len))
         suffix = f"_{label}" if label else ""
         out.update({f"val_loss{suffix}": loss, f"val_bpb{suffix}": loss / LN2})
+        if args.carry_state:  # and read as one text, in training's windows, as the run trains
+            loss = validate_stream(run, nets.carried, data)
+            out.update({f"val_loss_stream{suffix}": loss, f"val_bpb_stream{suffix}": loss / LN2})
     return out
+
+
+def validate_stream(run: Setup, carried: Carried, data: np.ndarray) -> float:
+    """The loss of a validation file read as one text, --seq_len bytes at a time, the state carried
+    from its first byte to its last (rank 0 reads it; the others wait for its number)."""
+    total = np.zeros(2)
+    if run.ranks.main:
+        sums, counts, _ = stream_loss_sums(carried, data, run.device, run.dtype, chunk_size=run.args.seq_len)
+        total[:] = sums.sum(), counts.sum()
+    total, count = all_reduce(total)
+    return float(total / count)
 
 
 def validate_and_save(done: int, run: Setup, nets: Nets, folder: RunFolder, signals: StopSignals) -> None:
     """Validate after step `done`, keep the best checkpoint, save; Stopped if a signal cuts it short."""
     p = folder.progress
-    p.last_eval = validate(run, nets.forward, signals)
+    p.last_eval = validate(run, nets, signals)
     if not math.isfinite(p.last_eval["val_loss"]):
         raise FloatingPointError(
             f"validation loss became {p.last_eval['val_loss']} at step {done}; stopped. "

@@ -219,7 +219,8 @@ class BDH(
     # What this architecture offers; the scripts ask these instead of testing types (gpt.GPT's differ)
     display_name = "BDH-GPU"
     description = "BDH-GPU (the Dragon Hatchling, arXiv 2509.26507, Appendix E)"  # as the model card says
-    reads_streams = True  # forward_chunked, initial_state, step: a text read as one, recurrent sampling
+    reads_streams = True  # forward_chunked, initial_state: a text read as one, the state carried
+    steps_recurrently = True  # step(): sampling at constant work a byte (sampling.generate)
     has_neurons = True  # sparse positive neurons x, y (activation_stats) and the neuron graph of E Dx
     has_fused_path = True  # dragon_hatchling/fused_parallel.py computes forward() in Triton kernels
     histogram_weights = {

@@ -49,7 +49,7 @@ def config_of(config: dict):
 
 # Fields a config.json may lack: added after checkpoints were first saved, with the value that means
 # what those checkpoints computed (no decay: the paper's model).
-LATER_FIELDS = {"half_lives": None}
+LATER_FIELDS = {"half_lives": None, "memory": 0, "position": "learned"}
 VOCAB = 256  # the scripts read bytes
 
 

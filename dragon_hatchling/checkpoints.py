@@ -8,6 +8,7 @@ import shutil
 from pathlib import Path
 
 import torch
+from safetensors.torch import save_file
 
 from dragon_hatchling.architectures import ARCHITECTURES, arch_of, checked_config
 from dragon_hatchling.cli import UsageError
@@ -18,8 +19,14 @@ class SaveFailed(Exception):
     """A checkpoint could not be written (a full disk, say); the previous one is kept."""
 
 
-def save_checkpoint(model, folder: str | Path, training_state: dict | None = None) -> None:
-    """Weights (model.safetensors) and config (config.json), with the optimizer state beside them.
+CARRIED_STATE = "carried_state.safetensors"  # a --carry_state run's state at the step (carried.py)
+
+
+def save_checkpoint(
+    model, folder: str | Path, training_state: dict | None = None, carried: dict | None = None
+) -> None:
+    """Weights (model.safetensors) and config (config.json), with the optimizer state beside them
+    (and a --carry_state run's carried state, its tensors by name).
 
     Written into a temporary folder that then replaces `folder` (files.atomic_path), so a crash
     mid-save leaves the previous checkpoint whole; a save that fails (SaveFailed) removes its
@@ -30,6 +37,8 @@ def save_checkpoint(model, folder: str | Path, training_state: dict | None = Non
             model.save_pretrained(tmp)
             if training_state is not None:
                 torch.save(training_state, tmp / "training_state.pt")
+            if carried:
+                save_file(carried, str(tmp / CARRIED_STATE))
     except (OSError, RuntimeError) as e:  # torch.save reports a full disk as a RuntimeError
         detail = e.strerror if isinstance(e, OSError) and e.strerror else str(e).splitlines()[0][:200]
         raise SaveFailed(

@@ -24,6 +24,7 @@ import numpy as np
 import torch
 
 from dragon_hatchling import plots
+from dragon_hatchling.carried import gathered
 from dragon_hatchling.checkpoints import clear_run, run_of, save_checkpoint
 from dragon_hatchling.distributed import all_reduce, gather
 from dragon_hatchling.files import atomic_path, write_json
@@ -229,7 +230,7 @@ class RunFolder:
         """nets: the model and its optimizer (experiment.Nets); meter: the loop's, whose interval
         every checkpoint saves."""
         self.run, self.model, self.optimizer, self.progress = run, nets.model, nets.optimizer, progress
-        self.meter = meter
+        self.meter, self.carried = meter, nets.carried
         self.push_failed = False
         self.command = shell_command(sys.argv[1:])
         self.resume_command = shell_command(resume_argv(sys.argv[1:], run.out_dir))
@@ -238,7 +239,7 @@ class RunFolder:
             return
         if run.resume is None:  # --overwrite: the old run goes before the new one writes anything
             clear_run(run.out_dir)
-        extra = [f"{k}_{label}" for label in run.data.extra for k in ("val_loss", "val_bpb")]
+        extra = [f"{k}_{label}" for label in run.val_labels for k in ("val_loss", "val_bpb")]
         fields = CSV_FIELDS + extra + SPARSITY_FIELDS
         resumed = run.resume is not None
         source = run_of(run.resume) / "log.csv" if resumed else None
@@ -255,6 +256,7 @@ class RunFolder:
         states are gathered, so that each resumes where it was)."""
         run, p = self.run, self.progress
         rngs = gather(rng_state(run.device)) if together and run.ranks.several else None
+        carried = self.carried_state(together)
         p.saved = step
         if not run.ranks.main:
             return
@@ -276,7 +278,14 @@ class RunFolder:
             "data_changes": run.data_changes,
         }
         for name in which:
-            save_checkpoint(self.model, run.out_dir / "checkpoints" / name, state)
+            save_checkpoint(self.model, run.out_dir / "checkpoints" / name, state, carried)
+
+    def carried_state(self, together: bool) -> dict | None:
+        """--carry_state: every rank's rows of the state, gathered (None without one, or when rank 0
+        saves alone under torchrun: a resumed run then starts its rows empty)."""
+        if self.carried is None or (self.run.ranks.several and not together):
+            return None
+        return gathered(self.carried.tensors())
 
     def write_results(self, step: int, finished: bool) -> dict:
         """metrics.json and the plots, after step `step` (rank 0; the others return no metrics)."""
@@ -286,7 +295,7 @@ class RunFolder:
         metrics["world_size"] = self.run.ranks.world
         metrics["finished"] = finished
         write_json(self.run.out_dir / "metrics.json", metrics)
-        extra = list(self.run.data.extra)
+        extra = self.run.val_labels
         plots.training_curves(self.log.rows, extra, self.run.out_dir, self.model.display_name)
         return metrics
 
@@ -344,7 +353,7 @@ def run_metrics(folder: RunFolder, step: int) -> dict:
                 "bpb": p.last_eval[f"val_bpb_{label}"],
                 "perplexity": math.exp(p.last_eval[f"val_loss_{label}"]),
             }
-            for label in run.data.extra
+            for label in run.val_labels
             if f"val_loss_{label}" in p.last_eval
         },
         "activation_nonzero": sparsity,

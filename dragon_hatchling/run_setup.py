@@ -21,6 +21,7 @@ import numpy as np
 import torch
 
 from dragon_hatchling.architectures import ARCHITECTURES, foreign_flags, model_flags
+from dragon_hatchling.carried import stream_steps
 from dragon_hatchling.checkpoints import (
     checkpoint_folder,
     holds_run,
@@ -70,6 +71,9 @@ RESUME_MUST_MATCH = (
     "text_column",
     "val_fraction",
     "recipe",
+    "carry_state",
+    "memory",
+    "position",
 )
 
 
@@ -108,6 +112,14 @@ class Setup:
     def total_steps(self) -> int:
         return self.args.max_steps or self.args.epochs * self.steps_per_epoch
 
+    @property
+    def val_labels(self) -> list[str]:
+        """The validation losses beside val_loss: each --extra_val_file's, and with --carry_state
+        each file's read as one text (stream, stream_<label>)."""
+        extra = list(self.data.extra)
+        streams = ["stream"] + [f"stream_{label}" for label in extra] if self.args.carry_state else []
+        return extra + streams
+
 
 def prepare(args: argparse.Namespace, ranks: Ranks | None = None, dataset: Path | None = None) -> Setup:
     """Check every argument and input before any work; UsageError on the first bad one. dataset:
@@ -118,7 +130,9 @@ def prepare(args: argparse.Namespace, ranks: Ranks | None = None, dataset: Path 
     check_flags(args)
     resume, resume_state = resume_from(args)
     config = model_config(args)
-    path = choose_path(ARCHITECTURES[args.arch][0], device, args.fused, args.compile, dtype)
+    check_carry(args, config)
+    compile = False if args.carry_state else args.compile  # the carried forward runs as it is
+    path = choose_path(ARCHITECTURES[args.arch][0], device, args.fused, compile, dtype)
     check_model(args, config, device, ranks)
     data = load_data(args, dataset)
     steps_per_epoch = check_windows(args, data)
@@ -209,6 +223,20 @@ def check_flags(args: argparse.Namespace) -> None:
         raise UsageError(f"--push_to_hub needs --hf_repo_id USER/NAME (got {args.hf_repo_id!r})")
 
 
+def check_carry(args: argparse.Namespace, config) -> None:
+    """--carry_state and --memory agree with each other and with the path."""
+    memory = getattr(config, "memory", None)
+    if args.carry_state and memory == 0:
+        raise UsageError(
+            "--carry_state carries a GPT's memory of keys and values: give it --memory M (e.g. 4096)"
+        )
+    if memory and not args.carry_state:
+        raise UsageError(f"--memory {memory} is carried from step to step: leave out --no_carry_state")
+    if args.carry_state and args.compile:
+        raise UsageError("--carry_state runs the plain path as it is: leave out --compile (BDH's "
+                         "fused kernels carry the state on CUDA)")  # fmt: skip
+
+
 def resume_from(args: argparse.Namespace) -> tuple[Path | None, dict | None]:
     """The checkpoint folder and training state of --resume (None, None: a new run), with every flag
     left out filled in: from the checkpoint, else the recipe's and the architecture's defaults."""
@@ -267,6 +295,8 @@ def apply_recipe(args: argparse.Namespace, saved: dict | None) -> None:
     args.half_lives = args.half_lives or None  # --half_lives none
     if args.eval_seq_len is None:  # runs from before --eval_seq_len validated in their own windows
         args.eval_seq_len = 128 if saved is None else saved.get("eval_seq_len", saved.get("seq_len", 128))
+    if args.carry_state is None:  # a GPT's memory is carried; runs from before --carry_state were not
+        args.carry_state = saved.get("carry_state", False) if saved is not None else bool(args.memory or 0)
 
 
 def apply_arch(args: argparse.Namespace, saved: dict | None) -> None:
@@ -354,6 +384,8 @@ def check_windows(args: argparse.Namespace, data: Data) -> int:
             raise UsageError(
                 f"{name} data ({len(text)} bytes) is shorter than one window of {flag} + 1 = {T + 1} bytes"
             )
+    if args.carry_state:
+        return stream_windows(args, data)
     steps_per_epoch = num_windows(data.train, args.seq_len) // args.batch_size
     if steps_per_epoch == 0:
         raise UsageError(
@@ -361,6 +393,18 @@ def check_windows(args: argparse.Namespace, data: Data) -> int:
             f"{args.seq_len} bytes, fewer than --batch_size {args.batch_size}"
         )
     return steps_per_epoch
+
+
+def stream_windows(args: argparse.Namespace, data: Data) -> int:
+    """--carry_state: the steps of an epoch, the windows of each row's stretch (at least one)."""
+    steps = stream_steps(len(data.train), args.seq_len, args.batch_size)
+    if steps == 0:
+        stretch = max(0, len(data.train) - args.seq_len) // args.batch_size
+        raise UsageError(
+            f"--carry_state: train data of {len(data.train)} bytes gives each of --batch_size "
+            f"{args.batch_size} rows {stretch} bytes, less than one window of --seq_len {args.seq_len}"
+        )
+    return steps
 
 
 def run_folder(args: argparse.Namespace, resume: Path | None, make: bool = True) -> Path:

@@ -11,6 +11,7 @@ import evaluate
 import experiment
 from conftest import call_main
 from dragon_hatchling import hub as hubpy
+from dragon_hatchling.architectures import checked_config
 from dragon_hatchling.gpt import GPT, GPTConfig
 from dragon_hatchling.loading import load_model
 from test_cli import assert_clean_error
@@ -121,7 +122,7 @@ def test_bdh_refuses_gpt_flags(small_data, tmp_path, capsys):
 
 def test_evaluate_refuses_to_stream_a_gpt(gpt_trained, small_data, tmp_path, capsys):
     base = ["--model_path", str(gpt_trained), "--data_dir", str(small_data), "--device", "cpu"]
-    for flags, says in [("--stream", "a GPT has none"), ("--seq_len 256", "block_size 128"),
+    for flags, says in [("--stream", "a GPT without a memory has none"), ("--seq_len 256", "block_size 128"),
                         ("--neuron_graph", "a GPT has none")]:  # fmt: skip
         result = call_main(evaluate.main, [*base, "--out_dir", str(tmp_path / "e"), *flags.split()], capsys)
         assert_clean_error(result, says)
@@ -150,3 +151,70 @@ def test_a_gpt_scores_windows_longer_than_a_chunk(gpt_trained, small_data, tmp_p
             "--seq_len", "100", "--chunk_size", "64", "--out_dir", str(tmp_path / "e")]  # fmt: skip
     assert call_main(evaluate.main, argv, capsys).returncode == 0
     assert json.loads((tmp_path / "e" / "metrics.json").read_text())["seq_len"] == 100
+
+
+# ----------------------------------------------------------------------------- GPTXL: ALiBi and a memory
+
+
+def xl(memory: int, seed: int = 0) -> GPT:
+    torch.manual_seed(seed)
+    model = GPT(GPTConfig(n_layer=2, n_embd=32, n_head=4, dropout=0.0, memory=memory))
+    for p in model.parameters():  # LayerNorm weights off one too, so that every weight counts
+        torch.nn.init.normal_(p, std=0.3)
+    return model.eval()
+
+
+def banded(model: GPT, idx: torch.Tensor, memory: int, chunk: int) -> torch.Tensor:
+    """The definition, by hand: each chunk's query i attends to the keys of the window so far that
+    lie within its chunk or the `memory` bytes before the chunk, with ALiBi over the distance."""
+    B, T = idx.shape
+    h, d, L = model.config.n_head, model.config.n_embd, model.config.n_layer
+    v = model.wte(idx)
+    pos = torch.arange(T)
+    start = pos // chunk * chunk  # the first byte of each query's chunk
+    seen = (pos[None, :] <= pos[:, None]) & (pos[None, :] >= start[:, None] - memory)  # T, T
+    distance = (pos[:, None] - pos[None, :]).float()
+    for block in model.blocks[:L]:
+        q, k, u = block.attn.qkv(block.ln_attn(v)).view(B, T, 3, h, d // h).permute(2, 0, 3, 1, 4)
+        scores = q @ k.mT / (d // h) ** 0.5 - model.slopes[:, None, None] * distance  # B, h, T, T
+        a = scores.masked_fill(~seen, float("-inf")).softmax(-1) @ u
+        v = v + block.attn.proj(a.transpose(1, 2).reshape(B, T, d))
+        v = v + block.mlp(block.ln_mlp(v))
+    return model.ln_f(v) @ model.wte.weight.T
+
+
+@pytest.mark.parametrize("memory, chunk", [(64, 16), (16, 16), (10, 16), (24, 7)])
+def test_the_memory_is_attention_over_the_concatenated_window(memory, chunk):
+    """A text read in chunks through a memory of M bytes gives the logits of attending over the
+    chunk and the M bytes before it (the definition above, in one pass); with M at least the text,
+    the logits of the whole text in one window. The memory holds the last M bytes' keys."""
+    model = xl(memory)
+    idx = torch.randint(0, 256, (2, 48))
+    with torch.no_grad():
+        logits, _, state = model.forward_chunked(idx, chunk_size=chunk)
+        torch.testing.assert_close(logits, banded(model, idx, memory, chunk), atol=1e-4, rtol=1e-4)
+        if memory >= idx.shape[1]:
+            torch.testing.assert_close(logits, model(idx)[0], atol=1e-4, rtol=1e-4)
+        assert [k.shape[2] for k in state.keys] == [min(memory, 48)] * 2
+        again, _, _ = model.forward_chunked(idx[:, chunk:], chunk_size=chunk, state=model.forward_chunked(
+            idx[:, :chunk], chunk_size=chunk)[2])  # fmt: skip
+        torch.testing.assert_close(again, logits[:, chunk:])  # the state carries between calls
+
+
+def test_alibi_reads_windows_of_any_length_and_keeps_old_checkpoints_learned():
+    """ALiBi has no table of positions: no wpe, no longest window. A config.json saved before the
+    memory existed (no memory, no position) is the learned-position GPT it was."""
+    model = xl(0)
+    assert model.config.position == "learned" and model.config.max_window == 512
+    old = {k: v for k, v in model.config.to_dict().items() if k not in ("memory", "position")}
+    assert checked_config(old, "old") == model.config
+    alibi = GPT(GPTConfig(n_layer=1, n_embd=16, n_head=2, memory=8))
+    assert alibi.config.position == "alibi" and alibi.config.max_window is None and alibi.wpe is None
+    assert alibi.num_params() == alibi.config.num_params
+    assert alibi(torch.zeros(1, 700, dtype=torch.long))[0].shape == (1, 700, 256)
+    with pytest.raises(ValueError, match="alibi"):
+        GPTConfig(memory=8, position="learned")
+    with pytest.raises(ValueError, match="memory"):
+        GPTConfig(memory=-1)
+    with pytest.raises(ValueError, match="forward_chunked"):
+        model.forward_chunked(torch.zeros(1, 4, dtype=torch.long))
