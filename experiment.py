@@ -144,13 +144,17 @@ def add_schedule_flags(g) -> None:
     g.add_argument("--seed", type=seed, default=1337, help="random seed for weights and data order")
     g.add_argument(
         "--carry_state",
-        action=argparse.BooleanOptionalAction,
+        action="store_const",
+        const=True,
         default=None,
         help="truncated backpropagation through time (the paper's Appendix B.2): row i of the batch "
         "reads the i-th of --batch_size stretches of the train text in order, one window a step, and "
         "the model's state (BDH's attention state, a GPT's --memory) is carried, detached, from each "
         "step into the next, emptied at each epoch; validation also reads each file as one text "
         "(val_loss_stream). Default: on for a GPT with --memory, off otherwise",
+    )
+    g.add_argument(
+        "--no_carry_state", dest="carry_state", action="store_const", const=False, help="independent windows"
     )
 
 

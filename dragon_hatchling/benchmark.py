@@ -1,5 +1,6 @@
 """Speed of BDH-GPU's forms on one GPU: training steps of the plain path (eager and compiled) and the
-fused Triton path, a long-context step through the chunked form, and generation (recurrent against
+fused Triton path (and its step with a state carried from the step before, --carry_state), a
+long-context step through the chunked form, and generation (recurrent against
 recomputing the prefix). Prints a table of speed-ups over the compiled plain path and writes JSON.
 
     uv run python -m dragon_hatchling.benchmark --device cuda --out results/benchmark/h200.json
@@ -26,6 +27,7 @@ from pathlib import Path
 
 import torch
 
+from dragon_hatchling.carried import Carried
 from dragon_hatchling.cli import Parser, UsageError, fail, half_lives, positive_int
 from dragon_hatchling.devices import resolve_device
 from dragon_hatchling.distributed import Ranks, all_reduce, rank_device, ranks_from_env, start, stop
@@ -36,7 +38,7 @@ from dragon_hatchling.sampling import generate, generate_recompute
 from dragon_hatchling.stopping import interruptible
 from model import BDH, BDHConfig
 
-PATHS = ("plain eager", "plain compiled", "fused")
+PATHS = ("plain eager", "plain compiled", "fused", "fused carried")  # carried: --carry_state's step
 PARTS = ("train", "long", "generate", "ddp")
 
 
@@ -134,12 +136,16 @@ def train_step_fn(model: BDH, path: str, B: int, T: int, device: torch.device, c
     idx = torch.randint(0, 256, (B, T), device=device)
     targets = torch.randint(0, 256, (B, T), device=device)
     compiled = torch.compile(model) if path == "plain compiled" else model
-    if path == "fused":
-        from dragon_hatchling.fused_parallel import fused_forward  # imports Triton
+    if path.startswith("fused"):
+        from dragon_hatchling.fused_parallel import Fused, fused_forward  # imports Triton
+
+        carried = Carried(Fused(model))  # the state of the step before, every step
 
     def loss_of():
         if path == "fused":
             return fused_forward(model, idx, targets)[1]
+        if path == "fused carried":
+            return carried(idx, targets)[1]
         with torch.autocast("cuda", dtype=torch.bfloat16):
             if path.startswith("chunked"):
                 return model.forward_chunked(idx, targets, chunk_size=chunk_size, checkpoint=True)[1]
@@ -370,6 +376,19 @@ def time_training(report: dict, cfg: BDHConfig, decay: BDHConfig | None, args, d
                 save(args.out, report)
     if decay is not None:
         report["decay_vs_fused_32x128"] = decay_ratios(report["train"], args, device)
+    report["carried_vs_fused"] = carried_ratios(report["train"])
+
+
+def carried_ratios(rows: list[dict]) -> dict[str, float]:
+    """bytes/s of the carried fused step over the fused step at each shape (and decay) of this run."""
+    fused = {(r["batch"], r["window"], r["path"].endswith(DECAY)): r.get("bytes_per_s") for r in rows
+             if r["path"].removesuffix(DECAY) == "fused"}  # fmt: skip
+    out = {}
+    for r in rows:
+        key = (r["batch"], r["window"], r["path"].endswith(DECAY))
+        if r["path"].removesuffix(DECAY) == "fused carried" and r.get("bytes_per_s") and fused.get(key):
+            out[f"{r['batch']}x{r['window']}" + DECAY * key[2]] = r["bytes_per_s"] / fused[key]
+    return out
 
 
 def time_long_context(report: dict, cfg: BDHConfig, args, device) -> None:
@@ -386,6 +405,8 @@ def summary(report: dict) -> str:
     lines = [table(report["train"])] if report["train"] else []
     for shape, ratio in report.get("decay_vs_fused_32x128", {}).items():
         lines.append(f"fused {shape} with decay against today's fused path at 32 x 128: {ratio:.2f}x")
+    for shape, ratio in report.get("carried_vs_fused", {}).items():
+        lines.append(f"fused {shape}, state carried, against the fused step without: {ratio:.2f}x")
     for key in ("generation", "generation_decay"):
         if key in report:
             g = report[key]

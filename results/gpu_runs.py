@@ -13,7 +13,9 @@ and scores the .pt it saves. Runs of the same GPU share it, and run one after an
 by `;` (`'a:0:...;b:0:...'`). `--evals none` skips the scoring (the training log's final validation
 has both files in 128-byte windows); `--only NAME=FOLDER[,FOLDER]` scores run NAME with those alone.
 A training still going at --train_deadline is stopped with SIGTERM (it saves a checkpoint, which is
-then scored: its metrics say how far it got). The small files (logs, metrics, plots, samples) go
+then scored: its metrics say how far it got); `--resume` continues each run from its last checkpoint
+instead of starting it anew (the machine keeps .gpu/runs between commands while it is warm), so that
+a run can span commands. The small files (logs, metrics, plots, samples) go
 into one tar file (the machine returns few files).
 """
 
@@ -44,10 +46,11 @@ EVALS = {  # folder: evaluate.py flags
     "eval-valid-raw-128": ["--seq_len", "128", "--neuron_graph", *SAMPLE],
     "eval-valid-tokens-128": shlex.split(f"--data_file {TOKENS} --seq_len 128 --no_plots"),
     "eval-valid-raw-4096": shlex.split("--seq_len 4096 --chunk_size 4096 --batch_size 16"),
+    "eval-valid-raw-16384": shlex.split("--seq_len 16384 --chunk_size 2048 --batch_size 4 --no_plots"),
     "eval-valid-raw-stream": shlex.split("--stream --chunk_size 2048"),
     "eval-valid-tokens-stream": shlex.split(f"--data_file {TOKENS} --stream --chunk_size 2048 --no_plots"),
 }
-WINDOW_EVALS = ("eval-valid-raw-128", "eval-valid-tokens-128")  # all a GPT can do
+WINDOW_EVALS = ("eval-valid-raw-128", "eval-valid-tokens-128")  # all a GPT without a memory can do
 GPT_SAMPLE = ["--context", "512"]  # a GPT sees at most its block
 KEEP = (".csv", ".json", ".png", ".txt", ".log")
 
@@ -73,8 +76,10 @@ def run_one(name: str, gpu: str, flags: str, t_start: float, args: argparse.Name
     else:
         model = str(run)
         device = ["--device", args.device, *(["--fused"] if fused else [])]
-        cmd = [sys.executable, "experiment.py", *device, *TRAIN, "--out_dir", str(run), "--overwrite", *words]
-    with open(run / "train.log", "w") as log:
+        again = args.resume and (run / "checkpoints" / "last" / "training_state.pt").is_file()
+        start = ["--resume", "auto"] if again else ["--overwrite"]
+        cmd = [sys.executable, "experiment.py", *device, *TRAIN, "--out_dir", str(run), *start, *words]
+    with open(run / "train.log", "a" if args.resume else "w") as log:
         log.write(" ".join(shlex.quote(c) for c in cmd) + "\n")
         log.flush()
         proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT)
@@ -87,9 +92,9 @@ def run_one(name: str, gpu: str, flags: str, t_start: float, args: argparse.Name
     evals = {} if args.evals == "none" else EVALS
     if name in args.only:
         evals = {k: v for k, v in EVALS.items() if k in args.only[name]}
-    if gpt:
+    if gpt:  # no neurons; and without a memory, windows of its block alone
         evals = {k: [*(f for f in v if f != "--neuron_graph"), *GPT_SAMPLE] if "--prompt" in v else v
-                 for k, v in evals.items() if k in WINDOW_EVALS}  # fmt: skip
+                 for k, v in evals.items() if k in WINDOW_EVALS or "--memory" in words}  # fmt: skip
     for folder, extra in evals.items():
         remaining = args.deadline - (time.time() - t_start)
         if remaining < 20:
@@ -123,6 +128,7 @@ def main() -> int:
     p.add_argument("--train_deadline", type=float, default=450, help="seconds from start to stop training")
     p.add_argument("--device", default="cuda", help="cuda (fused training) or cpu (a smoke test)")
     p.add_argument("--also", default="", help="a shell command to run beside (e.g. the GPU tests)")
+    p.add_argument("--resume", action="store_true", help="continue each run from its last checkpoint")
     p.add_argument("--evals", choices=["all", "none"], default="all", help="score the runs afterwards (all)")
     p.add_argument(
         "--only",
