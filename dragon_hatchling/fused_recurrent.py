@@ -151,7 +151,10 @@ def _step_attention_kernel(
     xa, xb = tl.split(tl.reshape(x, (BB, BP, 2)))  # BB, BP: first and second members of the pairs
     p = block * BP + tl.arange(0, BP)
     p_mask = p < half
-    phase = tl.load(pos_ptr).to(tl.float32) * tl.load(freq_ptr + p, mask=p_mask, other=0.0)  # turns
+    pos = tl.load(pos_ptr)  # pos * freq = hi * (4096 freq mod 1) + lo * freq turns, exact enough in
+    hi, lo = (pos // 4096).to(tl.float32), (pos % 4096).to(tl.float32)  # float32 at millions of bytes
+    phase = hi * tl.load(freq_ptr + half + p, mask=p_mask, other=0.0)
+    phase = (phase - tl.floor(phase)) + lo * tl.load(freq_ptr + p, mask=p_mask, other=0.0)  # turns
     angle = (phase - tl.floor(phase)) * 6.283185307179586
     cos = tl.cos(angle)[None, :]
     sin = tl.sin(angle)[None, :]
@@ -287,7 +290,8 @@ class FusedStep:
         self.DyT = model.Dy.mT.contiguous()  # h, M, d
         self.E = model.E.contiguous()  # n, d
         freq = rope_frequencies(cfg, model.E.device)  # M: both members of a pair share a frequency
-        self.pair_freq = freq[first_of_pairs(cfg)].contiguous()  # M/2, turns per position
+        pair = freq[first_of_pairs(cfg)].double()  # M/2, turns per position
+        self.pair_freq = torch.stack([pair, (4096 * pair) % 1.0]).float().contiguous()  # 2, M/2: and per 4096
         decay = chunk_decay(cfg, 1, model.E.device)  # gamma per head, or None
         # gamma per head; without decay the kernel takes some pointer there and never reads it
         self.gamma = decay.whole.flatten().contiguous() if decay is not None else self.pair_freq

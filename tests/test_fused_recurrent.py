@@ -28,6 +28,18 @@ def test_fused_recurrent_step_matches_the_plain_step(style, decay):
         torch.testing.assert_close(f, p, rtol=1e-5, atol=1e-5)
 
 
+def test_the_fused_step_keeps_its_angles_millions_of_bytes_in():
+    """At position 5,000,000 (a long stream) the kernel's RoPE phase, hi * (4096 freq mod 1) + lo *
+    freq, is still the plain step's, which computes it in float64."""
+    model = make_model("interleaved", seed=4).eval()
+    _, _, plain = model.forward_chunked(torch.randint(0, 256, (2, 5), device=DEVICE), chunk_size=5)
+    plain.pos.fill_(5_000_000)
+    fused = plain.clone()
+    for byte in torch.randint(0, 256, (3, 2), device=DEVICE):
+        torch.testing.assert_close(fused_recurrent.FusedStep(model)(byte, fused), model.step(byte, plain),
+                                   rtol=1e-4, atol=1e-4)  # fmt: skip
+
+
 def test_fused_step_refuses_a_model_that_would_apply_dropout():
     model = make_model("half", dropout=0.1)
     with pytest.raises(ValueError, match="model.eval"):

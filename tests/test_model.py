@@ -86,13 +86,28 @@ def test_rope_is_a_rotation_preserving_relative_positions(style):
     assert torch.isclose(rot(q, 3) @ rot(k, 10), rot(q, 20) @ rot(k, 27), atol=1e-5)
 
 
-def test_rope_angles_stay_accurate_at_long_positions():
-    cfg = BDHConfig(n_embd=8, n_head=1, n_neurons=16, n_layer=1)
-    pos = torch.tensor([4099])
+@pytest.mark.parametrize("at", [4099, 5_000_003, 2**31 + 11])
+def test_rope_angles_stay_accurate_at_long_positions(at):
+    """A stream or a TBPTT run reaches positions of millions: the angles stay exact there."""
+    cfg = BDHConfig(n_embd=8, n_head=1, n_neurons=64, n_layer=1)
+    pos = torch.tensor([at, at + 1])
     cos, sin = rope_cos_sin(cfg, pos)
-    exact = pos.double() * rope_frequencies(cfg).double() * 2 * math.pi
-    assert (cos.double() - exact.cos()).abs().max() < 1e-3
-    assert (sin.double() - exact.sin()).abs().max() < 1e-3
+    exact = torch.remainder(pos.double()[:, None] * rope_frequencies(cfg).double(), 1.0) * 2 * math.pi
+    assert (cos.double() - exact.cos()).abs().max() < 1e-5
+    assert (sin.double() - exact.sin()).abs().max() < 1e-5
+
+
+def test_a_window_millions_of_bytes_in_reads_as_it_does_at_the_start():
+    """From an empty state only relative angles matter: a window read at position 5,000,000 gives the
+    logits it gives at position 0 (float32 products pos * freq once made them differ by 0.3 rad)."""
+    torch.manual_seed(0)
+    model = BDH(BDHConfig(n_embd=32, n_head=2, n_neurons=256, n_layer=2, dropout=0.0, rope_theta=2.0))
+    idx = torch.randint(0, 256, (2, 48))
+    state = model.initial_state(2)
+    start, _, _ = model.forward_chunked(idx, chunk_size=16, state=state.clone())
+    state.pos.fill_(5_000_000)
+    later, _, _ = model.forward_chunked(idx, chunk_size=16, state=state)
+    torch.testing.assert_close(later, start, atol=1e-4, rtol=1e-4)
 
 
 @pytest.mark.parametrize(
