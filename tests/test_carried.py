@@ -20,7 +20,7 @@ from test_reliability import interrupt_at_step, logged, train
 FLAGS = (
     "--batch_size 4 --seq_len 32 --warmup_steps 3 --log_every 4 --max_steps 20 --eval_every 12 --carry_state"
 )
-STREAM = ("train_loss", "val_loss", "val_loss_stream", "val_loss_stream_wiki_train_raw", "x_nonzero")
+STREAM = ("train_loss", "val_loss", "val_loss_stream", "val_loss_stream_edge_train", "x_nonzero")
 
 
 @pytest.mark.parametrize("n, T, B", [(60_000, 32, 4), (1000, 7, 3), (390, 32, 4)])
@@ -58,14 +58,14 @@ def test_carried_windows_compute_the_text_read_in_one_pass():
     torch.testing.assert_close(step(idx[:, :20])[0], first)
 
 
-@pytest.mark.parametrize("arch", ["bdh", "gpt"])
-@pytest.mark.parametrize("stop_at", [6, 12])  # inside a log interval, at a validation
-def test_a_resumed_carried_run_logs_what_an_unstopped_one_logs(arch, stop_at, tmp_path, small_data, capsys,
-                                                               monkeypatch):  # fmt: skip
+@pytest.mark.parametrize("arch, stop_at", [("bdh", 6), ("gpt", 12)])  # inside a log interval, at a validation
+def test_a_resumed_carried_run_logs_what_an_unstopped_one_logs(
+    arch, stop_at, tmp_path, small_data, edge_train, capsys, monkeypatch
+):
     """The carried state is saved with the checkpoint and restored on --resume: the same training
     and stream losses row for row as a run never stopped."""
     gpt = "--arch gpt --n_layer 2 --n_embd 32 --n_head 2 --memory 48" if arch == "gpt" else ""
-    flags = f"{FLAGS} {gpt} --extra_val_file {small_data / 'wiki.train.raw'}"
+    flags = f"{FLAGS} {gpt} --extra_val_file {edge_train}"
     whole, parts = tmp_path / "whole", tmp_path / "parts"
     argv = tiny_run(small_data, whole, flags)
     argv = argv if arch == "bdh" else [a for a in argv if a not in ("--n_neurons", "128")]

@@ -168,3 +168,22 @@ def test_one_process_refuses_a_torchrun_environment_that_makes_no_sense(
     assert_clean_error(
         call_main(experiment.main, tiny_run(small_data, tmp_path / "r", flags)[1:], capsys), "WORLD_SIZE"
     )
+
+
+def test_each_rank_carries_its_own_rows(small_data, tmp_path, flags):
+    """--carry_state in two processes: each rank carries the state of its two rows; the checkpoint
+    gathers them in the batch's order, and the run is the one-process run, stream validation too."""
+    carried = flags + " --carry_state --max_steps 6 --eval_every 3"
+    one, two = tmp_path / "one", tmp_path / "two"
+    assert experiment.main(tiny_run(small_data, one, carried)[1:]) == 0
+    code, _, err = finish(torchrun(tiny_run(small_data, two, carried)))
+    assert code == 0, err
+    assert_same_run(one, two)
+    for x, y in zip(rows(one), rows(two), strict=True):
+        assert (x["val_loss_stream"] == "") == (y["val_loss_stream"] == "")
+        if x["val_loss_stream"]:
+            assert abs(float(x["val_loss_stream"]) - float(y["val_loss_stream"])) <= 1e-5
+    s1, s2 = (load_file(r / "checkpoints" / "last" / "carried_state.safetensors") for r in (one, two))
+    assert s1.keys() == s2.keys() and s1["layers.0"].shape[0] == 4
+    for name in s1:
+        assert (s1[name] - s2[name]).abs().max().item() <= 1e-5, name
