@@ -218,3 +218,23 @@ def test_alibi_reads_windows_of_any_length_and_keeps_old_checkpoints_learned():
         GPTConfig(memory=-1)
     with pytest.raises(ValueError, match="forward_chunked"):
         model.forward_chunked(torch.zeros(1, 4, dtype=torch.long))
+
+
+def test_a_gptxl_trains_carried_and_evaluate_reads_the_text_through_its_memory(small_data, tmp_path, capsys):
+    """--arch gpt --memory M trains with its memory carried (the default) and scores the whole text
+    read as one (--stream) and windows longer than --chunk_size through it."""
+    run = tmp_path / "run"
+    argv = gpt_run(small_data, run, "--memory 48 --max_steps 6 --eval_every 6 --log_every 3 --block_size 16")
+    assert experiment.main(argv) == 0
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert metrics["args"]["carry_state"] and metrics["config"]["position"] == "alibi"
+    base = ["--model_path", str(run), "--data_dir", str(small_data), "--device", "cpu", "--no_plots"]
+    for flags in ("--stream --chunk_size 64", "--seq_len 256 --chunk_size 64 --max_chunks 4"):
+        out = tmp_path / flags.split()[0].strip("-")
+        result = call_main(evaluate.main, [*base, "--out_dir", str(out), *flags.split()], capsys)
+        assert result.returncode == 0, result.stderr
+        scored = json.loads((out / "metrics.json").read_text())
+        assert scored["mode"] == ("stream" if "--stream" in flags else "windows") and scored["loss"] < 6
+    assert (
+        "memory of the last 48 bytes (GPTXL)" in GPTConfig(**metrics["config"]).describe()
+    )  # the card's line
