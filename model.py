@@ -62,6 +62,9 @@ class BDHConfig:
     # (a_t = sum_{s<t} gamma^(t-1-s) <RoPE(x_t), RoPE(x_s)> v_s, gamma = 2^(-1/half_life)).
     # None: no decay, every earlier byte counts fully (the paper's model).
     half_lives: list[float] | None = None
+    # A merged model's heads (dragon_hatchling/merging.py): the head sizes of the models merged, in
+    # order; each part's RoPE frequencies follow the rule for its own size. None: one part.
+    rope_parts: list[int] | None = None
 
     def __post_init__(self) -> None:
         for name in ("n_embd", "n_head", "n_neurons", "n_layer", "vocab_size"):
@@ -87,6 +90,18 @@ class BDHConfig:
                     f"half_lives must be {self.n_head} positive numbers of bytes (one a head), "
                     f"got {self.half_lives}"
                 )
+        if self.rope_parts is not None:
+            self.check_rope_parts()
+
+    def check_rope_parts(self) -> None:
+        parts = self.rope_parts
+        if sum(parts) != self.head_size or not all(int(m) > 0 and m % 2 == 0 for m in parts):
+            raise ValueError(
+                f"rope_parts must be positive even head sizes adding up to n/h = {self.head_size}, "
+                f"got {parts}"
+            )
+        if self.rope_style != "interleaved":
+            raise ValueError("rope_parts needs rope_style 'interleaved' (merging converts the parts to it)")
 
     @property
     def head_size(self) -> int:
@@ -123,9 +138,11 @@ class BDHConfig:
             if self.half_lives
             else "the paper's attention, without decay"
         )
+        parts = " + ".join(map(str, self.rope_parts or []))
+        merged = f"; merged, each head of {parts} neurons" if self.rope_parts else ""
         return (
             f"d={self.n_embd}, h={self.n_head}, n={self.n_neurons} neurons, {self.n_layer} layers sharing "
-            f"one set of weights, {attention}"
+            f"one set of weights, {attention}{merged}"
         )
 
 
@@ -135,8 +152,15 @@ def layer_norm(x: torch.Tensor) -> torch.Tensor:
 
 
 def rope_frequencies(config: BDHConfig, device: torch.device | str | None = None) -> torch.Tensor:
-    """Per-dimension rotation frequency in turns per position, shape (n/h,), float32."""
-    m = config.head_size
+    """Per-dimension rotation frequency in turns per position, shape (n/h,), float32: for a merged
+    model, each part's own (config.rope_parts), one after the other."""
+    if config.rope_parts is not None:
+        return torch.cat([part_frequencies(config, m, device) for m in config.rope_parts])
+    return part_frequencies(config, config.head_size, device)
+
+
+def part_frequencies(config: BDHConfig, m: int, device: torch.device | str | None = None) -> torch.Tensor:
+    """The frequencies of a head of m neurons: pair i turns theta^(-2i/m) / 2 pi a position."""
     pair = torch.arange(m // 2, dtype=torch.float32, device=device)
     freq = config.rope_theta ** (-2.0 * pair / m) / (2 * math.pi)  # turns per position
     if config.rope_style == "interleaved":

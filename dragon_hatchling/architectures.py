@@ -15,7 +15,8 @@ from dragon_hatchling.gpt import GPT, GPTConfig
 from model import BDH, BDHConfig
 
 ARCHITECTURES = {"bdh": (BDH, BDHConfig), "gpt": (GPT, GPTConfig)}  # --arch: model and config classes
-NOT_FLAGS = ("arch", "vocab_size")  # config fields no flag sets (--arch chooses the architecture itself)
+# config fields no flag sets (--arch chooses the architecture itself; merging sets rope_parts)
+NOT_FLAGS = ("arch", "vocab_size", "rope_parts")
 
 
 def arch_of(config) -> str:
@@ -49,7 +50,7 @@ def config_of(config: dict):
 
 # Fields a config.json may lack: added after checkpoints were first saved, with the value that means
 # what those checkpoints computed (no decay: the paper's model).
-LATER_FIELDS = {"half_lives": None, "memory": 0, "position": "learned"}
+LATER_FIELDS = {"half_lives": None, "memory": 0, "position": "learned", "rope_parts": None}
 VOCAB = 256  # the scripts read bytes
 
 

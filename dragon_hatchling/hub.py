@@ -2,6 +2,7 @@
 
     uv run python -m dragon_hatchling.hub push RUN_DIR --hf_repo_id USER/NAME   # push a finished run (again)
     uv run python -m dragon_hatchling.hub convert model_epoch_3.pt OUT_DIR     # any format -> this project's
+    uv run python -m dragon_hatchling.hub merge MODEL_A MODEL_B OUT_DIR       # n1 + n2 neurons (merging.py)
 
 A push sends a run's best checkpoint (model.safetensors + config.json), a model card (YAML metadata,
 the metrics, command, hardware, date and plots) and the run's log.csv, metrics.json and plots, in one
@@ -212,8 +213,9 @@ CHECKPOINT_FILES = (
 )  # what a checkpoint holds
 
 
-def convert_target(out_dir: Path, overwrite: bool) -> Path:
-    """The folder `convert` writes into: new or empty, or holding a checkpoint that --overwrite replaces."""
+def convert_target(out_dir: Path, overwrite: bool, make: bool = True) -> Path:
+    """The folder `convert` and `merge` write into: new or empty, or holding a checkpoint that
+    --overwrite replaces; made now unless make=False (checked only)."""
     if out_dir.is_dir() and any(out_dir.iterdir()):
         if not overwrite:
             raise UsageError(
@@ -225,6 +227,8 @@ def convert_target(out_dir: Path, overwrite: bool) -> Path:
                 f"out_dir {out_dir} holds more than a checkpoint ({', '.join(others[:5])}); "
                 "choose another folder"
             )
+    if not make:
+        return out_dir
     try:
         return make_out_dir(out_dir)
     except UsageError as e:
@@ -247,7 +251,31 @@ def build_parser() -> argparse.ArgumentParser:
     conv.add_argument(
         "--overwrite", action="store_true", help="replace the checkpoint in out_dir if it has one"
     )
+    merge = sub.add_parser(
+        "merge",
+        help="merge two BDH models of the same d, heads and layers into one of n1 + n2 neurons, no "
+        "training (the paper's section 7.1; dragon_hatchling/merging.py)",
+    )
+    merge.add_argument("model_a", help="a run folder (its best checkpoint), checkpoint, .pt or Hub repo id")
+    merge.add_argument("model_b", help="the other model, in any of those formats")
+    merge.add_argument("out_dir", help="folder for the merged config.json + model.safetensors")
+    merge.add_argument(
+        "--overwrite", action="store_true", help="replace the checkpoint in out_dir if it has one"
+    )
     return p
+
+
+def merged(args: argparse.Namespace):
+    """The two models of `merge`, loaded and merged (a UsageError if either is no BDH)."""
+    from dragon_hatchling.merging import merge
+
+    models = []
+    for path in (args.model_a, args.model_b):
+        model, _ = load_model(path)
+        if not model.has_neurons:
+            raise UsageError(f"{path}: a {model.display_name} has no neurons to merge (BDH models merge)")
+        models.append(model)
+    return merge(*models)
 
 
 @interruptible("before it finished (a convert writes its folder whole or not at all)")
@@ -259,14 +287,20 @@ def main(argv: list[str] | None = None) -> int:
                 raise UsageError(f"--hf_repo_id {args.hf_repo_id!r}: expected USER/NAME")
             finished_run(Path(args.run_dir))  # bad input before any work: exit 2
             return 0 if try_push(Path(args.run_dir), args.hf_repo_id, args.private) else 1
-        out_dir = convert_target(Path(args.out_dir), args.overwrite)
-        model, info = load_model(args.model_path, args.checkpoint, args.revision, args.n_layer)
+        out_dir = convert_target(Path(args.out_dir), args.overwrite, make=args.command != "merge")
+        if args.command == "merge":  # the models are checked first: a refusal leaves no folder
+            model = merged(args)
+            convert_target(out_dir, args.overwrite)
+            done = f"merged {args.model_a} and {args.model_b} into {args.out_dir} ({model.config})"
+        else:
+            model, info = load_model(args.model_path, args.checkpoint, args.revision, args.n_layer)
+            done = f"converted {args.model_path} ({info['format']}, {model.config}) into {args.out_dir}"
         save_checkpoint(model, out_dir)  # the old checkpoint, with --overwrite, is replaced whole
     except UsageError as e:
         fail(str(e))
     except (HubUnreachable, SaveFailed) as e:
         fail(str(e), code=1)
-    print(f"converted {args.model_path} ({info['format']}, {model.config}) into {args.out_dir}")
+    print(done)
     return 0
 
 

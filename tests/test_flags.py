@@ -40,7 +40,8 @@ def flags(parser: argparse.ArgumentParser, prefix: list[str]):
     for action in parser._actions:
         if isinstance(action, argparse._SubParsersAction):
             for name, sub in action.choices.items():
-                yield from flags(sub, [*prefix, name, *({"push": ["run"], "convert": ["m", "out"]}[name])])
+                positional = {"push": ["run"], "convert": ["m", "out"], "merge": ["a", "b", "out"]}[name]
+                yield from flags(sub, [*prefix, name, *positional])
         elif action.option_strings and action.nargs != 0:
             yield prefix, action
 
