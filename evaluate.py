@@ -18,7 +18,8 @@ position 0-127, 128-255, 256-511, ..., the fraction of non-zero neurons x, RoPE(
 path scored: "fused", the Triton kernels, by default for BDH on CUDA, or "eager"), weight_stats.json
 (mean, std, excess kurtosis, the fraction beyond 3 std and the Hill tail index of every matrix:
 measures.py), weights.png and loss_by_position.png; with --prompt, sample.txt; with --neuron_graph,
-neuron_graph.json and .png (the graph G = E Dx of the model and of a fresh one).
+neuron_graph.json and .png (the graph G = E Dx of the model and of a fresh one); with --synapse_graph,
+synapse_graph.json and .png (the graph of the synapse state sigma after the text's first bytes).
 """
 
 from __future__ import annotations
@@ -62,8 +63,10 @@ from dragon_hatchling.scoring import (
     score_windows,
 )
 from dragon_hatchling.stopping import interruptible
+from dragon_hatchling.synapses import synapse_graph
 
 MAX_NEW_BYTES = 1_000_000  # the most bytes one sample may have (a recurrent step each)
+MAX_SYNAPSE_BYTES = 16_384  # --synapse_graph reads its text in one parallel pass (T x T scores a head)
 
 
 # ----------------------------------------------------------------------------- the flags
@@ -164,11 +167,27 @@ def add_output_flags(g) -> None:
         "model and a fresh one: neuron_graph.json and .png",
     )
     g.add_argument(
+        "--synapse_graph",
+        type=positive_int,
+        default=None,
+        metavar="BYTES",
+        help="also the degrees of the graph of the synapse state sigma (the paper's eq. 16) at the end of "
+        f"the text's first BYTES bytes (at most {MAX_SYNAPSE_BYTES:,}; all of a shorter text), every head "
+        "of --synapse_layer, for the model and a fresh one: synapse_graph.json and .png "
+        "(dragon_hatchling/synapses.py)",
+    )
+    g.add_argument(
+        "--synapse_layer",
+        type=positive_int,
+        default=None,
+        help="--synapse_graph's layer l (sigma pairs layer l-1's y with layer l's x): 1 .. L-1 (default L-1)",
+    )
+    g.add_argument(
         "--init_seed",
         type=seed,
         default=1337,
-        help="the seed of --neuron_graph's fresh model (1337, experiment.py's default --seed: the run's "
-        "own initial weights)",
+        help="the seed of --neuron_graph's and --synapse_graph's fresh model (1337, experiment.py's "
+        "default --seed: the run's own initial weights)",
     )
 
 
@@ -200,14 +219,30 @@ def check_model(args: argparse.Namespace, model: torch.nn.Module) -> None:
             f"--stream reads the text as one, the state carried; a {name} without a memory has none "
             "(use windows, or train a GPT with --memory)"
         )
-    if args.neuron_graph and not model.has_neurons:
-        raise UsageError(f"--neuron_graph is the graph of BDH's neurons; a {name} has none")
+    if (args.neuron_graph or args.synapse_graph) and not model.has_neurons:
+        flag = "--neuron_graph" if args.neuron_graph else "--synapse_graph"
+        raise UsageError(f"{flag} is a graph of BDH's neurons; a {name} has none")
+    if args.synapse_graph:
+        check_synapse_args(args, model.config)
     if longest is not None and args.seq_len > longest:
         raise UsageError(f"--seq_len {args.seq_len} is longer than this {name}'s block_size {longest}")
     if longest is not None and args.context is not None and args.context > longest:
         raise UsageError(f"--context {args.context} is longer than this {name}'s block_size {longest}")
     if args.prompt is not None and sample_context(args.context, args.seq_len, model.config) == 1:
         raise UsageError("--seq_len 1 as the sampler's window: pass --context 0 or at least 2")
+
+
+def check_synapse_args(args: argparse.Namespace, config) -> None:
+    """--synapse_graph's bytes and --synapse_layer fit the model (the text is checked in prepare)."""
+    if args.synapse_graph > MAX_SYNAPSE_BYTES:
+        raise UsageError(
+            f"--synapse_graph {args.synapse_graph:,}: at most {MAX_SYNAPSE_BYTES:,} bytes (one parallel pass)"
+        )
+    if config.n_layer < 2:
+        raise UsageError("--synapse_graph pairs a layer with the one before: the model has 1 layer")
+    args.synapse_layer = args.synapse_layer or config.n_layer - 1
+    if args.synapse_layer > config.n_layer - 1:
+        raise UsageError(f"--synapse_layer {args.synapse_layer}: expected 1 .. {config.n_layer - 1}")
 
 
 def scoring_bytes(model, args: argparse.Namespace) -> int:
@@ -390,6 +425,12 @@ def main(argv: list[str] | None = None) -> int:
         graph = neuron_graph(model, args.init_seed)
         write_json(out_dir / "neuron_graph.json", graph)
         plots.degree_ccdfs(graph, out_dir / "neuron_graph.png", str(args.model_path))
+    if args.synapse_graph:
+        text = torch.from_numpy(np.asarray(data[: args.synapse_graph]).astype(np.int64))[None].to(device)
+        graph = synapse_graph(model, text, args.synapse_layer, args.init_seed)  # float32
+        write_json(out_dir / "synapse_graph.json", graph)
+        title = f"{args.model_path}: sigma, layer {args.synapse_layer}, after {text.shape[1]:,} bytes"
+        plots.degree_ccdfs(graph, out_dir / "synapse_graph.png", title)
     write_json(out_dir / "metrics.json", metrics)  # first: the scoring is kept whatever follows
     model = model.cpu()
     stats = weight_stats(model)

@@ -1,0 +1,121 @@
+"""The synapse state sigma of the paper's section 6.2, eq. (16), and the graph it makes between
+neurons (Fig. 11): per layer l >= 1 and head, an n/h x n/h matrix
+
+    sigma_{t-1,l} = sum_{tau < t} gamma^(t-1-tau) y_{tau,l-1} (U^(tau-t) x_{tau,l})^T
+
+y_{tau,l-1} the previous layer's output neurons at byte tau, x_{tau,l} this layer's input neurons,
+U^(tau-t) RoPE's rotation by the distance back to t (what the attention at t reads of byte tau:
+<RoPE_t(x_t), RoPE_tau(x_tau)> = <x_t, U^(tau-t) x_tau>) and gamma the head's decay (1 without).
+sigma[i, j] is how much neuron i's firing, earlier in the text, now feeds neuron j.
+
+It is computed from the neurons of one parallel pass (BDH.layer), `block` rows at a time, never more
+than block x n/h of it at once. Its graph: an edge i -> j where sigma[i, j] is above a threshold
+(negative entries filtered out, as the paper does), each head a graph of n/h neurons.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from dragon_hatchling.measures import degree_summary
+from dragon_hatchling.scoring import eval_mode
+from model import BDH, layer_norm, rope, rope_cos_sin
+
+
+@torch.no_grad()
+def layer_neurons(model: BDH, idx: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """x and y of every layer for a text (idx: 1, T), no dropout: [(x, y)] per layer, each h, T, n/h."""
+    T = idx.shape[1]
+    cos, sin = rope_cos_sin(model.config, torch.arange(T, device=idx.device))
+    decay = model.decay_weights(T, idx.device)
+    out = []
+    with eval_mode(model):
+        v = layer_norm(model.embed(idx))
+        for _ in range(model.config.n_layer):
+            v, x, y = model.layer(v, cos, sin, decay)
+            out.append((x[0].float(), y[0].float()))
+    return out
+
+
+def rotated_back(model: BDH, x: torch.Tensor, t: int) -> torch.Tensor:
+    """U^(tau-t) x_tau for every tau < t: x (h, t, n/h) rotated by the distance to t."""
+    cos, sin = rope_cos_sin(model.config, torch.arange(t, device=x.device) - t)  # t, n/h
+    return rope(x, cos, sin, model.config.rope_style)
+
+
+def weights_back(model: BDH, t: int, device) -> torch.Tensor:
+    """gamma_h^(t-1-tau) for tau < t (h, t, 1); ones without decay."""
+    h = model.config.n_head
+    if model.config.half_lives is None:
+        return torch.ones(h, t, 1, device=device)
+    lag = (t - 1 - torch.arange(t, device=device)).float()
+    half = torch.tensor(model.config.half_lives, device=device)[:, None]
+    return torch.exp2(-lag / half)[:, :, None]
+
+
+def sigma_blocks(model: BDH, neurons, layer: int, t: int, block: int = 1024):
+    """sigma_{t-1,layer} in blocks of rows: yields (i0, rows), rows h, block, n/h (neurons i0 .. i0 +
+    block of each head's y against all of its x)."""
+    if not 1 <= layer < model.config.n_layer:
+        raise ValueError(
+            f"sigma needs the layer before: layer must be 1 .. {model.config.n_layer - 1}, got {layer}"
+        )
+    x = rotated_back(model, neurons[layer][0][:, :t], t)  # h, t, n/h
+    y = neurons[layer - 1][1][:, :t] * weights_back(model, t, x.device)  # h, t, n/h
+    for i0 in range(0, y.shape[2], block):
+        yield i0, y[:, :, i0 : i0 + block].mT @ x  # h, block, n/h
+
+
+def sigma(model: BDH, idx: torch.Tensor, layer: int, t: int | None = None) -> torch.Tensor:
+    """sigma_{t-1,layer} whole (h, n/h, n/h): for tiny models and tests. t: the bytes read (all)."""
+    neurons = layer_neurons(model, idx)
+    t = idx.shape[1] if t is None else t
+    return torch.cat([rows for _, rows in sigma_blocks(model, neurons, layer, t)], dim=1)
+
+
+def synapse_degrees(model: BDH, idx: torch.Tensor, layer: int, threshold_sd: float = 5.0) -> dict:
+    """The graph of sigma at the end of the text: an edge i -> j (i != j) where sigma[i, j] is
+    positive and above threshold_sd standard deviations of sigma's entries (per head, measured on
+    its first block). Returns the threshold and every neuron's out- and in-degree (h * n/h each)."""
+    neurons = layer_neurons(model, idx)
+    h, m = model.config.n_head, model.config.head_size
+    out_degree = torch.zeros(h, m, dtype=torch.long, device=idx.device)
+    in_degree = torch.zeros(h, m, dtype=torch.long, device=idx.device)
+    threshold = None
+    for i0, rows in sigma_blocks(model, neurons, layer, idx.shape[1]):
+        if threshold is None:  # per head: a stated number of standard deviations, at least 0
+            threshold = (threshold_sd * rows.flatten(1).std(1)).clamp(min=0)[:, None, None]
+        edges = rows > threshold  # h, block, n/h
+        i = torch.arange(i0, i0 + rows.shape[1], device=idx.device)
+        edges[:, i - i0, i] = False  # no loops
+        out_degree[:, i0 : i0 + rows.shape[1]] = edges.sum(2)
+        in_degree += edges.sum(1)
+    return {
+        "threshold": threshold.flatten().tolist(),
+        "out_degree": out_degree.flatten().cpu().numpy(),
+        "in_degree": in_degree.flatten().cpu().numpy(),
+    }
+
+
+EDGES = (
+    "sigma (eq. 16) at the text's end, per head n/h x n/h; an edge i -> j, i != j, where sigma[i, j] > 5 "
+    "standard deviations of the head's entries (negatives filtered out)"
+)
+
+
+def synapse_graph(model: BDH, idx: torch.Tensor, layer: int, init_seed: int = 1337) -> dict:
+    """The degrees of sigma's graph for the model and for a fresh one of its config (drawn with
+    init_seed), on the same text, summarised as measures.neuron_graph summarises the weights' graph."""
+    torch.manual_seed(init_seed)
+    initial = type(model)(model.config).to(idx.device)
+    out = {}
+    for name, m in (("model", model), ("initial", initial)):
+        graph = synapse_degrees(m, idx, layer)
+        out[name] = {
+            "threshold": graph["threshold"],
+            "out_degree": degree_summary(graph["out_degree"]),
+            "in_degree": degree_summary(graph["in_degree"]),
+        }
+    out["initial"]["seed"] = init_seed
+    out.update(edges=EDGES, layer=layer, text_bytes=int(idx.shape[1]))
+    return out
