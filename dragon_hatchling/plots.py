@@ -170,3 +170,24 @@ def degree_ccdfs(graph: dict, path: Path, title: str) -> None:
         ax.legend(fontsize=8)
     fig.suptitle(f"{title}: neuron graph {graph['edges']}", fontsize=9)
     save(fig, path, dpi=110)
+
+
+def synapse_series(series: dict, texts: dict, entry: dict, path: Path) -> None:
+    """A synapse's value byte by byte through a few held-out sentences of each set (monosemantic.py):
+    concept sentences solid, contrast ones dashed, each labelled with its first words."""
+    fig, ax = plt.subplots(figsize=(9, 4.5))
+    for (name, style), color in zip((("concept", "-"), ("contrast", "--")), ("C0", "C1"), strict=True):
+        for k, (values, text) in enumerate(zip(series[name], texts[name], strict=True)):
+            label = f"{name}: {text[:40]}..." if len(text) > 40 else f"{name}: {text}"
+            ax.plot(
+                range(1, len(values) + 1), values, style, color=color, alpha=1 - 0.25 * k, lw=1.2, label=label
+            )
+    ax.set(
+        xlabel="bytes read",
+        ylabel="sigma[i, j]",
+        title=f"layer {entry['layer']}, head {entry['head']}: y neuron {entry['y_neuron']} -> x neuron "
+        f"{entry['x_neuron']} (held out: p = {entry['p']:.2g}, rank-biserial {entry['rank_biserial']:.2f})",
+    )
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    save(fig, path)

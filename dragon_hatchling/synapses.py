@@ -15,11 +15,13 @@ than block x n/h of it at once. Its graph: an edge i -> j where sigma[i, j] is a
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from dragon_hatchling.measures import degree_summary
 from dragon_hatchling.scoring import eval_mode
-from model import BDH, layer_norm, rope, rope_cos_sin
+from model import BDH, layer_norm, rope, rope_cos_sin, rope_frequencies
 
 
 @torch.no_grad()
@@ -67,10 +69,37 @@ def sigma_blocks(model: BDH, neurons, layer: int, t: int, block: int = 1024):
 
 
 def sigma(model: BDH, idx: torch.Tensor, layer: int, t: int | None = None) -> torch.Tensor:
-    """sigma_{t-1,layer} whole (h, n/h, n/h): for tiny models and tests. t: the bytes read (all)."""
-    neurons = layer_neurons(model, idx)
-    t = idx.shape[1] if t is None else t
+    """sigma_{t-1,layer} whole (h, n/h, n/h), after the first t bytes of the text (all)."""
+    return sigma_of(model, layer_neurons(model, idx), layer, idx.shape[1] if t is None else t)
+
+
+def sigma_of(model: BDH, neurons, layer: int, t: int) -> torch.Tensor:
+    """sigma_{t-1,layer} whole (h, n/h, n/h) from a text's neurons (layer_neurons)."""
     return torch.cat([rows for _, rows in sigma_blocks(model, neurons, layer, t)], dim=1)
+
+
+def pair_partner(model: BDH, j: int) -> tuple[int, float]:
+    """The other neuron of j's RoPE pair, and the sign its sine takes in j's rotation (rope(): the
+    first of a pair turns to x_a cos - x_b sin, the second to x_b cos + x_a sin)."""
+    m = model.config.head_size
+    if model.config.rope_style == "interleaved":
+        return j ^ 1, -1.0 if j % 2 == 0 else 1.0
+    return (j + m // 2) % m, -1.0 if j < m // 2 else 1.0
+
+
+def entry_series(model: BDH, neurons, layer: int, head: int, i: int, j: int) -> torch.Tensor:
+    """One entry sigma[i, j] of a head after every byte of the text: values at t = 1 .. T (T,)."""
+    x, y = neurons[layer][0][head].double(), neurons[layer - 1][1][head][:, i].double()  # T, n/h; T
+    T = x.shape[0]
+    partner, sign = pair_partner(model, j)
+    freq = rope_frequencies(model.config).double()[j].item()
+    t, tau = torch.arange(1, T + 1, device=x.device)[:, None], torch.arange(T, device=x.device)[None, :]
+    theta = 2 * math.pi * torch.remainder(freq * (tau - t).double(), 1.0)  # T, T: the turn back to t
+    turned = x[:, j] * theta.cos() + sign * x[:, partner] * theta.sin()  # U^(tau-t) x_tau, entry j
+    lag = (t - 1 - tau).double()
+    life = model.config.half_lives[head] if model.config.half_lives else math.inf
+    w = torch.where(lag >= 0, torch.exp2(-lag.clamp(min=0) / life), 0.0)  # T, T
+    return (w * y * turned).sum(1)
 
 
 def synapse_degrees(model: BDH, idx: torch.Tensor, layer: int, threshold_sd: float = 5.0) -> dict:
