@@ -4,14 +4,15 @@ whose value at a sentence's end separates sentences that name a concept from con
     uv run python -m dragon_hatchling.monosemantic --model_path RUN --concept A.txt --contrast B.txt \\
         --test_concept C.txt --test_contrast D.txt --out_dir results/synapses/currency
 
-Every file holds one sentence a line. On the search sets, every entry (layer l >= 1, head, i, j) is
-scored by how far its mean over the concept sentences lies above its mean over the contrast ones,
-in standard errors (Welch's t). The best entries are then tested on the held-out sets (without
---test_concept/--test_contrast: the odd lines of the search files, searched on the even ones): the
-one-sided Mann-Whitney U (concept above contrast), its p-value (normal approximation, ties
-corrected) and the rank-biserial correlation 2U / (n1 n2) - 1. Writes monosemantic.json (the entries,
-their neurons, the statistics) and synapse.png (the best entry's value byte by byte through a few
-held-out sentences of each set).
+Every file holds one sentence a line. On the search sets, the entries (layer l >= 1, head, i, j)
+whose mean at the sentences' ends is most above over the concept sentences (--candidates of each
+layer, from sums of products: no sentence's whole sigma is made) are scored by how far, in standard
+errors (Welch's t, from every sentence's value of the entry). The best entries are then tested on
+the held-out sets (without --test_concept/--test_contrast: the odd lines of the search files,
+searched on the even ones): the one-sided Mann-Whitney U (concept above contrast), its p-value
+(normal approximation, ties corrected) and the rank-biserial correlation 2U / (n1 n2) - 1. Writes
+monosemantic.json (the entries, their neurons, the statistics) and synapse.png (the best entry's
+value byte by byte through a few held-out sentences of each set).
 """
 
 from __future__ import annotations
@@ -30,10 +31,11 @@ from dragon_hatchling.cli import Parser, UsageError, fail, make_out_dir, positiv
 from dragon_hatchling.devices import resolve_device
 from dragon_hatchling.files import write_json
 from dragon_hatchling.loading import load_model
-from dragon_hatchling.synapses import entry_series, layer_neurons, sigma_of
+from dragon_hatchling.synapses import entry_series, layer_neurons, terms
 from model import BDH
 
 MAX_SENTENCE = 1024  # bytes of a sentence that are read (the rest is cut)
+CANDIDATES = 65536  # entries of each layer whose every sentence's value the search computes
 
 
 # ----------------------------------------------------------------------------- statistics
@@ -62,33 +64,6 @@ def mann_whitney(a: np.ndarray, b: np.ndarray) -> dict:
     }
 
 
-@dataclass
-class Moments:
-    """Running sums of one set's sigma entries (h, n/h, n/h each), for means and variances."""
-
-    total: torch.Tensor
-    squares: torch.Tensor
-    count: int = 0
-
-    def add(self, values: torch.Tensor) -> None:
-        self.total += values
-        self.squares += values * values
-        self.count += 1
-
-    def mean_var(self) -> tuple[torch.Tensor, torch.Tensor]:
-        mean = self.total / self.count
-        return mean, (self.squares / self.count - mean * mean).clamp(min=0) * self.count / max(
-            1, self.count - 1
-        )
-
-
-def welch_t(concept: Moments, contrast: Moments) -> torch.Tensor:
-    """(mean_concept - mean_contrast) / its standard error, entry by entry (0 where both are constant)."""
-    (m1, v1), (m2, v2) = concept.mean_var(), contrast.mean_var()
-    se = (v1 / concept.count + v2 / contrast.count).sqrt()
-    return torch.where(se > 0, (m1 - m2) / se.clamp(min=1e-30), torch.zeros_like(se))
-
-
 # ----------------------------------------------------------------------------- search and test
 
 
@@ -111,45 +86,70 @@ def sentence_tensor(sentence: bytes, device) -> torch.Tensor:
     return torch.tensor([list(sentence[:MAX_SENTENCE])], dtype=torch.long, device=device)  # 1, T
 
 
-@torch.no_grad()
-def search(model: BDH, concept: list[bytes], contrast: list[bytes], top: int, device) -> list[Entry]:
-    """The `top` entries of every layer's sigma (at each sentence's end) by Welch's t, concept above
-    contrast, best first."""
-    h, m = model.config.n_head, model.config.head_size
-    found = []
-    for layer in range(1, model.config.n_layer):
-        moments = [
-            Moments(torch.zeros(h, m, m, device=device), torch.zeros(h, m, m, device=device)) for _ in "ab"
-        ]
-        for group, sentences in zip(moments, (concept, contrast), strict=True):
-            for s in sentences:
-                idx = sentence_tensor(s, device)
-                group.add(sigma_of(model, layer_neurons(model, idx), layer, idx.shape[1]))
-        t = welch_t(*moments).flatten()
-        values, where = t.topk(min(top, t.numel()))
-        for value, flat in zip(values.tolist(), where.tolist(), strict=True):
-            head, rest = divmod(flat, m * m)
-            found.append(Entry(layer, head, *divmod(rest, m), search_t=value))
-    return sorted(found, key=lambda e: -e.search_t)[:top]
-
-
-@torch.no_grad()
-def end_values(model: BDH, entries: list[Entry], sentences: list[bytes], device) -> np.ndarray:
-    """Each entry's value at each sentence's end (sentences x entries)."""
-    out = np.zeros((len(sentences), len(entries)))
-    for row, s in enumerate(sentences):
-        neurons = layer_neurons(model, sentence_tensor(s, device))
-        for col, e in enumerate(entries):
-            out[row, col] = entry_series(model, neurons, e.layer, e.head, e.i, e.j)[-1].item()
+def sentence_terms(model: BDH, sentences: list[bytes], layer: int, device):
+    """Each sentence's factors of sigma at its end (synapses.terms): [(y, x)], h, T, n/h each."""
+    out = []
+    for s in sentences:
+        idx = sentence_tensor(s, device)
+        out.append(terms(model, layer_neurons(model, idx), layer, idx.shape[1]))
     return out
 
 
-def test_entries(
-    model: BDH, entries: list[Entry], concept: list[bytes], contrast: list[bytes], device
-) -> list:
+def mean_sigma(factors: list, group: int = 64) -> torch.Tensor:
+    """The mean of the sentences' sigma (h, n/h, n/h), as products of their stacked factors, group
+    sentences at a time: no sentence's sigma is ever made alone."""
+    total = 0
+    for g in range(0, len(factors), group):
+        part = factors[g : g + group]
+        total = total + torch.cat([y for y, _ in part], 1).mT @ torch.cat([x for _, x in part], 1)
+    return total / len(factors)
+
+
+def entry_values(factors: list, heads: torch.Tensor, i: torch.Tensor, j: torch.Tensor) -> np.ndarray:
+    """sigma[head, i, j] at each sentence's end, for K entries (sentences x K)."""
+    return np.stack([(y[heads, :, i] * x[heads, :, j]).sum(1).cpu().double().numpy() for y, x in factors])
+
+
+def welch_t(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """(mean a - mean b) / its standard error, column by column (0 where both sets are constant)."""
+    se = np.sqrt(a.var(0, ddof=1) / len(a) + b.var(0, ddof=1) / len(b))
+    return np.where(se > 0, (a.mean(0) - b.mean(0)) / np.where(se > 0, se, 1), 0.0)
+
+
+@torch.no_grad()
+def search(
+    model: BDH, concept: list[bytes], contrast: list[bytes], top: int, device, candidates: int = CANDIDATES
+) -> list[Entry]:
+    """The `top` entries of every layer's sigma at the sentences' ends by Welch's t, concept above
+    contrast, best first: among the `candidates` of each layer whose mean is most above (sigma of
+    the default model is 4 x 8192 x 8192 a layer; every entry's t would need every sentence's sigma)."""
+    m, found = model.config.head_size, []
+    for layer in range(1, model.config.n_layer):
+        sets = [sentence_terms(model, s, layer, device) for s in (concept, contrast)]
+        diff = (mean_sigma(sets[0]) - mean_sigma(sets[1])).flatten()
+        where = diff.topk(min(candidates, diff.numel())).indices
+        heads, i, j = where // (m * m), where % (m * m) // m, where % m
+        t = welch_t(*(entry_values(f, heads, i, j) for f in sets))
+        for k in np.argsort(-t)[:top]:
+            found.append(Entry(layer, int(heads[k]), int(i[k]), int(j[k]), search_t=float(t[k])))
+    return sorted(found, key=lambda e: -e.search_t)[:top]
+
+
+def held_out(model: BDH, entries: list[Entry], concept: list[bytes], contrast: list[bytes], device) -> list:
     """The held-out test of every entry: its neurons, search t, Mann-Whitney U, p, rank-biserial."""
-    a, b = end_values(model, entries, concept, device), end_values(model, entries, contrast, device)
-    return [{**vars(e), **e.neurons(model), **mann_whitney(a[:, k], b[:, k])} for k, e in enumerate(entries)]
+    tested = [None] * len(entries)
+    for layer in sorted({e.layer for e in entries}):
+        mine = [k for k, e in enumerate(entries) if e.layer == layer]
+        heads, i, j = (
+            torch.tensor([getattr(entries[k], f) for k in mine], device=device) for f in ("head", "i", "j")
+        )
+        a, b = (
+            entry_values(sentence_terms(model, s, layer, device), heads, i, j) for s in (concept, contrast)
+        )
+        for col, k in enumerate(mine):
+            e = entries[k]
+            tested[k] = {**vars(e), **e.neurons(model), **mann_whitney(a[:, col], b[:, col])}
+    return tested
 
 
 @torch.no_grad()
@@ -201,6 +201,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--top", type=positive_int, default=10, help="entries kept from the search and tested (10)"
     )
+    p.add_argument(
+        "--candidates",
+        type=positive_int,
+        default=CANDIDATES,
+        help=f"entries of each layer, the most above in mean, whose t the search computes ({CANDIDATES:,})",
+    )
     p.add_argument("--show", type=positive_int, default=3, help="held-out sentences of each set drawn (3)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default: auto)")
     p.add_argument("--out_dir", required=True, help="where monosemantic.json and synapse.png go")
@@ -219,12 +225,14 @@ def run(args: argparse.Namespace) -> dict:
         raise UsageError(f"--model_path {args.model_path}: sigma needs a BDH of at least 2 layers")
     make_out_dir(Path(args.out_dir))
     model = model.to(device).eval()
-    entries = search(model, sets["search_concept"], sets["search_contrast"], args.top, device)
+    entries = search(
+        model, sets["search_concept"], sets["search_contrast"], args.top, device, args.candidates
+    )
     held = {"concept": sets["test_concept"], "contrast": sets["test_contrast"]}
     return {
         "model_path": args.model_path,
         "sentences": {name: len(s) for name, s in sets.items()},
-        "entries": test_entries(model, entries, held["concept"], held["contrast"], device),
+        "entries": held_out(model, entries, held["concept"], held["contrast"], device),
         "best_series": {
             name: series_of(model, entries[0], s[: args.show], device) for name, s in held.items()
         },

@@ -58,14 +58,20 @@ def weights_back(model: BDH, t: int, device) -> torch.Tensor:
 def sigma_blocks(model: BDH, neurons, layer: int, t: int, block: int = 1024):
     """sigma_{t-1,layer} in blocks of rows: yields (i0, rows), rows h, block, n/h (neurons i0 .. i0 +
     block of each head's y against all of its x)."""
+    y, x = terms(model, neurons, layer, t)
+    for i0 in range(0, y.shape[2], block):
+        yield i0, y[:, :, i0 : i0 + block].mT @ x  # h, block, n/h
+
+
+def terms(model: BDH, neurons, layer: int, t: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The factors of sigma_{t-1,layer} = y^T x: y_tau weighted by the decay to t and U^(tau-t)
+    x_tau, for tau < t (h, t, n/h each)."""
     if not 1 <= layer < model.config.n_layer:
         raise ValueError(
             f"sigma needs the layer before: layer must be 1 .. {model.config.n_layer - 1}, got {layer}"
         )
     x = rotated_back(model, neurons[layer][0][:, :t], t)  # h, t, n/h
-    y = neurons[layer - 1][1][:, :t] * weights_back(model, t, x.device)  # h, t, n/h
-    for i0 in range(0, y.shape[2], block):
-        yield i0, y[:, :, i0 : i0 + block].mT @ x  # h, block, n/h
+    return neurons[layer - 1][1][:, :t] * weights_back(model, t, x.device), x
 
 
 def sigma(model: BDH, idx: torch.Tensor, layer: int, t: int | None = None) -> torch.Tensor:

@@ -10,7 +10,7 @@ import pytest
 import evaluate
 import experiment
 from conftest import call_main
-from dragon_hatchling import benchmark, cli, hub
+from dragon_hatchling import benchmark, cli, hub, monosemantic
 from test_cli import assert_clean_error
 
 # per type: values it must refuse, and values at its bounds it must take
@@ -28,10 +28,12 @@ CASES = {
     int: (["x", "1.5", ""], ["-5", "0"]),
     float: (["x", ""], ["0.5"]),
 }
+MONOSEMANTIC = ["--model_path", "m", "--concept", "a", "--contrast", "b", "--out_dir", "o"]
 COMMANDS = {  # name: (main, parser, the arguments every call needs)
     "experiment": (experiment.main, experiment.build_parser(), []),
     "evaluate": (evaluate.main, evaluate.build_parser(), ["--model_path", "m"]),
     "benchmark": (benchmark.main, benchmark.build_parser(), []),
+    "monosemantic": (monosemantic.main, monosemantic.build_parser(), MONOSEMANTIC),
 }
 
 
