@@ -166,6 +166,14 @@ def add_model_flags(g) -> None:
         help="bdh: BDH-GPU (model.py; the default); gpt: a GPT in nanoGPT's shape "
         "(dragon_hatchling/gpt.py), to compare",
     )
+    g.add_argument(
+        "--init_from",
+        default=None,
+        metavar="MODEL",
+        help="start from this model's weights instead of drawing them from --seed (fine-tuning): a run "
+        "folder (its best checkpoint), a checkpoint folder, a .pt or a Hub repo id, as evaluate.py reads; "
+        "the model flags left out take its config's values (a flag given must agree; --dropout is free)",
+    )
     g.add_argument("--n_embd", type=positive_int, default=None, help="d (bdh 256, gpt 512)")
     g.add_argument("--n_head", type=positive_int, default=None, help="h (bdh 4, gpt 8)")
     g.add_argument("--n_neurons", type=positive_int, default=None, help="bdh: n, total over heads (32768)")
@@ -401,7 +409,11 @@ def build(run: Setup) -> Nets:
     """The model drawn from --seed (the same weights on every rank), its forwards and AdamW."""
     args, ranks, device = run.args, run.ranks, run.device
     torch.manual_seed(args.seed)
-    model = model_class(run.config)(run.config).to(device)
+    model = model_class(run.config)(run.config)
+    if run.init_weights is not None:  # --init_from: its weights, checked against this model
+        check_tensors(model, run.init_weights, f"--init_from {args.init_from}")
+        model.load_state_dict(run.init_weights)
+    model = model.to(device)
     if ranks.rank > 0:  # the same weights on every rank, dropout of its own
         torch.manual_seed(rank_seed(args.seed, ranks.rank, 0))
     forward = forward_of(model, run.path)

@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from dragon_hatchling.architectures import ARCHITECTURES, foreign_flags, model_flags
+from dragon_hatchling.architectures import ARCHITECTURES, arch_of, foreign_flags, model_flags
 from dragon_hatchling.carried import stream_steps
 from dragon_hatchling.checkpoints import (
     checkpoint_folder,
@@ -35,6 +35,7 @@ from dragon_hatchling.data import describe_source, load_bytes_file, load_split, 
 from dragon_hatchling.devices import check_fits, resolve_device, resolve_dtype
 from dragon_hatchling.distributed import Ranks, rank_device
 from dragon_hatchling.hub_client import REPO_ID
+from dragon_hatchling.loading import load_model
 from dragon_hatchling.paths import choose_path
 
 RECIPES = {
@@ -74,6 +75,7 @@ RESUME_MUST_MATCH = (
     "carry_state",
     "memory",
     "position",
+    "init_from",
 )
 
 
@@ -107,6 +109,7 @@ class Setup:
     lock: object | None  # the run folder's lock, held by rank 0
     sources: dict  # where each file came from (data_sources; rank 0)
     data_changes: list  # files that changed under the run, with the step (--accept_new_data)
+    init_weights: dict | None = None  # --init_from's tensors (a new run that starts from them)
 
     @property
     def total_steps(self) -> int:
@@ -128,6 +131,7 @@ def prepare(args: argparse.Namespace, ranks: Ranks | None = None, dataset: Path 
     device = rank_device(ranks, resolve_device(args.device))
     dtype = resolve_dtype(args.dtype, device)
     check_flags(args)
+    init_weights = initial_weights(args) if args.resume is None else None
     resume, resume_state = resume_from(args)
     config = model_config(args)
     check_carry(args, config)
@@ -141,7 +145,7 @@ def prepare(args: argparse.Namespace, ranks: Ranks | None = None, dataset: Path 
     changes = data_changes(args, resume_state, resume, sources) if ranks.main else []
     lock = claim(out_dir, args, resume) if ranks.main else None
     return Setup(args, ranks, device, dtype, path, config, data, steps_per_epoch, out_dir, resume,
-                 resume_state, lock, sources, changes)  # fmt: skip
+                 resume_state, lock, sources, changes, init_weights)  # fmt: skip
 
 
 def claim(out_dir: Path, args: argparse.Namespace, resume: Path | None):
@@ -223,6 +227,30 @@ def check_flags(args: argparse.Namespace) -> None:
         raise UsageError(f"--push_to_hub needs --hf_repo_id USER/NAME (got {args.hf_repo_id!r})")
 
 
+def initial_weights(args: argparse.Namespace) -> dict | None:
+    """--init_from's tensors, with the model flags left out filled from its config; a flag given that
+    disagrees with it is a UsageError (--dropout may differ: it changes no weight)."""
+    if args.init_from is None:
+        return None
+    model, _ = load_model(args.init_from)
+    config = model.config
+    arch = arch_of(config.to_dict())
+    if args.arch is not None and args.arch != arch:
+        raise UsageError(f"--arch {args.arch}: --init_from {args.init_from} holds a {model.display_name}")
+    args.arch = arch
+    for name in model_flags(arch):
+        value, given = getattr(config, name), getattr(args, name, None)
+        if name == "dropout":
+            continue
+        if name == "half_lives" and value is None:
+            value = []  # no decay, as --half_lives none says (the recipe's would fill None)
+        if given is not None and given != value:
+            raise UsageError(f"--{name} {given} disagrees with --init_from {args.init_from} ({name} {value})")
+        setattr(args, name, value)
+    args.rope_parts = getattr(config, "rope_parts", None)  # a merged model's parts (no flag sets them)
+    return model.state_dict()
+
+
 def check_carry(args: argparse.Namespace, config) -> None:
     """--carry_state and --memory agree with each other and with the path."""
     memory = getattr(config, "memory", None)
@@ -246,6 +274,8 @@ def resume_from(args: argparse.Namespace) -> tuple[Path | None, dict | None]:
         return None, None
     state = load_training_state(resume)
     saved = state.get("args", {})
+    if saved.get("rope_parts") is not None:  # a run that started from a merged model (--init_from)
+        args.rope_parts = saved["rope_parts"]
     apply_recipe(args, saved)
     differ = [k for k in RESUME_MUST_MATCH if k in saved and saved[k] != getattr(args, k)]
     if differ:

@@ -9,7 +9,8 @@ import pytest
 import torch
 
 import evaluate
-from conftest import call_main
+import experiment
+from conftest import call_main, tiny_run
 from dragon_hatchling import fused_parallel
 from dragon_hatchling import hub as hubpy
 from dragon_hatchling.checkpoints import save_checkpoint
@@ -18,6 +19,23 @@ from dragon_hatchling.loading import load_model
 from dragon_hatchling.merging import merge
 from model import BDH, BDHConfig, rope_frequencies
 from test_cli import assert_clean_error
+from test_reliability import train
+
+
+def interrupt_at_step_for(run) -> None:
+    """SIGINT to this process in step 2 of the next run (it saves and stops), once."""
+    import os
+    import signal
+
+    real = experiment.lr_at
+
+    def lr_at(step, total, args):
+        if step == 1 and experiment.lr_at is lr_at:
+            experiment.lr_at = real
+            os.kill(os.getpid(), signal.SIGINT)
+        return real(step, total, args)
+
+    experiment.lr_at = lr_at
 
 
 def tiny(style: str = "interleaved", n: int = 64, seed: int = 0, decay: bool = False) -> BDH:
@@ -133,3 +151,48 @@ def test_models_that_cannot_merge_are_one_line(tmp_path, capsys):
     )
     with pytest.raises(ValueError, match="rope_parts"):
         BDHConfig(n_neurons=64, n_head=2, rope_parts=[16, 14])
+
+
+# ----------------------------------------------------------------------------- --init_from: tuning a model
+
+
+def test_a_run_starts_from_another_model_s_weights(tmp_path, small_data, capsys):
+    """--init_from: the model flags come from its config, the weights are its own (at a learning rate
+    of 1e-12 the tuned run validates as the base model does), and a merged model tunes and resumes
+    with its parts."""
+    base = tmp_path / "base"
+    flags = "--max_steps 4 --eval_every 4 --batch_size 4 --seq_len 32 --warmup_steps 0"
+    assert train(tiny_run(small_data, base, flags), capsys).returncode == 0
+    tuned = tmp_path / "tuned"
+    argv = ["--device", "cpu", "--data_dir", str(small_data), "--out_dir", str(tuned), "--no_progress",
+            "--init_from", str(base), *flags.split(), "--lr", "1e-12", "--min_lr", "1e-12"]  # fmt: skip
+    assert experiment.main(argv) == 0
+    m_base, m_tuned = (json.loads((r / "metrics.json").read_text()) for r in (base, tuned))
+    assert m_tuned["config"] == m_base["config"]
+    assert m_tuned["final_val_loss"] == pytest.approx(m_base["final_val_loss"], abs=1e-6)
+    merged = tmp_path / "merged"
+    assert call_main(hubpy.main, ["merge", str(base), str(base), str(merged)], capsys).returncode == 0
+    again = tmp_path / "again"
+    interrupt_at_step_for(again)
+    argv = [a if a != str(tuned) else str(again) for a in argv]
+    argv[argv.index(str(base))] = str(merged)
+    assert train(["experiment.py", *argv], capsys).returncode == 130
+    assert train(["experiment.py", *argv, "--resume", "auto"], capsys).returncode == 0
+    assert json.loads((again / "metrics.json").read_text())["config"]["rope_parts"] == [64, 64]
+
+
+@pytest.mark.parametrize(
+    "flags, says",
+    [("--n_layer 3", "--n_layer 3 disagrees with --init_from"), ("--arch gpt", "holds a BDH-GPU")],
+)
+def test_an_init_from_that_does_not_fit_is_one_line(flags, says, tmp_path, small_data, capsys):
+    base = tmp_path / "base"
+    save_checkpoint(tiny(), base)
+    argv = tiny_run(small_data, tmp_path / "run", f"--init_from {base}")
+    argv = [
+        a
+        for a in argv
+        if a not in ("--n_embd", "32", "--n_head", "2", "--n_neurons", "128", "--n_layer", "2")
+    ]
+    assert_clean_error(train([*argv, *flags.split()], capsys), says)
+    assert not (tmp_path / "run" / "checkpoints").exists()
