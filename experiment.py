@@ -26,7 +26,14 @@ import torch
 from tqdm import tqdm
 
 from dragon_hatchling.architectures import ARCHITECTURES, model_class
-from dragon_hatchling.carried import Carried, load_state, rows_of, stream_offsets
+from dragon_hatchling.carried import (
+    Carried,
+    article_starts,
+    holds_a_start,
+    load_state,
+    rows_of,
+    stream_offsets,
+)
 from dragon_hatchling.checkpoints import check_tensors, load_weights
 from dragon_hatchling.cli import (
     Parser,
@@ -155,6 +162,13 @@ def add_schedule_flags(g) -> None:
     )
     g.add_argument(
         "--no_carry_state", dest="carry_state", action="store_const", const=False, help="independent windows"
+    )
+    g.add_argument(
+        "--reset_state",
+        choices=["epoch", "article"],
+        default=None,
+        help="with --carry_state, when a row's state starts empty: at each epoch (epoch, the default), "
+        "or also at the window that holds an article's first line, ' = Title = ' (article; BDH)",
     )
 
 
@@ -329,6 +343,7 @@ def train(run: Setup) -> dict:
     check_validation_fits(run, nets.forward)
     meter = Meter(run.device, progress.interval)
     folder = RunFolder(run, nets, progress, meter)
+    articles = article_starts(run.data.train) if args.reset_state == "article" else None
     progress.started = time.time()
     with StopSignals() as signals, folder, progress_bar(run, progress) as bar:
         try:
@@ -338,6 +353,8 @@ def train(run: Setup) -> dict:
                 # forward, backward, update (a carried state starts empty at each epoch)
                 if nets.carried is not None and step % run.steps_per_epoch == 0:
                     nets.carried.reset()
+                if articles is not None:  # and each row whose window begins an article
+                    nets.carried.reset_rows(article_rows(run, step, articles))
                 x, y = training_batch(run, step)
                 lr = lr_at(step, total, args)
                 meter.add(nets.step(x, y, lr, run, progress), x.numel() * ranks.world)
@@ -500,12 +517,26 @@ def training_batch(run: Setup, step: int) -> tuple[torch.Tensor, torch.Tensor]:
     args = run.args
     epoch, pos = divmod(step, run.steps_per_epoch)
     if args.carry_state:
-        batch = stream_offsets(len(run.data.train), args.seq_len, args.batch_size, epoch, args.seed, pos)
+        mine = stream_batch(run, step)
     else:
         order = epoch_order(len(run.data.train), args.seq_len, epoch, args.seed)
-        batch = batch_offsets(order, pos, args.batch_size)  # always batch_size windows
-    x, y = windows_at(run.data.train, share(batch, run.ranks), args.seq_len)
+        mine = share(batch_offsets(order, pos, args.batch_size), run.ranks)  # always batch_size windows
+    x, y = windows_at(run.data.train, mine, args.seq_len)
     return x.to(run.device, non_blocking=True), y.to(run.device, non_blocking=True)
+
+
+def stream_batch(run: Setup, step: int) -> np.ndarray:
+    """This rank's windows of step `step` in stream order (--carry_state): their start offsets."""
+    args = run.args
+    epoch, pos = divmod(step, run.steps_per_epoch)
+    offsets = stream_offsets(len(run.data.train), args.seq_len, args.batch_size, epoch, args.seed, pos)
+    return share(offsets, run.ranks)
+
+
+def article_rows(run: Setup, step: int, starts: np.ndarray) -> torch.Tensor:
+    """--reset_state article: which of this rank's rows read an article's first line (one of the
+    train text's article starts) this step."""
+    return torch.from_numpy(holds_a_start(starts, stream_batch(run, step), run.args.seq_len))
 
 
 def evaluation_due(run: Setup, done: int) -> bool:

@@ -1,7 +1,8 @@
 """Truncated backpropagation through time (the paper's Appendix B.2): each batch row reads its own
 contiguous stretch of the train text, one window a step, and the model's state (BDH's attention state
 and RoPE position, a GPT's memory of keys and values) is carried, detached, from one step into the
-next. It starts empty at each epoch.
+next. It starts empty at each epoch, and with --reset_state article a row's state also starts empty at
+the window that holds an article's first line (" = Title = ", Wikitext's top-level heading).
 
     text   |---- row 0 ----|---- row 1 ----| ... |---- row B-1 ----|     after a random shift < T
     step k: row i reads bytes [shift + i*stretch + k*T, ... + T + 1)
@@ -11,6 +12,8 @@ memory) so that the loop still calls module(idx, targets).
 """
 
 from __future__ import annotations
+
+import re
 
 import numpy as np
 import torch
@@ -36,6 +39,19 @@ def stream_offsets(
     return shift + stretch * np.arange(batch_size) + step * seq_len
 
 
+ARTICLE = re.compile(rb"(?m)^ = [^=].* = $")  # Wikitext's top-level heading: an article's first line
+
+
+def article_starts(text: np.ndarray) -> np.ndarray:
+    """The offsets of every article's first line in a text (sorted)."""
+    return np.array([m.start() for m in ARTICLE.finditer(np.asarray(text).tobytes())], dtype=np.int64)
+
+
+def holds_a_start(starts: np.ndarray, offsets: np.ndarray, seq_len: int) -> np.ndarray:
+    """Which windows [offset, offset + seq_len) hold one of the sorted starts."""
+    return np.searchsorted(starts, offsets) < np.searchsorted(starts, offsets + seq_len)
+
+
 class Carried(torch.nn.Module):
     """module(idx, targets) -> (logits, loss) that continues every row from the state its last call
     left (detached: gradients stop at the window), until reset(). forward: the path's module (BDH,
@@ -56,6 +72,13 @@ class Carried(torch.nn.Module):
     def reset(self) -> None:
         """The next call starts from the empty state (an epoch's first step)."""
         self.state = None
+
+    def reset_rows(self, rows: torch.Tensor) -> None:
+        """The next call starts these rows (a bool mask over the batch) from an empty attention
+        state: BDH's, whose RoPE position carries on (only distances count, from an empty state)."""
+        if self.state is not None and bool(rows.any()):
+            for S in self.state.layers:
+                S[rows.to(S.device)] = 0
 
     def initial_state(self, batch_size: int, device=None):
         return self.inner.initial_state(batch_size, device)

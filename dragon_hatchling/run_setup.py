@@ -76,6 +76,7 @@ RESUME_MUST_MATCH = (
     "memory",
     "position",
     "init_from",
+    "reset_state",
 )
 
 
@@ -260,6 +261,8 @@ def check_carry(args: argparse.Namespace, config) -> None:
         )
     if memory and not args.carry_state:
         raise UsageError(f"--memory {memory} is carried from step to step: leave out --no_carry_state")
+    if args.reset_state == "article" and not (args.carry_state and memory is None):
+        raise UsageError("--reset_state article empties a carried BDH state: it needs --carry_state and BDH")
     if args.carry_state and args.compile:
         raise UsageError("--carry_state runs the plain path as it is: leave out --compile (BDH's "
                          "fused kernels carry the state on CUDA)")  # fmt: skip
@@ -327,6 +330,8 @@ def apply_recipe(args: argparse.Namespace, saved: dict | None) -> None:
         args.eval_seq_len = 128 if saved is None else saved.get("eval_seq_len", saved.get("seq_len", 128))
     if args.carry_state is None:  # a GPT's memory is carried; runs from before --carry_state were not
         args.carry_state = saved.get("carry_state", False) if saved is not None else bool(args.memory or 0)
+    if args.reset_state is None:
+        args.reset_state = saved.get("reset_state", "epoch") if saved is not None else "epoch"
 
 
 def apply_arch(args: argparse.Namespace, saved: dict | None) -> None:

@@ -58,17 +58,23 @@ def test_carried_windows_compute_the_text_read_in_one_pass():
     torch.testing.assert_close(step(idx[:, :20])[0], first)
 
 
-@pytest.mark.parametrize("arch, stop_at", [("bdh", 6), ("gpt", 12)])  # inside a log interval, at a validation
+@pytest.mark.parametrize(
+    "arch, stop_at", [("bdh", 6), ("gpt", 12), ("bdh-article", 6)]
+)  # in an interval, at a validation
 def test_a_resumed_carried_run_logs_what_an_unstopped_one_logs(
     arch, stop_at, tmp_path, small_data, edge_train, capsys, monkeypatch
 ):
     """The carried state is saved with the checkpoint and restored on --resume: the same training
     and stream losses row for row as a run never stopped."""
-    gpt = "--arch gpt --n_layer 2 --n_embd 32 --n_head 2 --memory 48" if arch == "gpt" else ""
+    gpt = {
+        "gpt": "--arch gpt --n_layer 2 --n_embd 32 --n_head 2 --memory 48",
+        "bdh-article": "--reset_state article",
+    }
+    gpt = gpt.get(arch, "")
     flags = f"{FLAGS} {gpt} --extra_val_file {edge_train}"
     whole, parts = tmp_path / "whole", tmp_path / "parts"
     argv = tiny_run(small_data, whole, flags)
-    argv = argv if arch == "bdh" else [a for a in argv if a not in ("--n_neurons", "128")]
+    argv = argv if arch != "gpt" else [a for a in argv if a not in ("--n_neurons", "128")]
     assert train(argv, capsys).returncode == 0
     interrupt_at_step(monkeypatch, stop_at)
     cut = [a if a != str(whole) else str(parts) for a in argv]
@@ -114,6 +120,9 @@ def test_the_state_starts_empty_at_each_epoch(tmp_path, small_data, edge_train, 
         ("--carry_state --compile", "leave out --compile"),
         ("--carry_state --batch_size 2000 --seq_len 32", "--carry_state: train data of 60000 bytes"),
         ("--carry_state --carry_state=1", "--carry_state"),
+        ("--reset_state article", "needs --carry_state and BDH"),
+        ("--arch gpt --memory 64 --reset_state article", "needs --carry_state and BDH"),
+        ("--carry_state --reset_state title", "--reset_state"),
     ],
 )
 def test_carried_flags_that_cannot_run_are_one_line(flags, says, tmp_path, small_data, capsys):
@@ -131,3 +140,44 @@ def test_resuming_a_carried_run_without_carrying_is_refused(tmp_path, small_data
     monkeypatch.undo()
     argv = tiny_run(small_data, run, FLAGS.replace("--carry_state", "--no_carry_state") + " --resume auto")
     assert_clean_error(train(argv, capsys), "--carry_state False (checkpoint: True)")
+
+
+def test_articles_are_found_and_the_windows_that_hold_them():
+    text = np.frombuffer(b" = A = \n x\n = = Sub = = \n y\n = B = \n z", dtype=np.uint8)
+    starts = carried_py.article_starts(text)
+    assert starts.tolist() == [0, 28]  # the second-level heading starts no article
+    windows = carried_py.holds_a_start(starts, np.array([0, 1, 25, 27, 29]), 2)
+    assert windows.tolist() == [True, False, False, True, False]
+
+
+def test_reset_rows_empties_those_rows_alone():
+    """After reset_rows, row 0 reads its next window as from nothing (an empty state: only distances
+    count) and row 1 goes on as it was."""
+    torch.manual_seed(0)
+    model = BDH(BDHConfig(n_embd=32, n_head=2, n_neurons=128, n_layer=2, dropout=0.0, half_lives=[4.0, 64.0]))
+    idx = torch.randint(0, 256, (2, 30))
+    step, kept = Carried(model), Carried(model)
+    for c in (step, kept):
+        c(idx[:, :15])
+    step.reset_rows(torch.tensor([True, False]))
+    after, going_on = step(idx[:, 15:])[0], kept(idx[:, 15:])[0]
+    torch.testing.assert_close(after[1], going_on[1])
+    torch.testing.assert_close(after[0], model(idx[:1, 15:])[0][0], atol=1e-4, rtol=1e-4)
+
+
+def test_rows_reset_where_their_windows_hold_an_article_start(tmp_path, small_data, capsys, monkeypatch):
+    """--reset_state article: every step empties the rows whose window holds an article's first line."""
+    seen = []
+    real = carried_py.Carried.reset_rows
+    monkeypatch.setattr(
+        carried_py.Carried, "reset_rows", lambda self, rows: seen.append(rows.tolist()) or real(self, rows)
+    )
+    flags = f"{FLAGS} --reset_state article --max_steps 60 --eval_every 60 --batch_size 2 --seq_len 256"
+    assert train(tiny_run(small_data, tmp_path / "run", flags), capsys).returncode == 0
+    text = np.frombuffer((small_data / "wiki.train.raw").read_bytes(), dtype=np.uint8)
+    starts = carried_py.article_starts(text)
+    want = [
+        carried_py.holds_a_start(starts, stream_offsets(len(text), 256, 2, 0, 1337, k), 256).tolist()
+        for k in range(60)
+    ]
+    assert seen == want and sum(map(sum, want)) >= 1  # some row met an article
