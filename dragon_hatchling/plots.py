@@ -73,12 +73,17 @@ def sparsity_curve(rows: list[dict], path: Path) -> None:
     save(fig, path)
 
 
+def bucket_middles(by_position: dict[str, float]) -> tuple[list[float], list[float]]:
+    """The points of a loss by position ({"first-last": loss}) on a log scale: each bucket at its
+    geometric middle, and its loss."""
+    spans = [tuple(int(p) for p in k.split("-")) for k in by_position]
+    return [math.sqrt(max(a, 1) * (b + 1)) for a, b in spans], list(by_position.values())
+
+
 def loss_by_position(by_position: dict[str, float], path: Path, title: str) -> None:
     """Loss against position (log scale): one point per bucket, at its geometric middle."""
-    spans = [tuple(int(p) for p in k.split("-")) for k in by_position]
-    middles = [math.sqrt(max(a, 1) * (b + 1)) for a, b in spans]
     fig, ax = plt.subplots(figsize=(7, 4.2))
-    ax.plot(middles, list(by_position.values()), "o-")
+    ax.plot(*bucket_middles(by_position), "o-")
     ax.set_xscale("log")
     ax.set(xlabel="position (bytes seen before the scored byte)", ylabel="loss (nats/byte)", title=title)
     ax.grid(alpha=0.3, which="both")

@@ -6,12 +6,11 @@ uv run python results/long-context/plot.py     # prints the table, writes loss_b
 from __future__ import annotations
 
 import json
-import math
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repository
-from dragon_hatchling.plots import plt, save  # noqa: E402 (matplotlib off screen, atomic writes)
+from dragon_hatchling.plots import bucket_middles, plt, save  # noqa: E402 (matplotlib off screen, atomic writes)
 
 HERE = Path(__file__).parent
 RUNS = ["ref", "decay-t128", "decay-t128-same", "decay-t256", "decay-t512", "decay-t512-long"]
@@ -55,11 +54,9 @@ def plot(path: Path) -> None:
         (axes[1], "eval-valid-raw-stream", "wiki.valid.raw read as one text (--stream)"),
     ):
         for run in RUNS:
-            by_position = metrics(run, folder)["loss_by_position"]
-            spans = [tuple(int(p) for p in k.split("-")) for k in by_position]
-            middles = [math.sqrt(max(a, 1) * (b + 1)) for a, b in spans]
             shape, lives = describe(run)
-            ax.plot(middles, list(by_position.values()), "o-", ms=3, label=f"{run} ({shape}; {lives})")
+            middles, losses = bucket_middles(metrics(run, folder)["loss_by_position"])
+            ax.plot(middles, losses, "o-", ms=3, label=f"{run} ({shape}; {lives})")
         ax.set_xscale("log")
         ax.set(title=title, xlabel="position (bytes before the scored byte)")
         ax.grid(alpha=0.3, which="both")

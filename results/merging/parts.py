@@ -5,28 +5,29 @@ the first half of the articles trains the base model, the next quarter (part A) 
     python3 results/merging/parts.py --train_file .gpu/data/wiki.train.tokens --out_dir .gpu/parts
 
 Writes base.txt, a.txt, a.heldout.txt, b.txt, b.heldout.txt (bytes as they are in the file). An
-article begins at a top-level heading line (" = Title = "); the bytes before the first heading, if
-any, go with the first article.
+article begins at a top-level heading line (" = Title = ", dragon_hatchling.carried.article_starts,
+the rule --reset_state article uses); the bytes before the first heading, if any, go with the first
+article.
 """
 
 from __future__ import annotations
 
 import argparse
 import itertools
-import re
+import sys
 from pathlib import Path
 
-HEADING = re.compile(rb"^ = [^=].* = $")
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repository
+from dragon_hatchling.carried import article_starts  # noqa: E402
 
 
 def articles(text: bytes) -> list[bytes]:
-    """The file cut before every top-level heading line (keeping every byte)."""
-    lines = text.split(b"\n")
-    starts = [i for i, line in enumerate(lines) if HEADING.match(line)] or [0]
-    starts[0] = 0
-    bounds = [*starts, len(lines)]
-    spans = itertools.pairwise(bounds)
-    return [b"\n".join(lines[a:b]) + (b"\n" if b < len(lines) else b"") for a, b in spans]
+    """The file cut before every article's first line (keeping every byte)."""
+    starts = article_starts(np.frombuffer(text, dtype=np.uint8)).tolist()
+    bounds = [0, *starts[1:], len(text)]  # what comes before the first heading goes with the first article
+    return [text[a:b] for a, b in itertools.pairwise(bounds)]
 
 
 def parts(pieces: list[bytes]) -> dict[str, bytes]:

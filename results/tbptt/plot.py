@@ -7,12 +7,11 @@ uv run python results/tbptt/plot.py     # prints the table, writes loss_by_posit
 from __future__ import annotations
 
 import json
-import math
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repository
-from dragon_hatchling.plots import plt, save  # noqa: E402 (matplotlib off screen, atomic writes)
+from dragon_hatchling.plots import bucket_middles, plt, save  # noqa: E402 (matplotlib off screen, atomic writes)
 
 HERE = Path(__file__).parent
 RUNS = {  # name: its folder
@@ -79,10 +78,8 @@ def plot(path: Path) -> None:
             m = metrics(run, folder)
             if m is None:  # the long-context row was not scored in 16,384-byte windows
                 continue
-            spans = [tuple(int(p) for p in k.split("-")) for k in m["loss_by_position"]]
-            middles = [math.sqrt(max(a, 1) * (b + 1)) for a, b in spans]
-            ax.plot(middles, list(m["loss_by_position"].values()), "o-", ms=3, color=f"C{i}",
-                    label=f"{run} ({recipe(run)})")  # fmt: skip
+            middles, losses = bucket_middles(m["loss_by_position"])
+            ax.plot(middles, losses, "o-", ms=3, color=f"C{i}", label=f"{run} ({recipe(run)})")
         ax.set_xscale("log")
         ax.set(title=title, xlabel="position in the window (bytes)")
         ax.grid(alpha=0.3, which="both")
