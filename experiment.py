@@ -435,7 +435,7 @@ def build(run: Setup) -> Nets:
         torch.manual_seed(rank_seed(args.seed, ranks.rank, 0))
     forward = forward_of(model, run.path)
     carried = Carried(forward) if args.carry_state else None
-    train_forward = carried or forward
+    train_forward = carried if carried is not None else forward
     if ranks.several:  # gradients averaged over the ranks as backward goes
         from torch.nn.parallel import DistributedDataParallel
 
@@ -515,10 +515,10 @@ def training_batch(run: Setup, step: int) -> tuple[torch.Tensor, torch.Tensor]:
     """This rank's share of step `step`'s windows (inputs, targets), on the device: a shuffled
     epoch's, or with --carry_state each row's next window of its stretch (carried.py)."""
     args = run.args
-    epoch, pos = divmod(step, run.steps_per_epoch)
     if args.carry_state:
         mine = stream_batch(run, step)
     else:
+        epoch, pos = divmod(step, run.steps_per_epoch)
         order = epoch_order(len(run.data.train), args.seq_len, epoch, args.seed)
         mine = share(batch_offsets(order, pos, args.batch_size), run.ranks)  # always batch_size windows
     x, y = windows_at(run.data.train, mine, args.seq_len)

@@ -233,6 +233,21 @@ def chunk_decay(config: BDHConfig, C: int, device: torch.device | str | None = N
     )
 
 
+def read_in_chunks(step, idx: torch.Tensor, targets: torch.Tensor | None, chunk_size: int, state):
+    """The loop of every chunked form (BDH's, fused_parallel.Fused's, a GPT's with a memory):
+    step(part, state) -> (logits, state) over idx (B, T), chunk_size bytes at a time. Returns the
+    logits (B, T, V), with targets their mean cross-entropy, and the state after the last chunk."""
+    if chunk_size <= 0:
+        raise ValueError(f"chunk_size must be positive, got {chunk_size}")
+    logits = []
+    for start in range(0, idx.shape[1], chunk_size):
+        out, state = step(idx[:, start : start + chunk_size], state)
+        logits.append(out)
+    logits = torch.cat(logits, dim=1)  # B, T, V
+    loss = None if targets is None else F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten())
+    return logits, loss, state
+
+
 class BDH(
     nn.Module,
     PyTorchModelHubMixin,
@@ -409,22 +424,14 @@ class BDH(
         Memory grows linearly with T (with checkpoint=True, training keeps only each chunk's
         input state and recomputes the chunk in backward). Returns logits, loss and the final state.
         """
-        if chunk_size <= 0:
-            raise ValueError(f"chunk_size must be positive, got {chunk_size}")
         state = state if state is not None else self.initial_state(idx.shape[0], idx.device)
-        logits = []
-        for start in range(0, idx.shape[1], chunk_size):
-            part = idx[:, start : start + chunk_size]
+
+        def step(part: torch.Tensor, state: RecurrentState) -> tuple[torch.Tensor, RecurrentState]:
             if checkpoint and torch.is_grad_enabled():
-                out, state = torch.utils.checkpoint.checkpoint(self.chunk, part, state, use_reentrant=False)
-            else:
-                out, state = self.chunk(part, state)
-            logits.append(out)
-        logits = torch.cat(logits, dim=1)  # B, T, V
-        loss = None
-        if targets is not None:
-            loss = F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten())
-        return logits, loss, state
+                return torch.utils.checkpoint.checkpoint(self.chunk, part, state, use_reentrant=False)
+            return self.chunk(part, state)
+
+        return read_in_chunks(step, idx, targets, chunk_size, state)
 
     @torch.no_grad()
     def step(self, byte: torch.Tensor, state: RecurrentState) -> torch.Tensor:

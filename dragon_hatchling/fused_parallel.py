@@ -46,7 +46,7 @@ import triton
 import triton.language as tl
 
 from dragon_hatchling.fused_common import first_of_pairs, relu
-from model import BDH, ChunkDecay, RecurrentState, chunk_decay, layer_norm, rope_cos_sin
+from model import BDH, ChunkDecay, RecurrentState, chunk_decay, layer_norm, read_in_chunks, rope_cos_sin
 
 BR, BP = 32, 64  # tile of the training kernels: rows, and pairs of neurons (BP first halves, BP second)
 
@@ -350,13 +350,12 @@ class Fused(torch.nn.Module):
         """BDH.forward_chunked through the kernels (state in pair order); checkpoint is not needed:
         the kernels keep no B x T x n tensor for backward."""
         state = state if state is not None else self.initial_state(idx.shape[0], idx.device)
-        logits = []
-        for start in range(0, idx.shape[1], chunk_size):
-            out, _, state = fused_forward(self.model, idx[:, start : start + chunk_size], state=state)
-            logits.append(out)
-        logits = torch.cat(logits, dim=1)
-        loss = None if targets is None else F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten())
-        return logits, loss, state
+
+        def step(part: torch.Tensor, state: RecurrentState) -> tuple[torch.Tensor, RecurrentState]:
+            logits, _, after = fused_forward(self.model, part, state=state)
+            return logits, after
+
+        return read_in_chunks(step, idx, targets, chunk_size, state)
 
     def to_model_order(self, state: RecurrentState) -> RecurrentState:
         inverse = torch.argsort(pair_order(self.model)[: self.model.config.head_size])

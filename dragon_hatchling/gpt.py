@@ -33,6 +33,8 @@ import torch.nn.functional as F
 from huggingface_hub import PyTorchModelHubMixin
 from torch import nn
 
+from model import read_in_chunks
+
 
 @dataclass
 class GPTConfig:
@@ -266,7 +268,8 @@ class GPT(
         if longest is not None and T > longest:
             raise ValueError(f"a window of {T} bytes is longer than the GPT's block_size {longest}")
         logits, _ = self.window(idx, None)
-        return logits, cross_entropy(logits, targets)
+        loss = None if targets is None else F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten())
+        return logits, loss
 
     def window(self, idx: torch.Tensor, memory: GPTMemory | None) -> tuple[torch.Tensor, GPTMemory | None]:
         """Logits (B, T, V) of a window read after the memory's bytes (None: alone), and the memory
@@ -309,17 +312,5 @@ class GPT(
         logits, loss and the memory after the text. checkpoint: accepted, as BDH's; not needed."""
         if not self.reads_streams:
             raise ValueError("forward_chunked reads through a memory; this GPT has none (memory 0)")
-        if chunk_size <= 0:
-            raise ValueError(f"chunk_size must be positive, got {chunk_size}")
         state = state if state is not None else self.initial_state(idx.shape[0], idx.device)
-        logits = []
-        for start in range(0, idx.shape[1], chunk_size):
-            out, state = self.window(idx[:, start : start + chunk_size], state)
-            logits.append(out)
-        logits = torch.cat(logits, dim=1)  # B, T, V
-        return logits, cross_entropy(logits, targets), state
-
-
-def cross_entropy(logits: torch.Tensor, targets: torch.Tensor | None) -> torch.Tensor | None:
-    """The mean cross-entropy of logits (B, T, V) against targets (B, T); None without targets."""
-    return None if targets is None else F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten())
+        return read_in_chunks(self.window, idx, targets, chunk_size, state)
