@@ -270,8 +270,8 @@ def merged(args: argparse.Namespace):
     from dragon_hatchling.merging import merge
 
     models = []
-    for path in (args.model_a, args.model_b):
-        model, _ = load_model(path)
+    for name, path in (("model_a", args.model_a), ("model_b", args.model_b)):
+        model, _ = load_model(path, flag=name)
         if not model.has_neurons:
             raise UsageError(f"{path}: a {model.display_name} has no neurons to merge (BDH models merge)")
         models.append(model)

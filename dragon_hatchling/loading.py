@@ -250,13 +250,29 @@ def download(
 
 
 def load_model(
-    model_path: str, checkpoint: str | None = None, revision: str | None = None, n_layer: int | None = None
+    model_path: str,
+    checkpoint: str | None = None,
+    revision: str | None = None,
+    n_layer: int | None = None,
+    flag: str = "--model_path",
 ) -> tuple[torch.nn.Module, dict]:
     """Any checkpoint (the formats of dragon_hatchling.hub's docstring) and a note of where it came from.
 
     n_layer: layers for legacy formats (default 6); for this project's format it must match the
-    checkpoint's config if given.
+    checkpoint's config if given. flag: the argument that gave model_path, as the errors name it
+    (experiment.py's --init_from, the Hub tool's model_a).
     """
+    try:
+        return load_any(model_path, checkpoint, revision, n_layer)
+    except (UsageError, HubUnreachable) as e:
+        if flag == "--model_path":
+            raise
+        raise type(e)(str(e).replace("--model_path", flag)) from None
+
+
+def load_any(
+    model_path: str, checkpoint: str | None, revision: str | None, n_layer: int | None
+) -> tuple[torch.nn.Module, dict]:
     path = Path(model_path)
     if path.exists():
         model, info = load_local(path, checkpoint, n_layer)

@@ -233,7 +233,7 @@ def initial_weights(args: argparse.Namespace) -> dict | None:
     disagrees with it is a UsageError (--dropout may differ: it changes no weight)."""
     if args.init_from is None:
         return None
-    model, _ = load_model(args.init_from)
+    model, _ = load_model(args.init_from, flag="--init_from")
     config = model.config
     arch = arch_of(config.to_dict())
     if args.arch is not None and args.arch != arch:

@@ -140,7 +140,8 @@ def test_models_that_cannot_merge_are_one_line(tmp_path, capsys):
     torch.manual_seed(0)
     save_checkpoint(BDH(BDHConfig(n_embd=32, n_head=2, n_neurons=64, n_layer=2)), wide)
     save_checkpoint(GPT(GPTConfig(n_layer=1, n_embd=16, n_head=2, block_size=8)), gpt)
-    for other, says in [(wide, "differ in n_embd (16 and 32)"), (gpt, "has no neurons to merge")]:
+    for other, says in [(wide, "differ in n_embd (16 and 32)"), (gpt, "has no neurons to merge"),
+                        (tmp_path / "nothing", "model_b")]:  # fmt: skip
         result = call_main(hubpy.main, ["merge", str(a), str(other), str(tmp_path / "out")], capsys)
         assert_clean_error(result, says)
         assert not (tmp_path / "out").exists()
@@ -183,7 +184,11 @@ def test_a_run_starts_from_another_model_s_weights(tmp_path, small_data, capsys)
 
 @pytest.mark.parametrize(
     "flags, says",
-    [("--n_layer 3", "--n_layer 3 disagrees with --init_from"), ("--arch gpt", "holds a BDH-GPU")],
+    [
+        ("--n_layer 3", "--n_layer 3 disagrees with --init_from"),
+        ("--arch gpt", "holds a BDH-GPU"),
+        ("--init_from /nowhere", "error: --init_from /nowhere is no file"),
+    ],  # fmt: skip
 )
 def test_an_init_from_that_does_not_fit_is_one_line(flags, says, tmp_path, small_data, capsys):
     base = tmp_path / "base"
