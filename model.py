@@ -33,10 +33,25 @@ class RecurrentState:
     """What the chunked and recurrent forms carry from one chunk to the next."""
 
     layers: list[torch.Tensor]  # per layer: B, h, n/h, d float32, sum of RoPE(x_s)^T v_s over s < pos
-    pos: torch.Tensor  # 0-dim int64: absolute position of the next byte (RoPE continues from it)
+    # int64, the absolute position of the next byte (RoPE continues from it): 0-dim, one for every
+    # row, or B, each row its own (prompts of different lengths, sampled side by side)
+    pos: torch.Tensor
 
     def clone(self) -> RecurrentState:
         return RecurrentState([S.clone() for S in self.layers], self.pos.clone())
+
+    @staticmethod
+    def stack(states: list[RecurrentState]) -> RecurrentState:
+        """One state of the rows of all, one after another, each row keeping its own position."""
+        pos = [s.pos.expand(s.layers[0].shape[0]) for s in states]
+        layers = [torch.cat(rows) for rows in zip(*(s.layers for s in states), strict=True)]
+        return RecurrentState(layers, torch.cat(pos))
+
+    def put_row(self, b: int, other: RecurrentState) -> None:
+        """Row b takes other's one row in place (its position too: self.pos must be per row)."""
+        for S, new in zip(self.layers, other.layers, strict=True):
+            S[b].copy_(new[0])
+        self.pos[b] = other.pos.reshape(-1)[0]
 
     def copy_(self, other: RecurrentState) -> None:
         """Take other's values in place (a captured CUDA graph reads these very tensors)."""
@@ -169,16 +184,24 @@ def part_frequencies(config: BDHConfig, m: int, device: torch.device | str | Non
 
 
 def rope_cos_sin(config: BDHConfig, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos and sin of the rotation angle at each position, each (T, n/h) float32.
+    """cos and sin of the rotation angle at each position (..., T), each (..., T, n/h) float32.
 
     The phase is kept in turns, computed in float64 and reduced modulo 1 before it becomes an angle:
     a text read as one (a stream, TBPTT) reaches positions of millions, where a float32 product
     pos * freq is off by up to 0.3 rad at 5M and RoPE's relative angles turn to noise.
     """
     freq = rope_frequencies(config, positions.device)  # made there: no copy (CUDA graphs allow none)
-    phase = positions.to(torch.float64)[:, None] * freq.double()  # T, n/h   (turns)
+    phase = positions.to(torch.float64)[..., None] * freq.double()  # T, n/h   (turns)
     angle = (torch.remainder(phase, 1.0) * (2 * math.pi)).float()
     return angle.cos(), angle.sin()
+
+
+def state_cos_sin(config: BDHConfig, pos: torch.Tensor, T: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin at the T positions that follow a state's pos: (T, n/h), or (B, 1, T, n/h) for a
+    pos of each row (B,), to broadcast against B, h, T, n/h."""
+    positions = pos[..., None] + torch.arange(T, device=pos.device)  # T, or B, T
+    cos, sin = rope_cos_sin(config, positions)
+    return (cos, sin) if pos.dim() == 0 else (cos[:, None], sin[:, None])
 
 
 def rotate_pairs(x: torch.Tensor, style: str) -> torch.Tensor:
@@ -401,8 +424,7 @@ class BDH(
     def chunk(self, idx: torch.Tensor, state: RecurrentState) -> tuple[torch.Tensor, RecurrentState]:
         """Logits (B, C, V) for the next C bytes idx (B, C), continuing from state."""
         C = idx.shape[1]
-        positions = state.pos + torch.arange(C, device=idx.device)
-        cos, sin = rope_cos_sin(self.config, positions)  # C, n/h   (absolute positions)
+        cos, sin = state_cos_sin(self.config, state.pos, C)  # C, n/h   (absolute positions)
         decay = chunk_decay(self.config, C, idx.device)
         v = layer_norm(self.embed(idx))  # B, C, d
         layer_states = []
@@ -442,7 +464,7 @@ class BDH(
         is the same step in Triton, reading only the rows of the state, Dy and E that belong to non-zero
         neurons; this is its reference.
         """
-        cos, sin = rope_cos_sin(self.config, state.pos.view(1))  # 1, n/h
+        cos, sin = state_cos_sin(self.config, state.pos, 1)  # 1, n/h (or B, 1, 1, n/h: a pos a row)
         decay = chunk_decay(self.config, 1, state.pos.device)  # whole: h, 1, 1, gamma per head
         v = layer_norm(self.embed(byte[:, None]))  # B, 1, d
         for S in state.layers:  # B, h, n/h, d

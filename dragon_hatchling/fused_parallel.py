@@ -410,6 +410,8 @@ def fused_forward(
     BDH.chunk takes it), also the state after idx, as BDH.forward_chunked does."""
     cfg = model.config
     B, T = idx.shape
+    if state is not None and state.pos.dim() != 0:
+        raise ValueError("the fused kernels read windows of one position for all rows, not a pos a row")
     order = pair_order(model)
     local = order[: cfg.head_size]
     Dx = _InPairOrder.apply(model.Dx, 2, local)  # h, d, M   bf16, pair order
