@@ -10,7 +10,7 @@ import triton
 import triton.language as tl
 
 from dragon_hatchling.fused_common import INTERPRET, first_of_pairs, relu
-from model import BDH, RecurrentState, chunk_decay, rope_frequencies
+from model import BDH, BDHConfig, RecurrentState, chunk_decay, rope_frequencies
 
 # The recurrent step (generation): one byte per call, two kernels a layer, sparse reads.
 #
@@ -29,7 +29,7 @@ from model import BDH, RecurrentState, chunk_decay, rope_frequencies
 # wrote. The tiles (FusedStep.*_TILES) are the fastest of a sweep on an H100
 # (results/benchmark/step_tiles.py).
 
-BATCH_TILE = 16  # batch rows per attention program (the fewest rows tl.dot takes); each Dx tile read once
+DOT_ROWS = 16  # the fewest rows tl.dot takes: an attention program of fewer batch rows pads to it
 
 
 @triton.jit
@@ -113,24 +113,52 @@ def _finish_sum(
 
 
 @triton.jit
+def _row_angles(pos, freq_ptr, p, p_mask, half):
+    """cos and sin of pairs p at position pos: pos * freq = hi * (4096 freq mod 1) + lo * freq turns,
+    exact enough in float32 at millions of bytes."""
+    hi, lo = (pos // 4096).to(tl.float32), (pos % 4096).to(tl.float32)
+    phase = hi * tl.load(freq_ptr + half + p, mask=p_mask, other=0.0)
+    phase = (phase - tl.floor(phase)) + lo * tl.load(freq_ptr + p, mask=p_mask, other=0.0)  # turns
+    angle = (phase - tl.floor(phase)) * 6.283185307179586
+    return tl.cos(angle), tl.sin(angle)
+
+
+@triton.jit
+def _catch_up(stamp_ptrs, live, pos, log2_gamma):
+    """Lazy decay: the factor gamma^(pos - stamp) that brings each live row of S from its stamp (the
+    position up to which it is current) to this byte's; the stamps move on to the next byte's."""
+    last = tl.load(stamp_ptrs, mask=live, other=0)
+    fade = tl.exp2((pos - last).to(tl.float32) * log2_gamma)
+    # A stamp is held by several threads (a slice of a 2-D layout) and stored by one: every thread
+    # has read it before any writes it, or a late reader sees the new stamp (fade 1 / gamma)
+    tl.debug_barrier()
+    tl.store(stamp_ptrs, pos + 1, mask=live)
+    return fade
+
+
+@triton.jit
 def _step_attention_kernel(
-    v_ptr, dx_ptr, freq_ptr, pos_ptr, s_ptr, x_ptr, a_ptr, groups_ptr, count_ptr, ln_ptr, gamma_ptr,
-    B, H, M, D,
-    INTERLEAVED: tl.constexpr, BB: tl.constexpr, BP: tl.constexpr, BD: tl.constexpr,
+    v_ptr, dx_ptr, freq_ptr, pos_ptr, s_ptr, stamp_ptr, x_ptr, a_ptr, groups_ptr, count_ptr, ln_ptr,
+    gamma_ptr, B, H, M, D,
+    INTERLEAVED: tl.constexpr, BB: tl.constexpr, BR: tl.constexpr, BP: tl.constexpr, BD: tl.constexpr,
     GROUP: tl.constexpr, GROUPS: tl.constexpr, D_PAD: tl.constexpr, PDL: tl.constexpr, DECAY: tl.constexpr,
+    LAZY: tl.constexpr,
 ):  # fmt: skip
-    """For BP rotation pairs of head h and BB batch rows: x = relu(v Dx), then per row a_part = RoPE(x) S
+    """For BP rotation pairs of head h and BB batch rows (BR >= BB: the dot's rows, padded): x = relu(v
+    Dx), then per row a_part = RoPE(x) S
     (old S) and S += RoPE(x)^T v (S <- gamma_h S + RoPE(x)^T v with DECAY: then every row of S is
-    read and written, not only the live ones). The last program of the head writes LN(a), a the sum
-    of the parts. PDL: launched while the previous kernel ends; its columns of Dx are read before
-    waiting for it."""
+    read and written, not only the live ones; with LAZY as well, only the live ones, each first
+    brought up to date from its stamp). Each row's RoPE angle is at its own position (pos_ptr: B).
+    The last program of the head writes LN(a), a the sum of the parts. PDL: launched while the
+    previous kernel ends; its columns of Dx are read before waiting for it."""
     tile_h = tl.program_id(0)
     block = tl.program_id(1)
     blocks = tl.num_programs(1)
     b0 = (tile_h // H) * BB
     h = tile_h % H
     half = M // 2
-    bb = b0 + tl.arange(0, BB)
+    rows = tl.minimum(BB, B - b0)
+    bb = b0 + tl.arange(0, BR)
     c = tl.arange(0, 2 * BP)  # the 2 BP neurons of BP pairs, each pair's two members side by side
     p_of_c = block * BP + c // 2
     if INTERLEAVED:  # the model's neuron index of each column
@@ -143,43 +171,41 @@ def _step_attention_kernel(
     if PDL:
         tl.extra.cuda.gdc_launch_dependents()  # the gate kernel may start (it waits for this one)
         tl.extra.cuda.gdc_wait()  # the previous kernel has finished: v is written
-    v_mask = (bb < B)[:, None] & (k < D)[None, :]
-    v_rows = tl.load(v_ptr + bb[:, None] * D + k[None, :], mask=v_mask, other=0.0)  # BB, D
-    x = relu(dot(v_rows.to(w.dtype), w, tl.zeros((BB, 2 * BP), dtype=tl.float32)))  # BB, 2 BP
-    x_mask = (bb < B)[:, None] & (p_of_c < half)[None, :]
+    v_mask = (bb < b0 + rows)[:, None] & (k < D)[None, :]
+    v_rows = tl.load(v_ptr + bb[:, None] * D + k[None, :], mask=v_mask, other=0.0)  # BR, D
+    x = relu(dot(v_rows.to(w.dtype), w, tl.zeros((BR, 2 * BP), dtype=tl.float32)))  # BR, 2 BP
+    x_mask = (bb < b0 + rows)[:, None] & (p_of_c < half)[None, :]
     tl.store(x_ptr + (bb * H + h)[:, None] * M + j[None, :], x, mask=x_mask)
-    xa, xb = tl.split(tl.reshape(x, (BB, BP, 2)))  # BB, BP: first and second members of the pairs
+    xa, xb = tl.split(tl.reshape(x, (BR, BP, 2)))  # BR, BP: first and second members of the pairs
     p = block * BP + tl.arange(0, BP)
     p_mask = p < half
-    pos = tl.load(pos_ptr)  # pos * freq = hi * (4096 freq mod 1) + lo * freq turns, exact enough in
-    hi, lo = (pos // 4096).to(tl.float32), (pos % 4096).to(tl.float32)  # float32 at millions of bytes
-    phase = hi * tl.load(freq_ptr + half + p, mask=p_mask, other=0.0)
-    phase = (phase - tl.floor(phase)) + lo * tl.load(freq_ptr + p, mask=p_mask, other=0.0)  # turns
-    angle = (phase - tl.floor(phase)) * 6.283185307179586
-    cos = tl.cos(angle)[None, :]
-    sin = tl.sin(angle)[None, :]
-    ra = xa * cos - xb * sin
-    rb = xb * cos + xa * sin
     if INTERLEAVED:
         ja = 2 * p
         jb = ja + 1
     else:
         ja = p
         jb = p + half
-    rows = tl.minimum(BB, B - b0)
     if DECAY:
+        log2_gamma = tl.load(gamma_ptr + H + h)
         gamma = tl.load(gamma_ptr + h)
-    for i in range(rows):  # each batch row has its own state
-        pick = (tl.arange(0, BB) == i)[:, None]
-        ra_i = tl.sum(tl.where(pick, ra, 0.0), 0)  # BP
-        rb_i = tl.sum(tl.where(pick, rb, 0.0), 0)
-        if DECAY:  # every row decays
+    for i in range(rows):  # each batch row has its own state and position
+        pos = tl.load(pos_ptr + b0 + i)
+        cos, sin = _row_angles(pos, freq_ptr, p, p_mask, half)
+        pick = (tl.arange(0, BR) == i)[:, None]
+        xa_i = tl.sum(tl.where(pick, xa, 0.0), 0)  # BP
+        xb_i = tl.sum(tl.where(pick, xb, 0.0), 0)
+        ra_i = xa_i * cos - xb_i * sin
+        rb_i = xb_i * cos + xa_i * sin
+        if DECAY and not LAZY:  # every row decays
             live_a = p_mask
             live_b = p_mask
         else:  # rows where RoPE(x) is zero are neither read nor written
             live_a = p_mask & (ra_i != 0.0)
             live_b = p_mask & (rb_i != 0.0)
         bh = (b0 + i) * H + h
+        if LAZY:
+            fade_a = _catch_up(stamp_ptr + bh * M + ja, live_a, pos, log2_gamma)[:, None]
+            fade_b = _catch_up(stamp_ptr + bh * M + jb, live_b, pos, log2_gamma)[:, None]
         for d0 in range(0, D, BD):  # BD columns of the state rows at a time
             d = d0 + tl.arange(0, BD)
             d_mask = d < D
@@ -190,6 +216,9 @@ def _step_attention_kernel(
             mask_b = live_b[:, None] & d_mask[None, :]
             Sa = tl.load(rows_a, mask=mask_a, other=0.0)
             Sb = tl.load(rows_b, mask=mask_b, other=0.0)
+            if LAZY:
+                Sa *= fade_a
+                Sb *= fade_b
             part = tl.sum(ra_i[:, None] * Sa, 0) + tl.sum(rb_i[:, None] * Sb, 0)
             tl.store(a_ptr + (bh * blocks + block) * D + d, part, mask=d_mask)
             if DECAY:
@@ -247,16 +276,23 @@ def _step_gate_kernel(
 
 @triton.jit
 def _step_embed_kernel(
-    byte_ptr, embed_ptr, v_ptr, pos_ptr, pos_now_ptr, D, D_PAD: tl.constexpr, PDL: tl.constexpr
+    byte_ptr, embed_ptr, v_ptr, pos_ptr, pos_now_ptr, B, D,
+    ROW_POS: tl.constexpr, B_PAD: tl.constexpr, D_PAD: tl.constexpr, PDL: tl.constexpr,
 ):  # fmt: skip
-    """v = LN(embedding of the byte), float32, for one batch row; the first also moves the position on
-    (pos_now: this byte's position, which the attention kernels read)."""
+    """v = LN(embedding of the byte), float32, for one batch row, and the position moved on (pos_now,
+    B: each row's position of this byte, which the attention kernels read). ROW_POS: pos holds a
+    position a row, each program moves its own; else one for all rows, which the first moves on."""
     if PDL:
         tl.extra.cuda.gdc_launch_dependents()  # the first attention kernel may start reading Dx
     b = tl.program_id(0)
-    if b == 0:
+    if ROW_POS:
+        pos = tl.load(pos_ptr + b)
+        tl.store(pos_now_ptr + b, pos)
+        tl.store(pos_ptr + b, pos + 1)
+    elif b == 0:
         pos = tl.load(pos_ptr)
-        tl.store(pos_now_ptr, pos)
+        rows = tl.arange(0, B_PAD)
+        tl.store(pos_now_ptr + rows, tl.zeros((B_PAD,), dtype=pos.dtype) + pos, mask=rows < B)
         tl.store(pos_ptr, pos + 1)
     d = tl.arange(0, D_PAD)
     row = tl.load(byte_ptr + b)
@@ -264,15 +300,51 @@ def _step_embed_kernel(
     tl.store(v_ptr + b * D + d, _layer_norm_row(e, d < D, D), mask=d < D)
 
 
+class LazyDecay:
+    """Lazy decay of a state that FusedStep steps (a model with decay): every row of each layer's S
+    has a stamp, the position of the byte before which it is current. A step brings only the rows it
+    reads (those of live neurons) up to date, by gamma^(elapsed), and leaves the others alone, so a
+    step costs what it costs without decay. settle() brings every row up to date, before anything
+    else reads the state; restamp() after the state was set from outside (its rows are current).
+    """
+
+    def __init__(self, config: BDHConfig, state: RecurrentState) -> None:
+        gamma = chunk_decay(config, 1, state.pos.device).whole  # h, 1, 1
+        self.log2_gamma = gamma.log2().view(1, -1, 1)  # 1, h, 1: what the kernel reads
+        B, H, M, _ = state.layers[0].shape
+        self.stamps = [
+            torch.empty((B, H, M), dtype=torch.long, device=state.pos.device) for _ in state.layers
+        ]
+        self.restamp(state)
+
+    def restamp(self, state: RecurrentState, row: int | None = None) -> None:
+        """Every row of S (of batch row `row` only, if given) is current at the state's position."""
+        pos = state.pos.expand(state.layers[0].shape[0])[:, None, None]  # B, 1, 1
+        for stamp in self.stamps:
+            if row is None:
+                stamp.copy_(pos.expand_as(stamp))
+            else:
+                stamp[row] = pos[row]
+
+    def settle(self, state: RecurrentState) -> None:
+        """Bring every row of S up to date (it is then what BDH.step would hold) and restamp."""
+        pos = state.pos.expand(state.layers[0].shape[0])[:, None, None]
+        for S, stamp in zip(state.layers, self.stamps, strict=True):
+            S.mul_(torch.exp2((pos - stamp).float() * self.log2_gamma)[..., None].to(S.dtype))
+        self.restamp(state)
+
+
 class FusedStep:
     """BDH.step through the step kernels: logits (B, V) after one more byte; the state in place.
 
     Holds the weights in the layouts the kernels read (Dy transposed, so that a neuron's row is
-    contiguous) in the model's dtype; every sum is float32. Inference only: no dropout.
+    contiguous) in the model's dtype; every sum is float32. Inference only: no dropout. With a
+    LazyDecay of the state (a model with decay), only the live rows of the state are read and
+    written; without one, every row decays every step.
     """
 
-    # pairs, state columns; parts a group (see _finish_sum)
-    ATTENTION_TILES = {"BP": 32, "BD": 64, "GROUP": 16, "num_warps": 2}
+    # batch rows, pairs, state columns; parts a group (see _finish_sum)
+    ATTENTION_TILES = {"BB": 16, "BP": 32, "BD": 64, "GROUP": 16, "num_warps": 2}
     GATE_TILES = {"BN": 64, "BD": 128, "GROUP": 32, "num_warps": 2}  # neurons, columns; parts a group
 
     def __init__(self, model: BDH, attention: dict | None = None, gate: dict | None = None) -> None:
@@ -293,14 +365,19 @@ class FusedStep:
         pair = freq[first_of_pairs(cfg)].double()  # M/2, turns per position
         self.pair_freq = torch.stack([pair, (4096 * pair) % 1.0]).float().contiguous()  # 2, M/2: and per 4096
         decay = chunk_decay(cfg, 1, model.E.device)  # gamma per head, or None
-        # gamma per head; without decay the kernel takes some pointer there and never reads it
-        self.gamma = decay.whole.flatten().contiguous() if decay is not None else self.pair_freq
+        # gamma and log2 gamma per head; without decay the kernel takes some pointer and never reads it
+        if decay is not None:
+            self.gamma = torch.stack([decay.whole.flatten(), decay.whole.flatten().log2()]).contiguous()
+        else:
+            self.gamma = self.pair_freq
         self.counts: dict[int, torch.Tensor] = {}  # per batch size: the sums' counters, zero between kernels
         # Programmatic dependent launch (Hopper on): each kernel starts while the one before ends
         dev = model.E.device
         self.pdl = dev.type == "cuda" and not INTERPRET and torch.cuda.get_device_capability(dev)[0] >= 9
 
-    def __call__(self, byte: torch.Tensor, state: RecurrentState) -> torch.Tensor:
+    def __call__(
+        self, byte: torch.Tensor, state: RecurrentState, lazy: LazyDecay | None = None
+    ) -> torch.Tensor:
         cfg = self.config
         B, H, M, D = state.layers[0].shape
         att, gate = self.attention, self.gate
@@ -308,7 +385,7 @@ class FusedStep:
         gate_blocks = triton.cdiv(M, gate["BN"])  # parts of each head's share of z
         att_groups = triton.cdiv(att_blocks, att["GROUP"])
         gate_groups = triton.cdiv(H * gate_blocks, gate["GROUP"])
-        tiles = triton.cdiv(B, BATCH_TILE)
+        tiles = triton.cdiv(B, att["BB"])
         att_counts = tiles * H * (att_groups + 1)
         dev = state.pos.device
         if B not in self.counts:  # made once (before any CUDA graph captures the step)
@@ -322,14 +399,18 @@ class FusedStep:
         ln_a = torch.empty((B * H, D), device=dev, dtype=f32)
         z_parts = torch.empty((B, H * gate_blocks, D), device=dev, dtype=f32)
         z_groups = torch.empty((B, gate_groups, D), device=dev, dtype=f32)
-        pos_now = torch.empty((), device=dev, dtype=state.pos.dtype)
-        _step_embed_kernel[(B,)](byte, self.embed, v, state.pos, pos_now, D, D_PAD=pow2(D), PDL=self.pdl)
-        for S in state.layers:  # B, h, M, d float32
+        pos_now = torch.empty((B,), device=dev, dtype=state.pos.dtype)
+        _step_embed_kernel[(B,)](
+            byte, self.embed, v, state.pos, pos_now, B, D, ROW_POS=state.pos.dim() == 1, B_PAD=pow2(B, 1),
+            D_PAD=pow2(D), PDL=self.pdl,
+        )  # fmt: skip
+        stamps = lazy.stamps if lazy is not None else [x] * len(state.layers)  # x: a pointer, never read
+        for S, stamp in zip(state.layers, stamps, strict=True):  # B, h, M, d float32; B, h, M
             _step_attention_kernel[(tiles * H, att_blocks)](
-                v, self.Dx, self.pair_freq, pos_now, S, x, a_parts, a_groups, counts, ln_a, self.gamma,
-                B, H, M, D, INTERLEAVED=cfg.rope_style == "interleaved", BB=BATCH_TILE,
+                v, self.Dx, self.pair_freq, pos_now, S, stamp, x, a_parts, a_groups, counts, ln_a, self.gamma,
+                B, H, M, D, INTERLEAVED=cfg.rope_style == "interleaved", BR=pow2(att["BB"], DOT_ROWS),
                 GROUPS=pow2(att_groups, 1), D_PAD=pow2(D), PDL=self.pdl, DECAY=cfg.half_lives is not None,
-                launch_pdl=self.pdl, **att,
+                LAZY=lazy is not None, launch_pdl=self.pdl, **att,
             )  # fmt: skip
             _step_gate_kernel[(B * H, gate_blocks)](
                 ln_a, x, self.DyT, self.E, z_parts, z_groups, counts[att_counts:], v, H, M, D,

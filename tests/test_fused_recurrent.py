@@ -10,7 +10,7 @@ import torch
 
 from dragon_hatchling import fused_recurrent
 from dragon_hatchling.sampling import generate
-from model import BDH, BDHConfig
+from model import BDH, BDHConfig, RecurrentState
 from test_fused_parallel import DEVICE, make_model
 
 
@@ -26,6 +26,41 @@ def test_fused_recurrent_step_matches_the_plain_step(style, decay):
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
     for p, f in zip(plain.layers, fused.layers, strict=True):
         torch.testing.assert_close(f, p, rtol=1e-5, atol=1e-5)
+
+
+def test_lazy_decay_reads_only_live_rows_and_settles_to_the_plain_state():
+    """With a LazyDecay the fused step brings only the rows it reads up to date: the logits are the
+    plain step's at every byte, some rows wait (their stamps fall behind), and settle() makes the
+    state the plain one."""
+    model = make_model("interleaved", seed=2, decay=True).eval()
+    _, _, plain = model.forward_chunked(torch.randint(0, 256, (2, 9), device=DEVICE), chunk_size=4)
+    fused = plain.clone()
+    step, lazy = fused_recurrent.FusedStep(model), fused_recurrent.LazyDecay(model.config, fused)
+    for byte in torch.randint(0, 256, (6, 2), device=DEVICE):
+        torch.testing.assert_close(step(byte, fused, lazy), model.step(byte, plain), rtol=1e-4, atol=1e-4)
+    behind = [(stamp < plain.pos).float().mean().item() for stamp in lazy.stamps]
+    assert all(0 < b < 1 for b in behind), behind  # some rows waited, others were read
+    lazy.settle(fused)
+    for p, f in zip(plain.layers, fused.layers, strict=True):
+        torch.testing.assert_close(f, p, rtol=1e-5, atol=1e-5)
+    assert all(torch.equal(stamp, plain.pos.expand_as(stamp)) for stamp in lazy.stamps)
+
+
+@pytest.mark.parametrize("decay", [False, True])
+def test_each_row_steps_at_its_own_position(decay):
+    """Prompts of different lengths stacked into one state (a position a row): the fused step gives
+    each row what the plain step gives that prompt alone."""
+    model = make_model("half", seed=7, decay=decay).eval()
+    prompts = [torch.randint(0, 256, (1, n), device=DEVICE) for n in (3, 11, 6)]
+    alone = [model.forward_chunked(p, chunk_size=4)[2] for p in prompts]
+    fused = RecurrentState.stack([s.clone() for s in alone])
+    assert fused.pos.tolist() == [3, 11, 6]
+    step = fused_recurrent.FusedStep(model)
+    lazy = fused_recurrent.LazyDecay(model.config, fused) if decay else None
+    for byte in torch.randint(0, 256, (4, 3), device=DEVICE):
+        want = torch.cat([model.step(byte[i : i + 1], s) for i, s in enumerate(alone)])
+        torch.testing.assert_close(step(byte, fused, lazy), want, rtol=1e-4, atol=1e-4)
+    assert fused.pos.tolist() == [7, 15, 10]
 
 
 def test_the_fused_step_keeps_its_angles_millions_of_bytes_in():
@@ -48,16 +83,16 @@ def test_fused_step_refuses_a_model_that_would_apply_dropout():
 
 
 SMALL_TILES = {
-    "attention": {"BP": 8, "BD": 16, "GROUP": 2},
+    "attention": {"BB": 2, "BP": 8, "BD": 16, "GROUP": 2},
     "gate": {"BN": 16, "BD": 16, "GROUP": 2},
 }
 
 
-@pytest.mark.parametrize("tiles, batch", [({}, 3), (SMALL_TILES, 3), ({}, fused_recurrent.BATCH_TILE + 1)])
+@pytest.mark.parametrize("tiles, batch", [({}, 3), (SMALL_TILES, 3)])
 def test_fused_step_takes_sizes_that_fill_no_tile(tiles, batch):
     """d, n/h, n/2h not multiples of any block size; three heads; the partner of a pair far away;
-    with small tiles, several blocks a head, the last one partial, and groups of parts of two, the
-    last one short; a batch of one row more than an attention program takes."""
+    with small tiles, several blocks a head, the last one partial, groups of parts of two, the last
+    one short, and attention programs of two batch rows, the last with one (the dot's rows padded)."""
     torch.manual_seed(3)
     cfg = BDHConfig(n_embd=24, n_head=3, n_neurons=3 * 44, n_layer=2, dropout=0.0, rope_style="half")
     model = BDH(cfg).to(DEVICE).eval()
