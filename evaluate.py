@@ -17,7 +17,8 @@ Writes into --out_dir: metrics.json (loss, perplexity, bpb = loss / ln 2, bytes 
 position 0-127, 128-255, 256-511, ..., the fraction of non-zero neurons x, RoPE(x) and y, and which
 path scored: "fused", the Triton kernels, by default for BDH on CUDA, or "eager"), weight_stats.json
 (mean, std, excess kurtosis, the fraction beyond 3 std and the Hill tail index of every matrix:
-measures.py), weights.png and loss_by_position.png; with --prompt, sample.txt; with --neuron_graph,
+measures.py), weights.png and loss_by_position.png; with --prompt, sample.txt (several --prompt, sampled
+side by side as one batch: sample-1.txt, sample-2.txt, ...); with --neuron_graph,
 neuron_graph.json and .png (the graph G = E Dx of the model and of a fresh one); with --synapse_graph,
 synapse_graph.json and .png (the graph of the synapse state sigma after the text's first bytes).
 """
@@ -133,7 +134,12 @@ def add_text_flags(g) -> None:
 
 
 def add_sample_flags(g) -> None:
-    g.add_argument("--prompt", default=None, help="also sample a continuation of this text")
+    g.add_argument(
+        "--prompt",
+        action="append",
+        default=None,
+        help="also sample a continuation of this text (repeat it for several prompts, sampled side by side)",
+    )
     g.add_argument(
         "--max_new_bytes",
         type=positive_int,
@@ -198,8 +204,6 @@ def check_args(args: argparse.Namespace) -> None:
     """The flags that disagree with each other, whatever the model."""
     if not 0 <= args.temperature < math.inf:
         raise UsageError(f"--temperature must be a finite number >= 0, got {args.temperature}")
-    if args.prompt == "":
-        raise UsageError("--prompt must not be empty")
     if args.max_new_bytes > MAX_NEW_BYTES:
         raise UsageError(f"--max_new_bytes {args.max_new_bytes:,} is more than {MAX_NEW_BYTES:,}")
     if args.context == 1:
@@ -274,12 +278,12 @@ def score(
     return score_windows(forward, data, args.seq_len, args.batch_size, device, dtype, args.max_chunks)
 
 
-def sample_text(model: torch.nn.Module, args: argparse.Namespace, device, dtype, path: str) -> str:
-    """The prompt and a sampled continuation, decoded as UTF-8 (invalid bytes replaced): recurrent
-    steps (a CUDA graph of the fused step on the fused path), or the window again for every byte for a
-    model without a recurrent form."""
-    prompt = os.fsencode(args.prompt)  # the bytes as given, UTF-8 or not
-    idx = torch.tensor([list(prompt)], dtype=torch.long, device=device)
+def sample_texts(model: torch.nn.Module, args: argparse.Namespace, device, dtype, path: str) -> list[str]:
+    """Each prompt and a sampled continuation, decoded as UTF-8 (invalid bytes replaced): recurrent
+    steps of all prompts at once (a CUDA graph of the fused step on the fused path), or the window
+    again for every byte, one prompt after another, for a model without a recurrent form."""
+    prompts = [os.fsencode(prompt) for prompt in args.prompt]  # the bytes as given, UTF-8 or not
+    idx = [torch.tensor(list(prompt), dtype=torch.long, device=device) for prompt in prompts]
     gen = torch.Generator(device=device).manual_seed(args.seed)
     sampler = copy.deepcopy(model).to(dtype)  # weights in the dtype itself: a CUDA graph takes no autocast
     context = sample_context(args.context, args.seq_len, model.config)
@@ -288,7 +292,7 @@ def sample_text(model: torch.nn.Module, args: argparse.Namespace, device, dtype,
         out = generate(sampler, idx, *sampling, progress=True, cuda_graph=path == FUSED)
     else:
         out = generate_recompute(sampler, idx, *sampling)
-    return bytes(out[0].tolist()).decode("utf-8", errors="replace")
+    return [bytes(row.tolist()).decode("utf-8", errors="replace") for row in out]
 
 
 def describe_run(
@@ -318,7 +322,7 @@ def describe_run(
 
 def sample_record(args: argparse.Namespace, model) -> dict:
     return {
-        "prompt": args.prompt,
+        **({"prompt": args.prompt[0]} if len(args.prompt) == 1 else {"prompts": args.prompt}),
         "temperature": args.temperature,
         "top_k": args.top_k,
         "max_new_bytes": args.max_new_bytes,
@@ -401,6 +405,9 @@ def prepare(args: argparse.Namespace) -> tuple:
     check_model(args, model)
     path = choose_path(type(model), device, args.fused, compile=False, dtype=dtype)
     check_fits(scoring_bytes(model, args), device, "scoring this model")
+    if args.prompt and model.steps_recurrently:  # a state for every prompt
+        need = 4 * model.config.num_params + model.config.state_bytes(len(args.prompt))
+        check_fits(need, device, f"sampling {len(args.prompt)} prompt(s) side by side")
     out_dir = Path(args.out_dir) if args.out_dir else unique_folder(default_folder(args))  # a new one
     return model.to(device).eval(), source, data, device, dtype, path, out_dir
 
@@ -417,9 +424,10 @@ def main(argv: list[str] | None = None) -> int:
         fail(str(e), code=1)
     metrics.update(describe_run(args, model, source, data, device, dtype, path))
     if args.prompt is not None:
-        sample = sample_text(model, args, device, dtype, path)
-        write_text(out_dir / "sample.txt", sample)
-        print(f"--- sample (temperature {args.temperature}, top_k {args.top_k}) ---\n{sample}\n---")
+        samples = sample_texts(model, args, device, dtype, path)
+        for i, sample in enumerate(samples):
+            write_text(out_dir / ("sample.txt" if len(samples) == 1 else f"sample-{i + 1}.txt"), sample)
+            print(f"--- sample (temperature {args.temperature}, top_k {args.top_k}) ---\n{sample}\n---")
         metrics["sample"] = sample_record(args, model)
     if args.neuron_graph:
         graph = neuron_graph(model, args.init_seed)

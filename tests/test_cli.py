@@ -201,6 +201,7 @@ def test_experiment_refuses_what_cannot_run_before_any_work(args, needles, small
     [
         (["--temperature", "inf", "--prompt", "a"], ["--temperature", "finite"]),
         (["--max_new_bytes", str(10**9), "--prompt", "a"], ["--max_new_bytes", "more than"]),
+        (["--prompt", "a", "--prompt", ""], ["--prompt", "empty string"]),
     ],
 )
 def test_evaluate_refuses_sampling_it_cannot_do(args, needles, small_data_dir, capsys):
@@ -218,3 +219,7 @@ def test_evaluate_refuses_windows_that_cannot_fit(small_data_dir, tmp_path, caps
     argv = ["--data_dir", str(small_data_dir), "--device", "cpu", "--model_path", str(tmp_path / "m")]
     result = call_main(evaluate.main, [*argv, "--seq_len", "3000", "--out_dir", str(tmp_path / "e")], capsys)
     assert_clean_error(result, "scoring this model needs at least", "0.0 GB free")
+    # a state for each of 400 prompts: 400 x L x n x d float32 = 13 MB, more than the 1 MB free
+    many = [arg for _ in range(400) for arg in ("--prompt", "a")]
+    result = call_main(evaluate.main, [*argv, "--seq_len", "8", *many], capsys)
+    assert_clean_error(result, "sampling 400 prompt(s) side by side needs at least")

@@ -128,15 +128,18 @@ def test_evaluate_scores_long_windows_by_position_and_samples_in_a_window(traine
     ev = tmp_path / "long"
     args = ["--model_path", str(out), "--data_dir", str(small_data), "--device", "cpu", "--no_plots"]
     args += ["--seq_len", "160", "--max_chunks", "4", "--out_dir", str(ev)]
-    result = run_script("evaluate.py", *args, "--prompt", "The", "--max_new_bytes", "20", "--context", "8")
+    prompts = ["--prompt", "The", "--prompt", "A longer prompt"]  # two, sampled side by side
+    result = run_script("evaluate.py", *args, *prompts, "--max_new_bytes", "20", "--context", "8")
     assert result.returncode == 0, result.stderr
     got = json.loads((ev / "metrics.json").read_text())
     by_position = got["loss_by_position"]
     assert list(by_position) == ["0-127", "128-159"]
     assert (128 * by_position["0-127"] + 32 * by_position["128-159"]) / 160 == pytest.approx(got["loss"])
     assert "loss by position: 0-127" in result.stdout
-    assert got["sample"]["context"] == 8
-    assert (ev / "sample.txt").read_bytes().startswith(b"The")
+    assert got["sample"]["context"] == 8 and got["sample"]["prompts"] == ["The", "A longer prompt"]
+    assert (ev / "sample-1.txt").read_bytes().startswith(b"The")
+    assert (ev / "sample-2.txt").read_bytes().startswith(b"A longer prompt")
+    assert len((ev / "sample-2.txt").read_bytes()) >= len(b"A longer prompt") + 20
 
 
 def test_a_run_folder_is_never_overwritten_by_accident(trained_run, small_data):

@@ -69,3 +69,25 @@ def test_sampling_draws_what_torch_multinomial_draws():
         assert torch.equal(got, want)
     top = sample_next(logits, 1.0, 3, torch.Generator().manual_seed(0))
     assert (logits.gather(1, top) >= logits.topk(3).values[:, -1:]).all()
+
+
+@pytest.mark.parametrize("decay, context", [(False, None), (True, None), (False, 9), (True, 9)])
+def test_each_row_of_a_batch_generates_what_its_prompt_alone_does(decay, context):
+    """B prompts of their own lengths sampled side by side (greedy, float32): each row is that prompt
+    generated alone, with the rows' context restarts at their own bytes."""
+    model = random_model(9, "interleaved", decay=decay)
+    prompts = [torch.randint(0, 256, (n,)) for n in (1, 7, 12, 4)]
+    together = generate(model, prompts, 17, temperature=0.0, context=context, chunk_size=4)
+    for prompt, row in zip(prompts, together, strict=True):
+        alone = generate(model, prompt[None], 17, temperature=0.0, context=context, chunk_size=4)[0]
+        assert torch.equal(row, alone)
+        assert torch.equal(row, generate_recompute(model, [prompt], 17, 0.0, context=context)[0])
+
+
+def test_generation_rejects_prompts_it_cannot_read():
+    model = random_model(6, "half")
+    empty = torch.zeros(0, dtype=torch.long)
+    cases = [([], "at least one prompt"), ([torch.tensor([1]), empty], "at least one byte"), (empty, "B, T")]
+    for prompts, needle in cases:
+        with pytest.raises(ValueError, match=needle):
+            generate(model, prompts, 3)
