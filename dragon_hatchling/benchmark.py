@@ -35,6 +35,7 @@ from dragon_hatchling.files import write_json
 from dragon_hatchling.hub_client import HubUnreachable
 from dragon_hatchling.loading import load_model
 from dragon_hatchling.sampling import generate, generate_recompute
+from dragon_hatchling.step_speed import measure_steps, previous_step
 from dragon_hatchling.stopping import interruptible
 from model import BDH, BDHConfig
 
@@ -112,6 +113,12 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="generate from this checkpoint (default: a freshly initialised model; a trained one has "
         "sparser neurons, which the fused step skips)",
+    )
+    p.add_argument(
+        "--previous_step",
+        default=None,
+        help="also time generation through this copy of fused_recurrent.py (e.g. an earlier commit's, "
+        "from git show), as the ratios named previous",
     )
     return p
 
@@ -233,6 +240,8 @@ def measure_generation(cfg: BDHConfig, args, device, trained: BDH | None = None)
     out["greedy_bytes_identical_before_first_difference"] = int(
         (differ[0, 0] - prompt.shape[1]) if len(differ) else args.new_bytes
     )
+    previous = Path(args.previous_step) if args.previous_step else None
+    out["steps"] = measure_steps(model, PROMPT, args.new_bytes, previous)
     return out
 
 
@@ -417,6 +426,8 @@ def summary(report: dict) -> str:
                 lines.append(
                     f"  {name:>33}: {g[name]['seconds']:.3f} s, {g[name]['speedup_over_recompute']:.1f}x"
                 )
+            lines += [f"  {name:>40}: {rate:,.0f} B/s" for name, rate in g["steps"]["rates"].items()]
+            lines += [f"  {k}: {v:.2f}" for k, v in g["steps"].items() if "_over_" in k]
     return "\n".join(lines)
 
 
@@ -426,6 +437,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         trained = load_model(args.model_path)[0] if args.model_path and "generate" in args.parts else None
         cfg, decay = configs(args)
+        if args.previous_step is not None:
+            previous_step(Path(args.previous_step))  # imports it: a bad file is refused before any work
         device, ranks = gpu(args)
     except (UsageError, HubUnreachable) as e:
         fail(str(e))

@@ -1,0 +1,155 @@
+"""Speed of the recurrent step (generation) against the floor set by memory bandwidth, for the
+benchmark's `generate` part (benchmark.py): a captured CUDA graph of the fused step replayed, at
+batch 1 and batch 32 (prompts of their own lengths, each row its own position; at batch 32 also with
+1 to 16 rows an attention program), with lazy decay
+(the default) and with every row decaying every step (the step before lazy decay), the same weights
+without decay, and the previous commit's kernels (--previous_step: a copy of its fused_recurrent.py).
+
+The floor is the bytes a step must move (Dx whole for every layer, the state rows of live neurons
+read and written, their rows of Dy and E; with every row decaying, every state row) over the device's
+bandwidth, measured in the same run by a copy.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+from pathlib import Path
+
+import torch
+
+from dragon_hatchling.cli import UsageError
+from dragon_hatchling.sampling import GraphedStep, generate, prompt_state
+from model import BDH
+
+BATCH = 32  # the batched rows
+ROWS_A_PROGRAM = (1, 2, 4, 8, 16)  # the batch rows an attention program takes, swept at batch 32
+
+
+def cuda_seconds(fn, calls: int, repeats: int = 3) -> float:
+    """Median seconds of `calls` calls of fn, timed with CUDA events after one untimed call."""
+    fn()
+    times = []
+    for _ in range(repeats):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(calls):
+            fn()
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end) / 1000)
+    return sorted(times)[len(times) // 2]
+
+
+def prompts(prompt: bytes, batch: int, device) -> list[torch.Tensor]:
+    """batch prompts of their own lengths: the prompt less 0, 3, 6, ... bytes from its end."""
+    cut = [len(prompt) - (3 * i) % (len(prompt) // 2) for i in range(batch)]
+    return [torch.tensor(list(prompt[:n]), device=device) for n in cut]
+
+
+def step_rate(model: BDH, rows: list[torch.Tensor], steps: int, fused=None, lazy_decay: bool = True) -> float:
+    """Bytes/s of the graphed step over the state after rows (fused: the step to capture, default
+    FusedStep; lazy_decay=False: every row decays every step)."""
+    _, state, _ = prompt_state(model, rows, None, 256)
+    graphed = GraphedStep(model, state, fused=fused, lazy_decay=lazy_decay)
+    return len(rows) * steps / cuda_seconds(graphed, steps)
+
+
+def generate_rate(model: BDH, rows: list[torch.Tensor], steps: int) -> float:
+    """Bytes/s of generate() sampling `steps` bytes after each of rows, side by side (top-k 40)."""
+    gen = torch.Generator(model.E.device).manual_seed(0)
+    run = lambda: generate(model, rows, steps, temperature=1.0, top_k=40, generator=gen)  # noqa: E731
+    return len(rows) * steps / cuda_seconds(run, 1)
+
+
+def without_decay(model: BDH) -> BDH:
+    """The same weights, without decay."""
+    plain = BDH(dataclasses.replace(model.config, half_lives=None)).to(model.E.device, model.E.dtype)
+    plain.load_state_dict(model.state_dict())
+    return plain.eval()
+
+
+def previous_step(path: Path):
+    """FusedStep of another copy of fused_recurrent.py (e.g. `git show REV:dragon_hatchling/...`)."""
+    if not path.is_file() or path.suffix != ".py":
+        raise UsageError(f"--previous_step {path}: expected a copy of fused_recurrent.py (a .py file)")
+    spec = importlib.util.spec_from_file_location("previous_fused_recurrent", path)
+    module = importlib.util.module_from_spec(spec)
+    try:
+        spec.loader.exec_module(module)
+    except Exception as e:  # whatever the file does wrong, one line
+        raise UsageError(f"--previous_step {path}: could not be imported ({type(e).__name__}: {e})") from None
+    if not hasattr(module, "FusedStep"):
+        raise UsageError(f"--previous_step {path}: has no FusedStep")
+    return module.FusedStep
+
+
+def bandwidth(device) -> float:
+    """Bytes/s of a device-to-device copy of 1 GiB of float32 (read and written), the best of 5."""
+    src = torch.ones(2**28, dtype=torch.float32, device=device)
+    dst = torch.empty_like(src)
+    return max(2 * 4 * src.numel() / cuda_seconds(lambda: dst.copy_(src), 20) for _ in range(5))
+
+
+def floor_bytes(model: BDH, rows: list[torch.Tensor], every_row: bool) -> dict:
+    """What one step of these rows must move, from the neurons' live fractions over the prompts."""
+    c = model.config
+    live = [model.activation_stats(row[None]) for row in rows]
+    mean = lambda key: sum(s[key] for layer in live for s in layer) / (len(live) * c.n_layer)  # noqa: E731
+    row = c.n_embd * model.E.element_size()  # one row of Dy^T or E
+    state = 2 * 4 * c.n_embd + (0 if every_row else 2 * 8)  # a state row read and written, its stamp
+    per_layer = c.n_neurons * (
+        c.n_embd * model.Dx.element_size() / len(rows)  # Dx, once a step for the batch (L2 serves the rest)
+        + (1.0 if every_row else mean("rope_x_nonzero")) * state
+        + mean("x_nonzero") * row
+        + mean("y_nonzero") * row
+    )
+    return {"bytes_per_byte": per_layer * c.n_layer, "x_nonzero": mean("x_nonzero"),
+            "rope_x_nonzero": mean("rope_x_nonzero"), "y_nonzero": mean("y_nonzero")}  # fmt: skip
+
+
+def measure_steps(model: BDH, prompt: bytes, steps: int, previous: Path | None) -> dict:
+    """Every rate of the module docstring, their floors, and the ratios the issue asks for."""
+    from dragon_hatchling.fused_recurrent import FusedStep  # imports Triton
+
+    dev = model.E.device
+    one, many = prompts(prompt, 1, dev), prompts(prompt, BATCH, dev)
+    out = {"bandwidth_bytes_per_s": bandwidth(dev), "batch": BATCH}
+    rates = {"batch 1": step_rate(model, one, steps), f"batch {BATCH}": step_rate(model, many, steps)}
+    out["rates"] = rates
+    rates[f"generate(), {BATCH} prompts, sampled"] = generate_rate(model, many, steps)
+    decays = model.config.half_lives is not None
+    for rows in ROWS_A_PROGRAM:  # batch rows an attention program takes
+        step = FusedStep(model, attention={"BB": rows})
+        rates[f"batch {BATCH}, {rows} rows an attention program"] = step_rate(model, many, steps, step)
+    if decays:
+        rates["batch 1, every row decays"] = step_rate(model, one, steps, lazy_decay=False)
+        rates["batch 1, same weights without decay"] = step_rate(without_decay(model), one, steps)
+    if previous is not None:
+        old = previous_step(previous)(model)
+        rates["batch 1, previous kernels"] = step_rate(model, one, steps, old, lazy_decay=False)
+        if decays:
+            plain = without_decay(model)
+            old = previous_step(previous)(plain)
+            rates["batch 1, without decay, previous kernels"] = step_rate(plain, one, steps, old, False)
+    floors = {"batch 1": floor_bytes(model, one, False), f"batch {BATCH}": floor_bytes(model, many, False)}
+    if decays:
+        floors["batch 1, every row decays"] = floor_bytes(model, one, True)
+    for name, floor in floors.items():
+        floor["floor_bytes_per_s"] = out["bandwidth_bytes_per_s"] / floor["bytes_per_byte"]
+        floor["rate_over_floor"] = rates[name] / floor["floor_bytes_per_s"]
+    out["floors"] = floors
+    out[f"batch_{BATCH}_over_batch_1"] = rates[f"batch {BATCH}"] / rates["batch 1"]
+    best = max(ROWS_A_PROGRAM, key=lambda r: rates[f"batch {BATCH}, {r} rows an attention program"])
+    out["best_rows_an_attention_program"] = best
+    out[f"batch_{BATCH}_best_rows_over_batch_1"] = (
+        rates[f"batch {BATCH}, {best} rows an attention program"] / rates["batch 1"]
+    )
+    if decays:
+        out["lazy_decay_over_every_row"] = rates["batch 1"] / rates["batch 1, every row decays"]
+        out["lazy_decay_over_no_decay"] = rates["batch 1"] / rates["batch 1, same weights without decay"]
+        if previous is not None:
+            out["lazy_decay_over_no_decay_previous"] = (
+                rates["batch 1"] / rates["batch 1, without decay, previous kernels"]
+            )
+    return out
