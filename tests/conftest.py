@@ -148,29 +148,45 @@ def run_script(*args: str, cwd: Path = REPO, env: dict | None = None, timeout: f
     )
 
 
-@pytest.fixture
-def silent_hub():
-    """HF_ENDPOINT of a server on 127.0.0.1 that accepts every connection and never answers."""
-    import threading
+class SilentHub:
+    """A server on 127.0.0.1 that accepts every connection and never answers; `url` is its
+    HF_ENDPOINT, `connections` how many it has taken (a client is then waiting on it)."""
 
-    server = socket.socket()
-    server.bind(("127.0.0.1", 0))
-    server.listen(64)
-    server.settimeout(0.2)
-    held, stop = [], threading.Event()
+    def __init__(self) -> None:
+        import threading
 
-    def accept() -> None:
-        while not stop.is_set():
+        self.server = socket.socket()
+        self.server.bind(("127.0.0.1", 0))
+        self.server.listen(64)
+        self.server.settimeout(0.2)
+        self.url = f"http://127.0.0.1:{self.server.getsockname()[1]}"
+        self.held: list[socket.socket] = []
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self.accept, daemon=True)
+        self.thread.start()
+
+    @property
+    def connections(self) -> int:
+        return len(self.held)
+
+    def accept(self) -> None:
+        while not self.stop.is_set():
             try:
-                held.append(server.accept()[0])
+                self.held.append(self.server.accept()[0])
             except OSError:
                 pass
 
-    thread = threading.Thread(target=accept, daemon=True)
-    thread.start()
-    yield f"http://127.0.0.1:{server.getsockname()[1]}"
-    stop.set()
-    thread.join()
-    for conn in held:
-        conn.close()
-    server.close()
+    def close(self) -> None:
+        self.stop.set()
+        self.thread.join()
+        for conn in self.held:
+            conn.close()
+        self.server.close()
+
+
+@pytest.fixture
+def silent_hub():
+    """A SilentHub, closed after the test."""
+    hub = SilentHub()
+    yield hub
+    hub.close()

@@ -233,7 +233,7 @@ def hub_lines(stderr: str) -> list[str]:
 def test_a_push_to_a_hub_that_never_answers_ends_with_one_line(silent_hub, tmp_path, small_data_dir):
     run = tmp_path / "run"
     flags = "--max_steps 4 --eval_every 4 --batch_size 4 --seq_len 32 --warmup_steps 2"
-    env = {**SILENT, "HF_ENDPOINT": silent_hub}
+    env = {**SILENT, "HF_ENDPOINT": silent_hub.url}
     push = ["--push_to_hub", "--hf_repo_id", "u/n"]
     pushed = run_script(*tiny_run(small_data_dir, run, flags), *push, env=env, timeout=120)
     assert (
@@ -253,7 +253,7 @@ def test_a_push_to_a_hub_that_never_answers_ends_with_one_line(silent_hub, tmp_p
 
 
 def test_loading_from_a_hub_that_never_answers_ends_with_one_line(silent_hub, small_data_dir):
-    env = {**SILENT, "HF_ENDPOINT": silent_hub}
+    env = {**SILENT, "HF_ENDPOINT": silent_hub.url}
     args = ["--model_path", "u/n", "--data_dir", str(small_data_dir), "--device", "cpu"]
     result = run_script("evaluate.py", *args, env=env, timeout=120)
     assert result.returncode == 1 and "--model_path u/n" in hub_lines(result.stderr)[-1], result.stderr
@@ -267,8 +267,11 @@ def test_ctrl_c_while_pushing_says_how_to_push_later(silent_hub, tmp_path, small
     flags = "--max_steps 2 --eval_every 2 --batch_size 4 --seq_len 32"
     assert call_main(experiment.main, tiny_run(small_data, run, flags)[1:], capsys).returncode == 0
     proc = start(["-m", "dragon_hatchling.hub", "push", str(run), "--hf_repo_id", "u/n"],
-                 env={**os.environ, "HF_ENDPOINT": silent_hub, "BDH_HUB_DEADLINE": "300"})  # fmt: skip
-    time.sleep(6)  # past the imports, waiting for the Hub
+                 env={**os.environ, "HF_ENDPOINT": silent_hub.url, "BDH_HUB_DEADLINE": "300"})  # fmt: skip
+    deadline = time.time() + 120
+    while silent_hub.connections == 0 and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.1)  # past the imports: the push waits for the Hub
+    assert silent_hub.connections > 0, proc.communicate(timeout=5)[1]
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == 130 and "Traceback" not in err, err
