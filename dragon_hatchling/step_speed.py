@@ -27,7 +27,8 @@ ROWS_A_PROGRAM = (1, 2, 4, 8, 16)  # the batch rows an attention program takes, 
 
 
 def cuda_seconds(fn, calls: int, repeats: int = 3) -> float:
-    """Median seconds of `calls` calls of fn, timed with CUDA events after one untimed call."""
+    """Median seconds of `calls` calls of fn (all of them, not one), timed with CUDA events after one
+    untimed call."""
     fn()
     times = []
     for _ in range(repeats):
@@ -88,7 +89,7 @@ def bandwidth(device) -> float:
     """Bytes/s of a device-to-device copy of 1 GiB of float32 (read and written), the best of 5."""
     src = torch.ones(2**28, dtype=torch.float32, device=device)
     dst = torch.empty_like(src)
-    return max(2 * 4 * src.numel() / cuda_seconds(lambda: dst.copy_(src), 20) for _ in range(5))
+    return max(20 * 2 * 4 * src.numel() / cuda_seconds(lambda: dst.copy_(src), 20) for _ in range(5))
 
 
 def floor_bytes(model: BDH, rows: list[torch.Tensor], every_row: bool) -> dict:
