@@ -1,0 +1,215 @@
+"""A product inside a Triton kernel against cuBLAS, at the fused layer's shapes (issue 29, part 1):
+the gate a kernel that keeps the neurons on chip must pass first (about 85% of cuBLAS).
+
+The default model at the default recipe's 8 x 512 (R = B*T = 4,096 rows), d = 256, h = 4, n/h =
+8,192; bf16 operands, float32 sums:
+
+    encoder   x = v Dx       (R x d) @ (d x n/h), a head each      K = 256: a short sum
+    decoder   z = y E        (R x n) @ (n x d)                     K = 32,768: long, few outputs
+    gradient  dDx = v^T dx   (d x R) @ (R x n/h), a head each      K = 4,096
+
+For each, torch.matmul (cuBLAS) and one Triton kernel over a sweep of tiles, warps and stages, with
+programs a tile each or persistent (one a multiprocessor, looping over tiles), and split over K
+where the outputs are few (partial sums in float32, then added: deterministic). Timed in one run
+(CUDA events, the median of repeats); prints TFLOP/s and the ratio to cuBLAS, writes JSON.
+
+    python3 results/benchmark/dot_in_kernel.py --out $OUT/dot_in_kernel.json
+    python3 results/benchmark/dot_in_kernel.py --check   # each variant against torch at a tiny size
+                                                         # (on a CPU, in Triton's interpreter)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from dataclasses import asdict, dataclass
+
+import torch
+
+if "--check" in sys.argv and not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")  # before Triton is imported
+import triton  # noqa: E402
+import triton.language as tl  # noqa: E402
+
+
+@triton.jit
+def _tile_of(tile, tiles_m, tiles_n, GROUP_M: tl.constexpr):
+    """(batch, row tile, column tile) of a linear tile number; GROUP_M row tiles side by side share
+    their columns of B while they are in L2."""
+    per_batch = tiles_m * tiles_n
+    b, t = tile // per_batch, tile % per_batch
+    group = GROUP_M * tiles_n
+    first = (t // group) * GROUP_M
+    rows = tl.minimum(tiles_m - first, GROUP_M)
+    return b, first + (t % group) % rows, (t % group) // rows
+
+
+@triton.jit
+def _gemm_kernel(
+    a_ptr, b_ptr, c_ptr, K, sab, sam, sak, sbb, sbk, sbn, scs, scb, scm, scn, tiles_m, tiles_n, tiles,
+    BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr, SPLIT_K: tl.constexpr,
+    PERSISTENT: tl.constexpr,
+):  # fmt: skip
+    """C[s, b] = A[b] B[b] over the s-th of SPLIT_K parts of K (every size a multiple of its tile).
+    Axis 0: tiles (or, PERSISTENT, a program a multiprocessor striding over them); axis 1: the parts."""
+    part = tl.program_id(1)
+    k_part = K // SPLIT_K
+    first = tl.program_id(0)
+    last = tiles if PERSISTENT else first + 1
+    stride = tl.num_programs(0) if PERSISTENT else 1
+    for tile in range(first, last, stride):
+        b, pm, pn = _tile_of(tile, tiles_m, tiles_n, GROUP_M)
+        rm = pm * BM + tl.arange(0, BM)
+        rn = pn * BN + tl.arange(0, BN)
+        rk = part * k_part + tl.arange(0, BK)
+        a = a_ptr + b * sab + rm[:, None] * sam + rk[None, :] * sak  # BM, BK
+        w = b_ptr + b * sbb + rk[:, None] * sbk + rn[None, :] * sbn  # BK, BN
+        acc = tl.zeros((BM, BN), dtype=tl.float32)
+        for _ in range(0, k_part, BK):
+            acc = tl.dot(tl.load(a), tl.load(w), acc)
+            a += BK * sak
+            w += BK * sbk
+        tl.store(c_ptr + part * scs + b * scb + rm[:, None] * scm + rn[None, :] * scn, acc)
+
+
+@dataclass(frozen=True)
+class Tiles:
+    BM: int
+    BN: int
+    BK: int
+    num_warps: int
+    num_stages: int
+    split_k: int = 1
+    persistent: bool = False
+
+
+def gemm(a: torch.Tensor, b: torch.Tensor, t: Tiles) -> torch.Tensor:
+    """a (batch or 1, M, K) @ b (batch, K, N) -> float32 (batch, M, N), through _gemm_kernel."""
+    batch, (M, K), N = b.shape[0], a.shape[-2:], b.shape[-1]
+    assert M % t.BM == 0 and N % t.BN == 0 and K % (t.BK * t.split_k) == 0, (M, N, K, t)
+    out = torch.empty((t.split_k, batch, M, N), device=a.device, dtype=torch.float32)
+    tiles_m, tiles_n = M // t.BM, N // t.BN
+    tiles = tiles_m * tiles_n * batch
+    programs = tiles
+    if t.persistent:
+        sms = torch.cuda.get_device_properties(a.device).multi_processor_count if a.is_cuda else 4
+        programs = min(tiles, max(1, sms // t.split_k))
+    sab = a.stride(0) if a.shape[0] > 1 else 0  # one A for every batch: the encoder's v
+    _gemm_kernel[(programs, t.split_k)](
+        a, b, out, K, sab, a.stride(-2), a.stride(-1), b.stride(0), b.stride(1), b.stride(2),
+        out.stride(0), out.stride(1), out.stride(2), out.stride(3), tiles_m, tiles_n, tiles,
+        BM=t.BM, BN=t.BN, BK=t.BK, GROUP_M=8, SPLIT_K=t.split_k, PERSISTENT=t.persistent,
+        num_warps=t.num_warps, num_stages=t.num_stages,
+    )  # fmt: skip
+    return out[0] if t.split_k == 1 else out.sum(0)
+
+
+def operands(R: int, d: int, h: int, m: int, device, dtype) -> dict:
+    """The three products' operands (A, B) and their FLOPs, A and B as gemm takes them."""
+    g = torch.Generator(device="cpu").manual_seed(0)
+    rand = lambda *s: torch.randn(*s, generator=g).to(device, dtype)  # noqa: E731
+    v, Dx, y, E, dx = rand(1, R, d), rand(h, d, m), rand(1, R, h * m), rand(1, h * m, d), rand(h, R, m)
+    return {
+        "encoder x = v Dx": (v, Dx, 2 * R * d * h * m),
+        "decoder z = y E": (y, E, 2 * R * h * m * d),
+        "gradient dDx = v^T dx": (v.mT, dx, 2 * d * R * h * m),
+    }
+
+
+SWEEP = [  # Hopper's usual shapes for bf16 tl.dot (wgmma), and smaller ones
+    Tiles(128, 256, 64, 8, 3), Tiles(256, 128, 64, 8, 3), Tiles(128, 128, 64, 8, 4),
+    Tiles(128, 128, 64, 4, 4), Tiles(128, 128, 128, 8, 3), Tiles(64, 256, 64, 4, 4), Tiles(128, 64, 64, 4, 4),
+]  # fmt: skip
+
+
+def variants(name: str) -> list[Tiles]:
+    """The sweep, persistent too; the decoder (few outputs: R x d) split over K as well."""
+    out = [*SWEEP, *(Tiles(**{**asdict(t), "persistent": True}) for t in SWEEP)]
+    if name.startswith("decoder"):
+        out += [Tiles(**{**asdict(t), "split_k": s}) for t in SWEEP for s in (4, 8, 16)]
+    return out
+
+
+def seconds(fn, calls: int = 20, repeats: int = 5) -> float:
+    """Median seconds of one call, by CUDA events over `calls` calls after two untimed ones."""
+    fn(), fn()
+    times = []
+    for _ in range(repeats):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(calls):
+            fn()
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end) / 1000 / calls)
+    return sorted(times)[len(times) // 2]
+
+
+def reference(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    return torch.matmul(a, b)
+
+
+def measure(name: str, a, b, flops: int) -> dict:
+    """cuBLAS and every variant that fits the shape: TFLOP/s, ratio, the largest error."""
+    want = reference(a, b).float()
+    rows = {"cuBLAS": {"tflops": flops / seconds(lambda: reference(a, b)) / 1e12}}
+    for t in variants(name):
+        M, K, N = a.shape[-2], a.shape[-1], b.shape[-1]
+        if M % t.BM or N % t.BN or K % (t.BK * t.split_k):
+            continue
+        try:
+            err = (gemm(a, b, t) - want).abs().max().item() / want.abs().max().item()
+            tflops = flops / seconds(lambda t=t: gemm(a, b, t)) / 1e12
+        except Exception as e:  # e.g. out of shared memory: recorded, the sweep goes on
+            rows[str(t)] = {"error": f"{type(e).__name__}: {str(e)[:200]}"}
+            continue
+        rows[str(t)] = {"tflops": tflops, "over_cublas": tflops / rows["cuBLAS"]["tflops"], "rel_error": err}
+    ok = [r for k, r in rows.items() if k != "cuBLAS" and "tflops" in r]
+    best = max(ok, key=lambda r: r["tflops"]) if ok else None
+    return {"flops": flops, "rows": rows, "best_over_cublas": best["over_cublas"] if best else None}
+
+
+def check() -> None:
+    """Every variant against torch at a tiny size (the interpreter's speed), all three products."""
+    small = [
+        Tiles(16, 16, 16, 4, 1),
+        Tiles(16, 32, 16, 4, 2, split_k=2),
+        Tiles(32, 16, 16, 4, 1, persistent=True),
+    ]
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    for name, (a, b, _) in operands(64, 32, 2, 64, device, torch.float32).items():
+        for t in small:
+            torch.testing.assert_close(gemm(a, b, t), reference(a, b), rtol=1e-4, atol=1e-3)
+        print(f"{name}: {len(small)} variants match torch")
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", default=None, help="write the results here as JSON")
+    p.add_argument("--check", action="store_true", help="check the kernels against torch, tiny, and stop")
+    args = p.parse_args()
+    if args.check:
+        return check()
+    if not torch.cuda.is_available():
+        sys.exit("error: the measurement needs a CUDA GPU (--check runs anywhere)")
+    report = {
+        "device": torch.cuda.get_device_name(),
+        "torch": torch.__version__,
+        "triton": triton.__version__,
+    }
+    for name, (a, b, flops) in operands(4096, 256, 4, 8192, "cuda", torch.bfloat16).items():
+        report[name] = measure(name, a, b, flops)
+        rows = report[name]["rows"]
+        print(f"{name}: cuBLAS {rows['cuBLAS']['tflops']:.0f} TFLOP/s")
+        ranked = sorted((r["tflops"], k) for k, r in rows.items() if k != "cuBLAS" and "tflops" in r)
+        for tflops, key in ranked[::-1][:5]:
+            print(f"  {tflops:6.0f} TFLOP/s  {tflops / rows['cuBLAS']['tflops']:.2f}x  {key}")
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(report, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
