@@ -109,20 +109,16 @@ def floor_bytes(model: BDH, rows: list[torch.Tensor], every_row: bool) -> dict:
             "rope_x_nonzero": mean("rope_x_nonzero"), "y_nonzero": mean("y_nonzero")}  # fmt: skip
 
 
-def measure_steps(model: BDH, prompt: bytes, steps: int, previous: Path | None) -> dict:
-    """Every rate of the module docstring, their floors, and the ratios the issue asks for."""
+def step_rates(model: BDH, one: list, many: list, steps: int, previous: Path | None) -> dict:
+    """Bytes/s of every step of the module docstring, by name."""
     from dragon_hatchling.fused_recurrent import FusedStep  # imports Triton
 
-    dev = model.E.device
-    one, many = prompts(prompt, 1, dev), prompts(prompt, BATCH, dev)
-    out = {"bandwidth_bytes_per_s": bandwidth(dev), "batch": BATCH}
     rates = {"batch 1": step_rate(model, one, steps), f"batch {BATCH}": step_rate(model, many, steps)}
-    out["rates"] = rates
     rates[f"generate(), {BATCH} prompts, sampled"] = generate_rate(model, many, steps)
-    decays = model.config.half_lives is not None
     for rows in ROWS_A_PROGRAM:  # batch rows an attention program takes
         step = FusedStep(model, attention={"BB": rows})
         rates[f"batch {BATCH}, {rows} rows an attention program"] = step_rate(model, many, steps, step)
+    decays = model.config.half_lives is not None
     if decays:
         rates["batch 1, every row decays"] = step_rate(model, one, steps, lazy_decay=False)
         rates["batch 1, same weights without decay"] = step_rate(without_decay(model), one, steps)
@@ -133,24 +129,43 @@ def measure_steps(model: BDH, prompt: bytes, steps: int, previous: Path | None) 
             plain = without_decay(model)
             old = previous_step(previous)(plain)
             rates["batch 1, without decay, previous kernels"] = step_rate(plain, one, steps, old, False)
-    floors = {"batch 1": floor_bytes(model, one, False), f"batch {BATCH}": floor_bytes(model, many, False)}
-    if decays:
-        floors["batch 1, every row decays"] = floor_bytes(model, one, True)
-    for name, floor in floors.items():
-        floor["floor_bytes_per_s"] = out["bandwidth_bytes_per_s"] / floor["bytes_per_byte"]
+    return rates
+
+
+def floors(model: BDH, one: list, many: list, rates: dict, bandwidth_bytes_per_s: float) -> dict:
+    """The floor of each step that has one, and its rate over the floor."""
+    out = {"batch 1": floor_bytes(model, one, False), f"batch {BATCH}": floor_bytes(model, many, False)}
+    if model.config.half_lives is not None:
+        out["batch 1, every row decays"] = floor_bytes(model, one, True)
+    for name, floor in out.items():
+        floor["floor_bytes_per_s"] = bandwidth_bytes_per_s / floor["bytes_per_byte"]
         floor["rate_over_floor"] = rates[name] / floor["floor_bytes_per_s"]
-    out["floors"] = floors
-    out[f"batch_{BATCH}_over_batch_1"] = rates[f"batch {BATCH}"] / rates["batch 1"]
-    best = max(ROWS_A_PROGRAM, key=lambda r: rates[f"batch {BATCH}, {r} rows an attention program"])
-    out["best_rows_an_attention_program"] = best
-    out[f"batch_{BATCH}_best_rows_over_batch_1"] = (
-        rates[f"batch {BATCH}, {best} rows an attention program"] / rates["batch 1"]
-    )
-    if decays:
-        out["lazy_decay_over_every_row"] = rates["batch 1"] / rates["batch 1, every row decays"]
-        out["lazy_decay_over_no_decay"] = rates["batch 1"] / rates["batch 1, same weights without decay"]
-        if previous is not None:
-            out["lazy_decay_over_no_decay_previous"] = (
-                rates["batch 1"] / rates["batch 1, without decay, previous kernels"]
-            )
     return out
+
+
+def ratios(rates: dict) -> dict:
+    """The ratios the issue asks for (those whose rates were measured)."""
+    program = lambda r: rates[f"batch {BATCH}, {r} rows an attention program"]  # noqa: E731
+    best = max(ROWS_A_PROGRAM, key=program)
+    out = {
+        f"batch_{BATCH}_over_batch_1": rates[f"batch {BATCH}"] / rates["batch 1"],
+        "best_rows_an_attention_program": best,
+        f"batch_{BATCH}_best_rows_over_batch_1": program(best) / rates["batch 1"],
+    }
+    pairs = {
+        "lazy_decay_over_every_row": "batch 1, every row decays",
+        "lazy_decay_over_no_decay": "batch 1, same weights without decay",
+        "lazy_decay_over_no_decay_previous": "batch 1, without decay, previous kernels",
+    }
+    out.update({key: rates["batch 1"] / rates[name] for key, name in pairs.items() if name in rates})
+    return out
+
+
+def measure_steps(model: BDH, prompt: bytes, steps: int, previous: Path | None) -> dict:
+    """Every rate of the module docstring, their floors, and the ratios the issue asks for."""
+    dev = model.E.device
+    one, many = prompts(prompt, 1, dev), prompts(prompt, BATCH, dev)
+    out = {"bandwidth_bytes_per_s": bandwidth(dev), "batch": BATCH}
+    out["rates"] = step_rates(model, one, many, steps, previous)
+    out["floors"] = floors(model, one, many, out["rates"], out["bandwidth_bytes_per_s"])
+    return {**out, **ratios(out["rates"])}
