@@ -52,9 +52,10 @@ def prepared(model_path: str) -> tuple:
     return model, state0, byte, reference
 
 
-def ms_per_step(model, state0, byte, fused, reference: torch.Tensor) -> tuple[float, float]:
-    """Milliseconds per replay of the captured step, and its first logits' error against reference."""
-    run = GraphedStep(model, state0.clone(), fused)
+def ms_per_step(model, state0, byte, fused, reference: torch.Tensor, lazy: bool = True) -> tuple:
+    """Milliseconds per replay of the captured step, and its first logits' error against reference
+    (lazy: with lazy decay, for a model with decay; an earlier FusedStep takes none)."""
+    run = GraphedStep(model, state0.clone(), fused, lazy_decay=lazy)
     first = run(byte).float()
     err = ((first - reference).norm() / reference.norm()).item()
     for _ in range(10):
@@ -75,7 +76,8 @@ def main() -> None:
 
         def run(att: dict, gate: dict, make=FusedStep, note: str = "") -> float:
             try:
-                ms, err = ms_per_step(model, state0, byte, make(model, att, gate), reference)
+                step = make(model, att, gate)
+                ms, err = ms_per_step(model, state0, byte, step, reference, lazy=make is FusedStep)
             except Exception as e:  # a tile the GPU cannot take (registers, shared memory)
                 ms, err = None, None
                 print(f"failed {att} {gate}: {str(e)[:300]}", flush=True)
