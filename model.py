@@ -271,7 +271,42 @@ def read_in_chunks(step, idx: torch.Tensor, targets: torch.Tensor | None, chunk_
     return logits, loss, state
 
 
+CARD = """---
+{{ card_data }}
+---
+
+# {{ display_name }} over bytes, saved by dragon-hatchling
+
+A {{ description }} language model over UTF-8 bytes: {{ shape }}; {{ parameters }} parameters
+(`config.json`, `model.safetensors`).
+
+```python
+from {{ module }} import {{ class_name }}   # dragon-hatchling
+model = {{ class_name }}.from_pretrained("THIS_REPO_OR_FOLDER")
+```
+
+or `uv run evaluate.py --model_path THIS_REPO_OR_FOLDER` (loss, bits per byte, perplexity, weight
+histograms; `--prompt TEXT` samples). A run pushed with `experiment.py --push_to_hub` or `python -m
+dragon_hatchling.hub push` carries a card with its results and command instead of this one.
+"""
+
+
+class CardOfItsOwn:
+    """The model card that save_pretrained and push_to_hub write (PyTorchModelHubMixin asks
+    generate_model_card): what the model is and how to load it, instead of the mixin's blanks."""
+
+    def generate_model_card(self, *args, **kwargs):
+        from huggingface_hub import ModelCard
+
+        return ModelCard.from_template(
+            card_data=self._hub_mixin_info.model_card_data, template_str=CARD, display_name=self.display_name,
+            description=self.description, shape=self.config.describe(), class_name=type(self).__name__,
+            module=type(self).__module__, parameters=f"{sum(p.numel() for p in self.parameters()):,}",
+        )  # fmt: skip
+
+
 class BDH(
+    CardOfItsOwn,
     nn.Module,
     PyTorchModelHubMixin,
     library_name="dragon-hatchling",

@@ -33,7 +33,7 @@ import torch.nn.functional as F
 from huggingface_hub import PyTorchModelHubMixin
 from torch import nn
 
-from model import read_in_chunks
+from model import CardOfItsOwn, read_in_chunks
 
 
 @dataclass
@@ -197,6 +197,7 @@ class Block(nn.Module):
 
 
 class GPT(
+    CardOfItsOwn,
     nn.Module,
     PyTorchModelHubMixin,
     library_name="dragon-hatchling",

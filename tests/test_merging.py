@@ -4,6 +4,7 @@ saves, loads, scores, samples and goes to the Hub like any other."""
 
 import copy
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -132,6 +133,11 @@ def test_merged_models_save_load_score_sample_and_go_to_the_hub(hub, small_data,
     back, _ = load_model("tester/merged-bdh")
     assert back.config == model.config
     torch.testing.assert_close(logits(back), logits(model))
+    from huggingface_hub import hf_hub_download
+
+    for card in (out / "README.md", Path(hf_hub_download("tester/merged-bdh", "README.md"))):
+        text = card.read_text()  # the card says what the model is, not the mixin's blanks
+        assert "merged, each head of 32 + 16 neurons" in text and "More Information Needed" not in text, text
 
 
 def test_models_that_cannot_merge_are_one_line(tmp_path, capsys):
