@@ -5,6 +5,7 @@ written atomically (files.atomic_path)."""
 from __future__ import annotations
 
 import math
+import textwrap
 from pathlib import Path
 
 import matplotlib
@@ -173,7 +174,7 @@ def degree_ccdfs(graph: dict, path: Path, title: str) -> None:
         ax.set(xlabel=f"{what} k", ylabel=f"P({what} >= k), all neurons")
         ax.grid(alpha=0.3, which="both")
         ax.legend(fontsize=8)
-    fig.suptitle(f"{title}: neuron graph {graph['edges']}", fontsize=9)
+    fig.suptitle(textwrap.fill(f"{title}: neuron graph {graph['edges']}", 150), fontsize=9)  # fits the figure
     save(fig, path, dpi=110)
 
 
