@@ -325,10 +325,10 @@ class CarriedInput:
 
     def next_state(self, state: torch.Tensor, update: torch.Tensor) -> torch.Tensor:
         """The state after the window: gamma^T S + its terms. state: B, h, M, d float32 (not changed)."""
-        terms = update.transpose(0, 1).float()  # B, h, M, d
+        terms = update.transpose(0, 1)  # B, h, M, d bf16, added in float32 as it is read (no float copy)
         if self.decay is None:
             return state + terms
-        return state * self.decay.whole.view(1, -1, 1, 1) + terms
+        return (state * self.decay.whole.view(1, -1, 1, 1)).add_(terms)
 
 
 class Fused(torch.nn.Module):
