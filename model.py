@@ -301,7 +301,7 @@ class CardOfItsOwn:
         return ModelCard.from_template(
             card_data=self._hub_mixin_info.model_card_data, template_str=CARD, display_name=self.display_name,
             description=self.description, shape=self.config.describe(), class_name=type(self).__name__,
-            module=type(self).__module__, parameters=f"{sum(p.numel() for p in self.parameters()):,}",
+            module=type(self).__module__, parameters=f"{self.num_params():,}",
         )  # fmt: skip
 
 
