@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import statistics
 import sys
 import time
 from datetime import date
@@ -29,7 +28,7 @@ import torch
 
 from dragon_hatchling.carried import Carried
 from dragon_hatchling.cli import Parser, UsageError, fail, half_lives, positive_int
-from dragon_hatchling.devices import resolve_device
+from dragon_hatchling.devices import cuda_time, resolve_device
 from dragon_hatchling.distributed import Ranks, all_reduce, rank_device, ranks_from_env, start, stop
 from dragon_hatchling.files import write_json
 from dragon_hatchling.hub_client import HubUnreachable
@@ -121,20 +120,6 @@ def build_parser() -> argparse.ArgumentParser:
         "from git show), as the ratios named previous",
     )
     return p
-
-
-def cuda_time(fn, steps: int, repeats: int) -> float:
-    """Median seconds for `steps` calls of fn, timed with CUDA events."""
-    times = []
-    for _ in range(repeats):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        for _ in range(steps):
-            fn()
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end) / 1000)
-    return statistics.median(times)
 
 
 def train_step_fn(model: BDH, path: str, B: int, T: int, device: torch.device, chunk_size: int = 0):

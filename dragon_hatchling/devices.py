@@ -1,6 +1,9 @@
-"""Devices and precision: which device, which dtype, autocast, and whether a job fits in memory."""
+"""Devices and precision: which device, which dtype, autocast, whether a job fits in memory, and
+timing on CUDA."""
 
 from __future__ import annotations
+
+import statistics
 
 import torch
 
@@ -67,3 +70,17 @@ def autocast(device: torch.device, dtype: torch.dtype | None):
     if dtype is None or dtype == torch.float32:
         return torch.autocast(device.type, enabled=False)
     return torch.autocast(device.type, dtype=dtype)
+
+
+def cuda_time(fn, steps: int, repeats: int) -> float:
+    """Median seconds for `steps` calls of fn (all of them, not one), timed with CUDA events."""
+    times = []
+    for _ in range(repeats):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(steps):
+            fn()
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end) / 1000)
+    return statistics.median(times)

@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 
 from dragon_hatchling.cli import UsageError
+from dragon_hatchling.devices import cuda_time
 from dragon_hatchling.sampling import GraphedStep, generate, prompt_state
 from model import BDH
 
@@ -27,19 +28,9 @@ ROWS_A_PROGRAM = (1, 2, 4, 8, 16)  # the batch rows an attention program takes, 
 
 
 def cuda_seconds(fn, calls: int, repeats: int = 3) -> float:
-    """Median seconds of `calls` calls of fn (all of them, not one), timed with CUDA events after one
-    untimed call."""
+    """devices.cuda_time of `calls` calls of fn (all of them, not one), after one untimed call."""
     fn()
-    times = []
-    for _ in range(repeats):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        for _ in range(calls):
-            fn()
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end) / 1000)
-    return sorted(times)[len(times) // 2]
+    return cuda_time(fn, calls, repeats)
 
 
 def prompts(prompt: bytes, batch: int, device) -> list[torch.Tensor]:

@@ -25,6 +25,7 @@ import json
 import os
 import sys
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
 import torch
 
@@ -32,6 +33,9 @@ if "--check" in sys.argv and not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")  # before Triton is imported
 import triton  # noqa: E402
 import triton.language as tl  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repository
+from dragon_hatchling.devices import cuda_time  # noqa: E402
 
 
 @triton.jit
@@ -133,18 +137,9 @@ def variants(name: str) -> list[Tiles]:
 
 
 def seconds(fn, calls: int = 20, repeats: int = 5) -> float:
-    """Median seconds of one call, by CUDA events over `calls` calls after two untimed ones."""
+    """Median seconds of one call (devices.cuda_time over `calls` calls, after two untimed ones)."""
     fn(), fn()
-    times = []
-    for _ in range(repeats):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        for _ in range(calls):
-            fn()
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end) / 1000 / calls)
-    return sorted(times)[len(times) // 2]
+    return cuda_time(fn, calls, repeats) / calls
 
 
 def reference(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:

@@ -25,6 +25,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 from dragon_hatchling import benchmark  # noqa: E402
+from dragon_hatchling.devices import cuda_time  # noqa: E402
 from dragon_hatchling.fused_recurrent import FusedStep  # noqa: E402
 from dragon_hatchling.loading import load_model  # noqa: E402
 from dragon_hatchling.sampling import GraphedStep  # noqa: E402
@@ -60,7 +61,7 @@ def ms_per_step(model, state0, byte, fused, reference: torch.Tensor, lazy: bool 
     err = ((first - reference).norm() / reference.norm()).item()
     for _ in range(10):
         run(byte)
-    return 1000 * benchmark.cuda_time(lambda: run(byte), 100, 3) / 100, err
+    return 1000 * cuda_time(lambda: run(byte), 100, 3) / 100, err
 
 
 def main() -> None:
