@@ -78,9 +78,8 @@ class GraphedStep:
     ) -> None:
         from dragon_hatchling.fused_recurrent import FusedStep, LazyDecay  # imports Triton
 
-        fused = (
-            FusedStep(model) if fused is None else fused
-        )  # its weight layouts are made once, outside the graph
+        if fused is None:
+            fused = FusedStep(model)  # its weight layouts are made once, outside the graph
         decays = lazy_decay and model.config.half_lives is not None
         self.lazy = LazyDecay(model.config, state) if decays else None
         self.fused, self.state, self.sample = fused, state, sample
