@@ -9,9 +9,10 @@ The default model at the default recipe's 8 x 512 (R = B*T = 4,096 rows), d = 25
     gradient  dDx = v^T dx   (d x R) @ (R x n/h), a head each      K = 4,096
 
 For each, torch.matmul (cuBLAS) and one Triton kernel over a sweep of tiles, warps and stages, with
-programs a tile each or persistent (one a multiprocessor, looping over tiles), and split over K
-where the outputs are few (partial sums in float32, then added: deterministic). Timed in one run
-(CUDA events, the median of repeats); prints TFLOP/s and the ratio to cuBLAS, writes JSON.
+programs a tile each or persistent (one a multiprocessor, looping over tiles), loads by pointers or
+through tensor descriptors (Hopper's bulk tensor copy, TMA), and split over K where the outputs are
+few (partial sums in float32, then added: deterministic). Timed in one run (CUDA events, the median
+of repeats); prints TFLOP/s and the ratio to cuBLAS, writes JSON.
 
     python3 results/benchmark/dot_in_kernel.py --out $OUT/dot_in_kernel.json
     python3 results/benchmark/dot_in_kernel.py --check   # each variant against torch at a tiny size
@@ -33,6 +34,7 @@ if "--check" in sys.argv and not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")  # before Triton is imported
 import triton  # noqa: E402
 import triton.language as tl  # noqa: E402
+from triton.tools.tensor_descriptor import TensorDescriptor  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repository
 from dragon_hatchling.devices import cuda_time  # noqa: E402
@@ -78,6 +80,30 @@ def _gemm_kernel(
         tl.store(c_ptr + part * scs + b * scb + rm[:, None] * scm + rn[None, :] * scn, acc)
 
 
+@triton.jit
+def _gemm_tma_kernel(
+    a_desc, b_desc, c_ptr, K, scs, scb, scm, scn, tiles_m, tiles_n, tiles,
+    BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr, SPLIT_K: tl.constexpr,
+    PERSISTENT: tl.constexpr, A_T: tl.constexpr,
+):  # fmt: skip
+    """_gemm_kernel with its tiles loaded through tensor descriptors: A one (M, K) matrix for every
+    batch (A_T: stored as (K, M), its tile transposed on chip), B the batches' (K, N) stacked."""
+    part = tl.program_id(1)
+    k_part = K // SPLIT_K
+    first = tl.program_id(0)
+    last = tiles if PERSISTENT else first + 1
+    stride = tl.num_programs(0) if PERSISTENT else 1
+    for tile in range(first, last, stride):
+        b, pm, pn = _tile_of(tile, tiles_m, tiles_n, GROUP_M)
+        acc = tl.zeros((BM, BN), dtype=tl.float32)
+        for k in range(part * k_part, (part + 1) * k_part, BK):
+            a = tl.trans(a_desc.load([k, pm * BM])) if A_T else a_desc.load([pm * BM, k])  # BM, BK
+            acc = tl.dot(a, b_desc.load([b * K + k, pn * BN]), acc)  # BK, BN
+        rm = pm * BM + tl.arange(0, BM)
+        rn = pn * BN + tl.arange(0, BN)
+        tl.store(c_ptr + part * scs + b * scb + rm[:, None] * scm + rn[None, :] * scn, acc)
+
+
 @dataclass(frozen=True)
 class Tiles:
     BM: int
@@ -87,6 +113,7 @@ class Tiles:
     num_stages: int
     split_k: int = 1
     persistent: bool = False
+    tma: bool = False
 
 
 def gemm(a: torch.Tensor, b: torch.Tensor, t: Tiles) -> torch.Tensor:
@@ -100,6 +127,9 @@ def gemm(a: torch.Tensor, b: torch.Tensor, t: Tiles) -> torch.Tensor:
     if t.persistent:
         sms = torch.cuda.get_device_properties(a.device).multi_processor_count if a.is_cuda else 4
         programs = min(tiles, max(1, sms // t.split_k))
+    if t.tma:
+        _launch_tma(a, b, out, t, (programs, t.split_k), tiles_m, tiles_n, tiles)
+        return out[0] if t.split_k == 1 else out.sum(0)
     sab = a.stride(0) if a.shape[0] > 1 else 0  # one A for every batch: the encoder's v
     _gemm_kernel[(programs, t.split_k)](
         a, b, out, K, sab, a.stride(-2), a.stride(-1), b.stride(0), b.stride(1), b.stride(2),
@@ -108,6 +138,20 @@ def gemm(a: torch.Tensor, b: torch.Tensor, t: Tiles) -> torch.Tensor:
         num_warps=t.num_warps, num_stages=t.num_stages,
     )  # fmt: skip
     return out[0] if t.split_k == 1 else out.sum(0)
+
+
+def _launch_tma(a, b, out, t: Tiles, grid, tiles_m: int, tiles_n: int, tiles: int) -> None:
+    """_gemm_tma_kernel over one A (1, M, K), row- or column-major, and B (batch, K, N) contiguous."""
+    assert a.shape[0] == 1 and b.is_contiguous(), "descriptors: one A, a contiguous B"
+    a_t = a.stride(-1) != 1  # stored as (K, M): the gradient's v^T
+    a2 = a[0].mT if a_t else a[0]
+    a_desc = TensorDescriptor.from_tensor(a2.contiguous(), [t.BK, t.BM] if a_t else [t.BM, t.BK])
+    b_desc = TensorDescriptor.from_tensor(b.reshape(-1, b.shape[-1]), [t.BK, t.BN])
+    _gemm_tma_kernel[grid](
+        a_desc, b_desc, out, b.shape[1], out.stride(0), out.stride(1), out.stride(2), out.stride(3),
+        tiles_m, tiles_n, tiles, BM=t.BM, BN=t.BN, BK=t.BK, GROUP_M=8, SPLIT_K=t.split_k,
+        PERSISTENT=t.persistent, A_T=a_t, num_warps=t.num_warps, num_stages=t.num_stages,
+    )  # fmt: skip
 
 
 def operands(R: int, d: int, h: int, m: int, device, dtype) -> dict:
@@ -129,10 +173,17 @@ SWEEP = [  # Hopper's usual shapes for bf16 tl.dot (wgmma), and smaller ones
 
 
 def variants(name: str) -> list[Tiles]:
-    """The sweep, persistent too; the decoder (few outputs: R x d) split over K as well."""
-    out = [*SWEEP, *(Tiles(**{**asdict(t), "persistent": True}) for t in SWEEP)]
+    """The sweep, persistent or not, by pointers or descriptors; the decoder (few outputs: R x d)
+    split over K as well, at five of the tiles."""
+    like = lambda t, **kw: Tiles(**{**asdict(t), **kw})  # noqa: E731
+    out = [like(t, persistent=p, tma=m) for m in (False, True) for p in (False, True) for t in SWEEP]
     if name.startswith("decoder"):
-        out += [Tiles(**{**asdict(t), "split_k": s}) for t in SWEEP for s in (4, 8, 16)]
+        out += [
+            like(t, split_k=s, tma=m)
+            for m in (False, True)
+            for t in SWEEP[:3] + SWEEP[4:6]
+            for s in (4, 8, 16)
+        ]
     return out
 
 
@@ -172,6 +223,9 @@ def check() -> None:
         Tiles(16, 16, 16, 4, 1),
         Tiles(16, 32, 16, 4, 2, split_k=2),
         Tiles(32, 16, 16, 4, 1, persistent=True),
+        Tiles(16, 16, 16, 4, 1, tma=True),
+        Tiles(16, 32, 16, 4, 2, split_k=2, tma=True),
+        Tiles(32, 16, 16, 4, 1, persistent=True, tma=True),
     ]
     device = "cuda" if torch.cuda.is_available() else "cpu"
     for name, (a, b, _) in operands(64, 32, 2, 64, device, torch.float32).items():
