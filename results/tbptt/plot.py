@@ -19,6 +19,10 @@ RUNS = {  # name: its folder
     "tbptt-2048": HERE / "runs" / "tbptt-2048",
     "tbptt-512": HERE / "runs" / "tbptt-512",
     "gptxl": HERE / "runs" / "gptxl",
+    "tbptt-512-reset": HERE / "runs" / "tbptt-512-reset",  # round 2: the RoPE fix, resets at articles
+    "tbptt-512-recipe-lives": HERE / "runs" / "tbptt-512-recipe-lives",
+    "lc-2048-lives": HERE / "runs" / "lc-2048-lives",  # round 2: not carried, longer windows and lives
+    "lc-1024-lives": HERE / "runs" / "lc-1024-lives",
 }
 BUCKETS = ["256-511", "512-1023", "1024-2047", "2048-4095"]
 LONG = ["4096-8191", "8192-16383"]
@@ -35,7 +39,8 @@ def recipe(run: str) -> str:
     if m.get("arch") == "gpt":
         return f"GPT, {shape}, memory {args['memory']}, ALiBi"
     lives = ", ".join(f"{t:g}" for t in args["half_lives"]) if args["half_lives"] else "none"
-    return f"BDH, {shape}, half-lives {lives}" + (", carried" if args.get("carry_state") else "")
+    carried = ", carried" + (f", reset at each {args['reset_state']}" if args.get("reset_state") else "")
+    return f"BDH, {shape}, half-lives {lives}" + (carried if args.get("carry_state") else "")
 
 
 def loss(run: str, folder: str) -> str:
@@ -86,7 +91,8 @@ def plot(path: Path) -> None:
     axes[0].set(ylabel="loss (nats/byte)", ylim=(1.05, 1.45))
     axes[0].legend(fontsize=7)
     fig.suptitle(
-        "Reference budget of wiki.train.tokens (the TBPTT rows cut at 88-89%), one H200", fontsize=10
+        "Reference budget of wiki.train.tokens (round 1's tbptt-2048 and tbptt-512 cut at 88-89%), one H200",
+        fontsize=10,
     )
     save(fig, path, dpi=110)
 
