@@ -6,6 +6,7 @@ histograms, and on request samples and the neuron graph.
     uv run evaluate.py --model_path <checkpoint> --split test --max_chunks 100
     uv run evaluate.py --model_path <checkpoint> --stream             # the whole split read as one text
     uv run evaluate.py --model_path <checkpoint> --seq_len 4096       # loss by position in long windows
+    uv run evaluate.py --model_path <checkpoint> --seq_len 4096 --shifts 16  # ..., each over the same text
     uv run evaluate.py --model_path <checkpoint> --prompt " = Dragon = " --max_new_bytes 300
 
 Protocol: window i covers bytes [i*T, i*T+T+1) of the split (T = --seq_len); the model reads its
@@ -119,6 +120,14 @@ def add_text_flags(g) -> None:
         "--max_chunks", type=positive_int, default=None, help="score only the first N windows (default: all)"
     )
     g.add_argument(
+        "--shifts",
+        type=positive_int,
+        default=1,
+        help="score the windows N times, their starts moved by k * seq_len / N bytes (k < N), and add "
+        "them up, so that the buckets of loss by position hold the same text (N >= seq_len / 256 for "
+        "the 256-511 bucket); 1: the protocol",
+    )
+    g.add_argument(
         "--stream",
         action="store_true",
         help="read the text as one, the state carried from its first byte to its last (the chunked form), "
@@ -208,6 +217,12 @@ def check_args(args: argparse.Namespace) -> None:
         raise UsageError(f"--max_new_bytes {args.max_new_bytes:,} is more than {MAX_NEW_BYTES:,}")
     if args.context == 1:
         raise UsageError("--context must be 0 (no limit) or at least 2 bytes, got 1")
+    if args.shifts > 1 and args.stream:
+        raise UsageError("--shifts moves the windows' starts; --stream reads the text as one, in no windows")
+    if args.shifts > args.seq_len:
+        raise UsageError(
+            f"--shifts {args.shifts} moves the starts by less than a byte: at most --seq_len {args.seq_len}"
+        )
     if args.stream and args.max_chunks is not None:
         raise UsageError(
             "--max_chunks counts windows; --stream reads the whole text (cut it with --data_file)"
@@ -272,10 +287,20 @@ def score(
         return score_stream(model, data, device, dtype, args.chunk_size)
     if args.seq_len > args.chunk_size and model.reads_streams:  # long windows: linear memory
         return score_windows(
-            model, data, args.seq_len, args.batch_size, device, dtype, args.max_chunks, args.chunk_size
+            model,
+            data,
+            args.seq_len,
+            args.batch_size,
+            device,
+            dtype,
+            args.max_chunks,
+            args.chunk_size,
+            args.shifts,
         )
     forward = forward_of(model, path)
-    return score_windows(forward, data, args.seq_len, args.batch_size, device, dtype, args.max_chunks)
+    return score_windows(
+        forward, data, args.seq_len, args.batch_size, device, dtype, args.max_chunks, shifts=args.shifts
+    )
 
 
 def sample_texts(model: torch.nn.Module, args: argparse.Namespace, device, dtype, path: str) -> list[str]:
@@ -307,6 +332,7 @@ def describe_run(
         "split": args.split if args.data_file is None else None,
         "data_file": args.data_file,
         "seq_len": None if args.stream else args.seq_len,
+        "shifts": None if args.stream else args.shifts,
         "chunk_size": args.chunk_size,
         "max_chunks": args.max_chunks,
         "model_path": str(args.model_path),

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from dragon_hatchling.cli import UsageError
-from dragon_hatchling.data import window_batches
+from dragon_hatchling.data import num_windows, window_batches
 from dragon_hatchling.devices import autocast
 
 EVAL_BATCH_BYTES = 65536  # an evaluation batch holds at most this many bytes (fewer windows when long)
@@ -194,11 +194,23 @@ def score_windows(
     dtype: torch.dtype | None = None,
     max_chunks: int | None = None,
     chunk_size: int | None = None,
+    shifts: int = 1,
 ) -> dict:
     """The protocol over the first max_chunks windows (all by default), in batches of at most
-    EVAL_BATCH_BYTES; chunk_size: through the chunked form (see position_loss_sums)."""
+    EVAL_BATCH_BYTES; chunk_size: through the chunked form (see position_loss_sums).
+
+    shifts: the windows again with their starts moved by k * seq_len // shifts bytes, k < shifts,
+    all added up. The buckets of loss by position then hold the same text: with a shift of at most a
+    bucket's width (shifts >= seq_len / 256 for the 256-511 bucket) every byte falls in each bucket
+    as often as in any other, and buckets differ by the context before them alone."""
     batch = eval_batch_windows(batch_size, seq_len)
-    sums, windows = position_loss_sums(model, data, seq_len, batch, device, max_chunks, dtype, chunk_size)
+    sums, windows = np.zeros(seq_len), 0
+    for k in range(shifts):
+        text = data[k * seq_len // shifts :]
+        if k and num_windows(text, seq_len) == 0:  # a text of one window has no room to shift
+            break
+        s, w = position_loss_sums(model, text, seq_len, batch, device, max_chunks, dtype, chunk_size)
+        sums, windows = sums + s, windows + w
     return summary(float(sums.sum()), windows * seq_len, loss_by_position(sums, windows), "windows")
 
 

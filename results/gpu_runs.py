@@ -7,16 +7,17 @@ Each NAME:GPU:FLAGS trains `experiment.py` with the reference budget (3 epochs o
 plus FLAGS into .gpu/runs/NAME on that GPU (BDH through `--fused`, `--arch gpt` compiled), then scores
 its last checkpoint with evaluate.py: 128-byte windows of wiki.valid.raw (with a 2,000-byte sample
 and, for BDH, the neuron graph), 128-byte windows of wiki.valid.tokens and, for BDH, 4,096-byte
-windows of wiki.valid.raw and both files read as one text (--stream). FLAGS `AUTHORS [flags]` trains
-the paper authors' bdh.py instead (results/report/authors_bdh.py, their file at .gpu/authors/bdh.py)
-and scores the .pt it saves. Runs of the same GPU share it, and run one after another when separated
-by `;` (`'a:0:...;b:0:...'`). `--evals none` skips the scoring (the training log's final validation
-has both files in 128-byte windows); `--only NAME=FOLDER[,FOLDER]` scores run NAME with those alone.
-A training still going at --train_deadline is stopped with SIGTERM (it saves a checkpoint, which is
-then scored: its metrics say how far it got); `--resume` continues each run from its last checkpoint
-instead of starting it anew (the machine keeps .gpu/runs between commands while it is warm), so that
-a run can span commands. The small files (logs, metrics, plots, samples) go
-into one tar file (the machine returns few files).
+windows of wiki.valid.raw (also with --shifts 16: each bucket over the same text) and both files read
+as one text (--stream). FLAGS `AUTHORS [flags]` trains the paper authors' bdh.py instead
+(results/report/authors_bdh.py, their file at .gpu/authors/bdh.py) and scores the .pt it saves. Runs
+of the same GPU share it, and run one after another when separated by `;` (`'a:0:...;b:0:...'`).
+`--evals none` skips the scoring (the training log's final validation has both files in 128-byte
+windows); `--only NAME=FOLDER[,FOLDER]` scores run NAME with those alone. A training still going at
+--train_deadline is stopped with SIGTERM (it saves a checkpoint, which is then scored: its metrics
+say how far it got); `--resume` continues each run from its last checkpoint instead of starting it
+anew (the machine keeps .gpu/runs between commands while it is warm), so that a run can span
+commands. The small files (logs, metrics, plots, samples) go into one tar file (the machine returns
+few files).
 """
 
 from __future__ import annotations
@@ -46,6 +47,9 @@ EVALS = {  # folder: evaluate.py flags
     "eval-valid-raw-128": ["--seq_len", "128", "--neuron_graph", *SAMPLE],
     "eval-valid-tokens-128": shlex.split(f"--data_file {TOKENS} --seq_len 128 --no_plots"),
     "eval-valid-raw-4096": shlex.split("--seq_len 4096 --chunk_size 4096 --batch_size 16"),
+    "eval-valid-raw-4096-shifted": shlex.split(
+        "--seq_len 4096 --chunk_size 4096 --batch_size 16 --shifts 16 --no_plots"
+    ),
     "eval-valid-raw-16384": shlex.split("--seq_len 16384 --chunk_size 2048 --batch_size 4 --no_plots"),
     "eval-valid-raw-stream": shlex.split("--stream --chunk_size 2048"),
     "eval-valid-tokens-stream": shlex.split(f"--data_file {TOKENS} --stream --chunk_size 2048 --no_plots"),

@@ -62,6 +62,8 @@ def test_split_shorter_than_one_window(tmp_path, small_data_dir, capsys):
         (["--prompt", "a", "--context", "1"], ["--context", "at least 2"]),
         (["--context", "-3"], ["--context"]),
         (["--stream", "--max_chunks", "3"], ["--max_chunks", "--stream"]),
+        (["--stream", "--shifts", "2"], ["--shifts", "--stream"]),
+        (["--seq_len", "64", "--shifts", "65"], ["--shifts 65", "at most --seq_len 64"]),
         (["--chunk_size", "0"], ["--chunk_size", "positive"]),
         (["--temperature", "nan", "--prompt", "a"], ["--temperature"]),
     ],

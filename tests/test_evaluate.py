@@ -15,6 +15,7 @@ from dragon_hatchling.scoring import (
     eval_batch_windows,
     position_buckets,
     position_loss_sums,
+    score_windows,
     stream_loss_sums,
 )
 from model import BDH, BDHConfig
@@ -68,6 +69,30 @@ def test_long_windows_through_the_chunked_form_score_as_the_parallel_form(raw_di
     np.testing.assert_allclose(chunked, parallel, rtol=1e-4)
 
 
+class AlwaysZero(torch.nn.Module):
+    """Predicts byte 0 whatever it reads: its loss is the text's, not the context's."""
+
+    def forward(self, idx: torch.Tensor) -> tuple[torch.Tensor, None]:
+        logits = torch.zeros(*idx.shape, 256)
+        logits[..., 0] = 5.0
+        return logits, None
+
+
+def test_shifted_windows_put_the_same_text_in_every_bucket():
+    """Text of period 512 whose first half is easy (zeros) and second half hard: in 512-byte windows
+    the buckets hold different halves, unless the windows' starts are shifted by 128 bytes at a time."""
+    period = np.concatenate([np.zeros(256, np.uint8), np.arange(1, 257).astype(np.uint8)])
+    data = np.tile(period, 40)
+    cpu = torch.device("cpu")
+    plain = score_windows(AlwaysZero(), data, 512, 8, cpu)
+    shifted = score_windows(AlwaysZero(), data, 512, 8, cpu, shifts=4)
+    assert plain["loss_by_position"]["256-511"] - plain["loss_by_position"]["128-255"] > 4  # the text
+    buckets = list(shifted["loss_by_position"].values())
+    assert max(buckets) - min(buckets) < 0.05 * np.mean(buckets)  # the same text in each
+    assert shifted["bytes"] == 4 * 39 * 512  # 39 windows at each shift
+    assert shifted["loss"] == pytest.approx(plain["loss"], rel=0.02)
+
+
 def evaluate_args(tmp_path, raw_dir, text_bytes: int) -> tuple[BDH, list[str]]:
     """A tiny decayed model saved as a checkpoint, the start of wiki.valid.raw as a file, and the
     evaluate.py arguments that score the one on the other."""
@@ -92,8 +117,13 @@ def test_evaluate_stream_writes_metrics_and_a_plot(raw_dir, tmp_path, capsys):
     # the same text in windows longer than a chunk: scored through the chunked form, same buckets
     assert evaluate.main([*args, "--seq_len", "700", "--chunk_size", "256", "--out_dir", str(out)]) == 0
     got = json.loads((out / "metrics.json").read_text())
-    assert got["mode"] == "windows" and got["bytes"] == 1400
+    assert got["mode"] == "windows" and got["bytes"] == 1400 and got["shifts"] == 1
     assert list(got["loss_by_position"]) == ["0-127", "128-255", "256-511", "512-699"]
+    # and shifted: the first 700 + 1 bytes, then the windows 350 bytes on
+    argv = [*args, "--seq_len", "700", "--chunk_size", "256", "--shifts", "2", "--out_dir", str(out)]
+    assert evaluate.main(argv) == 0
+    got = json.loads((out / "metrics.json").read_text())
+    assert got["bytes"] == 2100 and got["shifts"] == 2
 
 
 def test_the_sampler_sees_the_whole_text_by_default_when_the_model_decays():

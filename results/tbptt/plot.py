@@ -48,9 +48,15 @@ def loss(run: str, folder: str) -> str:
     return "-" if m is None else f"{m['loss']:.4f}"
 
 
+def rise(by_position: dict | None) -> str:
+    """2048-4095 minus 256-511: below zero where the loss falls with context."""
+    return "-" if by_position is None else f"{by_position['2048-4095'] - by_position['256-511']:+.4f}"
+
+
 def row(run: str) -> list[str]:
     m = metrics(run)
     w4096 = metrics(run, "eval-valid-raw-4096")["loss_by_position"]
+    shifted = (metrics(run, "eval-valid-raw-4096-shifted") or {}).get("loss_by_position")
     w16k = (metrics(run, "eval-valid-raw-16384") or {}).get("loss_by_position", {})
     return [
         f"`{run}`",
@@ -61,14 +67,15 @@ def row(run: str) -> list[str]:
         loss(run, "eval-valid-tokens-128"),
         loss(run, "eval-valid-tokens-stream"),
         *(f"{w4096[b]:.4f}" for b in BUCKETS),
-        f"{w4096['2048-4095'] - w4096['256-511']:+.4f}",
+        rise(w4096),
+        rise(shifted),
         *(f"{w16k[b]:.4f}" if b in w16k else "-" for b in LONG),
     ]
 
 
 def table() -> str:
     head = ["run", "recipe", "steps", "raw 128", "raw whole", "tokens 128", "tokens whole",
-            *BUCKETS, "2048-4095 minus 256-511", *(f"16k: {b}" for b in LONG)]  # fmt: skip
+            *BUCKETS, "2048-4095 minus 256-511", "shifted", *(f"16k: {b}" for b in LONG)]  # fmt: skip
     lines = ["| " + " | ".join(head) + " |", "|---|---|---|" + "---:|" * (len(head) - 3)]
     return "\n".join(lines + ["| " + " | ".join(row(run)) + " |" for run in RUNS])
 
