@@ -28,7 +28,7 @@ from tqdm import tqdm
 from dragon_hatchling.architectures import ARCHITECTURES, model_class
 from dragon_hatchling.carried import (
     Carried,
-    article_starts,
+    StreamText,
     holds_a_start,
     load_state,
     rows_of,
@@ -169,6 +169,14 @@ def add_schedule_flags(g) -> None:
         default=None,
         help="with --carry_state, when a row's state starts empty: at each epoch (epoch, the default), "
         "or also at the window that holds an article's first line, ' = Title = ' (article; BDH)",
+    )
+    g.add_argument(
+        "--article_order",
+        choices=["text", "shuffled"],
+        default=None,
+        help="with --carry_state, the order the rows' stretches read the articles (' = Title = ' to "
+        "the next) in: the text's (text, the default), or a new order each epoch drawn from --seed "
+        "(shuffled), so that no row reads the same sequence twice",
     )
 
 
@@ -343,7 +351,9 @@ def train(run: Setup) -> dict:
     check_validation_fits(run, nets.forward)
     meter = Meter(run.device, progress.interval)
     folder = RunFolder(run, nets, progress, meter)
-    articles = article_starts(run.data.train) if args.reset_state == "article" else None
+    stream = StreamText(
+        run.data.train, args.seed, args.article_order == "shuffled", args.reset_state == "article"
+    )
     progress.started = time.time()
     with StopSignals() as signals, folder, progress_bar(run, progress) as bar:
         try:
@@ -353,9 +363,9 @@ def train(run: Setup) -> dict:
                 # forward, backward, update (a carried state starts empty at each epoch)
                 if nets.carried is not None and step % run.steps_per_epoch == 0:
                     nets.carried.reset()
-                if articles is not None:  # and each row whose window begins an article
-                    nets.carried.reset_rows(article_rows(run, step, articles))
-                x, y = training_batch(run, step)
+                if args.reset_state == "article":  # and each row whose window begins an article
+                    nets.carried.reset_rows(article_rows(run, step, stream))
+                x, y = training_batch(run, step, stream)
                 lr = lr_at(step, total, args)
                 meter.add(nets.step(x, y, lr, run, progress), x.numel() * ranks.world)
                 done = step + 1
@@ -511,17 +521,17 @@ def epoch_order(n_bytes: int, seq_len: int, epoch: int, seed: int):
     return epoch_offsets(n_bytes, seq_len, epoch, seed)
 
 
-def training_batch(run: Setup, step: int) -> tuple[torch.Tensor, torch.Tensor]:
+def training_batch(run: Setup, step: int, stream: StreamText) -> tuple[torch.Tensor, torch.Tensor]:
     """This rank's share of step `step`'s windows (inputs, targets), on the device: a shuffled
-    epoch's, or with --carry_state each row's next window of its stretch (carried.py)."""
-    args = run.args
+    epoch's, or with --carry_state each row's next window of its stretch of the epoch's text."""
+    args, text = run.args, run.data.train
     if args.carry_state:
-        mine = stream_batch(run, step)
+        mine, text = stream_batch(run, step), stream.at(step // run.steps_per_epoch).text
     else:
         epoch, pos = divmod(step, run.steps_per_epoch)
         order = epoch_order(len(run.data.train), args.seq_len, epoch, args.seed)
         mine = share(batch_offsets(order, pos, args.batch_size), run.ranks)  # always batch_size windows
-    x, y = windows_at(run.data.train, mine, args.seq_len)
+    x, y = windows_at(text, mine, args.seq_len)
     return x.to(run.device, non_blocking=True), y.to(run.device, non_blocking=True)
 
 
@@ -533,9 +543,10 @@ def stream_batch(run: Setup, step: int) -> np.ndarray:
     return share(offsets, run.ranks)
 
 
-def article_rows(run: Setup, step: int, starts: np.ndarray) -> torch.Tensor:
+def article_rows(run: Setup, step: int, stream: StreamText) -> torch.Tensor:
     """--reset_state article: which of this rank's rows read an article's first line (one of the
-    train text's article starts) this step."""
+    epoch's text's article starts) this step."""
+    starts = stream.at(step // run.steps_per_epoch).starts
     return torch.from_numpy(holds_a_start(starts, stream_batch(run, step), run.args.seq_len))
 
 

@@ -2,7 +2,9 @@
 contiguous stretch of the train text, one window a step, and the model's state (BDH's attention state
 and RoPE position, a GPT's memory of keys and values) is carried, detached, from one step into the
 next. It starts empty at each epoch, and with --reset_state article a row's state also starts empty at
-the window that holds an article's first line (" = Title = ", Wikitext's top-level heading).
+the window that holds an article's first line (" = Title = ", Wikitext's top-level heading). With
+--article_order shuffled each epoch reads the articles in an order of its own (StreamText), so that no
+row reads the same sequence twice and a step's rows meet new neighbours.
 
     text   |---- row 0 ----|---- row 1 ----| ... |---- row B-1 ----|     after a random shift < T
     step k: row i reads bytes [shift + i*stretch + k*T, ... + T + 1)
@@ -50,6 +52,35 @@ def article_starts(text: np.ndarray) -> np.ndarray:
 def holds_a_start(starts: np.ndarray, offsets: np.ndarray, seq_len: int) -> np.ndarray:
     """Which windows [offset, offset + seq_len) hold one of the sorted starts."""
     return np.searchsorted(starts, offsets) < np.searchsorted(starts, offsets + seq_len)
+
+
+def shuffled_articles(
+    text: np.ndarray, starts: np.ndarray, seed: int, epoch: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """The text with its articles (each from its first line to the next one's) in an order drawn from
+    the seed and the epoch, the bytes before the first article first; and the articles' new starts."""
+    bounds = np.append(starts, len(text))
+    order = np.random.default_rng([seed, epoch, 2]).permutation(len(starts))
+    lengths = np.diff(bounds)[order]
+    shuffled = np.concatenate([text[: starts[0]], *(text[bounds[i] : bounds[i + 1]] for i in order)])
+    return shuffled, starts[0] + np.concatenate([[0], np.cumsum(lengths)[:-1]])
+
+
+class StreamText:
+    """What stream order reads in an epoch: the train text and where its articles start (found only
+    when asked for); with shuffle, the articles in a new order each epoch (shuffled_articles). The
+    epoch in hand is kept."""
+
+    def __init__(self, text: np.ndarray, seed: int, shuffle: bool, find_articles: bool) -> None:
+        self.base, self.seed, self.shuffle = text, seed, shuffle
+        self.base_starts = article_starts(text) if shuffle or find_articles else None
+        self.epoch, self.text, self.starts = None, text, self.base_starts
+
+    def at(self, epoch: int) -> StreamText:
+        if self.shuffle and epoch != self.epoch:
+            self.text, self.starts = shuffled_articles(self.base, self.base_starts, self.seed, epoch)
+            self.epoch = epoch
+        return self
 
 
 class Carried(torch.nn.Module):

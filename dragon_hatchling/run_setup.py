@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from dragon_hatchling.architectures import ARCHITECTURES, arch_of, foreign_flags, model_flags
-from dragon_hatchling.carried import stream_steps
+from dragon_hatchling.carried import article_starts, stream_steps
 from dragon_hatchling.checkpoints import (
     checkpoint_folder,
     holds_run,
@@ -77,6 +77,7 @@ RESUME_MUST_MATCH = (
     "position",
     "init_from",
     "reset_state",
+    "article_order",
 )
 
 
@@ -263,6 +264,10 @@ def check_carry(args: argparse.Namespace, config) -> None:
         raise UsageError(f"--memory {memory} is carried from step to step: leave out --no_carry_state")
     if args.reset_state == "article" and not (args.carry_state and memory is None):
         raise UsageError("--reset_state article empties a carried BDH state: it needs --carry_state and BDH")
+    if args.article_order == "shuffled" and not args.carry_state:
+        raise UsageError(
+            "--article_order shuffled orders the stretches of carried rows: it needs --carry_state"
+        )
     if args.carry_state and args.compile:
         raise UsageError("--carry_state runs the plain path as it is: leave out --compile (BDH's "
                          "fused kernels carry the state on CUDA)")  # fmt: skip
@@ -332,6 +337,8 @@ def apply_recipe(args: argparse.Namespace, saved: dict | None) -> None:
         args.carry_state = saved.get("carry_state", False) if saved is not None else bool(args.memory or 0)
     if args.reset_state is None:
         args.reset_state = saved.get("reset_state", "epoch") if saved is not None else "epoch"
+    if args.article_order is None:  # runs from before --article_order read the text's
+        args.article_order = saved.get("article_order", "text") if saved is not None else "text"
 
 
 def apply_arch(args: argparse.Namespace, saved: dict | None) -> None:
@@ -431,7 +438,13 @@ def check_windows(args: argparse.Namespace, data: Data) -> int:
 
 
 def stream_windows(args: argparse.Namespace, data: Data) -> int:
-    """--carry_state: the steps of an epoch, the windows of each row's stretch (at least one)."""
+    """--carry_state: the steps of an epoch, the windows of each row's stretch (at least one); with
+    --article_order shuffled, articles to shuffle (two at least)."""
+    if args.article_order == "shuffled" and len(found := article_starts(data.train)) < 2:
+        raise UsageError(
+            f"--article_order shuffled: the train data has {len(found)} article(s) (' = Title = ' lines), "
+            "nothing to shuffle"
+        )
     steps = stream_steps(len(data.train), args.seq_len, args.batch_size)
     if steps == 0:
         stretch = max(0, len(data.train) - args.seq_len) // args.batch_size

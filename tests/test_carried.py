@@ -58,15 +58,19 @@ def test_carried_windows_compute_the_text_read_in_one_pass():
     torch.testing.assert_close(step(idx[:, :20])[0], first)
 
 
-WHAT = {"bdh": "--reset_state article", "gpt": "--arch gpt --n_layer 2 --n_embd 32 --n_head 2 --memory 48"}
+WHAT = {
+    "bdh": "--reset_state article --article_order shuffled",
+    "gpt": "--arch gpt --n_layer 2 --n_embd 32 --n_head 2 --memory 48",
+}
 
 
 @pytest.mark.parametrize("arch, stop_at", [("bdh", 6), ("gpt", 12)])  # in an interval, at a validation
 def test_a_resumed_carried_run_logs_what_an_unstopped_one_logs(
     arch, stop_at, tmp_path, small_data, edge_train, capsys, monkeypatch
 ):
-    """The carried state (BDH's with article resets, GPTXL's memory) is saved with the checkpoint and
-    restored on --resume: the same training and stream losses row for row as a run never stopped."""
+    """The carried state (BDH's with article resets and the articles shuffled, GPTXL's memory) is saved
+    with the checkpoint and restored on --resume: the same training and stream losses row for row as a
+    run never stopped."""
     gpt = WHAT[arch]
     flags = f"{FLAGS} {gpt} --extra_val_file {edge_train}"
     whole, parts = tmp_path / "whole", tmp_path / "parts"
@@ -94,9 +98,9 @@ def test_the_state_starts_empty_at_each_epoch(tmp_path, small_data, edge_train, 
         carried_py.Carried, "reset", lambda self: resets.append(None) or setattr(self, "state", None)
     )
 
-    def batch(run, step):
+    def batch(run, step, *rest):
         resets.append(step)
-        return real(run, step)
+        return real(run, step, *rest)
 
     monkeypatch.setattr(experiment, "training_batch", batch)
     flags = f"{FLAGS} --train_file {edge_train} --max_steps 7 --eval_every 7"
@@ -120,6 +124,8 @@ def test_the_state_starts_empty_at_each_epoch(tmp_path, small_data, edge_train, 
         ("--reset_state article", "needs --carry_state and BDH"),
         ("--arch gpt --memory 64 --reset_state article", "needs --carry_state and BDH"),
         ("--carry_state --reset_state title", "--reset_state"),
+        ("--article_order shuffled", "needs --carry_state"),
+        ("--carry_state --article_order random", "--article_order"),
     ],
 )
 def test_carried_flags_that_cannot_run_are_one_line(flags, says, tmp_path, small_data, capsys):
@@ -147,6 +153,30 @@ def test_articles_are_found_and_the_windows_that_hold_them():
     assert windows.tolist() == [True, False, False, True, False]
 
 
+def test_shuffled_articles_are_the_same_articles_in_a_new_order_each_epoch():
+    text = np.frombuffer(b"head\n = A = \n a\n = B = \n bb\n = C = \n ccc\n = D = \n dddd\n", dtype=np.uint8)
+    starts = carried_py.article_starts(text)
+    orders = set()
+    for epoch in range(6):
+        shuffled, new_starts = carried_py.shuffled_articles(text, starts, seed=3, epoch=epoch)
+        assert bytes(shuffled[:5]) == b"head\n"  # what comes before the first article stays first
+        assert new_starts.tolist() == carried_py.article_starts(shuffled).tolist()
+        pieces = np.split(shuffled, new_starts)
+        assert sorted(map(bytes, pieces[1:])) == sorted(map(bytes, np.split(text, starts)[1:]))
+        orders.add(bytes(shuffled))
+    assert len(orders) > 1  # drawn anew each epoch
+    again, _ = carried_py.shuffled_articles(text, starts, seed=3, epoch=5)
+    assert bytes(again) == bytes(shuffled)  # and the same for a seed and an epoch
+
+
+def test_shuffling_a_text_without_articles_is_refused(tmp_path, small_data, capsys):
+    plain = tmp_path / "plain.train"
+    plain.write_bytes(b"no headings here. " * 400)
+    argv = tiny_run(small_data, tmp_path / "run", f"{FLAGS} --article_order shuffled --train_file {plain}")
+    assert_clean_error(train(argv, capsys), "--article_order shuffled", "0 article(s)")
+    assert not (tmp_path / "run" / "checkpoints").exists()
+
+
 def test_reset_rows_empties_those_rows_alone():
     """After reset_rows, row 0 reads its next window as from nothing (an empty state: only distances
     count) and row 1 goes on as it was."""
@@ -162,17 +192,26 @@ def test_reset_rows_empties_those_rows_alone():
     torch.testing.assert_close(after[0], model(idx[:1, 15:])[0][0], atol=1e-4, rtol=1e-4)
 
 
-def test_rows_reset_where_their_windows_hold_an_article_start(tmp_path, small_data, capsys, monkeypatch):
-    """--reset_state article: every step empties the rows whose window holds an article's first line."""
+@pytest.mark.parametrize("order", ["text", "shuffled"])
+def test_rows_reset_where_their_windows_hold_an_article_start(
+    order, tmp_path, small_data, capsys, monkeypatch
+):
+    """--reset_state article: every step empties the rows whose window holds an article's first line
+    (of the epoch's text: with --article_order shuffled, the articles in their new order)."""
     seen = []
     real = carried_py.Carried.reset_rows
     monkeypatch.setattr(
         carried_py.Carried, "reset_rows", lambda self, rows: seen.append(rows.tolist()) or real(self, rows)
     )
     flags = f"{FLAGS} --reset_state article --max_steps 60 --eval_every 60 --batch_size 2 --seq_len 256"
-    assert train(tiny_run(small_data, tmp_path / "run", flags), capsys).returncode == 0
+    assert (
+        train(tiny_run(small_data, tmp_path / "run", f"{flags} --article_order {order}"), capsys).returncode
+        == 0
+    )
     text = np.frombuffer((small_data / "wiki.train.raw").read_bytes(), dtype=np.uint8)
     starts = carried_py.article_starts(text)
+    if order == "shuffled":
+        text, starts = carried_py.shuffled_articles(text, starts, 1337, 0)
     want = [
         carried_py.holds_a_start(starts, stream_offsets(len(text), 256, 2, 0, 1337, k), 256).tolist()
         for k in range(60)
