@@ -23,6 +23,8 @@ RUNS = {  # name: its folder
     "tbptt-512-recipe-lives": HERE / "runs" / "tbptt-512-recipe-lives",
     "lc-2048-lives": HERE / "runs" / "lc-2048-lives",  # round 2: not carried, longer windows and lives
     "lc-1024-lives": HERE / "runs" / "lc-1024-lives",
+    "tbptt-512-shuffled": HERE / "runs" / "tbptt-512-shuffled",  # round 3: articles shuffled each epoch
+    "lc-1024-lr2e-3": HERE / "runs" / "lc-1024-lr2e-3",  # round 3: lc-1024-lives at twice the peak lr
 }
 BUCKETS = ["256-511", "512-1023", "1024-2047", "2048-4095"]
 LONG = ["4096-8191", "8192-16383"]
@@ -40,7 +42,9 @@ def recipe(run: str) -> str:
         return f"GPT, {shape}, memory {args['memory']}, ALiBi"
     lives = ", ".join(f"{t:g}" for t in args["half_lives"]) if args["half_lives"] else "none"
     carried = ", carried" + (f", reset at each {args['reset_state']}" if args.get("reset_state") else "")
-    return f"BDH, {shape}, half-lives {lives}" + (carried if args.get("carry_state") else "")
+    carried += ", articles shuffled" if args.get("article_order") == "shuffled" else ""
+    lr = f", lr {args['lr']:g}" if args["lr"] != 1e-3 else ""
+    return f"BDH, {shape}, half-lives {lives}" + (carried if args.get("carry_state") else "") + lr
 
 
 def loss(run: str, folder: str) -> str:
@@ -81,22 +85,26 @@ def table() -> str:
 
 
 def plot(path: Path) -> None:
-    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5), sharey=True)
-    for ax, folder, title in (
-        (axes[0], "eval-valid-raw-4096", "wiki.valid.raw in 4,096-byte windows"),
-        (axes[1], "eval-valid-raw-16384", "wiki.valid.raw in 16,384-byte windows"),
+    fig, ax = plt.subplot_mosaic("abc;kkk", figsize=(15, 6.5), height_ratios=(3, 1))  # k: the legend
+    axes = [ax["a"], ax["b"], ax["c"]]
+    for panel, folder, title in (
+        (axes[0], "eval-valid-raw-4096", "4,096-byte windows"),
+        (axes[1], "eval-valid-raw-4096-shifted", "4,096-byte windows, --shifts 16 (same text per bucket)"),
+        (axes[2], "eval-valid-raw-16384", "16,384-byte windows"),
     ):
         for i, run in enumerate(RUNS):
             m = metrics(run, folder)
-            if m is None:  # the long-context row was not scored in 16,384-byte windows
+            if m is None:  # a run not scored so (shifts came in round 3; long-context has no 16 KB)
                 continue
             middles, losses = bucket_middles(m["loss_by_position"])
-            ax.plot(middles, losses, "o-", ms=3, color=f"C{i}", label=f"{run} ({recipe(run)})")
-        ax.set_xscale("log")
-        ax.set(title=title, xlabel="position in the window (bytes)")
-        ax.grid(alpha=0.3, which="both")
-    axes[0].set(ylabel="loss (nats/byte)", ylim=(1.05, 1.45))
-    axes[0].legend(fontsize=7)
+            panel.plot(middles, losses, "o-", ms=3, color=f"C{i}", label=f"{run} ({recipe(run)})")
+        panel.set_xscale("log")
+        panel.set(title=title, xlabel="position in the window (bytes)", ylim=(1.05, 1.45))
+        panel.title.set_fontsize(9)
+        panel.grid(alpha=0.3, which="both")
+    axes[0].set(ylabel="loss on wiki.valid.raw (nats/byte)")
+    ax["k"].axis("off")
+    ax["k"].legend(*axes[0].get_legend_handles_labels(), loc="center", ncol=2, fontsize=8)
     fig.suptitle(
         "Reference budget of wiki.train.tokens (round 1's tbptt-2048 and tbptt-512 cut at 88-89%), one H200",
         fontsize=10,
