@@ -25,6 +25,7 @@ RUNS = {  # name: its folder
     "lc-1024-lives": HERE / "runs" / "lc-1024-lives",
     "tbptt-512-shuffled": HERE / "runs" / "tbptt-512-shuffled",  # round 3: articles shuffled each epoch
     "lc-1024-lr2e-3": HERE / "runs" / "lc-1024-lr2e-3",  # round 3: lc-1024-lives at twice the peak lr
+    "tbptt-512-shuffled-long-lr2e-3": HERE / "runs" / "tbptt-512-shuffled-long-lr2e-3",  # round 4: both gains
 }
 BUCKETS = ["256-511", "512-1023", "1024-2047", "2048-4095"]
 LONG = ["4096-8191", "8192-16383"]
