@@ -27,9 +27,10 @@ results/benchmark/README.md.)
 
 A window that continues a text (truncated backpropagation through time, carried.py) reads the
 state S of the bytes before it, one per layer (CarriedInput): two more products a layer, its read
-gamma^t RoPE(x_t) S added to a, and the window's terms RoPE(x)^T (gamma^(T-1-t) v_t) of the next state;
-gradients stop at S, as the paper's TBPTT detaches it. fused_forward(model, idx, targets, state) is
-BDH.forward_chunked's one chunk, the state in the kernels' pair order.
+gamma^t RoPE(x_t) S added to a, and the next state gamma^T S + RoPE(x)^T (gamma^(T-1-t) v_t), which
+cuBLAS adds as it multiplies; gradients stop at S, as the paper's TBPTT detaches it.
+fused_forward(model, idx, targets, state) is BDH.forward_chunked's one chunk, the state in the
+kernels' pair order.
 
 RoPE rotates pairs of neurons. The kernels order each head's neurons as [first of every pair,
 second of every pair] (the "half" layout; an "interleaved" model's weights are permuted into it),
@@ -236,9 +237,10 @@ class FusedNeurons(torch.autograd.Function):
         x = _pre_relu(v, Dx)  # R, n
         r = rotated(x, cos, sin, T, H).view(H, B, T, M)
         S = _mask_scores(r @ r.mT, decay)  # h, B, T, T
-        earlier = update = None
-        if carried is not None:  # the earlier bytes through the state, and their successor state
-            earlier, update = carried.read_and_update(r, v)  # h, B, T, d float32; h, B, M, d bf16
+        earlier = None
+        if carried is not None:  # the earlier bytes through the state; the state after the window
+            earlier = carried.read(r)  # h, B, T, d float32
+            carried.advance(r, v)
         del r
         ahat = _attention(S, v, earlier).to(torch.bfloat16)  # h, B, T, d
         u = ahat.view(H, R, D) @ Dy  # h, R, M
@@ -248,13 +250,10 @@ class FusedNeurons(torch.autograd.Function):
         z = y @ E  # R, d
         ctx.save_for_backward(v, Dx, Dy, E, cos, sin, S, decay, earlier)
         ctx.p_drop, ctx.seed, ctx.carried = p_drop, seed, carried
-        if update is None:
-            return z.view(B, T, D)
-        ctx.mark_non_differentiable(update)
-        return z.view(B, T, D), update
+        return z.view(B, T, D)
 
     @staticmethod
-    def backward(ctx, gz, _g_update=None):
+    def backward(ctx, gz):
         v, Dx, Dy, E, cos, sin, S, decay, earlier = ctx.saved_tensors
         B, T, D = v.shape
         H, _, M = Dx.shape
@@ -294,26 +293,37 @@ class FusedNeurons(torch.autograd.Function):
 
 
 class CarriedInput:
-    """One layer's attention state before a window, for FusedNeurons: S (B, h, M, d float32, the
-    kernels' pair order), the sum of gamma^(pos-1-s) RoPE(x_s)^T v_s over every earlier byte s.
+    """One layer's attention state before a window, for FusedNeurons: S, the sum of
+    gamma^(pos-1-s) RoPE(x_s)^T v_s over every earlier byte s, float32 in the kernels' pair order and
+    (h, B) layout, P: h, B, M, d. The RecurrentState holds it as P.transpose(0, 1) (B, h, M, d), so
+    that the next window takes it as it is; a state in any other layout is copied once.
 
     Two products a layer: its read, earlier_t = gamma^t RoPE(x_t) S (backward: g_r += gamma^t g_a S^T),
-    and the window's own terms for the next state, RoPE(x)^T (gamma^(T-1-t) v_t)."""
+    and the next state, gamma^T S + RoPE(x)^T (gamma^(T-1-t) v_t), which cuBLAS adds into a new
+    float32 state as it multiplies (one pass over S: no bf16 terms written, read and added after)."""
 
-    def __init__(self, state: torch.Tensor, decay: ChunkDecay | None) -> None:
-        B, H, M, D = state.shape
-        self.S = torch.empty((H, B, M, D), device=state.device, dtype=torch.bfloat16)
-        self.S.copy_(state.transpose(0, 1))  # h, B, M, d   bf16, as the plain path reads it under autocast
-        self.decay = decay
+    def __init__(self, state: torch.Tensor, decay: ChunkDecay | None, whole: list[float] | None) -> None:
+        P = state.transpose(0, 1)  # h, B, M, d
+        self.P = P if P.is_contiguous() else P.contiguous()
+        self.S = self.P.to(torch.bfloat16)  # bf16, as the plain path reads it under autocast
+        self.decay, self.whole = decay, whole  # whole: gamma^T a head, on the host (cuBLAS's beta)
+        self.after: torch.Tensor | None = None
 
-    def read_and_update(self, r: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """r: RoPE(x), h, B, T, M; v: B, T, d. Returns earlier (h, B, T, d float32) and the window's
-        terms of the next state (h, B, M, d bf16)."""
-        earlier = (r @ self.S).float()  # h, B, T, d
-        if self.decay is None:
-            return earlier, r.mT @ v.unsqueeze(0)
-        faded = (self.decay.to_end.unsqueeze(1) * v.unsqueeze(0).float()).to(torch.bfloat16)  # h, B, T, d
-        return earlier * self.decay.since_start.unsqueeze(1), r.mT @ faded
+    def read(self, r: torch.Tensor) -> torch.Tensor:
+        """earlier: h, B, T, d float32, from r = RoPE(x): h, B, T, M."""
+        earlier = (r @ self.S).float()
+        return earlier if self.decay is None else earlier * self.decay.since_start.unsqueeze(1)
+
+    def advance(self, r: torch.Tensor, v: torch.Tensor) -> None:
+        """self.after: the state after the window (B, h, M, d, a view of h, B, M, d)."""
+        faded = v.unsqueeze(0).expand(self.P.shape[0], -1, -1, -1)  # h, B, T, d
+        if self.decay is not None:
+            faded = (self.decay.to_end.unsqueeze(1) * faded.float()).to(torch.bfloat16)
+        after = torch.empty_like(self.P)
+        for h in range(self.P.shape[0]):  # one beta a head
+            beta = 1.0 if self.whole is None else self.whole[h]
+            add_product(after[h], self.P[h], r[h].mT, faded[h], beta)
+        self.after = after.transpose(0, 1)
 
     def add_read_grad(self, gr: torch.Tensor, g_earlier: torch.Tensor) -> None:
         """gr += dL/dRoPE(x) through the read, in place. gr: h, B, T, M bf16; g_earlier: h, B, T, d."""
@@ -323,12 +333,14 @@ class CarriedInput:
         flat = gr.view(H * B, T, M)
         flat.baddbmm_(g_earlier.to(torch.bfloat16).view(H * B, T, -1), self.S.view(H * B, M, -1).mT)
 
-    def next_state(self, state: torch.Tensor, update: torch.Tensor) -> torch.Tensor:
-        """The state after the window: gamma^T S + its terms. state: B, h, M, d float32 (not changed)."""
-        terms = update.transpose(0, 1)  # B, h, M, d bf16, added in float32 as it is read (no float copy)
-        if self.decay is None:
-            return state + terms
-        return (state * self.decay.whole.view(1, -1, 1, 1)).add_(terms)
+
+def add_product(out: torch.Tensor, C: torch.Tensor, A: torch.Tensor, B: torch.Tensor, beta: float) -> None:
+    """out = beta * C + A @ B, batched: C and out float32, A and B bf16, summed in float32. On CUDA
+    one cuBLAS call (out_dtype) that reads C as it writes out; elsewhere in float32."""
+    if out.is_cuda:
+        torch.baddbmm(C, A, B, beta=beta, out_dtype=torch.float32, out=out)
+    else:
+        torch.baddbmm(C, A.float(), B.float(), beta=beta, out=out)
 
 
 class Fused(torch.nn.Module):
@@ -421,7 +433,8 @@ def fused_forward(
     chunk = chunk_decay(cfg, T, idx.device)  # float32, or None
     decay = None if chunk is None else chunk.weights.to(torch.bfloat16)  # h, T, T
     with torch.autocast(idx.device.type, enabled=False):  # the kernels choose their own precision
-        weights = Weights(Dx, Dy, E, cos, sin, decay, chunk)
+        whole = None if cfg.half_lives is None else [2.0 ** (-T / half) for half in cfg.half_lives]
+        weights = Weights(Dx, Dy, E, cos, sin, decay, chunk, whole)
         logits, loss, layers = _layers(model, idx, targets, weights, None if state is None else state.layers)
     if state is None:
         return logits, loss
@@ -439,6 +452,7 @@ class Weights:
     sin: torch.Tensor
     decay: torch.Tensor | None  # h, T, T bf16
     chunk: ChunkDecay | None  # float32, for a carried state
+    whole: list[float] | None  # gamma^T a head, on the host: what is left of a carried state after T
 
 
 def _layers(model, idx, targets, w: Weights, states: list[torch.Tensor] | None):
@@ -451,9 +465,9 @@ def _layers(model, idx, targets, w: Weights, states: list[torch.Tensor] | None):
         if states is None:
             z = FusedNeurons.apply(*args)  # B, T, d
         else:
-            carried = CarriedInput(states[layer], w.chunk)
-            z, update = FusedNeurons.apply(*args, carried)
-            after.append(carried.next_state(states[layer], update))
+            carried = CarriedInput(states[layer], w.chunk, w.whole)
+            z = FusedNeurons.apply(*args, carried)
+            after.append(carried.after)
         v = layer_norm(v + layer_norm(z.float()))
     logits = (v.to(bf16) @ model.readout.to(bf16)).float()  # B, T, V
     loss = None
