@@ -100,9 +100,11 @@ def _keep_pair(seed, rows, h, p, half, M, H, p_drop):
 
 
 @triton.jit
-def _rope_kernel(x_ptr, cos_ptr, sin_ptr, r_ptr, R, T, M, H, BR: tl.constexpr, BP: tl.constexpr):
-    """r[h, b, t] = RoPE(relu(x[b, t, h])) on one tile. x: R x n (v Dx, before the relu); r: h, R, M."""
-    rows, h, p, half, mask, offs, head_offs = _tile(R, M, H, BR, BP)
+def _rope_kernel(x_ptr, cos_ptr, sin_ptr, r_ptr, R, T, TP, M, H, BR: tl.constexpr, BP: tl.constexpr):
+    """r[h, b, t] = RoPE(relu(x[b, t, h])) on one tile. x: R x n (v Dx, before the relu); r: h, B, TP, M
+    (TP >= T: rows T.. of each window are left to the caller)."""
+    rows, h, p, half, mask, offs, _ = _tile(R, M, H, BR, BP)
+    head_offs = ((h * (R // T) + rows // T) * TP + rows % T).to(tl.int64)[:, None] * M + p[None, :]
     xa, xb = _load_pair(x_ptr, offs, half, mask)
     xa, xb = relu(xa), relu(xb)
     c, s = _cos_sin(cos_ptr, sin_ptr, rows % T, p, half, mask)
@@ -195,11 +197,14 @@ def _grid(R: int, H: int, M: int) -> tuple[int, int]:
     return triton.cdiv(R, BR), H * triton.cdiv(M // 2, BP)
 
 
-def rotated(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, T: int, H: int) -> torch.Tensor:
-    """RoPE(relu(x)) per head, bf16. x: R, n (v Dx in pair order, R = B*T). Returns h, R, n/h."""
+def rotated(
+    x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, T: int, H: int, extra: int = 0
+) -> torch.Tensor:
+    """RoPE(relu(x)) per head, bf16. x: R, n (v Dx in pair order, R = B*T). Returns h, B, T + extra,
+    n/h, the extra rows of each window left empty (for the caller's rows of the same product)."""
     R, N = x.shape
-    r = torch.empty((H, R, N // H), device=x.device, dtype=torch.bfloat16)
-    _rope_kernel[_grid(R, H, N // H)](x, cos, sin, r, R, T, N // H, H, BR=BR, BP=BP)
+    r = torch.empty((H, R // T, T + extra, N // H), device=x.device, dtype=torch.bfloat16)
+    _rope_kernel[_grid(R, H, N // H)](x, cos, sin, r, R, T, T + extra, N // H, H, BR=BR, BP=BP)
     return r
 
 
@@ -235,7 +240,7 @@ class FusedNeurons(torch.autograd.Function):
         H, _, M = Dx.shape
         R = B * T
         x = _pre_relu(v, Dx)  # R, n
-        r = rotated(x, cos, sin, T, H).view(H, B, T, M)
+        r = rotated(x, cos, sin, T, H)  # h, B, T, M
         S = _mask_scores(r @ r.mT, decay)  # h, B, T, T
         earlier = None
         if carried is not None:  # the earlier bytes through the state; the state after the window
@@ -280,10 +285,11 @@ class FusedNeurons(torch.autograd.Function):
         del gu, gu_h
         torch.autograd.backward(ahat_, gahat.view(H, B, T, D).float())
         G = mirrored(S_.grad if decay is None else S_.grad * decay.unsqueeze(1))  # h, B, T, T
-        gr = G @ rotated(x, cos, sin, T, H).view(H, B, T, M)  # dL/dRoPE(x)
+        if earlier is None:
+            gr = G @ rotated(x, cos, sin, T, H)  # dL/dRoPE(x): h, B, T, M
+        else:  # and the part that reached it through the state, in the same product
+            gr = ctx.carried.grad_of_r(G, rotated(x, cos, sin, T, H, extra=D), earlier_.grad)
         del G
-        if earlier is not None:  # and the part that reached it through the state
-            ctx.carried.add_read_grad(gr, earlier_.grad)
         _grad_x_kernel[_grid(R, H, M)](x, gr, cos, sin, gx, R, T, M, H, BR=BR, BP=BP)
         del x, gr
         gx_h = gx.view(R, H, M).transpose(0, 1)  # h, R, M
@@ -294,53 +300,54 @@ class FusedNeurons(torch.autograd.Function):
 
 class CarriedInput:
     """One layer's attention state before a window, for FusedNeurons: S, the sum of
-    gamma^(pos-1-s) RoPE(x_s)^T v_s over every earlier byte s, float32 in the kernels' pair order and
-    (h, B) layout, P: h, B, M, d. The RecurrentState holds it as P.transpose(0, 1) (B, h, M, d), so
-    that the next window takes it as it is; a state in any other layout is copied once.
+    gamma^(pos-1-s) RoPE(x_s)^T v_s over every earlier byte s, float32 in the kernels' pair order,
+    kept transposed in the (h, B) layout, P = S^T: h, B, d, M. The RecurrentState holds it as
+    P.permute(1, 0, 3, 2) (B, h, M, d); a state in any other layout is copied once. The state given
+    is consumed: the window's update is added into it in place, and it becomes the state after.
 
-    Two products a layer: its read, earlier_t = gamma^t RoPE(x_t) S (backward: g_r += gamma^t g_a S^T),
-    and the next state, gamma^T S + RoPE(x)^T (gamma^(T-1-t) v_t), which cuBLAS adds into a new
-    float32 state as it multiplies (one pass over S: no bf16 terms written, read and added after)."""
+    Two products a layer: its read, earlier_t = gamma^t RoPE(x_t) S, and the next state
+    gamma^T S + RoPE(x)^T (gamma^(T-1-t) v_t), which cuBLAS adds into P as it multiplies (one pass
+    over it). Backward: g_r = [G, gamma^t g_a] [RoPE(x); S^T], the read's part in G's product."""
 
     def __init__(self, state: torch.Tensor, decay: ChunkDecay | None, whole: list[float] | None) -> None:
-        P = state.transpose(0, 1)  # h, B, M, d
+        P = state.permute(1, 0, 3, 2)  # h, B, d, M
         self.P = P if P.is_contiguous() else P.contiguous()
-        self.S = self.P.to(torch.bfloat16)  # bf16, as the plain path reads it under autocast
+        self.St = self.P.to(torch.bfloat16)  # S^T in bf16, as the plain path reads it under autocast
         self.decay, self.whole = decay, whole  # whole: gamma^T a head, on the host (cuBLAS's beta)
         self.after: torch.Tensor | None = None
 
     def read(self, r: torch.Tensor) -> torch.Tensor:
         """earlier: h, B, T, d float32, from r = RoPE(x): h, B, T, M."""
-        earlier = (r @ self.S).float()
+        earlier = (r @ self.St.mT).float()
         return earlier if self.decay is None else earlier * self.decay.since_start.unsqueeze(1)
 
     def advance(self, r: torch.Tensor, v: torch.Tensor) -> None:
-        """self.after: the state after the window (B, h, M, d, a view of h, B, M, d)."""
+        """self.after: the state after the window (B, h, M, d, a view of P, updated in place)."""
         faded = v.unsqueeze(0).expand(self.P.shape[0], -1, -1, -1)  # h, B, T, d
         if self.decay is not None:
             faded = (self.decay.to_end.unsqueeze(1) * faded.float()).to(torch.bfloat16)
-        after = torch.empty_like(self.P)
         for h in range(self.P.shape[0]):  # one beta a head
-            beta = 1.0 if self.whole is None else self.whole[h]
-            add_product(after[h], self.P[h], r[h].mT, faded[h], beta)
-        self.after = after.transpose(0, 1)
+            add_product(self.P[h], faded[h].mT, r[h], 1.0 if self.whole is None else self.whole[h])
+        self.after, self.P = self.P.permute(1, 0, 3, 2), None
 
-    def add_read_grad(self, gr: torch.Tensor, g_earlier: torch.Tensor) -> None:
-        """gr += dL/dRoPE(x) through the read, in place. gr: h, B, T, M bf16; g_earlier: h, B, T, d."""
+    def grad_of_r(self, G: torch.Tensor, r: torch.Tensor, g_earlier: torch.Tensor) -> torch.Tensor:
+        """dL/dRoPE(x) (h, B, T, M) from G (h, B, T, T), the window's part, and g_earlier = dL/d earlier
+        (h, B, T, d), the state's; r: h, B, T + d, M, RoPE(x) in its first T rows (filled here with
+        S^T below them)."""
         if self.decay is not None:
             g_earlier = g_earlier * self.decay.since_start.unsqueeze(1)
-        H, B, T, M = gr.shape
-        flat = gr.view(H * B, T, M)
-        flat.baddbmm_(g_earlier.to(torch.bfloat16).view(H * B, T, -1), self.S.view(H * B, M, -1).mT)
+        T = G.shape[-1]
+        r[:, :, T:].copy_(self.St)
+        return torch.cat((G, g_earlier.to(torch.bfloat16)), dim=-1) @ r
 
 
-def add_product(out: torch.Tensor, C: torch.Tensor, A: torch.Tensor, B: torch.Tensor, beta: float) -> None:
-    """out = beta * C + A @ B, batched: C and out float32, A and B bf16, summed in float32. On CUDA
-    one cuBLAS call (out_dtype) that reads C as it writes out; elsewhere in float32."""
-    if out.is_cuda:
-        torch.baddbmm(C, A, B, beta=beta, out_dtype=torch.float32, out=out)
+def add_product(C: torch.Tensor, A: torch.Tensor, B: torch.Tensor, beta: float) -> None:
+    """C = beta * C + A @ B in place, batched: C float32, A and B bf16, summed in float32. On CUDA
+    one cuBLAS call (out_dtype) that reads C as it writes it; elsewhere in float32."""
+    if C.is_cuda:
+        torch.baddbmm(C, A, B, beta=beta, out_dtype=torch.float32, out=C)
     else:
-        torch.baddbmm(C, A.float(), B.float(), beta=beta, out=out)
+        C.baddbmm_(A.float(), B.float(), beta=beta)
 
 
 class Fused(torch.nn.Module):
