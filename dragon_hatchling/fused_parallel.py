@@ -1,10 +1,10 @@
 """The training step of BDH-GPU in Triton kernels: `fused_forward(model, idx, targets)` computes what
 the parallel form `BDH.forward` computes (model.py, the plain reference, which stays the CPU path and
-knows nothing of this file; tests/test_fused_parallel.py holds the two together). cuBLAS runs each
-layer's matrix products in bf16 with float32 sums but the forward's last two, which the gate-decoder
-kernel computes with the neurons on chip (fused_gate.py); three Triton kernels do everything between
-them, one pass each over a B*T x n tensor (and a fourth, _mirror_kernel, one over the B x h x T x T
-gradient of the scores):
+knows nothing of this file; tests/test_fused_parallel.py holds the two together). cuBLAS runs most
+of each layer's matrix products in bf16 with float32 sums; the gate's own (u = LN(a) Dy and y E
+forward, u and g_y = g_z E^T backward) run inside fused_gate.py's two kernels, the neurons on chip;
+two Triton kernels do the rest between the products, one pass each over a B*T x n tensor (and a
+third, _mirror_kernel, one over the B x h x T x T gradient of the scores):
 
     forward   x = v Dx                  cuBLAS     (before the relu)
               _rope_kernel              RoPE(relu(x)), per head
@@ -12,9 +12,10 @@ gradient of the scores):
                                                                                  cuBLAS and PyTorch
               gate_decoder              z = y E, y = relu(LN(a) Dy) * relu(x) * keep, neither
                                         u = LN(a) Dy nor y written     keep: dropout, from a seed
-    backward  x, u again; g_y = g_z E^T                                    cuBLAS
-              _gate_grad_kernel         y, g_u = dL/du and the gate's part of g_x
-              dL/dE, dL/dDy, dL/dLN(a), then autograd through LN(S v)   cuBLAS and PyTorch
+    backward  x again                                                      cuBLAS
+              gate_grad                 y, g_u = dL/du, the gate's part of g_x and dL/dLN(a), u and
+                                        g_y = g_z E^T on chip
+              dL/dE, dL/dDy, then autograd through LN(S v)              cuBLAS and PyTorch
               _mirror_kernel            G = L + L^T, L = tril(dL/dS, -1)
               _rope_kernel; g_r = G RoPE(x)                                 cuBLAS
               _grad_x_kernel            g_x = (g_x + RoPE^T(g_r)) * (x > 0)
@@ -48,7 +49,7 @@ import triton
 import triton.language as tl
 
 from dragon_hatchling.fused_common import first_of_pairs, keep_pair, relu
-from dragon_hatchling.fused_gate import gate_decoder
+from dragon_hatchling.fused_gate import gate_decoder, gate_grad
 from model import BDH, ChunkDecay, RecurrentState, chunk_decay, layer_norm, read_in_chunks, rope_cos_sin
 
 BR, BP = 32, 64  # tile of the training kernels: rows, and pairs of neurons (BP first halves, BP second)
@@ -118,7 +119,7 @@ def _gate_kernel(
     _store_pair(y_ptr, offs, half, mask, ya, yb)
 
 
-@triton.jit
+@triton.jit  # the plain form of fused_gate's backward (u and g_y through memory)
 def _gate_grad_kernel(
     x_ptr, u_ptr, gy_ptr, y_ptr, gu_ptr, gx_ptr, R, M, H, p_drop, seed,
     HAS_DROPOUT: tl.constexpr, BR: tl.constexpr, BP: tl.constexpr,
@@ -257,20 +258,13 @@ class FusedNeurons(torch.autograd.Function):
             ahat_ = _attention(S_, v_, earlier_)  # h, B, T, d
         ahat = ahat_.detach().to(torch.bfloat16)
         gz = gz.reshape(R, D).to(torch.bfloat16)
-        x, u = _pre_relu(v, Dx), ahat.view(H, R, D) @ Dy  # R, n and h, R, M: as in forward
-        gy = gz @ E.mT  # R, n
-        y, gu, gx = torch.empty_like(x), torch.empty_like(x), gy  # g_x overwrites g_y, element by element
-        _gate_grad_kernel[_grid(R, H, M)](
-            x, u, gy, y, gu, gx, R, M, H, ctx.p_drop, ctx.seed, HAS_DROPOUT=ctx.p_drop > 0, BR=BR, BP=BP
-        )
-        del u
+        x = _pre_relu(v, Dx)  # R, n: as in forward
+        y, gu, gx, gahat = gate_grad(x, ahat.view(H, R, D), Dy, E, gz, ctx.p_drop, ctx.seed)  # u, g_y on chip
         gE = y.mT @ gz  # n, d
         del y
-        gu_h = gu.view(R, H, M).transpose(0, 1)  # h, R, M
-        gahat = gu_h @ Dy.mT  # h, R, d
-        gDy = ahat.view(H, R, D).mT @ gu_h  # h, d, M
-        del gu, gu_h
-        torch.autograd.backward(ahat_, gahat.view(H, B, T, D).float())
+        gDy = ahat.view(H, R, D).mT @ gu.view(R, H, M).transpose(0, 1)  # h, d, M
+        del gu
+        torch.autograd.backward(ahat_, gahat.view(H, B, T, D))
         G = mirrored(S_.grad if decay is None else S_.grad * decay.unsqueeze(1))  # h, B, T, T
         if earlier is None:
             gr = G @ rotated(x, cos, sin, T, H)  # dL/dRoPE(x): h, B, T, M

@@ -1,13 +1,14 @@
-"""The gate-decoder kernel (dragon_hatchling/fused_gate.py: u and y kept on chip) against its plain
-form: u = LN(a) Dy, the gate kernel's y = relu(u) * relu(x) * keep, then y E, in float32 from the same
-bf16 inputs. Without a GPU in Triton's interpreter at tiny sizes; on a GPU at the default model's."""
+"""The on-chip gate kernels (dragon_hatchling/fused_gate.py) against their plain form in float32 from
+the same bf16 inputs: forward u = LN(a) Dy, y = relu(u) * relu(x) * keep, z = y E; backward, from
+g_z, y, g_u, the gate's part of g_x and g_LN(a). Without a GPU in Triton's interpreter at tiny sizes;
+on a GPU at the default model's."""
 
 import pytest
 import torch
 import triton
 
 from dragon_hatchling import fused_parallel
-from dragon_hatchling.fused_gate import GateTiles, gate_decoder
+from dragon_hatchling.fused_gate import GateTiles, gate_decoder, gate_grad
 
 CUDA = torch.cuda.is_available()
 DEVICE = "cuda" if CUDA else "cpu"
@@ -80,3 +81,29 @@ def test_gate_decoder_refuses_splits_that_do_not_divide_the_pairs():
     x, ahat, Dy, E = operands()
     with pytest.raises(ValueError, match="do not split"):
         gate_decoder(x, ahat, Dy, E, 0.0, 0, GateTiles(BP=16, splits=3))
+
+
+def plain_grad(x, ahat, Dy, E, gz, keep=None):
+    """The gate's gradient in float32: y, g_u, the gate's part of g_x (R x n), g_LN(a) (h, R, d)."""
+    H, R, _ = ahat.shape
+    u = (ahat.float() @ Dy.float()).transpose(0, 1).reshape(R, -1)  # R, n
+    keep = torch.ones_like(u) if keep is None else keep
+    gy = (gz.float() @ E.float().T) * keep  # before dropout
+    xr = torch.relu(x.float())
+    y, gu, gx = torch.relu(u) * xr * keep, torch.where(u > 0, gy * xr, 0.0), gy * torch.relu(u)
+    ga = gu.view(R, H, -1).transpose(0, 1) @ Dy.float().mT  # h, R, d
+    return y, gu, gx, ga
+
+
+@pytest.mark.parametrize("p_drop", [0.0, 0.25])
+@pytest.mark.parametrize("tiles", TILES[:2], ids=str)
+def test_gate_grad_matches_its_plain_form(tiles, p_drop):
+    x, ahat, Dy, E = operands(seed=2)
+    d, h, m, R = SIZES
+    gz = torch.randn(R, d, device=DEVICE).to(torch.bfloat16)
+    keep = keep_of(R, h, m, p_drop, seed=9) if p_drop else None
+    ref = plain_grad(x, ahat, Dy, E, gz, keep)
+    out = gate_grad(x, ahat, Dy, E, gz, p_drop, 9, tiles)
+    for name, o, r in zip(("y", "g_u", "g_x", "g_LN(a)"), out, ref, strict=True):
+        assert o.shape == r.shape and torch.isfinite(o).all(), name
+        assert rel(o, r) < 5e-3, (name, rel(o, r))  # bf16 outputs, float32 on chip
