@@ -1,21 +1,19 @@
 """The training step of BDH-GPU in Triton kernels: `fused_forward(model, idx, targets)` computes what
 the parallel form `BDH.forward` computes (model.py, the plain reference, which stays the CPU path and
-knows nothing of this file; tests/test_fused_parallel.py holds the two together). cuBLAS runs most
-of each layer's matrix products in bf16 with float32 sums; the gate's own (u = LN(a) Dy and y E
-forward, u and g_y = g_z E^T backward) run inside fused_gate.py's two kernels, the neurons on chip;
-two Triton kernels do the rest between the products, one pass each over a B*T x n tensor (and a
-third, _mirror_kernel, one over the B x h x T x T gradient of the scores):
+knows nothing of this file; tests/test_fused_parallel.py holds the two together). cuBLAS runs each
+layer's matrix products in bf16 with float32 sums; four Triton kernels do everything between them,
+one pass each over a B*T x n tensor (and a fifth, _mirror_kernel, one over the B x h x T x T gradient
+of the scores):
 
     forward   x = v Dx                  cuBLAS     (before the relu)
               _rope_kernel              RoPE(relu(x)), per head
               S = tril(RoPE(x) RoPE(x)^T, -1) (times the decay weights with decay), a = S v, LN(a),
-                                                                                 cuBLAS and PyTorch
-              gate_decoder              z = y E, y = relu(LN(a) Dy) * relu(x) * keep, neither
-                                        u = LN(a) Dy nor y written     keep: dropout, from a seed
-    backward  x again                                                      cuBLAS
-              gate_grad                 y, g_u = dL/du, the gate's part of g_x and dL/dLN(a), u and
-                                        g_y = g_z E^T on chip
-              dL/dE, dL/dDy, then autograd through LN(S v)              cuBLAS and PyTorch
+              u = LN(a) Dy                                                       cuBLAS and PyTorch
+              _gate_kernel              y = relu(u) * relu(x) * keep     keep: dropout, from a seed
+              z = y E                   cuBLAS
+    backward  x, u again; g_y = g_z E^T                                    cuBLAS
+              _gate_grad_kernel         y, g_u = dL/du and the gate's part of g_x
+              dL/dE, dL/dDy, dL/dLN(a), then autograd through LN(S v)   cuBLAS and PyTorch
               _mirror_kernel            G = L + L^T, L = tril(dL/dS, -1)
               _rope_kernel; g_r = G RoPE(x)                                 cuBLAS
               _grad_x_kernel            g_x = (g_x + RoPE^T(g_r)) * (x > 0)
@@ -48,8 +46,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from dragon_hatchling.fused_common import first_of_pairs, keep_pair, relu
-from dragon_hatchling.fused_gate import gate_decoder, gate_grad
+from dragon_hatchling.fused_common import first_of_pairs, relu
 from model import BDH, ChunkDecay, RecurrentState, chunk_decay, layer_norm, read_in_chunks, rope_cos_sin
 
 BR, BP = 32, 64  # tile of the training kernels: rows, and pairs of neurons (BP first halves, BP second)
@@ -92,6 +89,17 @@ def _cos_sin(cos_ptr, sin_ptr, t, p, half, mask):
 
 
 @triton.jit
+def _keep_pair(seed, rows, h, p, half, M, H, p_drop):
+    """Inverted dropout for both halves of a tile of pairs: 1 / (1 - p) where a neuron is kept, 0 where
+    dropped; the same in forward and backward. One Philox draw per pair gives four numbers: the
+    first decides the pair's first member, the second its second."""
+    pair = rows[:, None] * (H * half) + (h * half + p)[None, :]  # the pair's index among all B*T*n/2
+    ua, ub, _, _ = tl.rand4x(seed, pair)
+    scale = 1.0 / (1.0 - p_drop)
+    return tl.where(ua >= p_drop, scale, 0.0), tl.where(ub >= p_drop, scale, 0.0)
+
+
+@triton.jit
 def _rope_kernel(x_ptr, cos_ptr, sin_ptr, r_ptr, R, T, TP, M, H, BR: tl.constexpr, BP: tl.constexpr):
     """r[h, b, t] = RoPE(relu(x[b, t, h])) on one tile. x: R x n (v Dx, before the relu); r: h, B, TP, M
     (TP >= T: rows T.. of each window are left to the caller)."""
@@ -103,7 +111,7 @@ def _rope_kernel(x_ptr, cos_ptr, sin_ptr, r_ptr, R, T, TP, M, H, BR: tl.constexp
     _store_pair(r_ptr, head_offs, half, mask, xa * c - xb * s, xb * c + xa * s)
 
 
-@triton.jit  # the plain form of fused_gate's forward (u and y through memory), and the tests' dropout
+@triton.jit
 def _gate_kernel(
     x_ptr, u_ptr, y_ptr, R, M, H, p_drop, seed,
     HAS_DROPOUT: tl.constexpr, BR: tl.constexpr, BP: tl.constexpr,
@@ -114,12 +122,12 @@ def _gate_kernel(
     ua, ub = _load_pair(u_ptr, head_offs, half, mask)
     ya, yb = relu(ua) * relu(xa), relu(ub) * relu(xb)
     if HAS_DROPOUT:
-        ka, kb = keep_pair(seed, rows, h, p, half, M, H, p_drop)
+        ka, kb = _keep_pair(seed, rows, h, p, half, M, H, p_drop)
         ya, yb = ya * ka, yb * kb
     _store_pair(y_ptr, offs, half, mask, ya, yb)
 
 
-@triton.jit  # the plain form of fused_gate's backward (u and g_y through memory)
+@triton.jit
 def _gate_grad_kernel(
     x_ptr, u_ptr, gy_ptr, y_ptr, gu_ptr, gx_ptr, R, M, H, p_drop, seed,
     HAS_DROPOUT: tl.constexpr, BR: tl.constexpr, BP: tl.constexpr,
@@ -132,7 +140,7 @@ def _gate_grad_kernel(
     ga, gb = _load_pair(gy_ptr, offs, half, mask)
     ya, yb = relu(ua) * relu(xa), relu(ub) * relu(xb)
     if HAS_DROPOUT:
-        ka, kb = keep_pair(seed, rows, h, p, half, M, H, p_drop)
+        ka, kb = _keep_pair(seed, rows, h, p, half, M, H, p_drop)
         ya, yb, ga, gb = ya * ka, yb * kb, ga * ka, gb * kb  # g from here on: before dropout
     _store_pair(y_ptr, offs, half, mask, ya, yb)
     _store_pair(
@@ -240,7 +248,11 @@ class FusedNeurons(torch.autograd.Function):
             carried.advance(r, v)
         del r
         ahat = _attention(S, v, earlier).to(torch.bfloat16)  # h, B, T, d
-        z = gate_decoder(x, ahat.view(H, R, D), Dy, E, p_drop, seed)  # R, d float32: u, y on chip
+        u = ahat.view(H, R, D) @ Dy  # h, R, M
+        y = torch.empty_like(x)
+        _gate_kernel[_grid(R, H, M)](x, u, y, R, M, H, p_drop, seed, HAS_DROPOUT=p_drop > 0, BR=BR, BP=BP)
+        del x, u
+        z = y @ E  # R, d
         ctx.save_for_backward(v, Dx, Dy, E, cos, sin, S, decay, earlier)
         ctx.p_drop, ctx.seed, ctx.carried = p_drop, seed, carried
         return z.view(B, T, D)
@@ -258,13 +270,20 @@ class FusedNeurons(torch.autograd.Function):
             ahat_ = _attention(S_, v_, earlier_)  # h, B, T, d
         ahat = ahat_.detach().to(torch.bfloat16)
         gz = gz.reshape(R, D).to(torch.bfloat16)
-        x = _pre_relu(v, Dx)  # R, n: as in forward
-        y, gu, gx, gahat = gate_grad(x, ahat.view(H, R, D), Dy, E, gz, ctx.p_drop, ctx.seed)  # u, g_y on chip
+        x, u = _pre_relu(v, Dx), ahat.view(H, R, D) @ Dy  # R, n and h, R, M: as in forward
+        gy = gz @ E.mT  # R, n
+        y, gu, gx = torch.empty_like(x), torch.empty_like(x), gy  # g_x overwrites g_y, element by element
+        _gate_grad_kernel[_grid(R, H, M)](
+            x, u, gy, y, gu, gx, R, M, H, ctx.p_drop, ctx.seed, HAS_DROPOUT=ctx.p_drop > 0, BR=BR, BP=BP
+        )
+        del u
         gE = y.mT @ gz  # n, d
         del y
-        gDy = ahat.view(H, R, D).mT @ gu.view(R, H, M).transpose(0, 1)  # h, d, M
-        del gu
-        torch.autograd.backward(ahat_, gahat.view(H, B, T, D))
+        gu_h = gu.view(R, H, M).transpose(0, 1)  # h, R, M
+        gahat = gu_h @ Dy.mT  # h, R, d
+        gDy = ahat.view(H, R, D).mT @ gu_h  # h, d, M
+        del gu, gu_h
+        torch.autograd.backward(ahat_, gahat.view(H, B, T, D).float())
         G = mirrored(S_.grad if decay is None else S_.grad * decay.unsqueeze(1))  # h, B, T, T
         if earlier is None:
             gr = G @ rotated(x, cos, sin, T, H)  # dL/dRoPE(x): h, B, T, M
