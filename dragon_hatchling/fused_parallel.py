@@ -337,8 +337,26 @@ class CarriedInput:
         if self.decay is not None:
             g_earlier = g_earlier * self.decay.since_start.unsqueeze(1)
         T = G.shape[-1]
-        r[:, :, T:].copy_(self.St)
+        blocks_into(r.view(-1, r.shape[-2] * r.shape[-1])[:, T * r.shape[-1] :], self.St)
         return torch.cat((G, g_earlier.to(torch.bfloat16)), dim=-1) @ r
+
+
+@triton.jit
+def _blocks_kernel(src_ptr, dst_ptr, size, dst_stride, BLOCK: tl.constexpr):
+    """dst[i, :size] = src[i, :] on one tile of row i (grid: rows, size / BLOCK); src rows contiguous."""
+    i = tl.program_id(0).to(tl.int64)
+    offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < size
+    tl.store(dst_ptr + i * dst_stride + offs, tl.load(src_ptr + i * size + offs, mask=mask), mask=mask)
+
+
+def blocks_into(dst: torch.Tensor, src: torch.Tensor, BLOCK: int = 4096) -> None:
+    """dst.copy_(src) where dst is rows of a wider matrix (rows, size; unit stride within a row) and src
+    holds as many rows of size elements, contiguous: one pass at full width (PyTorch's copy of a
+    strided view ran at 1.6 TB/s on an H100)."""
+    rows, size = dst.shape
+    assert dst.stride(1) == 1 and src.is_contiguous() and src.numel() == rows * size
+    _blocks_kernel[(rows, triton.cdiv(size, BLOCK))](src, dst, size, dst.stride(0), BLOCK=BLOCK)
 
 
 def add_product(C: torch.Tensor, A: torch.Tensor, B: torch.Tensor, beta: float) -> None:
