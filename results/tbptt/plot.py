@@ -26,6 +26,7 @@ RUNS = {  # name: its folder
     "tbptt-512-shuffled": HERE / "runs" / "tbptt-512-shuffled",  # round 3: articles shuffled each epoch
     "lc-1024-lr2e-3": HERE / "runs" / "lc-1024-lr2e-3",  # round 3: lc-1024-lives at twice the peak lr
     "tbptt-512-shuffled-long-lr2e-3": HERE / "runs" / "tbptt-512-shuffled-long-lr2e-3",  # round 4: both gains
+    "lc-1024-lr3e-3": HERE / "runs" / "lc-1024-lr3e-3",  # round 5: lc-1024-lr2e-3 at 3e-3
 }
 BUCKETS = ["256-511", "512-1023", "1024-2047", "2048-4095"]
 LONG = ["4096-8191", "8192-16383"]
