@@ -257,3 +257,20 @@ def test_a_carried_state_changes_the_fused_window():
     _, _, state = fused.forward_chunked(torch.randint(0, 256, (B, T), device=DEVICE), chunk_size=T)
     after = fused.forward_chunked(idx, chunk_size=T, state=state)[0]
     assert rel(after, alone) > 1e-3
+
+
+@pytest.mark.parametrize("decay", [False, True])
+def test_fused_windows_read_one_after_another_as_one_text(decay):
+    """Three windows through the fused kernels, each consuming the state the one before left (updated
+    in place, in the kernels' layout), against the plain chunked form in float32: the logits of every
+    window and the state after the last."""
+    B, T = SIZES[3], SIZES[4]
+    model = make_model("half", seed=4, decay=decay)
+    fused = fused_parallel.Fused(model)
+    idx = torch.randint(0, 256, (B, 3 * T), device=DEVICE)
+    with torch.no_grad():
+        ref, _, ref_state = model.forward_chunked(idx, chunk_size=T)
+        out, _, state = fused.forward_chunked(idx, chunk_size=T)
+    assert rel(out.float(), ref) < 1e-2
+    for after, before in zip(fused.to_model_order(state).layers, ref_state.layers, strict=True):
+        assert rel(after, before) < 2e-2
