@@ -8,7 +8,6 @@ spends that the plain fused step does not.
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 from collections import defaultdict
@@ -20,6 +19,7 @@ from torch.profiler import ProfilerActivity, profile
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repository root: model.py
 
 from dragon_hatchling.benchmark import shape_list, train_step_fn  # noqa: E402
+from dragon_hatchling.cli import Parser, fail, half_lives  # noqa: E402
 from model import BDH, BDHConfig  # noqa: E402
 
 STEPS = 5
@@ -56,12 +56,16 @@ def compare(plain: dict[str, float], carried: dict[str, float], top: int = 25) -
 
 
 def main() -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = Parser(description=__doc__.splitlines()[0])
     p.add_argument("--shapes", type=shape_list, default=[(8, 512)])
-    p.add_argument("--half_lives", default="8,32,128,256", help="the recipe's decay; 'none' for none")
+    p.add_argument("--half_lives", type=half_lives, default=[8.0, 32.0, 128.0, 256.0], help="none: no decay")
     p.add_argument("--out", default=None, help="JSON of every kernel's time, both paths, each shape")
     args = p.parse_args()
-    lives = None if args.half_lives == "none" else [float(x) for x in args.half_lives.split(",")]
+    lives = args.half_lives or None
+    if lives is not None and len(lives) != BDHConfig().n_head:
+        fail(f"--half_lives: expected {BDHConfig().n_head} numbers, one a head, got {len(lives)}")
+    if not torch.cuda.is_available():
+        fail("profile_carried.py profiles CUDA kernels; no CUDA device here")
     cfg = BDHConfig(half_lives=lives)
     report = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "half_lives": lives}
     for B, T in args.shapes:
