@@ -238,6 +238,7 @@ class ChunkDecay:
     since_start: torch.Tensor  # h, C, 1: gamma^i, what is left at byte i of the state before the chunk
     to_end: torch.Tensor  # h, C, 1: gamma^(C-1-j), what is left of byte j's term when the chunk ends
     whole: torch.Tensor  # h, 1, 1: gamma^C, what is left of the state before the chunk when it ends
+    whole_host: list[float]  # the same a head, on the host (a scalar argument needs no GPU sync)
 
 
 def chunk_decay(config: BDHConfig, C: int, device: torch.device | str | None = None) -> ChunkDecay | None:
@@ -253,6 +254,7 @@ def chunk_decay(config: BDHConfig, C: int, device: torch.device | str | None = N
         since_start=torch.exp2(-i[:, None] / half),
         to_end=torch.exp2(-(C - 1 - i)[:, None] / half),
         whole=torch.exp2(-C / half),
+        whole_host=[2.0 ** (-C / h) for h in config.half_lives],
     )
 
 

@@ -309,11 +309,11 @@ class CarriedInput:
     gamma^T S + RoPE(x)^T (gamma^(T-1-t) v_t), which cuBLAS adds into P as it multiplies (one pass
     over it). Backward: g_r = [G, gamma^t g_a] [RoPE(x); S^T], the read's part in G's product."""
 
-    def __init__(self, state: torch.Tensor, decay: ChunkDecay | None, whole: list[float] | None) -> None:
+    def __init__(self, state: torch.Tensor, decay: ChunkDecay | None) -> None:
         P = state.permute(1, 0, 3, 2)  # h, B, d, M
         self.P = P if P.is_contiguous() else P.contiguous()
         self.St = self.P.to(torch.bfloat16)  # S^T in bf16, as the plain path reads it under autocast
-        self.decay, self.whole = decay, whole  # whole: gamma^T a head, on the host (cuBLAS's beta)
+        self.decay = decay
         self.after: torch.Tensor | None = None
 
     def read(self, r: torch.Tensor) -> torch.Tensor:
@@ -327,7 +327,7 @@ class CarriedInput:
         if self.decay is not None:
             faded = (self.decay.to_end.unsqueeze(1) * faded.float()).to(torch.bfloat16)
         for h in range(self.P.shape[0]):  # one beta a head
-            add_product(self.P[h], faded[h].mT, r[h], 1.0 if self.whole is None else self.whole[h])
+            add_product(self.P[h], faded[h].mT, r[h], 1.0 if self.decay is None else self.decay.whole_host[h])
         self.after, self.P = self.P.permute(1, 0, 3, 2), None
 
     def grad_of_r(self, G: torch.Tensor, r: torch.Tensor, g_earlier: torch.Tensor) -> torch.Tensor:
@@ -458,8 +458,7 @@ def fused_forward(
     chunk = chunk_decay(cfg, T, idx.device)  # float32, or None
     decay = None if chunk is None else chunk.weights.to(torch.bfloat16)  # h, T, T
     with torch.autocast(idx.device.type, enabled=False):  # the kernels choose their own precision
-        whole = None if cfg.half_lives is None else [2.0 ** (-T / half) for half in cfg.half_lives]
-        weights = Weights(Dx, Dy, E, cos, sin, decay, chunk, whole)
+        weights = Weights(Dx, Dy, E, cos, sin, decay, chunk)
         logits, loss, layers = _layers(model, idx, targets, weights, None if state is None else state.layers)
     if state is None:
         return logits, loss
@@ -477,7 +476,6 @@ class Weights:
     sin: torch.Tensor
     decay: torch.Tensor | None  # h, T, T bf16
     chunk: ChunkDecay | None  # float32, for a carried state
-    whole: list[float] | None  # gamma^T a head, on the host: what is left of a carried state after T
 
 
 def _layers(model, idx, targets, w: Weights, states: list[torch.Tensor] | None):
@@ -490,7 +488,7 @@ def _layers(model, idx, targets, w: Weights, states: list[torch.Tensor] | None):
         if states is None:
             z = FusedNeurons.apply(*args)  # B, T, d
         else:
-            carried = CarriedInput(states[layer], w.chunk, w.whole)
+            carried = CarriedInput(states[layer], w.chunk)
             z = FusedNeurons.apply(*args, carried)
             after.append(carried.after)
         v = layer_norm(v + layer_norm(z.float()))
