@@ -18,8 +18,8 @@ from torch.profiler import ProfilerActivity, profile
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repository root: model.py
 
-from dragon_hatchling.benchmark import shape_list, train_step_fn  # noqa: E402
-from dragon_hatchling.cli import Parser, fail, half_lives  # noqa: E402
+from dragon_hatchling.benchmark import configs, shape_list, train_step_fn  # noqa: E402
+from dragon_hatchling.cli import Parser, UsageError, fail, half_lives, positive_int  # noqa: E402
 from model import BDH, BDHConfig  # noqa: E402
 
 STEPS = 5
@@ -59,15 +59,17 @@ def main() -> int:
     p = Parser(description=__doc__.splitlines()[0])
     p.add_argument("--shapes", type=shape_list, default=[(8, 512)])
     p.add_argument("--half_lives", type=half_lives, default=[8.0, 32.0, 128.0, 256.0], help="none: no decay")
+    p.add_argument("--n_layer", type=positive_int, default=BDHConfig().n_layer)
     p.add_argument("--out", default=None, help="JSON of every kernel's time, both paths, each shape")
     args = p.parse_args()
-    lives = args.half_lives or None
-    if lives is not None and len(lives) != BDHConfig().n_head:
-        fail(f"--half_lives: expected {BDHConfig().n_head} numbers, one a head, got {len(lives)}")
+    try:
+        plain_cfg, decay_cfg = configs(args)  # as benchmark.py reads the same flags
+    except UsageError as e:
+        fail(str(e))
     if not torch.cuda.is_available():
         fail("profile_carried.py profiles CUDA kernels; no CUDA device here")
-    cfg = BDHConfig(half_lives=lives)
-    report = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "half_lives": lives}
+    cfg = decay_cfg or plain_cfg
+    report = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "config": cfg.to_dict()}
     for B, T in args.shapes:
         plain, carried = kernel_ms("fused", B, T, cfg), kernel_ms("fused carried", B, T, cfg)
         print(f"\n{B} x {T}\n{compare(plain, carried)}", flush=True)
