@@ -53,6 +53,12 @@ class RecurrentState:
             S[b].copy_(new[0])
         self.pos[b] = other.pos.reshape(-1)[0]
 
+    def empty_rows(self, rows: torch.Tensor) -> None:
+        """In place, these rows (a bool mask over the batch) start again from an empty attention state;
+        their positions carry on (only distances count)."""
+        for S in self.layers:
+            S[rows.to(S.device)] = 0
+
     def copy_(self, other: RecurrentState) -> None:
         """Take other's values in place (a captured CUDA graph reads these very tensors)."""
         for live, new in zip(self.layers + [self.pos], other.layers + [other.pos], strict=True):
@@ -238,7 +244,6 @@ class ChunkDecay:
     since_start: torch.Tensor  # h, C, 1: gamma^i, what is left at byte i of the state before the chunk
     to_end: torch.Tensor  # h, C, 1: gamma^(C-1-j), what is left of byte j's term when the chunk ends
     whole: torch.Tensor  # h, 1, 1: gamma^C, what is left of the state before the chunk when it ends
-    whole_host: list[float]  # the same a head, on the host (a scalar argument needs no GPU sync)
 
 
 def chunk_decay(config: BDHConfig, C: int, device: torch.device | str | None = None) -> ChunkDecay | None:
@@ -254,7 +259,6 @@ def chunk_decay(config: BDHConfig, C: int, device: torch.device | str | None = N
         since_start=torch.exp2(-i[:, None] / half),
         to_end=torch.exp2(-(C - 1 - i)[:, None] / half),
         whole=torch.exp2(-C / half),
-        whole_host=[2.0 ** (-C / h) for h in config.half_lives],
     )
 
 

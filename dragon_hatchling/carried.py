@@ -108,8 +108,7 @@ class Carried(torch.nn.Module):
         """The next call starts these rows (a bool mask over the batch) from an empty attention
         state: BDH's, whose RoPE position carries on (only distances count, from an empty state)."""
         if self.state is not None and bool(rows.any()):
-            for S in self.state.layers:
-                S[rows.to(S.device)] = 0
+            self.state.empty_rows(rows)
 
     def initial_state(self, batch_size: int, device=None):
         return self.inner.initial_state(batch_size, device)

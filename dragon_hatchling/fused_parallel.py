@@ -46,7 +46,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from dragon_hatchling.fused_common import first_of_pairs, relu
+from dragon_hatchling.fused_common import INTERPRET, first_of_pairs, relu
 from model import BDH, ChunkDecay, RecurrentState, chunk_decay, layer_norm, read_in_chunks, rope_cos_sin
 
 BR, BP = 32, 64  # tile of the training kernels: rows, and pairs of neurons (BP first halves, BP second)
@@ -301,20 +301,24 @@ class FusedNeurons(torch.autograd.Function):
 class CarriedInput:
     """One layer's attention state before a window, for FusedNeurons: S, the sum of
     gamma^(pos-1-s) RoPE(x_s)^T v_s over every earlier byte s, float32 in the kernels' pair order,
-    kept transposed in the (h, B) layout, P = S^T: h, B, d, M. The RecurrentState holds it as
+    kept transposed in the (h, B) layout, P = S^T: h, B, d, M. The state holds it as
     P.permute(1, 0, 3, 2) (B, h, M, d); a state in any other layout is copied once. The state given
     is consumed: the window's update is added into it in place, and it becomes the state after.
 
-    Two products a layer: its read, earlier_t = gamma^t RoPE(x_t) S, and the next state
-    gamma^T S + RoPE(x)^T (gamma^(T-1-t) v_t), which cuBLAS adds into P as it multiplies (one pass
-    over it). Backward: g_r = [G, gamma^t g_a] [RoPE(x); S^T], the read's part in G's product."""
+    Two products a layer: its read, earlier_t = gamma^t RoPE(x_t) S (in bf16, from the copy that
+    the update before wrote beside P, or one made here), and the next state
+    gamma^T S + RoPE(x)^T (gamma^(T-1-t) v_t), added into P by one kernel that also writes the next
+    window's bf16 copy (update_state). Backward: g_r = [G, gamma^t g_a] [RoPE(x); S^T], the read's
+    part in G's product."""
 
-    def __init__(self, state: torch.Tensor, decay: ChunkDecay | None) -> None:
+    def __init__(self, state: torch.Tensor, copy: torch.Tensor | None, decay: ChunkDecay | None) -> None:
         P = state.permute(1, 0, 3, 2)  # h, B, d, M
         self.P = P if P.is_contiguous() else P.contiguous()
-        self.St = self.P.to(torch.bfloat16)  # S^T in bf16, as the plain path reads it under autocast
+        fresh = copy is None or not copy.permute(1, 0, 3, 2).is_contiguous() or P is not self.P
+        self.St = self.P.to(torch.bfloat16) if fresh else copy.permute(1, 0, 3, 2)  # S^T in bf16
         self.decay = decay
         self.after: torch.Tensor | None = None
+        self.after_copy: torch.Tensor | None = None
 
     def read(self, r: torch.Tensor) -> torch.Tensor:
         """earlier: h, B, T, d float32, from r = RoPE(x): h, B, T, M."""
@@ -322,13 +326,15 @@ class CarriedInput:
         return earlier if self.decay is None else earlier * self.decay.since_start.unsqueeze(1)
 
     def advance(self, r: torch.Tensor, v: torch.Tensor) -> None:
-        """self.after: the state after the window (B, h, M, d, a view of P, updated in place)."""
+        """self.after: the state after the window (B, h, M, d, a view of P, updated in place), and
+        self.after_copy, the same in bf16 (the next window's S^T)."""
         faded = v.unsqueeze(0).expand(self.P.shape[0], -1, -1, -1)  # h, B, T, d
         if self.decay is not None:
             faded = (self.decay.to_end.unsqueeze(1) * faded.float()).to(torch.bfloat16)
-        for h in range(self.P.shape[0]):  # one beta a head
-            add_product(self.P[h], faded[h].mT, r[h], 1.0 if self.decay is None else self.decay.whole_host[h])
+        copy = torch.empty_like(self.St)
+        update_state(self.P, faded, r, None if self.decay is None else self.decay.whole, copy)
         self.after, self.P = self.P.permute(1, 0, 3, 2), None
+        self.after_copy = copy.permute(1, 0, 3, 2)
 
     def grad_of_r(self, G: torch.Tensor, r: torch.Tensor, g_earlier: torch.Tensor) -> torch.Tensor:
         """dL/dRoPE(x) (h, B, T, M) from G (h, B, T, T), the window's part, and g_earlier = dL/d earlier
@@ -359,13 +365,90 @@ def blocks_into(dst: torch.Tensor, src: torch.Tensor, BLOCK: int = 4096) -> None
     _blocks_kernel[(rows, triton.cdiv(size, BLOCK))](src, dst, size, dst.stride(0), BLOCK=BLOCK)
 
 
-def add_product(C: torch.Tensor, A: torch.Tensor, B: torch.Tensor, beta: float) -> None:
-    """C = beta * C + A @ B in place, batched: C float32, A and B bf16, summed in float32. On CUDA
-    one cuBLAS call (out_dtype) that reads C as it writes it; elsewhere in float32."""
-    if C.is_cuda:
-        torch.baddbmm(C, A, B, beta=beta, out_dtype=torch.float32, out=C)
-    else:
-        C.baddbmm_(A.float(), B.float(), beta=beta)
+@triton.jit
+def _update_kernel(
+    p_ptr,
+    a_ptr,
+    r_ptr,
+    beta_ptr,
+    copy_ptr,
+    B,
+    D,
+    T,
+    M,
+    sa_h,
+    sa_b,
+    sa_t,
+    sr_h,
+    sr_b,
+    sr_t,
+    HAS_BETA: tl.constexpr,
+    BD: tl.constexpr,
+    BM: tl.constexpr,
+    BK: tl.constexpr,
+):
+    """One BD x BM tile of one (head, row): P = beta P + A^T r, copy = bf16(P). Grid: tiles, h * B;
+    the d tiles of one M tile are neighbours, so that they read the same r from L2."""
+    hb = tl.program_id(1).to(tl.int64)
+    h, b = hb // B, hb % B
+    n_d = tl.cdiv(D, BD)
+    offs_d = (tl.program_id(0) % n_d) * BD + tl.arange(0, BD)
+    offs_m = (tl.program_id(0) // n_d) * BM + tl.arange(0, BM)
+    a_ptr += h * sa_h + b * sa_b  # a: T, D (unit stride in D), read as D, T
+    r_ptr += h * sr_h + b * sr_b  # r: T, M (unit stride in M)
+    acc = tl.zeros((BD, BM), dtype=tl.float32)
+    for k in range(0, T, BK):
+        t = k + tl.arange(0, BK)
+        a_mask = (t[None, :] < T) & (offs_d[:, None] < D)
+        a = tl.load(a_ptr + t[None, :] * sa_t + offs_d[:, None], mask=a_mask, other=0.0)
+        r_mask = (t[:, None] < T) & (offs_m[None, :] < M)
+        r = tl.load(r_ptr + t[:, None] * sr_t + offs_m[None, :], mask=r_mask, other=0.0)
+        if INTERPRET:
+            a, r = a.to(tl.float32), r.to(tl.float32)
+        acc = tl.dot(a, r, acc)
+    offs = hb * D * M + offs_d[:, None] * M + offs_m[None, :]
+    mask = (offs_d[:, None] < D) & (offs_m[None, :] < M)
+    p = tl.load(p_ptr + offs, mask=mask)
+    if HAS_BETA:
+        p *= tl.load(beta_ptr + h)
+    p += acc
+    tl.store(p_ptr + offs, p, mask=mask)
+    tl.store(copy_ptr + offs, p.to(tl.bfloat16), mask=mask)
+
+
+UPDATE_TILE = (128, 128, 64, 8, 3)  # BD, BM, BK, warps, stages of update_state
+
+
+def update_state(P: torch.Tensor, a: torch.Tensor, r: torch.Tensor, beta: torch.Tensor | None, copy) -> None:
+    """P = beta P + a^T r in place, batched over (head, row), and copy = P in bf16, in one pass over P.
+    P, copy: h, B, d, M float32 and bf16, contiguous; a: h, B, T, d bf16 (any strides but d's: the
+    expanded v of a model without decay); r: h, B, T, M bf16, unit stride in M; beta: h floats
+    (gamma^T a head) or None (1)."""
+    H, B, D, M = P.shape
+    T = a.shape[2]
+    assert P.is_contiguous() and copy.is_contiguous() and a.stride(3) == 1 and r.stride(3) == 1
+    BD, BM, BK, warps, stages = UPDATE_TILE
+    BD, BM, BK = (min(tile, max(16, triton.next_power_of_2(n))) for tile, n in ((BD, D), (BM, M), (BK, T)))
+    grid = (triton.cdiv(D, BD) * triton.cdiv(M, BM), H * B)
+    _update_kernel[grid](
+        P,
+        a,
+        r,
+        P if beta is None else beta.reshape(H).contiguous(),
+        copy,
+        B,
+        D,
+        T,
+        M,
+        *a.stride()[:3],
+        *r.stride()[:3],
+        HAS_BETA=beta is not None,
+        BD=BD,
+        BM=BM,
+        BK=BK,
+        num_warps=warps,
+        num_stages=stages,
+    )
 
 
 class Fused(torch.nn.Module):
@@ -459,10 +542,25 @@ def fused_forward(
     decay = None if chunk is None else chunk.weights.to(torch.bfloat16)  # h, T, T
     with torch.autocast(idx.device.type, enabled=False):  # the kernels choose their own precision
         weights = Weights(Dx, Dy, E, cos, sin, decay, chunk)
-        logits, loss, layers = _layers(model, idx, targets, weights, None if state is None else state.layers)
+        logits, loss, (layers, copies) = _layers(model, idx, targets, weights, state)
     if state is None:
         return logits, loss
-    return logits, loss, RecurrentState(layers, state.pos + T)
+    return logits, loss, FusedState(layers, state.pos + T, copies)
+
+
+@dataclass
+class FusedState(RecurrentState):
+    """The state after a window through the kernels (pair order), with each layer's state also in
+    bf16, as the update that wrote it left it: the next window reads that copy instead of making
+    one. Whatever changes layers in place must change copies alike (empty_rows does); RecurrentState's
+    own methods return plain states, which the next window copies again."""
+
+    copies: list[torch.Tensor]  # per layer: B, h, M, d bf16, a view of h, B, d, M
+
+    def empty_rows(self, rows: torch.Tensor) -> None:
+        super().empty_rows(rows)
+        for copy in self.copies:
+            copy[rows.to(copy.device)] = 0
 
 
 @dataclass
@@ -478,22 +576,24 @@ class Weights:
     chunk: ChunkDecay | None  # float32, for a carried state
 
 
-def _layers(model, idx, targets, w: Weights, states: list[torch.Tensor] | None):
+def _layers(model, idx, targets, w: Weights, state: RecurrentState | None):
     bf16, p_drop = torch.bfloat16, model.active_dropout
     v = layer_norm(model.embed(idx).float())  # B, T, d
-    after = []
+    after, copies = [], []  # with a state: each layer's state after the window, and its bf16 copy
     for layer in range(model.config.n_layer):
         seed = int(torch.randint(0, 2**31 - 1, (1,)).item()) if p_drop > 0 else 0
         args = (v.to(bf16), w.Dx, w.Dy, w.E, w.cos, w.sin, p_drop, seed, w.decay)
-        if states is None:
+        if state is None:
             z = FusedNeurons.apply(*args)  # B, T, d
         else:
-            carried = CarriedInput(states[layer], w.chunk)
+            copy = state.copies[layer] if isinstance(state, FusedState) else None
+            carried = CarriedInput(state.layers[layer], copy, w.chunk)
             z = FusedNeurons.apply(*args, carried)
             after.append(carried.after)
+            copies.append(carried.after_copy)
         v = layer_norm(v + layer_norm(z.float()))
     logits = (v.to(bf16) @ model.readout.to(bf16)).float()  # B, T, V
     loss = None
     if targets is not None:
         loss = F.cross_entropy(logits.flatten(0, 1), targets.flatten())
-    return logits, loss, after
+    return logits, loss, (after, copies)

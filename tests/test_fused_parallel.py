@@ -274,3 +274,44 @@ def test_fused_windows_read_one_after_another_as_one_text(decay):
     assert rel(out.float(), ref) < 1e-2
     for after, before in zip(fused.to_model_order(state).layers, ref_state.layers, strict=True):
         assert rel(after, before) < 2e-2
+
+
+@pytest.mark.parametrize("decay", [False, True])
+def test_the_state_update_adds_the_window_and_writes_its_bf16_copy(decay):
+    """update_state against float32 PyTorch: P = gamma^T P + a^T r a (head, row), with sizes that fill
+    no tile (d, M and T past a tile's edge) and a shared across heads (stride 0, as without decay),
+    and the bf16 copy it writes beside P: P rounded."""
+    H, B, D, M, T = 2, 3, 48, 80, 37
+    P = torch.randn(H, B, D, M, device=DEVICE)
+    v = torch.randn(B, T, D, device=DEVICE).to(torch.bfloat16)
+    a = torch.randn(H, B, T, D, device=DEVICE).to(torch.bfloat16) if decay else v.expand(H, -1, -1, -1)
+    r = torch.randn(H, B, T, M, device=DEVICE).to(torch.bfloat16)
+    beta = torch.tensor([0.5, 0.9], device=DEVICE) if decay else None
+    expected = (1.0 if beta is None else beta.view(H, 1, 1, 1)) * P + a.float().mT @ r.float()
+    copy = torch.empty_like(P, dtype=torch.bfloat16)
+    fused_parallel.update_state(P, a, r, beta, copy)
+    assert rel(P, expected) < 1e-5
+    if CUDA:
+        assert torch.equal(copy, P.to(torch.bfloat16))
+    else:  # the interpreter rounds to bf16 towards zero: within one unit of the last place
+        assert ((copy.float() - P).abs() <= P.abs() * 2**-7).all()
+
+
+def test_emptied_rows_of_a_fused_state_read_as_from_nothing():
+    """Carried over the fused kernels: after reset_rows, row 0's next window (whose read comes from
+    the bf16 copy the update wrote) equals that window read alone, and row 1 goes on as it was."""
+    from dragon_hatchling.carried import Carried
+
+    B, T = SIZES[3], SIZES[4]
+    model = make_model("half", seed=5, decay=True).eval()
+    idx = torch.randint(0, 256, (B, 2 * T), device=DEVICE)
+    step, kept = Carried(fused_parallel.Fused(model)), Carried(fused_parallel.Fused(model))
+    with torch.no_grad():
+        for c in (step, kept):
+            c(idx[:, :T])
+        assert isinstance(step.state, fused_parallel.FusedState)
+        step.reset_rows(torch.arange(B, device=DEVICE) == 0)
+        after, going_on = step(idx[:, T:])[0], kept(idx[:, T:])[0]
+        alone = fused_parallel.fused_forward(model, idx[:1, T:])[0]
+    assert torch.equal(after[1:], going_on[1:])
+    assert rel(after[:1], alone) < 1e-2 < rel(going_on[:1], alone)
