@@ -28,7 +28,8 @@ results/benchmark/README.md.)
 A window that continues a text (truncated backpropagation through time, carried.py) reads the
 state S of the bytes before it, one per layer (CarriedInput): two more products a layer, its read
 gamma^t RoPE(x_t) S added to a, and the next state gamma^T S + RoPE(x)^T (gamma^(T-1-t) v_t), which
-cuBLAS adds as it multiplies; gradients stop at S, as the paper's TBPTT detaches it.
+one Triton kernel adds into S in place while writing the bf16 copy the next window reads (update_state);
+gradients stop at S, as the paper's TBPTT detaches it.
 fused_forward(model, idx, targets, state) is BDH.forward_chunked's one chunk, the state in the
 kernels' pair order.
 
@@ -198,13 +199,15 @@ def _grid(R: int, H: int, M: int) -> tuple[int, int]:
 
 
 def rotated(
-    x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, T: int, H: int, extra: int = 0
+    x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, T: int, H: int, into: torch.Tensor | None = None
 ) -> torch.Tensor:
-    """RoPE(relu(x)) per head, bf16. x: R, n (v Dx in pair order, R = B*T). Returns h, B, T + extra,
-    n/h, the extra rows of each window left empty (for the caller's rows of the same product)."""
+    """RoPE(relu(x)) per head, bf16. x: R, n (v Dx in pair order, R = B*T). Returns h, B, T, n/h, or
+    into (h, B, T', n/h contiguous, T' >= T) with RoPE in the first T rows of each window and the rows
+    below left as they were (the caller's rows of the same product)."""
     R, N = x.shape
-    r = torch.empty((H, R // T, T + extra, N // H), device=x.device, dtype=torch.bfloat16)
-    _rope_kernel[_grid(R, H, N // H)](x, cos, sin, r, R, T, T + extra, N // H, H, BR=BR, BP=BP)
+    r = torch.empty((H, R // T, T, N // H), device=x.device, dtype=torch.bfloat16) if into is None else into
+    assert r.is_contiguous() and r.shape[:2] == (H, R // T) and r.shape[2] >= T and r.shape[3] == N // H
+    _rope_kernel[_grid(R, H, N // H)](x, cos, sin, r, R, T, r.shape[2], N // H, H, BR=BR, BP=BP)
     return r
 
 
@@ -288,7 +291,9 @@ class FusedNeurons(torch.autograd.Function):
         if earlier is None:
             gr = G @ rotated(x, cos, sin, T, H)  # dL/dRoPE(x): h, B, T, M
         else:  # and the part that reached it through the state, in the same product
-            gr = ctx.carried.grad_of_r(G, rotated(x, cos, sin, T, H, extra=D), earlier_.grad)
+            gr = ctx.carried.grad_of_r(
+                G, rotated(x, cos, sin, T, H, into=ctx.carried.padded(T)), earlier_.grad
+            )
         del G
         _grad_x_kernel[_grid(R, H, M)](x, gr, cos, sin, gx, R, T, M, H, BR=BR, BP=BP)
         del x, gr
@@ -305,17 +310,18 @@ class CarriedInput:
     P.permute(1, 0, 3, 2) (B, h, M, d); a state in any other layout is copied once. The state given
     is consumed: the window's update is added into it in place, and it becomes the state after.
 
-    Two products a layer: its read, earlier_t = gamma^t RoPE(x_t) S (in bf16, from the copy that
-    the update before wrote beside P, or one made here), and the next state
-    gamma^T S + RoPE(x)^T (gamma^(T-1-t) v_t), added into P by one kernel that also writes the next
-    window's bf16 copy (update_state). Backward: g_r = [G, gamma^t g_a] [RoPE(x); S^T], the read's
-    part in G's product."""
+    Two products a layer: its read, earlier_t = gamma^t RoPE(x_t) S, in bf16 from the copy S^T that
+    the window before wrote (or one made here), and the next state gamma^T S + RoPE(x)^T
+    (gamma^(T-1-t) v_t), added into P by update_state, which writes the next window's copy in the same
+    pass. Backward: g_r = [G, gamma^t g_a] [RoPE(x); S^T], the read's part in G's product; the copy
+    is written as the last d rows of a window's T + d (copy_buffer), so that this product finds S^T
+    in place below RoPE(x)."""
 
     def __init__(self, state: torch.Tensor, copy: torch.Tensor | None, decay: ChunkDecay | None) -> None:
         P = state.permute(1, 0, 3, 2)  # h, B, d, M
         self.P = P if P.is_contiguous() else P.contiguous()
-        fresh = copy is None or not copy.permute(1, 0, 3, 2).is_contiguous() or P is not self.P
-        self.St = self.P.to(torch.bfloat16) if fresh else copy.permute(1, 0, 3, 2)  # S^T in bf16
+        same = copy is not None and P is self.P and copy.shape == state.shape
+        self.St = copy.permute(1, 0, 3, 2) if same else self.P.to(torch.bfloat16)  # S^T: h, B, d, M bf16
         self.decay = decay
         self.after: torch.Tensor | None = None
         self.after_copy: torch.Tensor | None = None
@@ -327,24 +333,38 @@ class CarriedInput:
 
     def advance(self, r: torch.Tensor, v: torch.Tensor) -> None:
         """self.after: the state after the window (B, h, M, d, a view of P, updated in place), and
-        self.after_copy, the same in bf16 (the next window's S^T)."""
+        self.after_copy, the same in bf16 (the next window's S^T, in a buffer of T + d rows)."""
         faded = v.unsqueeze(0).expand(self.P.shape[0], -1, -1, -1)  # h, B, T, d
         if self.decay is not None:
             faded = (self.decay.to_end.unsqueeze(1) * faded.float()).to(torch.bfloat16)
-        copy = torch.empty_like(self.St)
+        copy = copy_buffer(self.P.shape, r.shape[2], self.P.device)[:, :, r.shape[2] :]  # h, B, d, M
         update_state(self.P, faded, r, None if self.decay is None else self.decay.whole, copy)
         self.after, self.P = self.P.permute(1, 0, 3, 2), None
         self.after_copy = copy.permute(1, 0, 3, 2)
 
+    def padded(self, T: int) -> torch.Tensor:
+        """h, B, T + d, M bf16 with S^T in the last d rows of each window: the buffer the copy was
+        written into when it was made for a window of T bytes (no copy), else a new one."""
+        H, B, D, M = self.St.shape
+        shape, stride = (H, B, T + D, M), (B * (T + D) * M, (T + D) * M, M, 1)
+        if self.St.stride() == stride[:2] + (M, 1) and self.St.storage_offset() == T * M:
+            return self.St.as_strided(shape, stride, 0)
+        buffer = copy_buffer((H, B, D, M), T, self.St.device)
+        blocks_into(buffer.view(H * B, -1)[:, T * M :], self.St)
+        return buffer
+
     def grad_of_r(self, G: torch.Tensor, r: torch.Tensor, g_earlier: torch.Tensor) -> torch.Tensor:
         """dL/dRoPE(x) (h, B, T, M) from G (h, B, T, T), the window's part, and g_earlier = dL/d earlier
-        (h, B, T, d), the state's; r: h, B, T + d, M, RoPE(x) in its first T rows (filled here with
-        S^T below them)."""
+        (h, B, T, d), the state's; r: h, B, T + d, M, RoPE(x) above S^T (padded)."""
         if self.decay is not None:
             g_earlier = g_earlier * self.decay.since_start.unsqueeze(1)
-        T = G.shape[-1]
-        blocks_into(r.view(-1, r.shape[-2] * r.shape[-1])[:, T * r.shape[-1] :], self.St)
         return torch.cat((G, g_earlier.to(torch.bfloat16)), dim=-1) @ r
+
+
+def copy_buffer(shape: torch.Size | tuple, T: int, device: torch.device) -> torch.Tensor:
+    """h, B, T + d, M bf16 (empty) for a state of shape h, B, d, M: its last d rows a window hold S^T."""
+    H, B, D, M = shape
+    return torch.empty((H, B, T + D, M), device=device, dtype=torch.bfloat16)
 
 
 @triton.jit
@@ -365,28 +385,13 @@ def blocks_into(dst: torch.Tensor, src: torch.Tensor, BLOCK: int = 4096) -> None
     _blocks_kernel[(rows, triton.cdiv(size, BLOCK))](src, dst, size, dst.stride(0), BLOCK=BLOCK)
 
 
+# fmt: off
 @triton.jit
 def _update_kernel(
-    p_ptr,
-    a_ptr,
-    r_ptr,
-    beta_ptr,
-    copy_ptr,
-    B,
-    D,
-    T,
-    M,
-    sa_h,
-    sa_b,
-    sa_t,
-    sr_h,
-    sr_b,
-    sr_t,
-    HAS_BETA: tl.constexpr,
-    BD: tl.constexpr,
-    BM: tl.constexpr,
-    BK: tl.constexpr,
+    p_ptr, a_ptr, r_ptr, beta_ptr, copy_ptr, B, D, T, M, sa_h, sa_b, sa_t, sr_h, sr_b, sr_t, sc_hb,
+    HAS_BETA: tl.constexpr, BD: tl.constexpr, BM: tl.constexpr, BK: tl.constexpr,
 ):
+    # fmt: on
     """One BD x BM tile of one (head, row): P = beta P + A^T r, copy = bf16(P). Grid: tiles, h * B;
     the d tiles of one M tile are neighbours, so that they read the same r from L2."""
     hb = tl.program_id(1).to(tl.int64)
@@ -406,49 +411,37 @@ def _update_kernel(
         if INTERPRET:
             a, r = a.to(tl.float32), r.to(tl.float32)
         acc = tl.dot(a, r, acc)
-    offs = hb * D * M + offs_d[:, None] * M + offs_m[None, :]
+    offs = offs_d[:, None] * M + offs_m[None, :]
     mask = (offs_d[:, None] < D) & (offs_m[None, :] < M)
-    p = tl.load(p_ptr + offs, mask=mask)
+    p = tl.load(p_ptr + hb * D * M + offs, mask=mask)
     if HAS_BETA:
         p *= tl.load(beta_ptr + h)
     p += acc
-    tl.store(p_ptr + offs, p, mask=mask)
-    tl.store(copy_ptr + offs, p.to(tl.bfloat16), mask=mask)
+    tl.store(p_ptr + hb * D * M + offs, p, mask=mask)
+    tl.store(copy_ptr + hb * sc_hb + offs, p.to(tl.bfloat16), mask=mask)
 
 
-UPDATE_TILE = (128, 128, 64, 8, 3)  # BD, BM, BK, warps, stages of update_state
+UPDATE_TILE = (64, 128, 64, 4, 3)  # BD, BM, BK, warps, stages of update_state (results/tbptt/update_tiles.py)
 
 
 def update_state(P: torch.Tensor, a: torch.Tensor, r: torch.Tensor, beta: torch.Tensor | None, copy) -> None:
     """P = beta P + a^T r in place, batched over (head, row), and copy = P in bf16, in one pass over P.
-    P, copy: h, B, d, M float32 and bf16, contiguous; a: h, B, T, d bf16 (any strides but d's: the
-    expanded v of a model without decay); r: h, B, T, M bf16, unit stride in M; beta: h floats
-    (gamma^T a head) or None (1)."""
+    P: h, B, d, M float32, contiguous; copy: the same shape in bf16, each (head, row) contiguous
+    (rows of a larger buffer); a: h, B, T, d bf16 (any strides but d's: the expanded v of a model
+    without decay); r: h, B, T, M bf16, unit stride in M; beta: h floats (gamma^T a head) or None."""
     H, B, D, M = P.shape
     T = a.shape[2]
-    assert P.is_contiguous() and copy.is_contiguous() and a.stride(3) == 1 and r.stride(3) == 1
+    hb_stride = copy.stride(1)
+    assert P.is_contiguous() and copy.stride() == (B * hb_stride, hb_stride, M, 1)
+    assert a.stride(3) == 1 and r.stride(3) == 1
     BD, BM, BK, warps, stages = UPDATE_TILE
     BD, BM, BK = (min(tile, max(16, triton.next_power_of_2(n))) for tile, n in ((BD, D), (BM, M), (BK, T)))
     grid = (triton.cdiv(D, BD) * triton.cdiv(M, BM), H * B)
     _update_kernel[grid](
-        P,
-        a,
-        r,
-        P if beta is None else beta.reshape(H).contiguous(),
-        copy,
-        B,
-        D,
-        T,
-        M,
-        *a.stride()[:3],
-        *r.stride()[:3],
-        HAS_BETA=beta is not None,
-        BD=BD,
-        BM=BM,
-        BK=BK,
-        num_warps=warps,
-        num_stages=stages,
-    )
+        P, a, r, P if beta is None else beta.reshape(H).contiguous(), copy, B, D, T, M,
+        *a.stride()[:3], *r.stride()[:3], hb_stride, HAS_BETA=beta is not None, BD=BD, BM=BM, BK=BK,
+        num_warps=warps, num_stages=stages,
+    )  # fmt: skip
 
 
 class Fused(torch.nn.Module):

@@ -212,11 +212,13 @@ def test_fused_forward_takes_batches_of_more_than_2_31_neurons():
     assert rel(logits[-1:], last) < 1e-2  # bf16: cuBLAS rounds differently at another batch size
 
 
-@pytest.mark.parametrize("decay", [False, True])
-def test_fused_window_with_a_carried_state_matches_the_chunked_form(decay):
+@pytest.mark.parametrize("decay, before_fused", [(False, False), (True, False), (True, True)])
+def test_fused_window_with_a_carried_state_matches_the_chunked_form(decay, before_fused):
     """A window read after earlier bytes, the state carried: the fused pass (state in pair order)
     against BDH.forward_chunked in float32, for the logits, every gradient and the next state; the
-    plain path under bf16 autocast is the yardstick, as above."""
+    plain path under bf16 autocast is the yardstick, as above. before_fused: the fused pass reads the
+    earlier bytes itself and takes the state they left (its bf16 copy already below a window's rows,
+    where backward reads it without copying)."""
     B, T = SIZES[3], SIZES[4]
     model = make_model("interleaved", seed=2, decay=decay)
     fused = fused_parallel.Fused(model)
@@ -228,7 +230,15 @@ def test_fused_window_with_a_carried_state_matches_the_chunked_form(decay):
 
     def run(fused_path: bool = False):
         if fused_path:
-            logits, loss, after = fused.forward_chunked(idx, targets, T, fused.from_model_order(state))
+            given = fused.from_model_order(state)
+            if before_fused:
+                with torch.no_grad():
+                    given = fused.forward_chunked(before, chunk_size=T)[2]
+                assert (
+                    given.copies[0].permute(1, 0, 3, 2).stride(1)
+                    == (T + model.config.n_embd) * given.copies[0].shape[2]
+                )
+            logits, loss, after = fused.forward_chunked(idx, targets, T, given)
             after = fused.to_model_order(after)
         else:
             logits, loss, after = model.forward_chunked(idx, targets, T, state.clone())
@@ -288,7 +298,7 @@ def test_the_state_update_adds_the_window_and_writes_its_bf16_copy(decay):
     r = torch.randn(H, B, T, M, device=DEVICE).to(torch.bfloat16)
     beta = torch.tensor([0.5, 0.9], device=DEVICE) if decay else None
     expected = (1.0 if beta is None else beta.view(H, 1, 1, 1)) * P + a.float().mT @ r.float()
-    copy = torch.empty_like(P, dtype=torch.bfloat16)
+    copy = fused_parallel.copy_buffer(P.shape, T, DEVICE)[:, :, T:]  # as the next window's backward reads it
     fused_parallel.update_state(P, a, r, beta, copy)
     assert rel(P, expected) < 1e-5
     if CUDA:

@@ -20,18 +20,26 @@ from dragon_hatchling.benchmark import shape_list  # noqa: E402
 from dragon_hatchling.cli import Parser, fail  # noqa: E402
 from model import BDHConfig  # noqa: E402
 
-TILES = [(128, 128, 64, 8, 3), (128, 128, 64, 4, 3), (128, 256, 64, 8, 3), (256, 128, 64, 8, 3),
-         (128, 128, 32, 4, 4), (64, 128, 64, 4, 3), (128, 64, 64, 4, 3), (128, 128, 64, 8, 4)]  # fmt: skip
+TILES = [(64, 128, 64, 4, 3), (128, 128, 64, 8, 3), (128, 64, 64, 4, 3), (128, 128, 64, 8, 4),
+         (256, 128, 64, 8, 3), (64, 128, 64, 4, 4), (64, 256, 64, 8, 3), (64, 128, 128, 4, 3),
+         (64, 64, 64, 4, 3), (32, 128, 64, 4, 3), (64, 128, 32, 4, 4), (128, 64, 64, 4, 4)]  # fmt: skip
 
 
 def operands(B: int, T: int, cfg: BDHConfig) -> tuple[torch.Tensor, ...]:
-    """P (h, B, d, M) float32, a (h, B, T, d), r (h, B, T, M) bf16, beta (h), the copy (h, B, d, M)."""
+    """P (h, B, d, M) float32, a (h, B, T, d), r (h, B, T, M) bf16, beta (h), the copy (h, B, d, M; its
+    rows below a window's T)."""
     H, D, M = cfg.n_head, cfg.n_embd, cfg.head_size
     P = torch.randn(H, B, D, M, device="cuda")
     a = torch.randn(H, B, T, D, device="cuda").to(torch.bfloat16)
     r = torch.randn(H, B, T, M, device="cuda").to(torch.bfloat16)
     beta = torch.rand(H, device="cuda")
-    return P, a, r, beta, torch.empty_like(P, dtype=torch.bfloat16)
+    return (
+        P,
+        a,
+        r,
+        beta,
+        fused_parallel.copy_buffer(P.shape, T, "cuda")[:, :, T:],
+    )  # as CarriedInput writes it
 
 
 def cublas(P, a, r, beta, copy) -> None:
