@@ -27,6 +27,7 @@ RUNS = {  # name: its folder
     "lc-1024-lr2e-3": HERE / "runs" / "lc-1024-lr2e-3",  # round 3: lc-1024-lives at twice the peak lr
     "tbptt-512-shuffled-long-lr2e-3": HERE / "runs" / "tbptt-512-shuffled-long-lr2e-3",  # round 4: both gains
     "lc-1024-lr3e-3": HERE / "runs" / "lc-1024-lr3e-3",  # round 5: lc-1024-lr2e-3 at 3e-3
+    "lc-1024-h8": HERE / "runs" / "lc-1024-h8",  # round 6: lc-1024-lr2e-3 with 8 heads, half-lives 8-8,192
 }
 BUCKETS = ["256-511", "512-1023", "1024-2047", "2048-4095"]
 LONG = ["4096-8191", "8192-16383"]
@@ -46,7 +47,8 @@ def recipe(run: str) -> str:
     carried = ", carried" + (f", reset at each {args['reset_state']}" if args.get("reset_state") else "")
     carried += ", articles shuffled" if args.get("article_order") == "shuffled" else ""
     lr = f", lr {args['lr']:g}" if args["lr"] != 1e-3 else ""
-    return f"BDH, {shape}, half-lives {lives}" + (carried if args.get("carry_state") else "") + lr
+    heads = f", {args['n_head']} heads" if args.get("n_head", 4) != 4 else ""
+    return f"BDH, {shape}{heads}, half-lives {lives}" + (carried if args.get("carry_state") else "") + lr
 
 
 def loss(run: str, folder: str) -> str:
@@ -99,7 +101,7 @@ def plot(path: Path) -> None:
             if m is None:  # a run not scored so (shifts came in round 3; long-context has no 16 KB)
                 continue
             middles, losses = bucket_middles(m["loss_by_position"])
-            panel.plot(middles, losses, "o-", ms=3, color=f"C{i}", label=f"{run} ({recipe(run)})")
+            panel.plot(middles, losses, "o-", ms=3, color=plt.cm.tab20(i), label=f"{run} ({recipe(run)})")
         panel.set_xscale("log")
         panel.set(title=title, xlabel="position in the window (bytes)", ylim=(1.05, 1.45))
         panel.title.set_fontsize(9)
@@ -108,7 +110,8 @@ def plot(path: Path) -> None:
     ax["k"].axis("off")
     ax["k"].legend(*axes[0].get_legend_handles_labels(), loc="center", ncol=2, fontsize=8)
     fig.suptitle(
-        "Reference budget of wiki.train.tokens (round 1's tbptt-2048 and tbptt-512 cut at 88-89%), one H200",
+        "Reference budget of wiki.train.tokens (round 1's tbptt-2048 and tbptt-512 cut at 88-89%); "
+        "one H200 (rounds 5 and 6: one H100)",
         fontsize=10,
     )
     save(fig, path, dpi=110)
