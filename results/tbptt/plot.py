@@ -29,6 +29,13 @@ RUNS = {  # name: its folder
     "lc-1024-lr3e-3": HERE / "runs" / "lc-1024-lr3e-3",  # round 5: lc-1024-lr2e-3 at 3e-3
     "lc-1024-h8": HERE / "runs" / "lc-1024-h8",  # round 6: lc-1024-lr2e-3 with 8 heads, half-lives 8-8,192
 }
+SHARED = {
+    "tbptt-2048": 3,
+    "tbptt-512": 3,
+    "gptxl": 3,
+    "tbptt-512-reset": 2,
+    "tbptt-512-recipe-lives": 2,
+}  # runs a GPU
 BUCKETS = ["256-511", "512-1023", "1024-2047", "2048-4095"]
 LONG = ["4096-8191", "8192-16383"]
 
@@ -61,6 +68,14 @@ def rise(by_position: dict | None) -> str:
     return "-" if by_position is None else f"{by_position['2048-4095'] - by_position['256-511']:+.4f}"
 
 
+def speed(run: str) -> str:
+    """Training bytes/s and the card, with how many runs shared it (rounds 1 and 2)."""
+    m = metrics(run)
+    card = "H100" if "H100" in m["device"] else "H200" if "H200" in m["device"] else m["device"]
+    shared = f", 1 of {SHARED[run]} runs on it" if run in SHARED else ""
+    return f"{m['bytes_per_s'] / 1000:.0f}k ({card}{shared})"
+
+
 def row(run: str) -> list[str]:
     m = metrics(run)
     w4096 = metrics(run, "eval-valid-raw-4096")["loss_by_position"]
@@ -70,6 +85,7 @@ def row(run: str) -> list[str]:
         f"`{run}`",
         recipe(run),
         f"{m['steps']:,} of {m['total_steps']:,}",
+        speed(run),
         loss(run, "eval-valid-raw-128"),
         loss(run, "eval-valid-raw-stream"),
         loss(run, "eval-valid-tokens-128"),
@@ -82,7 +98,7 @@ def row(run: str) -> list[str]:
 
 
 def table() -> str:
-    head = ["run", "recipe", "steps", "raw 128", "raw whole", "tokens 128", "tokens whole",
+    head = ["run", "recipe", "steps", "bytes/s", "raw 128", "raw whole", "tokens 128", "tokens whole",
             *BUCKETS, "2048-4095 minus 256-511", "shifted", *(f"16k: {b}" for b in LONG)]  # fmt: skip
     lines = ["| " + " | ".join(head) + " |", "|---|---|---|" + "---:|" * (len(head) - 3)]
     return "\n".join(lines + ["| " + " | ".join(row(run)) + " |" for run in RUNS])
