@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 
 from dragon_hatchling.carried import Carried
-from dragon_hatchling.cli import Parser, UsageError, fail, half_lives, positive_int
+from dragon_hatchling.cli import Parser, UsageError, fail, half_lives, out_file, positive_int
 from dragon_hatchling.devices import cuda_time, resolve_device
 from dragon_hatchling.distributed import Ranks, all_reduce, rank_device, ranks_from_env, start, stop
 from dragon_hatchling.files import write_json
@@ -76,7 +76,7 @@ PROMPT = (
 def build_parser() -> argparse.ArgumentParser:
     p = Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default="cuda", help="cuda (the numbers mean little elsewhere)")
-    p.add_argument("--out", default=None, help="write the results here as JSON")
+    p.add_argument("--out", type=out_file, default=None, help="write the results here as JSON")
     p.add_argument(
         "--parts",
         type=subset_of(PARTS),

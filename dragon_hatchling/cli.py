@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 import sys
 from pathlib import Path
 
@@ -75,6 +76,22 @@ def half_lives(text: str) -> list[float]:
     if not all(0 < v < math.inf for v in values):
         raise argparse.ArgumentTypeError(f"expected positive numbers of bytes, got {text!r}")
     return values
+
+
+def out_file(text: str) -> str:
+    """A file to write: not empty, not a folder, below a folder that exists (or can be made) and can be
+    written (the nearest existing one is checked; nothing is made here)."""
+    if not text:
+        raise argparse.ArgumentTypeError("expected a file path, got ''")
+    path = Path(text)
+    if path.is_dir():
+        raise argparse.ArgumentTypeError(f"expected a file, got the folder {text!r}")
+    parent = path.absolute().parent
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir() or not os.access(parent, os.W_OK):
+        raise argparse.ArgumentTypeError(f"expected a file in a folder that can be written, got {text!r}")
+    return text
 
 
 def nonempty(text: str) -> str:

@@ -25,6 +25,10 @@ CASES = {
     ),
     cli.seed: (["-1", str(2**63), "1.5", "x", ""], ["0", str(2**63 - 1)]),
     cli.half_lives: (["0", "-3", "inf", "nan", "x", "8,x", "8,,16", ""], ["none", "0.5", "8,16"]),
+    cli.out_file: (
+        ["", "/", f"{cli.__file__}/x.json", f"{cli.__file__}/deeper/x.json"],
+        ["x.json", "new/folders/x.json"],
+    ),
     int: (["x", "1.5", ""], ["-5", "0"]),
     float: (["x", ""], ["0.5"]),
 }

@@ -19,7 +19,7 @@ from torch.profiler import ProfilerActivity, profile
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repository root: model.py
 
 from dragon_hatchling.benchmark import configs, shape_list, train_step_fn  # noqa: E402
-from dragon_hatchling.cli import Parser, UsageError, fail, half_lives, positive_int  # noqa: E402
+from dragon_hatchling.cli import Parser, UsageError, fail, half_lives, out_file, positive_int  # noqa: E402
 from model import BDH, BDHConfig  # noqa: E402
 
 STEPS = 5
@@ -60,7 +60,9 @@ def main() -> int:
     p.add_argument("--shapes", type=shape_list, default=[(8, 512)])
     p.add_argument("--half_lives", type=half_lives, default=[8.0, 32.0, 128.0, 256.0], help="none: no decay")
     p.add_argument("--n_layer", type=positive_int, default=BDHConfig().n_layer)
-    p.add_argument("--out", default=None, help="JSON of every kernel's time, both paths, each shape")
+    p.add_argument(
+        "--out", type=out_file, default=None, help="JSON of every kernel's time, both paths, each shape"
+    )
     args = p.parse_args()
     try:
         plain_cfg, decay_cfg = configs(args)  # as benchmark.py reads the same flags

@@ -18,7 +18,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repository r
 
 from dragon_hatchling import fused_parallel  # noqa: E402
 from dragon_hatchling.benchmark import shape_list  # noqa: E402
-from dragon_hatchling.cli import Parser, fail  # noqa: E402
+from dragon_hatchling.cli import Parser, fail, out_file  # noqa: E402
 from model import BDHConfig, chunk_decay  # noqa: E402
 
 TILES = [(64, 128, 64, 4, 3), (128, 128, 64, 8, 3), (128, 64, 64, 4, 3), (128, 128, 64, 8, 4),
@@ -78,7 +78,7 @@ def sweep(B: int, T: int, cfg: BDHConfig) -> dict[str, float]:
 def main() -> int:
     p = Parser(description=__doc__.splitlines()[0])
     p.add_argument("--shapes", type=shape_list, default=[(8, 512)])
-    p.add_argument("--out", default=None, help="JSON of every time, each shape")
+    p.add_argument("--out", type=out_file, default=None, help="JSON of every time, each shape")
     args = p.parse_args()
     if not torch.cuda.is_available():
         fail("update_tiles.py times CUDA kernels; no CUDA device here")
