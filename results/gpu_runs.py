@@ -43,16 +43,17 @@ TRAIN = shlex.split(
 SAMPLE = ["--prompt", " = Dragon = "] + shlex.split(
     "--max_new_bytes 2000 --temperature 0.8 --top_k 40 --seed 1337 --context 0"
 )
-EVALS = {  # folder: evaluate.py flags
+EVALS = {  # folder: evaluate.py flags, in the order they run: the targets first, so that a
+    # command whose time runs out loses the secondary ones (16 KB windows) rather than the whole text
     "eval-valid-raw-128": ["--seq_len", "128", "--neuron_graph", *SAMPLE],
     "eval-valid-tokens-128": shlex.split(f"--data_file {TOKENS} --seq_len 128 --no_plots"),
-    "eval-valid-raw-4096": shlex.split("--seq_len 4096 --chunk_size 4096 --batch_size 16"),
+    "eval-valid-raw-stream": shlex.split("--stream --chunk_size 2048"),
     "eval-valid-raw-4096-shifted": shlex.split(
         "--seq_len 4096 --chunk_size 4096 --batch_size 16 --shifts 16 --no_plots"
     ),
-    "eval-valid-raw-16384": shlex.split("--seq_len 16384 --chunk_size 2048 --batch_size 4 --no_plots"),
-    "eval-valid-raw-stream": shlex.split("--stream --chunk_size 2048"),
     "eval-valid-tokens-stream": shlex.split(f"--data_file {TOKENS} --stream --chunk_size 2048 --no_plots"),
+    "eval-valid-raw-4096": shlex.split("--seq_len 4096 --chunk_size 4096 --batch_size 16"),
+    "eval-valid-raw-16384": shlex.split("--seq_len 16384 --chunk_size 2048 --batch_size 4 --no_plots"),
 }
 WINDOW_EVALS = ("eval-valid-raw-128", "eval-valid-tokens-128")  # all a GPT without a memory can do
 GPT_SAMPLE = ["--context", "512"]  # a GPT sees at most its block
