@@ -314,17 +314,19 @@ class CarriedInput:
     the window before wrote (or one made here), and the next state gamma^T S + RoPE(x)^T
     (gamma^(T-1-t) v_t), added into P by update_state, which writes the next window's copy in the same
     pass. Backward: g_r = [G, gamma^t g_a] [RoPE(x); S^T], the read's part in G's product; the copy
-    is written as the last d rows of a window's T + d (copy_buffer), so that this product finds S^T
-    in place below RoPE(x)."""
+    is written as the last d rows of a buffer of a window's T + d (copy_buffer), so that this product
+    finds S^T in place below RoPE(x)."""
 
-    def __init__(self, state: torch.Tensor, copy: torch.Tensor | None, decay: ChunkDecay | None) -> None:
+    def __init__(self, state: torch.Tensor, buffer: torch.Tensor | None, decay: ChunkDecay | None) -> None:
         P = state.permute(1, 0, 3, 2)  # h, B, d, M
         self.P = P if P.is_contiguous() else P.contiguous()
-        same = copy is not None and P is self.P and copy.shape == state.shape
-        self.St = copy.permute(1, 0, 3, 2) if same else self.P.to(torch.bfloat16)  # S^T: h, B, d, M bf16
+        H, B, D, M = self.P.shape
+        fits = buffer is not None and P is self.P and buffer.shape[:2] == (H, B) and buffer.shape[3] == M
+        self.buffer = buffer if fits else None  # h, B, T' + d, M bf16: S^T in its last d rows a window
+        self.St = buffer[:, :, -D:] if fits else self.P.to(torch.bfloat16)  # S^T: h, B, d, M bf16
         self.decay = decay
         self.after: torch.Tensor | None = None
-        self.after_copy: torch.Tensor | None = None
+        self.after_buffer: torch.Tensor | None = None
 
     def read(self, r: torch.Tensor) -> torch.Tensor:
         """earlier: h, B, T, d float32, from r = RoPE(x): h, B, T, M."""
@@ -333,24 +335,23 @@ class CarriedInput:
 
     def advance(self, r: torch.Tensor, v: torch.Tensor) -> None:
         """self.after: the state after the window (B, h, M, d, a view of P, updated in place), and
-        self.after_copy, the same in bf16 (the next window's S^T, in a buffer of T + d rows)."""
+        self.after_buffer, the same in bf16 below T rows (the next window's S^T)."""
         faded = v.unsqueeze(0).expand(self.P.shape[0], -1, -1, -1)  # h, B, T, d
         if self.decay is not None:
             faded = (self.decay.to_end.unsqueeze(1) * faded.float()).to(torch.bfloat16)
-        copy = copy_buffer(self.P.shape, r.shape[2], self.P.device)[:, :, r.shape[2] :]  # h, B, d, M
-        update_state(self.P, faded, r, None if self.decay is None else self.decay.whole, copy)
+        T = r.shape[2]
+        self.after_buffer = copy_buffer(self.P.shape, T, self.P.device)
+        beta = None if self.decay is None else self.decay.whole
+        update_state(self.P, faded, r, beta, self.after_buffer[:, :, T:])
         self.after, self.P = self.P.permute(1, 0, 3, 2), None
-        self.after_copy = copy.permute(1, 0, 3, 2)
 
     def padded(self, T: int) -> torch.Tensor:
         """h, B, T + d, M bf16 with S^T in the last d rows of each window: the buffer the copy was
         written into when it was made for a window of T bytes (no copy), else a new one."""
-        H, B, D, M = self.St.shape
-        shape, stride = (H, B, T + D, M), (B * (T + D) * M, (T + D) * M, M, 1)
-        if self.St.stride() == stride[:2] + (M, 1) and self.St.storage_offset() == T * M:
-            return self.St.as_strided(shape, stride, 0)
-        buffer = copy_buffer((H, B, D, M), T, self.St.device)
-        blocks_into(buffer.view(H * B, -1)[:, T * M :], self.St)
+        if self.buffer is not None and self.buffer.shape[2] == T + self.St.shape[2]:
+            return self.buffer
+        buffer = copy_buffer(self.St.shape, T, self.St.device)
+        buffer[:, :, T:].copy_(self.St)  # a window after a plain state, or of another length than the last
         return buffer
 
     def grad_of_r(self, G: torch.Tensor, r: torch.Tensor, g_earlier: torch.Tensor) -> torch.Tensor:
@@ -365,24 +366,6 @@ def copy_buffer(shape: torch.Size | tuple, T: int, device: torch.device) -> torc
     """h, B, T + d, M bf16 (empty) for a state of shape h, B, d, M: its last d rows a window hold S^T."""
     H, B, D, M = shape
     return torch.empty((H, B, T + D, M), device=device, dtype=torch.bfloat16)
-
-
-@triton.jit
-def _blocks_kernel(src_ptr, dst_ptr, size, dst_stride, BLOCK: tl.constexpr):
-    """dst[i, :size] = src[i, :] on one tile of row i (grid: rows, size / BLOCK); src rows contiguous."""
-    i = tl.program_id(0).to(tl.int64)
-    offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
-    mask = offs < size
-    tl.store(dst_ptr + i * dst_stride + offs, tl.load(src_ptr + i * size + offs, mask=mask), mask=mask)
-
-
-def blocks_into(dst: torch.Tensor, src: torch.Tensor, BLOCK: int = 4096) -> None:
-    """dst.copy_(src) where dst is rows of a wider matrix (rows, size; unit stride within a row) and src
-    holds as many rows of size elements, contiguous: one pass at full width (PyTorch's copy of a
-    strided view ran at 1.6 TB/s on an H100)."""
-    rows, size = dst.shape
-    assert dst.stride(1) == 1 and src.is_contiguous() and src.numel() == rows * size
-    _blocks_kernel[(rows, triton.cdiv(size, BLOCK))](src, dst, size, dst.stride(0), BLOCK=BLOCK)
 
 
 # fmt: off
@@ -535,25 +518,25 @@ def fused_forward(
     decay = None if chunk is None else chunk.weights.to(torch.bfloat16)  # h, T, T
     with torch.autocast(idx.device.type, enabled=False):  # the kernels choose their own precision
         weights = Weights(Dx, Dy, E, cos, sin, decay, chunk)
-        logits, loss, (layers, copies) = _layers(model, idx, targets, weights, state)
+        logits, loss, (layers, buffers) = _layers(model, idx, targets, weights, state)
     if state is None:
         return logits, loss
-    return logits, loss, FusedState(layers, state.pos + T, copies)
+    return logits, loss, FusedState(layers, state.pos + T, buffers)
 
 
 @dataclass
 class FusedState(RecurrentState):
     """The state after a window through the kernels (pair order), with each layer's state also in
     bf16, as the update that wrote it left it: the next window reads that copy instead of making
-    one. Whatever changes layers in place must change copies alike (empty_rows does); RecurrentState's
+    one. Whatever changes layers in place must change buffers alike (empty_rows does); RecurrentState's
     own methods return plain states, which the next window copies again."""
 
-    copies: list[torch.Tensor]  # per layer: B, h, M, d bf16, a view of h, B, d, M
+    buffers: list[torch.Tensor]  # per layer: h, B, T + d, M bf16, the copy S^T in the last d rows a window
 
     def empty_rows(self, rows: torch.Tensor) -> None:
         super().empty_rows(rows)
-        for copy in self.copies:
-            copy[rows.to(copy.device)] = 0
+        for buffer in self.buffers:
+            buffer[:, rows.to(buffer.device)] = 0
 
 
 @dataclass
@@ -572,21 +555,21 @@ class Weights:
 def _layers(model, idx, targets, w: Weights, state: RecurrentState | None):
     bf16, p_drop = torch.bfloat16, model.active_dropout
     v = layer_norm(model.embed(idx).float())  # B, T, d
-    after, copies = [], []  # with a state: each layer's state after the window, and its bf16 copy
+    after, buffers = [], []  # with a state: each layer's state after the window, and its bf16 copy
     for layer in range(model.config.n_layer):
         seed = int(torch.randint(0, 2**31 - 1, (1,)).item()) if p_drop > 0 else 0
         args = (v.to(bf16), w.Dx, w.Dy, w.E, w.cos, w.sin, p_drop, seed, w.decay)
         if state is None:
             z = FusedNeurons.apply(*args)  # B, T, d
         else:
-            copy = state.copies[layer] if isinstance(state, FusedState) else None
-            carried = CarriedInput(state.layers[layer], copy, w.chunk)
+            buffer = state.buffers[layer] if isinstance(state, FusedState) else None
+            carried = CarriedInput(state.layers[layer], buffer, w.chunk)
             z = FusedNeurons.apply(*args, carried)
             after.append(carried.after)
-            copies.append(carried.after_copy)
+            buffers.append(carried.after_buffer)
         v = layer_norm(v + layer_norm(z.float()))
     logits = (v.to(bf16) @ model.readout.to(bf16)).float()  # B, T, V
     loss = None
     if targets is not None:
         loss = F.cross_entropy(logits.flatten(0, 1), targets.flatten())
-    return logits, loss, (after, copies)
+    return logits, loss, (after, buffers)

@@ -212,18 +212,22 @@ def test_fused_forward_takes_batches_of_more_than_2_31_neurons():
     assert rel(logits[-1:], last) < 1e-2  # bf16: cuBLAS rounds differently at another batch size
 
 
-@pytest.mark.parametrize("decay, before_fused", [(False, False), (True, False), (True, True)])
-def test_fused_window_with_a_carried_state_matches_the_chunked_form(decay, before_fused):
+@pytest.mark.parametrize(
+    "decay, before_fused, shorter", [(False, False, 0), (True, False, 0), (True, True, 0), (True, True, 5)]
+)
+def test_fused_window_with_a_carried_state_matches_the_chunked_form(decay, before_fused, shorter):
     """A window read after earlier bytes, the state carried: the fused pass (state in pair order)
     against BDH.forward_chunked in float32, for the logits, every gradient and the next state; the
     plain path under bf16 autocast is the yardstick, as above. before_fused: the fused pass reads the
     earlier bytes itself and takes the state they left (its bf16 copy already below a window's rows,
-    where backward reads it without copying)."""
+    where backward reads it without copying). shorter: the window is that much shorter than the
+    earlier ones (the copy's buffer does not fit it: backward copies S^T into one that does)."""
     B, T = SIZES[3], SIZES[4]
+    W = T - shorter
     model = make_model("interleaved", seed=2, decay=decay)
     fused = fused_parallel.Fused(model)
     before = torch.randint(0, 256, (B, 2 * T), device=DEVICE)
-    idx, targets = (torch.randint(0, 256, (B, T), device=DEVICE) for _ in range(2))
+    idx, targets = (torch.randint(0, 256, (B, W), device=DEVICE) for _ in range(2))
     with torch.no_grad():
         _, _, state = model.forward_chunked(before, chunk_size=T)  # the earlier bytes, float32
     params = list(model.parameters())
@@ -234,21 +238,18 @@ def test_fused_window_with_a_carried_state_matches_the_chunked_form(decay, befor
             if before_fused:
                 with torch.no_grad():
                     given = fused.forward_chunked(before, chunk_size=T)[2]
-                assert (
-                    given.copies[0].permute(1, 0, 3, 2).stride(1)
-                    == (T + model.config.n_embd) * given.copies[0].shape[2]
-                )
-            logits, loss, after = fused.forward_chunked(idx, targets, T, given)
+                assert given.buffers[0].shape[2] == T + model.config.n_embd  # S^T below T rows
+            logits, loss, after = fused.forward_chunked(idx, targets, W, given)
             after = fused.to_model_order(after)
         else:
-            logits, loss, after = model.forward_chunked(idx, targets, T, state.clone())
+            logits, loss, after = model.forward_chunked(idx, targets, W, state.clone())
         return [logits.float(), *torch.autograd.grad(loss, params), *after.layers], after.pos
 
     ref, pos = run()
     with torch.autocast(DEVICE, dtype=torch.bfloat16):
         plain, _ = run()
     out, fused_pos = run(fused_path=True)
-    assert fused_pos.item() == pos.item() == 3 * T
+    assert fused_pos.item() == pos.item() == 2 * T + W
     names = ["logits"] + [n for n, _ in model.named_parameters()] + ["state 0", "state 1"]
     errors = {n: (rel(f, r), rel(p, r)) for n, f, p, r in zip(names, out, plain, ref, strict=True)}
     assert errors["logits"][0] < 1e-2, errors
