@@ -18,6 +18,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repository r
 from dragon_hatchling import fused_parallel  # noqa: E402
 from dragon_hatchling.benchmark import shape_list  # noqa: E402
 from dragon_hatchling.cli import Parser, fail, out_file  # noqa: E402
+from dragon_hatchling.devices import cuda_time  # noqa: E402
 from model import BDHConfig  # noqa: E402
 
 TILES = [(64, 128, 64, 4, 3), (128, 128, 64, 8, 3), (128, 64, 64, 4, 3), (128, 128, 64, 8, 4),
@@ -45,18 +46,10 @@ def cublas(P, a, r, beta, copy) -> None:
 
 
 def ms(fn) -> float:
-    """Median milliseconds of fn over 50 calls after 5 (CUDA events)."""
+    """Median milliseconds of one call of fn over 50, after 5 (devices.cuda_time)."""
     for _ in range(5):
         fn()
-    times = []
-    for _ in range(50):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end))
-    return sorted(times)[len(times) // 2]
+    return cuda_time(fn, steps=1, repeats=50) * 1000
 
 
 def sweep(B: int, T: int, cfg: BDHConfig) -> dict[str, float]:
