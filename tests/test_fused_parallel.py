@@ -10,6 +10,7 @@ import torch
 import triton
 
 from dragon_hatchling import fused_parallel
+from dragon_hatchling.carried import Carried
 from model import BDH, BDHConfig, layer_norm
 
 CUDA = torch.cuda.is_available()
@@ -311,8 +312,6 @@ def test_the_state_update_adds_the_window_and_writes_its_bf16_copy(decay):
 def test_emptied_rows_of_a_fused_state_read_as_from_nothing():
     """Carried over the fused kernels: after reset_rows, row 0's next window (whose read comes from
     the bf16 copy the update wrote) equals that window read alone, and row 1 goes on as it was."""
-    from dragon_hatchling.carried import Carried
-
     B, T = SIZES[3], SIZES[4]
     model = make_model("half", seed=5, decay=True).eval()
     idx = torch.randint(0, 256, (B, 2 * T), device=DEVICE)
