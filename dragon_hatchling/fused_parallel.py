@@ -336,13 +336,9 @@ class CarriedInput:
     def advance(self, r: torch.Tensor, v: torch.Tensor) -> None:
         """self.after: the state after the window (B, h, M, d, a view of P, updated in place), and
         self.after_buffer, the same in bf16 below T rows (the next window's S^T)."""
-        faded = v.unsqueeze(0).expand(self.P.shape[0], -1, -1, -1)  # h, B, T, d
-        if self.decay is not None:
-            faded = (self.decay.to_end.unsqueeze(1) * faded.float()).to(torch.bfloat16)
         T = r.shape[2]
         self.after_buffer = copy_buffer(self.P.shape, T, self.P.device)
-        beta = None if self.decay is None else self.decay.whole
-        update_state(self.P, faded, r, beta, self.after_buffer[:, :, T:])
+        update_state(self.P, v, r, self.after_buffer[:, :, T:], self.decay)
         self.after, self.P = self.P.permute(1, 0, 3, 2), None
 
     def padded(self, T: int) -> torch.Tensor:
@@ -371,34 +367,39 @@ def copy_buffer(shape: torch.Size | tuple, T: int, device: torch.device) -> torc
 # fmt: off
 @triton.jit
 def _update_kernel(
-    p_ptr, a_ptr, r_ptr, beta_ptr, copy_ptr, B, D, T, M, sa_h, sa_b, sa_t, sr_h, sr_b, sr_t, sc_hb,
-    HAS_BETA: tl.constexpr, BD: tl.constexpr, BM: tl.constexpr, BK: tl.constexpr,
+    p_ptr, v_ptr, r_ptr, whole_ptr, to_end_ptr, copy_ptr, B, D, T, M, sv_b, sv_t, sr_h, sr_b, sr_t, sc_hb,
+    HAS_DECAY: tl.constexpr, BD: tl.constexpr, BM: tl.constexpr, BK: tl.constexpr,
 ):
     # fmt: on
-    """One BD x BM tile of one (head, row): P = beta P + A^T r, copy = bf16(P). Grid: tiles, h * B;
-    the d tiles of one M tile are neighbours, so that they read the same r from L2."""
+    """One BD x BM tile of one (head, row): P = gamma^T P + (gamma^(T-1-t) v_t)^T r, copy = bf16(P).
+    Grid: tiles, h * B; the d tiles of one M tile are neighbours, so that they read the same r from
+    L2. The faded v is made on chip and rounded to bf16, as a product of bf16 operands reads it."""
     hb = tl.program_id(1).to(tl.int64)
     h, b = hb // B, hb % B
     n_d = tl.cdiv(D, BD)
     offs_d = (tl.program_id(0) % n_d) * BD + tl.arange(0, BD)
     offs_m = (tl.program_id(0) // n_d) * BM + tl.arange(0, BM)
-    a_ptr += h * sa_h + b * sa_b  # a: T, D (unit stride in D), read as D, T
+    v_ptr += b * sv_b  # v: T, D (unit stride in D), read as D, T
     r_ptr += h * sr_h + b * sr_b  # r: T, M (unit stride in M)
     acc = tl.zeros((BD, BM), dtype=tl.float32)
     for k in range(0, T, BK):
         t = k + tl.arange(0, BK)
         a_mask = (t[None, :] < T) & (offs_d[:, None] < D)
-        a = tl.load(a_ptr + t[None, :] * sa_t + offs_d[:, None], mask=a_mask, other=0.0)
+        a = tl.load(v_ptr + t[None, :] * sv_t + offs_d[:, None], mask=a_mask, other=0.0)
+        if HAS_DECAY:
+            a = a.to(tl.float32) * tl.load(to_end_ptr + h * T + t, mask=t < T, other=0.0)[None, :]
         r_mask = (t[:, None] < T) & (offs_m[None, :] < M)
         r = tl.load(r_ptr + t[:, None] * sr_t + offs_m[None, :], mask=r_mask, other=0.0)
         if INTERPRET:
             a, r = a.to(tl.float32), r.to(tl.float32)
+        else:
+            a = a.to(tl.bfloat16)
         acc = tl.dot(a, r, acc)
     offs = offs_d[:, None] * M + offs_m[None, :]
     mask = (offs_d[:, None] < D) & (offs_m[None, :] < M)
     p = tl.load(p_ptr + hb * D * M + offs, mask=mask)
-    if HAS_BETA:
-        p *= tl.load(beta_ptr + h)
+    if HAS_DECAY:
+        p *= tl.load(whole_ptr + h)
     p += acc
     tl.store(p_ptr + hb * D * M + offs, p, mask=mask)
     tl.store(copy_ptr + hb * sc_hb + offs, p.to(tl.bfloat16), mask=mask)
@@ -407,23 +408,23 @@ def _update_kernel(
 UPDATE_TILE = (64, 128, 64, 4, 3)  # BD, BM, BK, warps, stages of update_state (results/tbptt/update_tiles.py)
 
 
-def update_state(P: torch.Tensor, a: torch.Tensor, r: torch.Tensor, beta: torch.Tensor | None, copy) -> None:
-    """P = beta P + a^T r in place, batched over (head, row), and copy = P in bf16, in one pass over P.
-    P: h, B, d, M float32, contiguous; copy: the same shape in bf16, each (head, row) contiguous
-    (rows of a larger buffer); a: h, B, T, d bf16 (any strides but d's: the expanded v of a model
-    without decay); r: h, B, T, M bf16, unit stride in M; beta: h floats (gamma^T a head) or None."""
+def update_state(P: torch.Tensor, v: torch.Tensor, r: torch.Tensor, copy, decay: ChunkDecay | None) -> None:
+    """P = gamma^T P + (gamma^(T-1-t) v_t)^T RoPE(x_t) in place for every (head, row), and copy = P in
+    bf16, in one pass over P. P: h, B, d, M float32, contiguous; copy: the same shape in bf16, each
+    (head, row) contiguous (rows of a larger buffer); v: B, T, d bf16, unit stride in d; r: h, B, T,
+    M bf16, unit stride in M; decay: the window's (whole, to_end), or None (gamma = 1)."""
     H, B, D, M = P.shape
-    T = a.shape[2]
+    T = v.shape[1]
     hb_stride = copy.stride(1)
     assert P.is_contiguous() and copy.stride() == (B * hb_stride, hb_stride, M, 1)
-    assert a.stride(3) == 1 and r.stride(3) == 1
+    assert v.stride(2) == 1 and r.stride(3) == 1
+    whole, to_end = (P, P) if decay is None else (decay.whole.reshape(H), decay.to_end.reshape(H, T))
     BD, BM, BK, warps, stages = UPDATE_TILE
     BD, BM, BK = (min(tile, max(16, triton.next_power_of_2(n))) for tile, n in ((BD, D), (BM, M), (BK, T)))
     grid = (triton.cdiv(D, BD) * triton.cdiv(M, BM), H * B)
     _update_kernel[grid](
-        P, a, r, P if beta is None else beta.reshape(H).contiguous(), copy, B, D, T, M,
-        *a.stride()[:3], *r.stride()[:3], hb_stride, HAS_BETA=beta is not None, BD=BD, BM=BM, BK=BK,
-        num_warps=warps, num_stages=stages,
+        P, v, r, whole.contiguous(), to_end.contiguous(), copy, B, D, T, M, *v.stride()[:2], *r.stride()[:3],
+        hb_stride, HAS_DECAY=decay is not None, BD=BD, BM=BM, BK=BK, num_warps=warps, num_stages=stages,
     )  # fmt: skip
 
 

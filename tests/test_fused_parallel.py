@@ -11,7 +11,7 @@ import triton
 
 from dragon_hatchling import fused_parallel
 from dragon_hatchling.carried import Carried
-from model import BDH, BDHConfig, layer_norm
+from model import BDH, BDHConfig, chunk_decay, layer_norm
 
 CUDA = torch.cuda.is_available()
 DEVICE = "cuda" if CUDA else "cpu"
@@ -290,18 +290,20 @@ def test_fused_windows_read_one_after_another_as_one_text(decay):
 
 @pytest.mark.parametrize("decay", [False, True])
 def test_the_state_update_adds_the_window_and_writes_its_bf16_copy(decay):
-    """update_state against float32 PyTorch: P = gamma^T P + a^T r a (head, row), with sizes that fill
-    no tile (d, M and T past a tile's edge) and a shared across heads (stride 0, as without decay),
-    and the bf16 copy it writes beside P: P rounded."""
+    """update_state against float32 PyTorch: P = gamma^T P + (gamma^(T-1-t) v_t)^T r_t a (head, row),
+    with sizes that fill no tile (d, M and T past a tile's edge) and the model's decay factors, and
+    the bf16 copy it writes beside P: P rounded."""
     H, B, D, M, T = 2, 3, 48, 80, 37
     P = torch.randn(H, B, D, M, device=DEVICE)
     v = torch.randn(B, T, D, device=DEVICE).to(torch.bfloat16)
-    a = torch.randn(H, B, T, D, device=DEVICE).to(torch.bfloat16) if decay else v.expand(H, -1, -1, -1)
     r = torch.randn(H, B, T, M, device=DEVICE).to(torch.bfloat16)
-    beta = torch.tensor([0.5, 0.9], device=DEVICE) if decay else None
-    expected = (1.0 if beta is None else beta.view(H, 1, 1, 1)) * P + a.float().mT @ r.float()
+    chunk = chunk_decay(BDHConfig(n_head=H, half_lives=[3.0, 40.0]), T, DEVICE) if decay else None
+    faded = v.float().expand(H, -1, -1, -1) * (1.0 if chunk is None else chunk.to_end.unsqueeze(1))
+    if CUDA:  # the kernel rounds the faded v to bf16, as cuBLAS's operands were (the interpreter does not)
+        faded = faded.to(torch.bfloat16).float()
+    expected = (1.0 if chunk is None else chunk.whole.unsqueeze(1)) * P + faded.mT @ r.float()
     copy = fused_parallel.copy_buffer(P.shape, T, DEVICE)[:, :, T:]  # as the next window's backward reads it
-    fused_parallel.update_state(P, a, r, beta, copy)
+    fused_parallel.update_state(P, v, r, copy, chunk)
     assert rel(P, expected) < 1e-5
     if CUDA:
         assert torch.equal(copy, P.to(torch.bfloat16))

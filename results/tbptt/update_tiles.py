@@ -1,6 +1,7 @@
 """The carried state's update at the default model's size: one layer's P = gamma^T P + a^T r with its
-bf16 copy, as cuBLAS did it (baddbmm a head into float32, then a conversion) against
-fused_parallel.update_state over a sweep of tiles (BD, BM, BK, warps, stages), each shape in one run.
+bf16 copy (the long-context recipe's decay), as cuBLAS did it (baddbmm a head into float32, then a
+conversion) against fused_parallel.update_state over a sweep of tiles (BD, BM, BK, warps, stages),
+each shape in one run.
 
     python3 results/tbptt/update_tiles.py --shapes 8x512,2x2048,32x128 --out $OUT/update_tiles.json
 """
@@ -19,29 +20,29 @@ from dragon_hatchling import fused_parallel  # noqa: E402
 from dragon_hatchling.benchmark import shape_list  # noqa: E402
 from dragon_hatchling.cli import Parser, fail, out_file  # noqa: E402
 from dragon_hatchling.devices import cuda_time  # noqa: E402
-from model import BDHConfig  # noqa: E402
+from model import BDHConfig, chunk_decay  # noqa: E402
 
 TILES = [(64, 128, 64, 4, 3), (128, 128, 64, 8, 3), (128, 64, 64, 4, 3), (128, 128, 64, 8, 4),
          (256, 128, 64, 8, 3), (64, 128, 64, 4, 4), (64, 256, 64, 8, 3), (64, 128, 128, 4, 3),
          (64, 64, 64, 4, 3), (32, 128, 64, 4, 3), (64, 128, 32, 4, 4), (128, 64, 64, 4, 4)]  # fmt: skip
 
 
-def operands(B: int, T: int, cfg: BDHConfig) -> tuple[torch.Tensor, ...]:
-    """P (h, B, d, M) float32, a (h, B, T, d), r (h, B, T, M) bf16, beta (h), the copy (h, B, d, M; its
-    rows below a window's T)."""
+def operands(B: int, T: int, cfg: BDHConfig) -> tuple:
+    """P (h, B, d, M) float32, v (B, T, d), r (h, B, T, M) bf16, the copy (h, B, d, M; its rows below
+    a window's T, as CarriedInput writes it), the decay of cfg's half-lives over the window."""
     H, D, M = cfg.n_head, cfg.n_embd, cfg.head_size
     P = torch.randn(H, B, D, M, device="cuda")
-    a = torch.randn(H, B, T, D, device="cuda").to(torch.bfloat16)
+    v = torch.randn(B, T, D, device="cuda").to(torch.bfloat16)
     r = torch.randn(H, B, T, M, device="cuda").to(torch.bfloat16)
-    beta = torch.rand(H, device="cuda")
-    copy = fused_parallel.copy_buffer(P.shape, T, "cuda")[:, :, T:]  # as CarriedInput writes it
-    return P, a, r, beta, copy
+    return P, v, r, fused_parallel.copy_buffer(P.shape, T, "cuda")[:, :, T:], chunk_decay(cfg, T, "cuda")
 
 
-def cublas(P, a, r, beta, copy) -> None:
-    """What CarriedInput did before update_state: a product a head added into P, then P.to(bf16)."""
-    for h, gamma in enumerate(beta.tolist()):
-        torch.baddbmm(P[h], a[h].mT, r[h], beta=gamma, out_dtype=torch.float32, out=P[h])
+def cublas(P, v, r, copy, decay) -> None:
+    """What CarriedInput did before update_state: v faded in PyTorch, a product a head added into P
+    (cuBLAS), then P.to(bf16)."""
+    faded = (decay.to_end.unsqueeze(1) * v.float()).to(torch.bfloat16)  # h, B, T, d
+    for h, gamma in enumerate(decay.whole.flatten().tolist()):
+        torch.baddbmm(P[h], faded[h].mT, r[h], beta=gamma, out_dtype=torch.float32, out=P[h])
     copy.copy_(P)
 
 
@@ -74,7 +75,7 @@ def main() -> int:
     args = p.parse_args()
     if not torch.cuda.is_available():
         fail("update_tiles.py times CUDA kernels; no CUDA device here")
-    cfg, default = BDHConfig(), fused_parallel.UPDATE_TILE
+    cfg, default = BDHConfig(half_lives=[8.0, 32.0, 128.0, 256.0]), fused_parallel.UPDATE_TILE
     report = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "default": str(default)}
     for B, T in args.shapes:
         times = sweep(B, T, cfg)
