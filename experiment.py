@@ -50,7 +50,17 @@ from dragon_hatchling.cli import (
 )
 from dragon_hatchling.data import batch_offsets, epoch_offsets, window_batches, windows_at
 from dragon_hatchling.devices import autocast
-from dragon_hatchling.distributed import Quiet, Ranks, agreed, all_reduce, ranks_from_env, share, start, stop
+from dragon_hatchling.distributed import (
+    Quiet,
+    Ranks,
+    agreed,
+    all_reduce,
+    exit_with,
+    ranks_from_env,
+    share,
+    start,
+    stop,
+)
 from dragon_hatchling.loading import first_cause
 from dragon_hatchling.paths import forward_of
 from dragon_hatchling.run_folder import (
@@ -735,4 +745,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_with(main)

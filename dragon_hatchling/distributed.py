@@ -11,9 +11,10 @@ from __future__ import annotations
 
 import datetime as dt
 import os
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TypeVar
+from typing import NoReturn, TypeVar
 
 import numpy as np
 import torch
@@ -70,11 +71,32 @@ def start(ranks: Ranks, timeout_s: float) -> None:
 def stop(together: bool = False) -> None:
     """Leave the process group. together (a run that ended well on every rank): first wait for the
     others, so that no rank tears the group down while another still uses it (a rank that did so
-    aborted at exit, "terminate called without an active exception", about 1 run in 8 on gloo)."""
+    aborted at exit, "terminate called without an active exception", about 1 run in 8 on gloo; a
+    rarer abort in the interpreter's teardown remained, which exit_with skips)."""
     if tdist.is_initialized():
         if together:
             tdist.barrier()
         tdist.destroy_process_group()
+
+
+def exit_with(main: Callable[[], int | None]) -> NoReturn:
+    """sys.exit(main()); but a process that torchrun started (WORLD_SIZE above 1) then ends at once,
+    without the interpreter's teardown (atexit, finalizers, C++ static destructors), its output flushed.
+    In that teardown gloo's threads aborted a rank that had finished well now and then ("terminate
+    called without an active exception", SIGABRT), even after stop(together=True): torchrun then
+    reported a good run as failed. Everything a run writes is closed before main returns."""
+    if os.environ.get("WORLD_SIZE", "1").strip() in ("", "0", "1"):  # one process (a bad value: main says so)
+        sys.exit(main())
+    try:
+        code = main()
+    except SystemExit as e:  # fail() and the other ways our commands stop
+        code = e.code
+    if isinstance(code, str):  # SystemExit("message"), as sys.exit prints it
+        print(code, file=sys.stderr)
+        code = 1
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code or 0)
 
 
 def rank_device(ranks: Ranks, device: torch.device) -> torch.device:

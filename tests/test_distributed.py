@@ -2,6 +2,7 @@
 
 import csv
 import json
+import os
 import shutil
 import signal
 import subprocess
@@ -32,8 +33,6 @@ ENV = {"PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
 
 def torchrun(argv: list[str], env: dict | None = None, **kw) -> subprocess.Popen:
     """experiment.py (through tests/torchrun_hooks.py) in 2 processes; argv as for experiment.py."""
-    import os
-
     return subprocess.Popen(
         [*TORCHRUN, "tests/torchrun_hooks.py", *argv[1:]],
         cwd=REPO,
@@ -187,3 +186,32 @@ def test_each_rank_carries_its_own_rows(small_data, tmp_path, flags):
     assert s1.keys() == s2.keys() and s1["layers.0"].shape[0] == 4
     for name in s1:
         assert (s1[name] - s2[name]).abs().max().item() <= 1e-5, name
+
+
+WORKER = """import atexit, sys
+from dragon_hatchling.distributed import exit_with
+atexit.register(lambda: print(" teardown", end=""))
+def main():
+    print("ran", end="")  # unflushed: exit_with must flush it
+    if sys.argv[1] == "raise":
+        raise SystemExit(2)
+    return int(sys.argv[1])
+exit_with(main)
+"""
+
+
+@pytest.mark.parametrize(
+    "world, arg, code, out",
+    [("2", "3", 3, "ran"), ("2", "raise", 2, "ran"), ("1", "3", 3, "ran teardown")],
+)
+def test_a_torchrun_worker_ends_with_its_code_and_without_the_teardown(tmp_path, world, arg, code, out):
+    """exit_with: under torchrun (WORLD_SIZE 2) the process ends with main's code, returned or raised,
+    its output flushed and without the interpreter's teardown (where gloo's threads aborted ranks that
+    had finished), so an atexit handler does not run; one process exits as sys.exit does."""
+    script = tmp_path / "worker.py"
+    script.write_text(WORKER)
+    env = {**os.environ, "WORLD_SIZE": world, "PYTHONPATH": str(REPO)}
+    done = subprocess.run(
+        [sys.executable, str(script), arg], env=env, capture_output=True, text=True, timeout=60
+    )
+    assert (done.returncode, done.stdout) == (code, out), done.stderr

@@ -10,6 +10,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import experiment  # noqa: E402
+from dragon_hatchling.distributed import exit_with  # noqa: E402
 
 real = experiment.lr_at
 
@@ -28,4 +29,4 @@ def lr_at(step, total, args):
 
 
 experiment.lr_at = lr_at
-sys.exit(experiment.main(sys.argv[1:]))
+exit_with(lambda: experiment.main(sys.argv[1:]))  # as experiment.py ends
