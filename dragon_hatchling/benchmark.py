@@ -29,7 +29,15 @@ import torch
 from dragon_hatchling.carried import Carried
 from dragon_hatchling.cli import Parser, UsageError, fail, half_lives, out_file, positive_int
 from dragon_hatchling.devices import cuda_time, resolve_device
-from dragon_hatchling.distributed import Ranks, all_reduce, rank_device, ranks_from_env, start, stop
+from dragon_hatchling.distributed import (
+    Ranks,
+    all_reduce,
+    exit_with,
+    rank_device,
+    ranks_from_env,
+    start,
+    stop,
+)
 from dragon_hatchling.files import write_json
 from dragon_hatchling.hub_client import HubUnreachable
 from dragon_hatchling.loading import load_model
@@ -449,4 +457,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_with(main)  # --parts ddp under torchrun: the ranks end as experiment.py's do

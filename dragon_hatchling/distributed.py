@@ -80,12 +80,16 @@ def stop(together: bool = False) -> None:
 
 
 def exit_with(main: Callable[[], int | None]) -> NoReturn:
-    """sys.exit(main()); but a process that torchrun started (WORLD_SIZE above 1) then ends at once,
+    """sys.exit(main()); but one of several processes that torchrun started then ends at once,
     without the interpreter's teardown (atexit, finalizers, C++ static destructors), its output flushed.
     In that teardown gloo's threads aborted a rank that had finished well now and then ("terminate
     called without an active exception", SIGABRT), even after stop(together=True): torchrun then
     reported a good run as failed. Everything a run writes is closed before main returns."""
-    if os.environ.get("WORLD_SIZE", "1").strip() in ("", "0", "1"):  # one process (a bad value: main says so)
+    try:
+        several = ranks_from_env().several
+    except UsageError:  # main says so, in one process's way
+        several = False
+    if not several:
         sys.exit(main())
     try:
         code = main()
