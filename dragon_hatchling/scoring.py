@@ -122,6 +122,30 @@ def loss_by_position(sums: np.ndarray, windows: int) -> dict[str, float]:
 
 
 @torch.no_grad()
+def stream_byte_losses(
+    model: torch.nn.Module,
+    data: np.ndarray,
+    device: torch.device,
+    autocast_dtype: torch.dtype | None = None,
+    chunk_size: int = CHUNK_SIZE,
+) -> np.ndarray:
+    """The text read as one: the chunked form carries its state from the first byte to the last.
+
+    Entry i is the cross-entropy (nats, float64) of byte i + 1, scored having seen bytes 0..i. Memory
+    besides the result does not grow with the text: one chunk and the state (float32, B = 1).
+    """
+    losses = np.zeros(max(len(data) - 1, 0))
+    state = model.initial_state(1, device)
+    with eval_mode(model):
+        for p0 in tqdm(range(0, len(data) - 1, chunk_size), desc="stream", unit="chunk", disable=None):
+            chunk = torch.from_numpy(np.asarray(data[p0 : p0 + chunk_size + 1]).astype(np.int64)).to(device)
+            with autocast(device, autocast_dtype):
+                logits, _, state = model.forward_chunked(chunk[None, :-1], chunk_size=chunk_size, state=state)
+            loss = F.cross_entropy(logits[0].float(), chunk[1:], reduction="none")
+            losses[p0 : p0 + len(loss)] = loss.double().cpu().numpy()
+    return losses
+
+
 def stream_loss_sums(
     model: torch.nn.Module,
     data: np.ndarray,
@@ -129,25 +153,12 @@ def stream_loss_sums(
     autocast_dtype: torch.dtype | None = None,
     chunk_size: int = CHUNK_SIZE,
 ) -> tuple[np.ndarray, np.ndarray, list[tuple[int, int]]]:
-    """The text read as one: the chunked form carries its state from the first byte to the last.
-
-    Byte i + 1 is scored at position i, having seen bytes 0..i. Returns the cross-entropy summed
-    in each position bucket, the bytes in each, and the buckets (position_buckets). Memory does not
-    grow with the text: one chunk, the state (float32, B = 1) and the sums.
-    """
-    buckets = position_buckets(len(data) - 1)
-    starts = np.array([a for a, _ in buckets])
-    sums, counts = np.zeros(len(buckets)), np.zeros(len(buckets), dtype=np.int64)
-    state = model.initial_state(1, device)
-    with eval_mode(model):
-        for p0 in tqdm(range(0, len(data) - 1, chunk_size), desc="stream", unit="chunk", disable=None):
-            chunk = torch.from_numpy(np.asarray(data[p0 : p0 + chunk_size + 1]).astype(np.int64)).to(device)
-            with autocast(device, autocast_dtype):
-                logits, _, state = model.forward_chunked(chunk[None, :-1], chunk_size=chunk_size, state=state)
-            loss = F.cross_entropy(logits[0].float(), chunk[1:], reduction="none").double().cpu().numpy()
-            which = np.searchsorted(starts, np.arange(p0, p0 + len(loss)), side="right") - 1
-            np.add.at(sums, which, loss)
-            np.add.at(counts, which, 1)
+    """stream_byte_losses summed in each position bucket of the text, the bytes in each, and the
+    buckets (position_buckets)."""
+    losses = stream_byte_losses(model, data, device, autocast_dtype, chunk_size)
+    buckets = position_buckets(len(losses))
+    sums = np.array([losses[a:b].sum() for a, b in buckets])
+    counts = np.array([b - a for a, b in buckets], dtype=np.int64)
     return sums, counts, buckets
 
 

@@ -1,0 +1,109 @@
+"""Where the whole-text loss on the raw validation text goes: the bytes of the words that the
+tokenized split (our training text's form) writes as <unk>, against the rest.
+
+The raw split has every rare word spelled out; the tokenized one, line for line and word for word the
+same text, has <unk> in their place, and so has the training text that every model here learned
+from. This reads the raw text as one stream (evaluate.py --stream: the chunked form, the state
+carried from the first byte to the last) and splits the loss of every byte by what it belongs to: a
+rare word (its bytes and the space after it, the byte that says the word has ended), or the rest.
+The same for the tokenized text, where the split is the <unk> strings and the rest.
+
+    python3 results/tbptt/rare_words.py --model_path .gpu/runs/NAME/checkpoints/last \\
+        --raw .gpu/data/wiki.valid.raw --tokens .gpu/data/wiki.valid.tokens --out $OUT/rare_words.json
+"""
+
+from __future__ import annotations
+
+import difflib
+import json
+import math
+import sys
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repository root: model.py
+
+from dragon_hatchling.cli import Parser, UsageError, fail, out_file, positive_int  # noqa: E402
+from dragon_hatchling.data import load_bytes_file  # noqa: E402
+from dragon_hatchling.devices import resolve_device, resolve_dtype  # noqa: E402
+from dragon_hatchling.loading import load_model  # noqa: E402
+from dragon_hatchling.scoring import stream_byte_losses  # noqa: E402
+
+UNK = "<unk>"
+
+
+def rare_word_masks(raw: bytes, tokens: bytes) -> tuple[np.ndarray, np.ndarray]:
+    """Per byte of each text: True where it belongs to a word the tokenized text writes as <unk>
+    (with the space that ends it). The texts are aligned line by line and, in each line, word by word
+    (difflib where a line's word counts differ: a raw word may hold a space the tokens lack)."""
+    raw_lines, tok_lines = raw.split(b"\n"), tokens.split(b"\n")
+    if len(raw_lines) != len(tok_lines):
+        raise ValueError(f"the texts have {len(raw_lines)} and {len(tok_lines)} lines; they must match")
+    raw_mask, tok_mask = [], []
+    for a, b in zip(raw_lines, tok_lines, strict=True):
+        ra, rb = line_masks(a.split(b" "), b.split(b" "))
+        raw_mask += ra + [False]  # the newline
+        tok_mask += rb + [False]
+    return np.array(raw_mask[:-1]), np.array(tok_mask[:-1])
+
+
+def line_masks(wa: list[bytes], wb: list[bytes]) -> tuple[list[bool], list[bool]]:
+    """One line's byte masks from its words (split on single spaces), raw and tokenized."""
+    rare_a, rare_b = [False] * len(wa), [w == UNK.encode() for w in wb]
+    ops = difflib.SequenceMatcher(a=wa, b=wb, autojunk=False).get_opcodes()
+    for tag, i1, i2, j1, j2 in ops:
+        if tag == "replace" and all(rare_b[j1:j2]):
+            rare_a[i1:i2] = [True] * (i2 - i1)
+    return word_bytes(wa, rare_a), word_bytes(wb, rare_b)
+
+
+def word_bytes(words: list[bytes], rare: list[bool]) -> list[bool]:
+    """Spread each word's mark over its bytes and the space after it (the last word has none)."""
+    mask = []
+    for w, r in zip(words, rare, strict=True):
+        mask += [r] * (len(w) + 1)
+    return mask[:-1]
+
+
+def split_loss(losses: np.ndarray, mask: np.ndarray) -> dict:
+    """Mean loss (nats/byte) over the whole text, its marked bytes and the rest; the marked share."""
+    scored = mask[1:]  # losses[i] scores byte i + 1
+    whole, marked, rest = losses.mean(), losses[scored].mean(), losses[~scored].mean()
+    return {
+        "bytes": int(len(losses)), "marked_bytes": int(scored.sum()), "marked_share": float(scored.mean()),
+        "whole": float(whole), "marked": float(marked), "rest": float(rest),
+        "marked_part_of_whole": float(losses[scored].sum() / len(losses)),
+        "whole_bits": float(whole / math.log(2)), "rest_bits": float(rest / math.log(2)),
+    }  # fmt: skip
+
+
+def main() -> None:
+    p = Parser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--model_path", required=True, help="a checkpoint folder or file (evaluate.py's)")
+    p.add_argument("--raw", required=True, help="wiki.valid.raw")
+    p.add_argument("--tokens", required=True, help="wiki.valid.tokens, the same text with <unk>")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda (evaluate.py's)")
+    p.add_argument("--chunk_size", type=positive_int, default=2048, help="bytes read at a time")
+    p.add_argument("--out", type=out_file, default=None, help="write the numbers here as JSON")
+    args = p.parse_args()
+    device = resolve_device(args.device)
+    dtype = resolve_dtype("auto", device)
+    model, _ = load_model(args.model_path)
+    model = model.to(device).eval()
+    texts = {"raw": load_bytes_file(args.raw, "--raw"), "tokens": load_bytes_file(args.tokens, "--tokens")}
+    masks = dict(zip(texts, rare_word_masks(texts["raw"].tobytes(), texts["tokens"].tobytes()), strict=True))
+    result = {"model_path": args.model_path, "chunk_size": args.chunk_size}
+    for name, data in texts.items():
+        losses = stream_byte_losses(model, data, device, dtype, args.chunk_size)
+        result[name] = split_loss(losses, masks[name])
+        print(name, json.dumps(result[name]), flush=True)
+    if args.out:
+        Path(args.out).write_text(json.dumps(result, indent=1) + "\n")
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except (UsageError, ValueError) as e:  # a one-line error, as every command here ends
+        fail(str(e))

@@ -1,0 +1,70 @@
+"""results/tbptt/rare_words.py: which bytes of the raw and tokenized validation texts belong to the
+words written as <unk>, and the loss split over them."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from model import BDH, BDHConfig
+
+SCRIPT = Path(__file__).resolve().parent.parent / "results/tbptt/rare_words.py"
+
+
+def load_script():
+    spec = importlib.util.spec_from_file_location("rare_words", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_rare_words_are_marked_with_the_space_that_ends_them():
+    rw = load_script()
+    raw = b" a Zyx b\n = T = \nDenial  doi c"
+    tok = b" a <unk> b\n = T = \n<unk> <unk> c"  # the raw line's doubled space: one word fewer
+    raw_mask, tok_mask = rw.rare_word_masks(raw, tok)
+    assert len(raw_mask) == len(raw) and len(tok_mask) == len(tok)
+    assert bytes(b for b, m in zip(raw, raw_mask, strict=True) if m) == b"Zyx Denial  doi "
+    assert bytes(b for b, m in zip(tok, tok_mask, strict=True) if m) == b"<unk> <unk> <unk> "
+
+
+def test_the_validation_texts_align_word_for_word(raw_dir: Path, tokens_dir: Path):
+    rw = load_script()
+    raw = (raw_dir / "wiki.valid.raw").read_bytes()
+    tok = (tokens_dir / "wiki.valid.tokens").read_bytes()
+    raw_mask, tok_mask = rw.rare_word_masks(raw, tok)
+    unks = tok.count(b"<unk>")
+    assert tok_mask.sum() == 6 * unks - tok.count(b"<unk>\n")  # each with its space, but at a line's end
+    unmarked_raw = bytes(b for b, m in zip(raw, raw_mask, strict=True) if not m)
+    unmarked_tok = bytes(b for b, m in zip(tok, tok_mask, strict=True) if not m)
+    assert unmarked_raw.replace(b"  ", b" ") == unmarked_tok  # what is left is the same text
+    assert 0.05 < raw_mask.mean() < 0.1  # 11.7k rare words, about 7% of the raw bytes
+
+
+def test_split_loss_means_each_part():
+    rw = load_script()
+    losses, mask = np.array([1.0, 3.0, 1.0, 3.0]), np.array([False, False, True, False, True])
+    split = rw.split_loss(losses, mask)  # losses[i] scores byte i + 1
+    assert (split["whole"], split["marked"], split["rest"], split["marked_share"]) == (2.0, 3.0, 1.0, 0.5)
+    assert split["marked_part_of_whole"] == 1.5
+
+
+def test_the_script_scores_both_texts_and_refuses_texts_that_do_not_align(tmp_path: Path):
+    cfg = BDHConfig(n_embd=16, n_head=2, n_neurons=64, n_layer=1, half_lives=[8, 64])
+    BDH(cfg).save_pretrained(tmp_path / "m")
+    (tmp_path / "raw").write_bytes(b" = A = \n a Zyx b c \n" * 20)
+    (tmp_path / "tok").write_bytes(b" = A = \n a <unk> b c \n" * 20)
+    texts = ["--raw", str(tmp_path / "raw"), "--tokens", str(tmp_path / "tok")]
+    cmd = [sys.executable, str(SCRIPT), "--model_path", str(tmp_path / "m"), "--device", "cpu", *texts]
+    done = subprocess.run([*cmd, "--out", str(tmp_path / "o.json")], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    result = json.loads((tmp_path / "o.json").read_text())
+    assert result["raw"]["marked_bytes"] == 20 * 4 and result["tokens"]["marked_bytes"] == 20 * 6
+    (tmp_path / "tok").write_bytes(b" = A = \n")
+    done = subprocess.run(cmd, capture_output=True, text=True)
+    assert done.returncode == 2 and done.stderr.count("\n") == 1 and "lines" in done.stderr
