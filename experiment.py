@@ -71,7 +71,7 @@ from dragon_hatchling.run_folder import (
     rank_seed,
     set_rng_state,
 )
-from dragon_hatchling.run_setup import RECIPES, Setup, convert_dataset, prepare
+from dragon_hatchling.run_setup import RECIPES, Setup, convert_dataset, parameter_groups, prepare
 from dragon_hatchling.scoring import (
     Stopped,
     activation_summary,
@@ -250,6 +250,14 @@ def add_model_flags(g) -> None:
         metavar="H1,H2,...",
         help="bdh: attention decay, per head the bytes after which the state's weight on a byte "
         "halves (one number: every head; none: no decay, the paper's model; recipe: 8,32,128,256)",
+    )
+    g.add_argument(
+        "--learn_decay",
+        action="store_const",
+        const=True,
+        default=None,
+        help="bdh: learn each head's half-life, starting from --half_lives (a parameter per head, "
+        "without weight decay)",
     )
 
 
@@ -470,7 +478,7 @@ def build(run: Setup) -> Nets:
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
     optimizer = torch.optim.AdamW(
-        model.parameters(), lr=args.lr, weight_decay=args.weight_decay, fused=device.type == "cuda"
+        parameter_groups(model, args.weight_decay), lr=args.lr, fused=device.type == "cuda"
     )
     return Nets(model, forward, train_forward, optimizer, carried)
 
@@ -652,6 +660,8 @@ def validation(
     if nets.model.has_neurons:
         live = activation_summary(nets.model, run.data.valid, run.args.eval_seq_len, 8, run.device, run.dtype)
         row.update(x_nonzero=round(live["x_mean"], 5), y_nonzero=round(live["y_mean"], 5))
+    if getattr(nets.model.config, "learn_decay", False):  # how far each head reaches by now
+        row["half_lives"] = " ".join(f"{t:.2f}" for t in nets.model.half_lives())
     extra = "".join(f", {k} {v:.4f}" for k, v in last.items() if k.startswith("val_loss_"))
     tqdm.write(
         f"step {done}: train {train_loss:.4f}, val {last['val_loss']:.4f} nats/byte "

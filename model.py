@@ -83,6 +83,8 @@ class BDHConfig:
     # (a_t = sum_{s<t} gamma^(t-1-s) <RoPE(x_t), RoPE(x_s)> v_s, gamma = 2^(-1/half_life)).
     # None: no decay, every earlier byte counts fully (the paper's model).
     half_lives: list[float] | None = None
+    # Learn the half-lives: a parameter per head, log2 of its half-life, starting from half_lives.
+    learn_decay: bool = False
     # A merged model's heads (dragon_hatchling/merging.py): the head sizes of the models merged, in
     # order; each part's RoPE frequencies follow the rule for its own size. None: one part.
     rope_parts: list[int] | None = None
@@ -111,6 +113,8 @@ class BDHConfig:
                     f"half_lives must be {self.n_head} positive numbers of bytes (one a head), "
                     f"got {self.half_lives}"
                 )
+        if self.learn_decay and self.half_lives is None:
+            raise ValueError("learn_decay needs half_lives to start from")
         if self.rope_parts is not None:
             self.check_rope_parts()
 
@@ -155,7 +159,7 @@ class BDHConfig:
         """The model in a line, as the model card says it."""
         attention = (
             f"attention that decays with half-lives of {', '.join(f'{t:g}' for t in self.half_lives)} "
-            "bytes (one a head)"
+            f"bytes (one a head{', learned from there' if self.learn_decay else ''})"
             if self.half_lives
             else "the paper's attention, without decay"
         )
@@ -246,11 +250,17 @@ class ChunkDecay:
     whole: torch.Tensor  # h, 1, 1: gamma^C, what is left of the state before the chunk when it ends
 
 
-def chunk_decay(config: BDHConfig, C: int, device: torch.device | str | None = None) -> ChunkDecay | None:
-    """The decay factors of a chunk of C bytes; None for a model without decay."""
+def chunk_decay(
+    config: BDHConfig, C: int, device: torch.device | str | None = None, log2_half: torch.Tensor | None = None
+) -> ChunkDecay | None:
+    """The decay factors of a chunk of C bytes; None for a model without decay. log2_half (h): the
+    learned half-lives (BDH.log2_half_lives; the factors then carry their gradient), else the config's."""
     if config.half_lives is None:
         return None
-    half = torch.tensor(config.half_lives, dtype=torch.float32, device=device)[:, None, None]  # h, 1, 1
+    if log2_half is None:
+        half = torch.tensor(config.half_lives, dtype=torch.float32, device=device)[:, None, None]  # h, 1, 1
+    else:
+        half = torch.exp2(log2_half.float().to(device))[:, None, None]
     i = torch.arange(C, dtype=torch.float32, device=device)
     lag = i[:, None] - i[None, :] - 1  # C, C: t - 1 - s
     weights = torch.where(lag >= 0, torch.exp2(-lag.clamp(min=0) / half), 0.0)
@@ -346,13 +356,29 @@ class BDH(
         self.Dy = nn.Parameter(torch.empty(h, d, m))  # d -> n, per head
         self.E = nn.Parameter(torch.empty(h * m, d))  # n -> d
         self.readout = nn.Parameter(torch.empty(d, V))
+        if config.learn_decay:  # h: log2 of each head's half-life in bytes
+            self.log2_half_lives = nn.Parameter(torch.empty(h))
         self.dropout = nn.Dropout(config.dropout)
         self.reset_parameters()
 
     def reset_parameters(self, std: float = INIT_STD) -> None:
-        """Normal(0, 0.02) for every weight, as the paper authors' code initialises them."""
-        for p in self.parameters():
+        """Normal(0, 0.02) for every weight, as the paper authors' code initialises them; learned
+        half-lives start at the config's."""
+        for p in (self.embed.weight, self.Dx, self.Dy, self.E, self.readout):
             nn.init.normal_(p, mean=0.0, std=std)
+        if self.config.learn_decay:
+            with torch.no_grad():
+                self.log2_half_lives.copy_(torch.tensor(self.config.half_lives).log2())
+
+    def decay(self, C: int, device: torch.device | str | None = None) -> ChunkDecay | None:
+        """The decay factors of a chunk of C bytes (chunk_decay), the learned half-lives if any."""
+        return chunk_decay(self.config, C, device, getattr(self, "log2_half_lives", None))
+
+    def half_lives(self) -> list[float] | None:
+        """Each head's half-life in bytes as the model has it now (learned or the config's)."""
+        if not self.config.learn_decay:
+            return self.config.half_lives
+        return torch.exp2(self.log2_half_lives.detach().float()).tolist()
 
     def num_params(self) -> int:
         return sum(p.numel() for p in self.parameters())
@@ -431,7 +457,7 @@ class BDH(
 
     def decay_weights(self, T: int, device: torch.device | str | None = None) -> torch.Tensor | None:
         """gamma_h^(t-1-s) for s < t, else 0 (h, T, T) float32; None for a model without decay."""
-        decay = chunk_decay(self.config, T, device)
+        decay = self.decay(T, device)
         return None if decay is None else decay.weights
 
     @torch.no_grad()
@@ -466,7 +492,7 @@ class BDH(
         """Logits (B, C, V) for the next C bytes idx (B, C), continuing from state."""
         C = idx.shape[1]
         cos, sin = state_cos_sin(self.config, state.pos, C)  # C, n/h   (absolute positions)
-        decay = chunk_decay(self.config, C, idx.device)
+        decay = self.decay(C, idx.device)
         v = layer_norm(self.embed(idx))  # B, C, d
         layer_states = []
         for layer_state in state.layers:  # the same weights in every layer, one state each
@@ -506,7 +532,7 @@ class BDH(
         neurons; this is its reference.
         """
         cos, sin = state_cos_sin(self.config, state.pos, 1)  # 1, n/h (or B, 1, 1, n/h: a pos a row)
-        decay = chunk_decay(self.config, 1, state.pos.device)  # whole: h, 1, 1, gamma per head
+        decay = self.decay(1, state.pos.device)  # whole: h, 1, 1, gamma per head
         v = layer_norm(self.embed(byte[:, None]))  # B, 1, d
         for S in state.layers:  # B, h, n/h, d
             x = self.neurons(v)  # B, h, 1, n/h

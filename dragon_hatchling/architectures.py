@@ -50,7 +50,13 @@ def config_of(config: dict):
 
 # Fields a config.json may lack: added after checkpoints were first saved, with the value that means
 # what those checkpoints computed (no decay: the paper's model).
-LATER_FIELDS = {"half_lives": None, "memory": 0, "position": "learned", "rope_parts": None}
+LATER_FIELDS = {
+    "half_lives": None,
+    "learn_decay": False,
+    "memory": 0,
+    "position": "learned",
+    "rope_parts": None,
+}
 VOCAB = 256  # the scripts read bytes
 
 

@@ -48,7 +48,7 @@ import triton
 import triton.language as tl
 
 from dragon_hatchling.fused_common import INTERPRET, first_of_pairs, relu
-from model import BDH, ChunkDecay, RecurrentState, chunk_decay, layer_norm, read_in_chunks, rope_cos_sin
+from model import BDH, ChunkDecay, RecurrentState, layer_norm, read_in_chunks, rope_cos_sin
 
 BR, BP = 32, 64  # tile of the training kernels: rows, and pairs of neurons (BP first halves, BP second)
 
@@ -287,6 +287,7 @@ class FusedNeurons(torch.autograd.Function):
         gDy = ahat.view(H, R, D).mT @ gu_h  # h, d, M
         del gu, gu_h
         torch.autograd.backward(ahat_, gahat.view(H, B, T, D).float())
+        gdecay = learned_decay_grad(S, S_.grad, decay) if ctx.needs_input_grad[8] else None  # h, T, T
         G = mirrored(S_.grad if decay is None else S_.grad * decay.unsqueeze(1))  # h, B, T, T
         if earlier is None:
             gr = G @ rotated(x, cos, sin, T, H)  # dL/dRoPE(x): h, B, T, M
@@ -300,7 +301,14 @@ class FusedNeurons(torch.autograd.Function):
         gx_h = gx.view(R, H, M).transpose(0, 1)  # h, R, M
         gDx = v.view(R, D).mT @ gx_h  # h, d, M
         gv = v_.grad.view(R, D) + (gx_h @ Dx.mT).sum(0)  # R, d
-        return gv.view(B, T, D).to(v.dtype), gDx, gDy, gE, None, None, None, None, None, None
+        return gv.view(B, T, D).to(v.dtype), gDx, gDy, gE, None, None, None, None, gdecay, None
+
+
+def learned_decay_grad(S: torch.Tensor, gS: torch.Tensor, decay: torch.Tensor) -> torch.Tensor:
+    """dL/d decay (h, T, T float32) for learned half-lives: with S = W * scores kept (h, B, T, T) and
+    gS = dL/dS, it is the sum over the batch of gS * scores = gS * S / W, zero where W is."""
+    W = decay.float()
+    return torch.where(W > 0, (gS.float() * S.float()).sum(1) / W.clamp(min=torch.finfo(W.dtype).tiny), 0.0)
 
 
 class CarriedInput:
@@ -515,7 +523,9 @@ def fused_forward(
     Dy = _InPairOrder.apply(model.Dy, 2, local)
     E = _InPairOrder.apply(model.E, 0, order)  # n, d
     cos, sin = pair_cos_sin(model, T, idx.device, 0 if state is None else state.pos)
-    chunk = chunk_decay(cfg, T, idx.device)  # float32, or None
+    chunk = model.decay(T, idx.device)  # float32, or None
+    if state is not None and chunk is not None and chunk.weights.requires_grad:
+        raise ValueError("the fused kernels learn the half-lives of windows without a carried state only")
     decay = None if chunk is None else chunk.weights.to(torch.bfloat16)  # h, T, T
     with torch.autocast(idx.device.type, enabled=False):  # the kernels choose their own precision
         weights = Weights(Dx, Dy, E, cos, sin, decay, chunk)

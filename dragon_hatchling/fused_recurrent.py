@@ -10,7 +10,7 @@ import triton
 import triton.language as tl
 
 from dragon_hatchling.fused_common import INTERPRET, first_of_pairs, relu
-from model import BDH, BDHConfig, RecurrentState, chunk_decay, rope_frequencies
+from model import BDH, RecurrentState, rope_frequencies
 
 # The recurrent step (generation): one byte per call, two kernels a layer, sparse reads.
 #
@@ -308,8 +308,8 @@ class LazyDecay:
     else reads the state; restamp() after the state was set from outside (its rows are current).
     """
 
-    def __init__(self, config: BDHConfig, state: RecurrentState) -> None:
-        gamma = chunk_decay(config, 1, state.pos.device).whole  # h, 1, 1
+    def __init__(self, model: BDH, state: RecurrentState) -> None:
+        gamma = model.decay(1, state.pos.device).whole.detach()  # h, 1, 1
         self.log2_gamma = gamma.log2().view(1, -1, 1)  # 1, h, 1: what the kernel reads
         B, H, M, _ = state.layers[0].shape
         self.stamps = [
@@ -364,10 +364,11 @@ class FusedStep:
         freq = rope_frequencies(cfg, model.E.device)  # M: both members of a pair share a frequency
         pair = freq[first_of_pairs(cfg)].double()  # M/2, turns per position
         self.pair_freq = torch.stack([pair, (4096 * pair) % 1.0]).float().contiguous()  # 2, M/2: and per 4096
-        decay = chunk_decay(cfg, 1, model.E.device)  # gamma per head, or None
+        decay = model.decay(1, model.E.device)  # gamma per head, or None (no gradient: sampling)
         # gamma and log2 gamma per head; without decay the kernel takes some pointer and never reads it
         if decay is not None:
-            self.gamma = torch.stack([decay.whole.flatten(), decay.whole.flatten().log2()]).contiguous()
+            gamma = decay.whole.detach().flatten()
+            self.gamma = torch.stack([gamma, gamma.log2()]).contiguous()
         else:
             self.gamma = self.pair_freq
         self.counts: dict[int, torch.Tensor] = {}  # per batch size: the sums' counters, zero between kernels

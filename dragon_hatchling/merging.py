@@ -24,7 +24,7 @@ import torch
 from dragon_hatchling.cli import UsageError
 from model import BDH, BDHConfig
 
-SHARED_FIELDS = ("n_embd", "n_head", "n_layer", "vocab_size", "rope_theta", "half_lives")
+SHARED_FIELDS = ("n_embd", "n_head", "n_layer", "vocab_size", "rope_theta", "half_lives", "learn_decay")
 
 
 def interleaved_order(config: BDHConfig) -> torch.Tensor:
@@ -85,4 +85,6 @@ def merge(a: BDH, b: BDH) -> BDH:
     model.E.copy_(torch.cat([wa["E"], wb["E"]], dim=1).flatten(0, 1))  # h (m1 + m2), d
     model.embed.weight.copy_((a.embed.weight + b.embed.weight) / 2)
     model.readout.copy_((a.readout + b.readout) / 2)
+    if config.learn_decay:  # each head's learned half-life: the geometric mean of the two
+        model.log2_half_lives.copy_((a.log2_half_lives + b.log2_half_lives) / 2)
     return model

@@ -240,7 +240,8 @@ class RunFolder:
         if run.resume is None:  # --overwrite: the old run goes before the new one writes anything
             clear_run(run.out_dir)
         extra = [f"{k}_{label}" for label in run.val_labels for k in ("val_loss", "val_bpb")]
-        fields = CSV_FIELDS + extra + SPARSITY_FIELDS
+        learned = ["half_lives"] if getattr(run.config, "learn_decay", False) else []  # "h1 h2 ..." bytes
+        fields = CSV_FIELDS + extra + SPARSITY_FIELDS + learned
         resumed = run.resume is not None
         source = run_of(run.resume) / "log.csv" if resumed else None
         self.log = CsvLog(run.out_dir / "log.csv", fields, progress.done if resumed else None, source)

@@ -36,7 +36,7 @@ from dragon_hatchling.devices import check_fits, resolve_device, resolve_dtype
 from dragon_hatchling.distributed import Ranks, rank_device
 from dragon_hatchling.hub_client import REPO_ID
 from dragon_hatchling.loading import load_model
-from dragon_hatchling.paths import choose_path
+from dragon_hatchling.paths import FUSED, choose_path
 
 RECIPES = {
     "long-context": {"batch_size": 8, "seq_len": 512, "half_lives": [8.0, 32.0, 128.0, 256.0]},
@@ -63,6 +63,7 @@ RESUME_MUST_MATCH = (
     "rope_theta",
     "rope_style",
     "half_lives",
+    "learn_decay",
     "arch",
     "block_size",
     "train_file",
@@ -139,6 +140,8 @@ def prepare(args: argparse.Namespace, ranks: Ranks | None = None, dataset: Path 
     check_carry(args, config)
     compile = False if args.carry_state else args.compile  # the carried forward runs as it is
     path = choose_path(ARCHITECTURES[args.arch][0], device, args.fused, compile, dtype)
+    if path == FUSED and args.carry_state and getattr(config, "learn_decay", False):
+        raise UsageError("--learn_decay with --carry_state runs on the plain path: add --no_fused")
     check_model(args, config, device, ranks)
     data = load_data(args, dataset)
     steps_per_epoch = check_windows(args, data)
@@ -361,6 +364,20 @@ def recipe_half_lives(lives: list[float], n_head: int) -> list[float]:
         return list(lives)
     at = np.linspace(0, len(lives) - 1, n_head) if n_head > 1 else np.array([len(lives) - 1.0])
     return [round(float(t), 2) for t in np.exp(np.interp(at, np.arange(len(lives)), np.log(lives)))]
+
+
+def parameter_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
+    """AdamW's parameter groups: weight decay on the weights, none on learned half-lives (it would
+    pull every head's towards one byte)."""
+    named = list(model.named_parameters())
+    free = [p for name, p in named if name.endswith("log2_half_lives")]
+    groups = [
+        {
+            "params": [p for name, p in named if not name.endswith("log2_half_lives")],
+            "weight_decay": weight_decay,
+        }
+    ]
+    return groups + ([{"params": free, "weight_decay": 0.0}] if free else [])
 
 
 def model_config(args: argparse.Namespace):

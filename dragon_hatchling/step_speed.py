@@ -56,8 +56,9 @@ def generate_rate(model: BDH, rows: list[torch.Tensor], steps: int) -> float:
 
 def without_decay(model: BDH) -> BDH:
     """The same weights, without decay."""
-    plain = BDH(dataclasses.replace(model.config, half_lives=None)).to(model.E.device, model.E.dtype)
-    plain.load_state_dict(model.state_dict())
+    plain = BDH(dataclasses.replace(model.config, half_lives=None, learn_decay=False))
+    plain = plain.to(model.E.device, model.E.dtype)
+    plain.load_state_dict({k: w for k, w in model.state_dict().items() if k != "log2_half_lives"})
     return plain.eval()
 
 

@@ -21,7 +21,7 @@ import torch
 
 from dragon_hatchling.measures import degree_summary
 from dragon_hatchling.scoring import eval_mode
-from model import BDH, chunk_decay, layer_norm, rope, rope_cos_sin, rope_frequencies
+from model import BDH, layer_norm, rope, rope_cos_sin, rope_frequencies
 
 
 @torch.no_grad()
@@ -48,7 +48,7 @@ def rotated_back(model: BDH, x: torch.Tensor, t: int) -> torch.Tensor:
 def weights_back(model: BDH, t: int, device) -> torch.Tensor | float:
     """gamma_h^(t-1-tau) for tau < t (h, t, 1): what is left of byte tau's term at t, the chunked
     form's to_end over a chunk of t bytes; 1 without decay."""
-    decay = chunk_decay(model.config, t, device)
+    decay = model.decay(t, device)
     return 1.0 if decay is None else decay.to_end
 
 
@@ -99,7 +99,7 @@ def entry_series(model: BDH, neurons, layer: int, head: int, i: int, j: int) -> 
     t, tau = torch.arange(1, T + 1, device=x.device)[:, None], torch.arange(T, device=x.device)[None, :]
     theta = 2 * math.pi * torch.remainder(freq * (tau - t).double(), 1.0)  # T, T: the turn back to t
     turned = x[:, j] * theta.cos() + sign * x[:, partner] * theta.sin()  # U^(tau-t) x_tau, entry j
-    decay = chunk_decay(model.config, T + 1, x.device)  # weights[i, j] = gamma^(i-1-j) for j < i
+    decay = model.decay(T + 1, x.device)  # weights[i, j] = gamma^(i-1-j) for j < i
     w = (tau < t).double() if decay is None else decay.weights[head, 1:, :-1].double()  # T, T
     return (w * y * turned).sum(1)
 

@@ -1,5 +1,6 @@
 """Bad command-line input: one line naming the argument, exit code 2, never a traceback."""
 
+import csv
 import json
 
 import pytest
@@ -8,6 +9,7 @@ import evaluate
 import experiment
 from conftest import REPO, TINY_MODEL, call_main, require_shared, run_script
 from dragon_hatchling import benchmark, run_setup
+from model import BDH, BDHConfig
 
 
 def assert_clean_error(result, *needles):
@@ -34,6 +36,8 @@ def assert_clean_error(result, *needles):
         (["--half_lives", "8,16,32"], ["half_lives", "2 positive numbers"]),
         (["--half_lives", "8,soon"], ["--half_lives", "8,soon"]),
         (["--half_lives", "0"], ["--half_lives", "positive"]),
+        (["--learn_decay", "--half_lives", "none"], ["learn_decay", "half_lives"]),
+        (["--learn_decay", "yes"], ["yes"]),
         (["--recipe", "fast"], ["--recipe", "fast"]),
         (["--eval_seq_len", "0"], ["--eval_seq_len", "positive"]),
         (["--dist_timeout", "1e300"], ["--dist_timeout", "a week"]),
@@ -225,3 +229,21 @@ def test_evaluate_refuses_windows_that_cannot_fit(small_data_dir, tmp_path, caps
     many = [arg for _ in range(400) for arg in ("--prompt", "a")]
     result = call_main(evaluate.main, [*argv, "--seq_len", "8", *many], capsys)
     assert_clean_error(result, "sampling 400 prompt(s) side by side needs at least")
+
+
+def test_learned_half_lives_train_without_weight_decay_and_are_logged(small_data_dir, tmp_path, capsys):
+    model = BDH(BDHConfig(n_embd=16, n_head=2, n_neurons=64, half_lives=[8.0, 64.0], learn_decay=True))
+    groups = run_setup.parameter_groups(model, 0.1)
+    assert [g["weight_decay"] for g in groups] == [0.1, 0.0] and groups[1]["params"] == [
+        model.log2_half_lives
+    ]
+    run = tmp_path / "run"
+    argv = ["--data_dir", str(small_data_dir), *TINY_MODEL, "--device", "cpu", "--max_steps", "3",
+            "--eval_every", "3", "--lr", "0.05", "--no_progress", "--learn_decay"]  # fmt: skip
+    argv += ["--out_dir", str(run)]
+    done = call_main(experiment.main, argv, capsys)
+    assert done.returncode == 0, done.stderr
+    assert json.loads((run / "metrics.json").read_text())["config"]["learn_decay"] is True
+    rows = list(csv.DictReader((run / "log.csv").open()))
+    lives = [[float(t) for t in row["half_lives"].split()] for row in rows if row["half_lives"]]
+    assert len(lives) == 1 and len(lives[0]) == 2 and lives[0] != [8.0, 256.0]  # moved from the recipe's

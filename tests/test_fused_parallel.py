@@ -26,12 +26,13 @@ def rel(a: torch.Tensor, b: torch.Tensor) -> float:
 HALF_LIVES = [3.0, 40.0, 7.0, 1000.0]  # bytes, one a head (the first h of them)
 
 
-def make_model(style: str, seed: int = 0, dropout: float = 0.0, decay: bool = False) -> BDH:
+def make_model(style: str, seed: int = 0, dropout: float = 0.0, decay: bool | str = False) -> BDH:
+    """decay: False, True (the config's half-lives) or "learned" (a parameter starting from them)."""
     d, h, m, _, _ = SIZES
     torch.manual_seed(seed)
     cfg = BDHConfig(
         n_embd=d, n_head=h, n_neurons=h * m, n_layer=2, dropout=dropout, rope_style=style,
-        half_lives=HALF_LIVES[:h] if decay else None,
+        half_lives=HALF_LIVES[:h] if decay else None, learn_decay=decay == "learned",
     )  # fmt: skip
     return BDH(cfg).to(DEVICE)
 
@@ -136,12 +137,15 @@ def check_layer_against_float32(
         assert fused_err < max(3e-2, 3 * plain_err), (name, errors)
 
 
-@pytest.mark.parametrize("style, decay", [("interleaved", False), ("half", False), ("half", True)])
+@pytest.mark.parametrize(
+    "style, decay", [("interleaved", False), ("half", False), ("half", True), ("interleaved", "learned")]
+)
 def test_fused_model_is_as_close_to_float32_as_plain_bf16(style, decay):
+    # learned: the half-lives' gradient too (learned_decay_grad)
     check_model_against_float32(style, *SIZES[3:], decay=decay)
 
 
-def check_model_against_float32(style: str, B: int, T: int, decay: bool = False) -> None:
+def check_model_against_float32(style: str, B: int, T: int, decay: bool | str = False) -> None:
     # the reference is the plain path in float32; the yardstick, the plain path under bf16 autocast
     model = make_model(style, seed=1, decay=decay)
     idx = torch.randint(0, 256, (B, T), device=DEVICE)

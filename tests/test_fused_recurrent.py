@@ -35,7 +35,7 @@ def test_lazy_decay_reads_only_live_rows_and_settles_to_the_plain_state():
     model = make_model("interleaved", seed=2, decay=True).eval()
     _, _, plain = model.forward_chunked(torch.randint(0, 256, (2, 9), device=DEVICE), chunk_size=4)
     fused = plain.clone()
-    step, lazy = fused_recurrent.FusedStep(model), fused_recurrent.LazyDecay(model.config, fused)
+    step, lazy = fused_recurrent.FusedStep(model), fused_recurrent.LazyDecay(model, fused)
     for byte in torch.randint(0, 256, (6, 2), device=DEVICE):
         torch.testing.assert_close(step(byte, fused, lazy), model.step(byte, plain), rtol=1e-4, atol=1e-4)
     behind = [(stamp < plain.pos).float().mean().item() for stamp in lazy.stamps]
@@ -56,7 +56,7 @@ def test_each_row_steps_at_its_own_position(decay):
     fused = RecurrentState.stack([s.clone() for s in alone])
     assert fused.pos.tolist() == [3, 11, 6]
     step = fused_recurrent.FusedStep(model)
-    lazy = fused_recurrent.LazyDecay(model.config, fused) if decay else None
+    lazy = fused_recurrent.LazyDecay(model, fused) if decay else None
     for byte in torch.randint(0, 256, (4, 3), device=DEVICE):
         want = torch.cat([model.step(byte[i : i + 1], s) for i, s in enumerate(alone)])
         torch.testing.assert_close(step(byte, fused, lazy), want, rtol=1e-4, atol=1e-4)

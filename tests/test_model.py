@@ -159,3 +159,35 @@ def test_the_plain_model_knows_nothing_of_the_fast_paths():
     imported = {a.name.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
     imported |= {n.module.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module}
     assert imported and not imported & ours, imported & ours
+
+
+def test_learned_half_lives_start_at_the_config_and_learn():
+    fixed, learned = tiny(half_lives=[4.0, 300.0]), tiny(half_lives=[4.0, 300.0], learn_decay=True)
+    assert learned.half_lives() == pytest.approx([4.0, 300.0]) and fixed.half_lives() == [4.0, 300.0]
+    learned.load_state_dict({**fixed.state_dict(), "log2_half_lives": learned.log2_half_lives.detach()})
+    idx = torch.randint(0, 256, (2, 19))
+    torch.testing.assert_close(learned(idx)[0], fixed(idx)[0])  # the same function at the start
+    chunked, _, _ = learned.forward_chunked(idx, chunk_size=5)
+    torch.testing.assert_close(chunked, fixed(idx)[0], rtol=1e-4, atol=1e-4)
+    for loss in (learned(idx, idx)[1], learned.forward_chunked(idx, idx, chunk_size=5)[1]):
+        (grad,) = torch.autograd.grad(loss, [learned.log2_half_lives])
+        assert grad.abs().min() > 0  # both forms reach every head's half-life
+    with torch.no_grad():
+        learned.log2_half_lives.add_(1.0)  # twice as long: another function
+    assert learned.half_lives() == pytest.approx([8.0, 600.0])
+    assert not torch.allclose(learned(idx)[0], fixed(idx)[0])
+    with pytest.raises(ValueError, match="learn_decay needs half_lives"):
+        BDHConfig(n_embd=32, n_head=2, n_neurons=128, learn_decay=True)
+
+
+def test_learned_half_lives_survive_saving_and_the_recurrent_step(tmp_path):
+    model = tiny(half_lives=[4.0, 300.0], learn_decay=True).eval()
+    with torch.no_grad():
+        model.log2_half_lives.copy_(torch.tensor([1.0, 5.0]))  # 2 and 32 bytes
+    model.save_pretrained(tmp_path)
+    loaded = BDH.from_pretrained(tmp_path).eval()
+    assert loaded.half_lives() == pytest.approx([2.0, 32.0]) and "learned" in loaded.config.describe()
+    idx = torch.randint(0, 256, (1, 12))
+    state = loaded.initial_state(1)
+    steps = torch.stack([loaded.step(idx[:, t], state) for t in range(12)], dim=1)
+    torch.testing.assert_close(steps, model(idx)[0], rtol=1e-4, atol=1e-4)

@@ -20,12 +20,16 @@ from test_cli import assert_clean_error
 
 MODELS = {
     "bdh": lambda: BDH(BDHConfig(n_embd=16, n_head=2, n_neurons=64, n_layer=2, half_lives=[4.0, 16.0])),
+    "bdh-learned-decay": lambda: BDH(
+        BDHConfig(n_embd=16, n_head=2, n_neurons=64, n_layer=1, half_lives=[4.0, 16.0], learn_decay=True)
+    ),
     "gpt": lambda: GPT(GPTConfig(n_layer=1, n_embd=16, n_head=2, block_size=64)),
 }
 WRONG = {
     int: ["12x", 1.5, True, None],
     float: ["0.1x", [0.1], None],
     str: [3, None],
+    bool: ["yes", 1, None],
     list: ["8,16", [1, "x"]],
 }
 
