@@ -19,7 +19,8 @@ def hill_tail_index(values: np.ndarray, fraction: float = TAIL_FRACTION) -> dict
     top = -np.sort(-np.partition(x, x.size - k - 1)[x.size - k - 1 :])  # the k + 1 largest, descending
     threshold = top[k]
     logs = np.log(top[:k] / threshold) if threshold > 0 else np.array([np.inf])
-    return {"alpha": float(k / logs.sum()), "k": k, "threshold": float(threshold), "fraction": fraction}
+    alpha = k / logs.sum() if logs.sum() > 0 else np.inf  # the k largest all equal: no tail at all
+    return {"alpha": float(alpha), "k": k, "threshold": float(threshold), "fraction": fraction}
 
 
 def weight_stats(model: torch.nn.Module) -> dict[str, dict[str, float]]:

@@ -140,6 +140,7 @@ def test_the_hill_estimator_recovers_the_exponent_of_a_pareto_sample():
     assert fit["k"] == 10_000 and abs(fit["alpha"] - 3.0) < 0.1, fit
     assert fit["threshold"] == pytest.approx(100 ** (1 / 3), rel=0.05)  # the 1% quantile of x^-3
     assert measures.hill_tail_index(rng.normal(size=1_000_000))["alpha"] > 5  # a light tail
+    assert measures.hill_tail_index(np.array([-1.0, 1.0]))["alpha"] == np.inf  # equal values: no tail
 
 
 def test_neuron_degrees_count_the_edges_of_a_known_graph():
