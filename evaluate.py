@@ -21,7 +21,8 @@ path scored: "fused", the Triton kernels, by default for BDH on CUDA, or "eager"
 measures.py), weights.png and loss_by_position.png; with --prompt, sample.txt (several --prompt, sampled
 side by side as one batch: sample-1.txt, sample-2.txt, ...); with --neuron_graph,
 neuron_graph.json and .png (the graph G = E Dx of the model and of a fresh one); with --synapse_graph,
-synapse_graph.json and .png (the graph of the synapse state sigma after the text's first bytes).
+synapse_graph.json and .png (the graph of the synapse state sigma after the text's first bytes); with
+--stream, byte_losses.npy (float32, entry i the loss of byte i + 1: results/tbptt/rare_words.py).
 """
 
 from __future__ import annotations
@@ -279,12 +280,21 @@ def scoring_bytes(model, args: argparse.Namespace) -> int:
 
 
 def score(
-    model: torch.nn.Module, data: np.ndarray, args: argparse.Namespace, device, dtype, path: str
+    model: torch.nn.Module,
+    data: np.ndarray,
+    args: argparse.Namespace,
+    device,
+    dtype,
+    path: str,
+    out_dir: Path,
 ) -> dict:
     """Loss, bits/byte, perplexity and loss by position: of windows (the protocol; through the path
-    chosen, or the chunked form for windows longer than --chunk_size), or of the text read as one."""
+    chosen, or the chunked form for windows longer than --chunk_size), or of the text read as one
+    (and then the loss of every byte into byte_losses.npy)."""
     if args.stream:
-        return score_stream(model, data, device, dtype, args.chunk_size)
+        metrics, losses = score_stream(model, data, device, dtype, args.chunk_size)
+        np.save(out_dir / "byte_losses.npy", losses.astype(np.float32))
+        return metrics
     if args.seq_len > args.chunk_size and model.reads_streams:  # long windows: linear memory
         return score_windows(
             model,
@@ -443,7 +453,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         model, source, data, device, dtype, path, out_dir = prepare(args)
-        metrics = score(model, data, args, device, dtype, path)
+        metrics = score(model, data, args, device, dtype, path, out_dir)
     except UsageError as e:
         fail(str(e))
     except HubUnreachable as e:

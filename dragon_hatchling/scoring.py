@@ -227,7 +227,10 @@ def score_windows(
 
 def score_stream(
     model: torch.nn.Module, data: np.ndarray, device: torch.device, dtype: torch.dtype | None, chunk_size: int
-) -> dict:
-    """The whole text read as one (stream_loss_sums)."""
-    sums, counts, buckets = stream_loss_sums(model, data, device, dtype, chunk_size)
-    return summary(float(sums.sum()), int(counts.sum()), by_bucket(sums, counts, buckets), "stream")
+) -> tuple[dict, np.ndarray]:
+    """The whole text read as one: its summary, and the loss of every byte (stream_byte_losses)."""
+    losses = stream_byte_losses(model, data, device, dtype, chunk_size)
+    buckets = position_buckets(len(losses))
+    sums = np.array([losses[a:b].sum() for a, b in buckets])
+    counts = np.array([b - a for a, b in buckets])
+    return summary(float(losses.sum()), len(losses), by_bucket(sums, counts, buckets), "stream"), losses

@@ -57,7 +57,7 @@ EVALS = {  # folder: evaluate.py flags, in the order they run: the issue's targe
 }
 WINDOW_EVALS = ("eval-valid-raw-128", "eval-valid-tokens-128")  # all a GPT without a memory can do
 GPT_SAMPLE = ["--context", "512"]  # a GPT sees at most its block
-KEEP = (".csv", ".json", ".png", ".txt", ".log")
+KEEP = (".csv", ".json", ".png", ".txt", ".log", ".npy")  # .npy: --stream's loss of every byte
 
 
 def chain(specs: list[tuple[str, str]], gpu: str, t_start: float, args: argparse.Namespace) -> None:

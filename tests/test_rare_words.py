@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 from model import BDH, BDHConfig
 
@@ -65,6 +66,20 @@ def test_the_script_scores_both_texts_and_refuses_texts_that_do_not_align(tmp_pa
     assert done.returncode == 0, done.stderr
     result = json.loads((tmp_path / "o.json").read_text())
     assert result["raw"]["marked_bytes"] == 20 * 4 and result["tokens"]["marked_bytes"] == 20 * 6
+    model = ["--model_path", str(tmp_path / "m"), "--device", "cpu"]
+    evaluate = [sys.executable, "evaluate.py", *model, "--stream", "--no_plots", "--chunk_size", "64"]
+    for name in ("raw", "tok"):  # the same split from evaluate.py --stream's byte losses
+        args = ["--data_file", str(tmp_path / name), "--out_dir", str(tmp_path / f"eval-{name}")]
+        assert subprocess.run([*evaluate, *args], capture_output=True, cwd=SCRIPT.parents[2]).returncode == 0
+    saved = [str(tmp_path / f"eval-{name}" / "byte_losses.npy") for name in ("raw", "tok")]
+    again = subprocess.run(
+        [*cmd[:2], *texts, "--losses", *saved, "--out", str(tmp_path / "o2.json")], text=True
+    )
+    assert again.returncode == 0
+    from_files = json.loads((tmp_path / "o2.json").read_text())
+    for name in ("raw", "tokens"):
+        assert from_files[name]["whole"] == pytest.approx(result[name]["whole"], rel=1e-6)
+        assert from_files[name]["marked"] == pytest.approx(result[name]["marked"], rel=1e-6)
     (tmp_path / "tok").write_bytes(b" = A = \n")
     done = subprocess.run(cmd, capture_output=True, text=True)
     assert done.returncode == 2 and done.stderr.count("\n") == 1 and "lines" in done.stderr

@@ -6,10 +6,14 @@ same text, has <unk> in their place, and so has the training text that every mod
 from. This reads the raw text as one stream (evaluate.py --stream: the chunked form, the state
 carried from the first byte to the last) and splits the loss of every byte by what it belongs to: a
 rare word (its bytes and the space after it, the byte that says the word has ended), or the rest.
-The same for the tokenized text, where the split is the <unk> strings and the rest.
+The same for the tokenized text, where the split is the <unk> strings and the rest. The losses come
+from a model, or from the byte_losses.npy that evaluate.py --stream wrote for each text:
 
     python3 results/tbptt/rare_words.py --model_path .gpu/runs/NAME/checkpoints/last \\
         --raw .gpu/data/wiki.valid.raw --tokens .gpu/data/wiki.valid.tokens --out $OUT/rare_words.json
+    uv run python results/tbptt/rare_words.py --raw ../shared/data/wikitext-2-raw-v1/wiki.valid.raw \\
+        --tokens ../shared/data/wikitext-2-tokens/wiki.valid.tokens \\
+        --losses RUN/eval-valid-raw-stream/byte_losses.npy RUN/eval-valid-tokens-stream/byte_losses.npy
 """
 
 from __future__ import annotations
@@ -78,25 +82,37 @@ def split_loss(losses: np.ndarray, mask: np.ndarray) -> dict:
     }  # fmt: skip
 
 
+def byte_losses(args, texts: dict[str, np.ndarray]):
+    """(name, the loss of every byte but the first) of each text: read from --losses, or scored."""
+    if args.losses:
+        yield from zip(texts, (np.load(path) for path in args.losses), strict=True)
+        return
+    device = resolve_device(args.device)
+    model = load_model(args.model_path)[0].to(device).eval()
+    for name, data in texts.items():
+        yield name, stream_byte_losses(model, data, device, resolve_dtype("auto", device), args.chunk_size)
+
+
 def main() -> None:
     p = Parser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--model_path", required=True, help="a checkpoint folder or file (evaluate.py's)")
+    source = p.add_mutually_exclusive_group(required=True)
+    source.add_argument("--model_path", help="a checkpoint folder or file (evaluate.py's)")
+    source.add_argument(
+        "--losses", nargs=2, metavar=("RAW", "TOKENS"), help="evaluate.py --stream's byte_losses.npy"
+    )
     p.add_argument("--raw", required=True, help="wiki.valid.raw")
     p.add_argument("--tokens", required=True, help="wiki.valid.tokens, the same text with <unk>")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda (evaluate.py's)")
     p.add_argument("--chunk_size", type=positive_int, default=2048, help="bytes read at a time")
     p.add_argument("--out", type=out_file, default=None, help="write the numbers here as JSON")
     args = p.parse_args()
-    device = resolve_device(args.device)
-    dtype = resolve_dtype("auto", device)
-    model, _ = load_model(args.model_path)
-    model = model.to(device).eval()
     texts = {"raw": load_bytes_file(args.raw, "--raw"), "tokens": load_bytes_file(args.tokens, "--tokens")}
     masks = dict(zip(texts, rare_word_masks(texts["raw"].tobytes(), texts["tokens"].tobytes()), strict=True))
-    result = {"model_path": args.model_path, "chunk_size": args.chunk_size}
-    for name, data in texts.items():
-        losses = stream_byte_losses(model, data, device, dtype, args.chunk_size)
-        result[name] = split_loss(losses, masks[name])
+    result = {"model_path": args.model_path, "losses": args.losses, "chunk_size": args.chunk_size}
+    for name, losses in byte_losses(args, texts):
+        if len(losses) != len(texts[name]) - 1:
+            raise ValueError(f"{name}: {len(losses)} losses for a text of {len(texts[name])} bytes")
+        result[name] = split_loss(losses.astype(np.float64), masks[name])
         print(name, json.dumps(result[name]), flush=True)
     if args.out:
         Path(args.out).write_text(json.dumps(result, indent=1) + "\n")
@@ -105,5 +121,5 @@ def main() -> None:
 if __name__ == "__main__":
     try:
         main()
-    except (UsageError, ValueError) as e:  # a one-line error, as every command here ends
+    except (UsageError, ValueError, OSError) as e:  # a one-line error, as every command here ends
         fail(str(e))
