@@ -311,12 +311,16 @@ class CardOfItsOwn:
     """The model card that save_pretrained and push_to_hub write (PyTorchModelHubMixin asks
     generate_model_card): what the model is and how to load it, instead of the mixin's blanks."""
 
+    def describe(self) -> str:
+        """The model in a line, as the model card says it (the config's line)."""
+        return self.config.describe()
+
     def generate_model_card(self, *args, **kwargs):
         from huggingface_hub import ModelCard
 
         return ModelCard.from_template(
             card_data=self._hub_mixin_info.model_card_data, template_str=CARD, display_name=self.display_name,
-            description=self.description, shape=self.config.describe(), class_name=type(self).__name__,
+            description=self.description, shape=self.describe(), class_name=type(self).__name__,
             module=type(self).__module__, parameters=f"{self.num_params():,}",
         )  # fmt: skip
 
@@ -373,6 +377,12 @@ class BDH(
     def decay(self, C: int, device: torch.device | str | None = None) -> ChunkDecay | None:
         """The decay factors of a chunk of C bytes (chunk_decay), the learned half-lives if any."""
         return chunk_decay(self.config, C, device, getattr(self, "log2_half_lives", None))
+
+    def describe(self) -> str:
+        """The config's line, and the half-lives learned so far."""
+        if not self.config.learn_decay:
+            return self.config.describe()
+        return f"{self.config.describe()}, now {', '.join(f'{t:.4g}' for t in self.half_lives())} bytes"
 
     def half_lives(self) -> list[float] | None:
         """Each head's half-life in bytes as the model has it now (learned or the config's)."""

@@ -113,7 +113,7 @@ def model_card(run_dir: Path, repo_id: str) -> str:
 # {name}: {cls.display_name} on byte-level Wikitext-2
 
 A {cls.description} language model over UTF-8 bytes, trained with dragon-hatchling on Wikitext-2:
-{config.describe()}; {metrics["num_params"]:,} parameters.
+{metrics.get("shape", config.describe())}; {metrics["num_params"]:,} parameters.
 
 ```python
 from {cls.__module__} import {cls.__name__}   # dragon-hatchling

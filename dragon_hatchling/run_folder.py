@@ -368,6 +368,7 @@ def run_metrics(folder: RunFolder, step: int) -> dict:
         "arch": args.arch,
         "num_params": model.num_params(),
         "config": model.config.to_dict(),
+        "shape": model.describe(),  # with learned half-lives, those it ended with
         **hardware(run),
         "command": folder.command,
         "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),

@@ -243,7 +243,8 @@ def test_learned_half_lives_train_without_weight_decay_and_are_logged(small_data
     argv += ["--out_dir", str(run)]
     done = call_main(experiment.main, argv, capsys)
     assert done.returncode == 0, done.stderr
-    assert json.loads((run / "metrics.json").read_text())["config"]["learn_decay"] is True
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert metrics["config"]["learn_decay"] is True and ", now " in metrics["shape"]  # the run card's line
     rows = list(csv.DictReader((run / "log.csv").open()))
     lives = [[float(t) for t in row["half_lives"].split()] for row in rows if row["half_lives"]]
     assert len(lives) == 1 and len(lives[0]) == 2 and lives[0] != [8.0, 256.0]  # moved from the recipe's

@@ -187,6 +187,7 @@ def test_learned_half_lives_survive_saving_and_the_recurrent_step(tmp_path):
     model.save_pretrained(tmp_path)
     loaded = BDH.from_pretrained(tmp_path).eval()
     assert loaded.half_lives() == pytest.approx([2.0, 32.0]) and "learned" in loaded.config.describe()
+    assert loaded.describe().endswith("learned from there), now 2, 32 bytes")  # the model card's line
     idx = torch.randint(0, 256, (1, 12))
     state = loaded.initial_state(1)
     steps = torch.stack([loaded.step(idx[:, t], state) for t in range(12)], dim=1)
