@@ -369,15 +369,12 @@ def recipe_half_lives(lives: list[float], n_head: int) -> list[float]:
 def parameter_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
     """AdamW's parameter groups: weight decay on the weights, none on learned half-lives (it would
     pull every head's towards one byte)."""
-    named = list(model.named_parameters())
-    free = [p for name, p in named if name.endswith("log2_half_lives")]
-    groups = [
-        {
-            "params": [p for name, p in named if not name.endswith("log2_half_lives")],
-            "weight_decay": weight_decay,
-        }
-    ]
-    return groups + ([{"params": free, "weight_decay": 0.0}] if free else [])
+    weights, free = [], []
+    for name, p in model.named_parameters():
+        (free if name.endswith("log2_half_lives") else weights).append(p)
+    return [{"params": weights, "weight_decay": weight_decay}] + (
+        [{"params": free, "weight_decay": 0.0}] if free else []
+    )
 
 
 def model_config(args: argparse.Namespace):

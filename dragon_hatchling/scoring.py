@@ -153,9 +153,12 @@ def stream_loss_sums(
     autocast_dtype: torch.dtype | None = None,
     chunk_size: int = CHUNK_SIZE,
 ) -> tuple[np.ndarray, np.ndarray, list[tuple[int, int]]]:
-    """stream_byte_losses summed in each position bucket of the text, the bytes in each, and the
-    buckets (position_buckets)."""
-    losses = stream_byte_losses(model, data, device, autocast_dtype, chunk_size)
+    """stream_byte_losses in position buckets (bucket_sums)."""
+    return bucket_sums(stream_byte_losses(model, data, device, autocast_dtype, chunk_size))
+
+
+def bucket_sums(losses: np.ndarray) -> tuple[np.ndarray, np.ndarray, list[tuple[int, int]]]:
+    """Losses by position summed in each bucket of position_buckets, the positions in each, the buckets."""
     buckets = position_buckets(len(losses))
     sums = np.array([losses[a:b].sum() for a, b in buckets])
     counts = np.array([b - a for a, b in buckets], dtype=np.int64)
@@ -230,7 +233,5 @@ def score_stream(
 ) -> tuple[dict, np.ndarray]:
     """The whole text read as one: its summary, and the loss of every byte (stream_byte_losses)."""
     losses = stream_byte_losses(model, data, device, dtype, chunk_size)
-    buckets = position_buckets(len(losses))
-    sums = np.array([losses[a:b].sum() for a, b in buckets])
-    counts = np.array([b - a for a, b in buckets])
+    sums, counts, buckets = bucket_sums(losses)
     return summary(float(losses.sum()), len(losses), by_bucket(sums, counts, buckets), "stream"), losses

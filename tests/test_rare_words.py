@@ -83,3 +83,19 @@ def test_the_script_scores_both_texts_and_refuses_texts_that_do_not_align(tmp_pa
     (tmp_path / "tok").write_bytes(b" = A = \n")
     done = subprocess.run(cmd, capture_output=True, text=True)
     assert done.returncode == 2 and done.stderr.count("\n") == 1 and "lines" in done.stderr
+
+
+def test_losses_that_are_no_byte_losses_are_refused_with_one_line(tmp_path: Path):
+    (tmp_path / "raw").write_bytes(b" a Zyx b \n")
+    (tmp_path / "tok").write_bytes(b" a <unk> b \n")
+    np.save(tmp_path / "grid.npy", np.zeros((3, 2)))
+    np.save(tmp_path / "short.npy", np.zeros(3))
+    texts = ["--raw", str(tmp_path / "raw"), "--tokens", str(tmp_path / "tok")]
+    cases = [("missing.npy", "missing.npy"), ("raw", "byte_losses.npy"), ("grid.npy", "one float per byte"),
+             ("short.npy", "3 losses")]  # fmt: skip
+    for bad, needle in cases:
+        losses = [str(tmp_path / bad)] * 2
+        done = subprocess.run(
+            [sys.executable, str(SCRIPT), *texts, "--losses", *losses], capture_output=True, text=True
+        )
+        assert done.returncode == 2 and done.stderr.count("\n") == 1 and needle in done.stderr, done.stderr

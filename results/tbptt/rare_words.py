@@ -82,10 +82,21 @@ def split_loss(losses: np.ndarray, mask: np.ndarray) -> dict:
     }  # fmt: skip
 
 
+def load_losses(path: str) -> np.ndarray:
+    """A byte_losses.npy, or a ValueError naming --losses and the file."""
+    try:
+        losses = np.load(path)
+    except (OSError, ValueError) as e:
+        raise ValueError(f"--losses {path}: expected evaluate.py --stream's byte_losses.npy ({e})") from None
+    if losses.ndim != 1 or not np.issubdtype(losses.dtype, np.floating):
+        raise ValueError(f"--losses {path}: expected one float per byte, got {losses.dtype} {losses.shape}")
+    return losses
+
+
 def byte_losses(args, texts: dict[str, np.ndarray]):
     """(name, the loss of every byte but the first) of each text: read from --losses, or scored."""
     if args.losses:
-        yield from zip(texts, (np.load(path) for path in args.losses), strict=True)
+        yield from zip(texts, map(load_losses, args.losses), strict=True)
         return
     device = resolve_device(args.device)
     model = load_model(args.model_path)[0].to(device).eval()
