@@ -237,8 +237,11 @@ class FusedNeurons(torch.autograd.Function):
     B x T x n tensor is kept for backward: backward multiplies x and u again."""
 
     @staticmethod
-    def forward(ctx, v, Dx, Dy, E, cos, sin, p_drop: float, seed: int, decay=None, carried=None):
-        # v: B, T, d bf16. carried: the state of the bytes before the window (CarriedInput), or None
+    def forward(
+        ctx, v, Dx, Dy, E, cos, sin, p_drop: float, seed: int, decay=None, carried=None, since_start=None
+    ):
+        # v: B, T, d bf16. carried: the state of the bytes before the window (CarriedInput), or None;
+        # since_start: carried.decay.since_start (h, T, 1), given when the half-lives are learned
         B, T, D = v.shape
         H, _, M = Dx.shape
         R = B * T
@@ -257,7 +260,7 @@ class FusedNeurons(torch.autograd.Function):
         del x, u
         z = y @ E  # R, d
         ctx.save_for_backward(v, Dx, Dy, E, cos, sin, S, decay, earlier)
-        ctx.p_drop, ctx.seed, ctx.carried = p_drop, seed, carried
+        ctx.p_drop, ctx.seed, ctx.carried, ctx.learned_read = p_drop, seed, carried, since_start is not None
         return z.view(B, T, D)
 
     @staticmethod
@@ -288,6 +291,9 @@ class FusedNeurons(torch.autograd.Function):
         del gu, gu_h
         torch.autograd.backward(ahat_, gahat.view(H, B, T, D).float())
         gdecay = learned_decay_grad(S, S_.grad, decay) if ctx.needs_input_grad[8] else None  # h, T, T
+        gsince = None  # the read of a carried state: earlier = since_start * (RoPE(x) S), h, T, 1
+        if ctx.learned_read and ctx.needs_input_grad[10]:
+            gsince = learned_read_grad(earlier, earlier_.grad, ctx.carried.decay.since_start)
         G = mirrored(S_.grad if decay is None else S_.grad * decay.unsqueeze(1))  # h, B, T, T
         if earlier is None:
             gr = G @ rotated(x, cos, sin, T, H)  # dL/dRoPE(x): h, B, T, M
@@ -301,14 +307,28 @@ class FusedNeurons(torch.autograd.Function):
         gx_h = gx.view(R, H, M).transpose(0, 1)  # h, R, M
         gDx = v.view(R, D).mT @ gx_h  # h, d, M
         gv = v_.grad.view(R, D) + (gx_h @ Dx.mT).sum(0)  # R, d
-        return gv.view(B, T, D).to(v.dtype), gDx, gDy, gE, None, None, None, None, gdecay, None
+        return gv.view(B, T, D).to(v.dtype), gDx, gDy, gE, None, None, None, None, gdecay, None, gsince
 
 
 def learned_decay_grad(S: torch.Tensor, gS: torch.Tensor, decay: torch.Tensor) -> torch.Tensor:
     """dL/d decay (h, T, T float32) for learned half-lives: with S = W * scores kept (h, B, T, T) and
     gS = dL/dS, it is the sum over the batch of gS * scores = gS * S / W, zero where W is."""
-    W = decay.float()
-    return torch.where(W > 0, (gS.float() * S.float()).sum(1) / W.clamp(min=torch.finfo(W.dtype).tiny), 0.0)
+    return _over_factor((gS.float() * S.float()).sum(1), decay.float())
+
+
+def learned_read_grad(
+    earlier: torch.Tensor, g_earlier: torch.Tensor, since_start: torch.Tensor
+) -> torch.Tensor:
+    """dL/d since_start (h, T, 1) for learned half-lives with a carried state: the read is earlier =
+    since_start * (RoPE(x) S) (h, B, T, d), so it is the sum over batch and d of g_earlier * earlier /
+    since_start, zero where since_start is (a short half-life far into a long window)."""
+    g = (g_earlier.float() * earlier.float()).sum((1, 3))  # h, T
+    return _over_factor(g, since_start.float()[..., 0])[..., None]
+
+
+def _over_factor(g: torch.Tensor, W: torch.Tensor) -> torch.Tensor:
+    """g / W where W > 0, else 0: the gradient of a factor W from that of the product it scaled."""
+    return torch.where(W > 0, g / W.where(W > 0, 1.0), 0.0)
 
 
 class CarriedInput:
@@ -523,9 +543,7 @@ def fused_forward(
     Dy = _InPairOrder.apply(model.Dy, 2, local)
     E = _InPairOrder.apply(model.E, 0, order)  # n, d
     cos, sin = pair_cos_sin(model, T, idx.device, 0 if state is None else state.pos)
-    chunk = model.decay(T, idx.device)  # float32, or None
-    if state is not None and chunk is not None and chunk.weights.requires_grad:
-        raise ValueError("the fused kernels learn the half-lives of windows without a carried state only")
+    chunk = model.decay(T, idx.device)  # float32, or None (learned half-lives: with their gradient)
     decay = None if chunk is None else chunk.weights.to(torch.bfloat16)  # h, T, T
     with torch.autocast(idx.device.type, enabled=False):  # the kernels choose their own precision
         weights = Weights(Dx, Dy, E, cos, sin, decay, chunk)
@@ -575,7 +593,8 @@ def _layers(model, idx, targets, w: Weights, state: RecurrentState | None):
         else:
             buffer = state.buffers[layer] if isinstance(state, FusedState) else None
             carried = CarriedInput(state.layers[layer], buffer, w.chunk)
-            z = FusedNeurons.apply(*args, carried)
+            learned = w.chunk is not None and w.chunk.since_start.requires_grad
+            z = FusedNeurons.apply(*args, carried, w.chunk.since_start if learned else None)
             after.append(carried.after)
             buffers.append(carried.after_buffer)
         v = layer_norm(v + layer_norm(z.float()))

@@ -36,7 +36,7 @@ from dragon_hatchling.devices import check_fits, resolve_device, resolve_dtype
 from dragon_hatchling.distributed import Ranks, rank_device
 from dragon_hatchling.hub_client import REPO_ID
 from dragon_hatchling.loading import load_model
-from dragon_hatchling.paths import FUSED, choose_path
+from dragon_hatchling.paths import choose_path
 
 RECIPES = {
     "long-context": {"batch_size": 8, "seq_len": 512, "half_lives": [8.0, 32.0, 128.0, 256.0]},
@@ -140,8 +140,6 @@ def prepare(args: argparse.Namespace, ranks: Ranks | None = None, dataset: Path 
     check_carry(args, config)
     compile = False if args.carry_state else args.compile  # the carried forward runs as it is
     path = choose_path(ARCHITECTURES[args.arch][0], device, args.fused, compile, dtype)
-    if path == FUSED and args.carry_state and getattr(config, "learn_decay", False):
-        raise UsageError("--learn_decay with --carry_state runs on the plain path: add --no_fused")
     check_model(args, config, device, ranks)
     data = load_data(args, dataset)
     steps_per_epoch = check_windows(args, data)

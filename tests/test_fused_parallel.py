@@ -204,6 +204,32 @@ def test_mirrored_gradient_of_the_scores(T):
     assert torch.equal(fused_parallel.mirrored(dS, BT=16), L + L.mT)
 
 
+@pytest.mark.parametrize("T", [5, 32])  # 32: T = d, where the two factors' shapes could be confused
+def test_learned_half_lives_gradients_equal_autograd(T):
+    """learned_decay_grad and learned_read_grad (the fused backward's gradients of the decay factors)
+    against autograd in float64: S = W * scores (h, B, T, T), earlier = since_start * read (h, B, T, d),
+    with factors that underflow to zero (a short half-life far into the window)."""
+    h, B, d = 2, 3, 32
+    half = torch.tensor([0.02, 40.0], dtype=torch.float64)[:, None, None]  # h, 1, 1
+    t = torch.arange(T, dtype=torch.float64)
+    W = torch.exp2(-(t[:, None] - t[None, :] - 1).clamp(min=0) / half) * (t[:, None] > t[None, :])
+    W = W.float().double()  # as float32 holds them (zero from 3 bytes back at 0.02)
+    since = torch.exp2(-t[:, None] / half).float().double()  # h, T, 1
+    assert (since == 0).any()
+    scores, read = torch.randn(h, B, T, T, dtype=torch.float64), torch.randn(h, B, T, d, dtype=torch.float64)
+    gS, g_read = torch.randn_like(scores), torch.randn_like(read)
+    W_, since_ = W.clone().requires_grad_(), since.clone().requires_grad_()
+    torch.autograd.backward([W_.unsqueeze(1) * scores, since_.unsqueeze(1) * read], [gS, g_read])
+    S, earlier = W.unsqueeze(1) * scores, since.unsqueeze(1) * read
+    got_W = fused_parallel.learned_decay_grad(S, gS, W)
+    got_since = fused_parallel.learned_read_grad(earlier, g_read, since)
+    assert got_since.shape == since.shape and got_W.shape == W.shape
+    live_W, live_since = W > 0, since > 0
+    assert torch.allclose(got_W[live_W].double(), W_.grad[live_W], rtol=1e-4, atol=1e-6)
+    assert torch.allclose(got_since[live_since].double(), since_.grad[live_since], rtol=1e-4, atol=1e-6)
+    assert not got_since[~live_since].any()  # no gradient where nothing is left to scale
+
+
 @pytest.mark.skipif(not CUDA, reason="2**31 neurons a batch: a GPU's size (the interpreter runs tiny tiles)")
 def test_fused_forward_takes_batches_of_more_than_2_31_neurons():
     """B x T x n past 2**31: the kernels index rows in 64 bits (validation of long windows)."""
@@ -218,7 +244,8 @@ def test_fused_forward_takes_batches_of_more_than_2_31_neurons():
 
 
 @pytest.mark.parametrize(
-    "decay, before_fused, shorter", [(False, False, 0), (True, False, 0), (True, True, 0), (True, True, 5)]
+    "decay, before_fused, shorter",
+    [(False, False, 0), (True, False, 0), (True, True, 0), (True, True, 5), ("learned", True, 5)],
 )
 def test_fused_window_with_a_carried_state_matches_the_chunked_form(decay, before_fused, shorter):
     """A window read after earlier bytes, the state carried: the fused pass (state in pair order)
@@ -226,7 +253,8 @@ def test_fused_window_with_a_carried_state_matches_the_chunked_form(decay, befor
     plain path under bf16 autocast is the yardstick, as above. before_fused: the fused pass reads the
     earlier bytes itself and takes the state they left (its bf16 copy already below a window's rows,
     where backward reads it without copying). shorter: the window is that much shorter than the
-    earlier ones (the copy's buffer does not fit it: backward copies S^T into one that does)."""
+    earlier ones (the copy's buffer does not fit it: backward copies S^T into one that does).
+    learned: the half-lives' gradient too, from the window and from its read of the state."""
     B, T = SIZES[3], SIZES[4]
     W = T - shorter
     model = make_model("interleaved", seed=2, decay=decay)
