@@ -28,6 +28,8 @@ RUNS = {  # name: its folder
     "tbptt-512-shuffled-long-lr2e-3": HERE / "runs" / "tbptt-512-shuffled-long-lr2e-3",  # round 4: both gains
     "lc-1024-lr3e-3": HERE / "runs" / "lc-1024-lr3e-3",  # round 5: lc-1024-lr2e-3 at 3e-3
     "lc-1024-h8": HERE / "runs" / "lc-1024-h8",  # round 6: lc-1024-lr2e-3 with 8 heads, half-lives 8-8,192
+    "lc-1024-learned": HERE / "runs" / "lc-1024-learned",  # round 7: lc-1024-lr2e-3, half-lives learned
+    "lc-1024-learned-nodrop": HERE / "runs" / "lc-1024-learned-nodrop",  # and without dropout
 }
 SHARED = {
     "tbptt-2048": 3,
@@ -55,6 +57,8 @@ def recipe(run: str) -> str:
     carried += ", articles shuffled" if args.get("article_order") == "shuffled" else ""
     lr = f", lr {args['lr']:g}" if args["lr"] != 1e-3 else ""
     heads = f", {args['n_head']} heads" if args.get("n_head", 4) != 4 else ""
+    lives += " (learned from there)" if args.get("learn_decay") else ""
+    lr += ", dropout 0" if args.get("dropout") == 0 else ""
     return f"BDH, {shape}{heads}, half-lives {lives}" + (carried if args.get("carry_state") else "") + lr
 
 
@@ -78,7 +82,7 @@ def speed(run: str) -> str:
 
 def row(run: str) -> list[str]:
     m = metrics(run)
-    w4096 = metrics(run, "eval-valid-raw-4096")["loss_by_position"]
+    w4096 = (metrics(run, "eval-valid-raw-4096") or {}).get("loss_by_position")
     shifted = (metrics(run, "eval-valid-raw-4096-shifted") or {}).get("loss_by_position")
     w16k = (metrics(run, "eval-valid-raw-16384") or {}).get("loss_by_position", {})
     return [
@@ -90,7 +94,7 @@ def row(run: str) -> list[str]:
         loss(run, "eval-valid-raw-stream"),
         loss(run, "eval-valid-tokens-128"),
         loss(run, "eval-valid-tokens-stream"),
-        *(f"{w4096[b]:.4f}" for b in BUCKETS),
+        *(f"{w4096[b]:.4f}" if w4096 else "-" for b in BUCKETS),
         rise(w4096),
         rise(shifted),
         *(f"{w16k[b]:.4f}" if b in w16k else "-" for b in LONG),
@@ -124,7 +128,10 @@ def plot(path: Path) -> None:
         panel.grid(alpha=0.3, which="both")
     axes[0].set(ylabel="loss on wiki.valid.raw (nats/byte)")
     ax["k"].axis("off")
-    ax["k"].legend(*axes[0].get_legend_handles_labels(), loc="center", ncol=2, fontsize=8)
+    handles = {  # every run once, whichever panels it has
+        label: h for panel in axes for h, label in zip(*panel.get_legend_handles_labels(), strict=True)
+    }
+    ax["k"].legend(handles.values(), handles.keys(), loc="center", ncol=2, fontsize=8)
     fig.suptitle(
         "Reference budget of wiki.train.tokens (round 1's tbptt-2048 and tbptt-512 cut at 88-89%); "
         "one H200 (rounds 5 and 6: one H100)",
