@@ -55,6 +55,27 @@ def test_split_loss_means_each_part():
     assert split["marked_part_of_whole"] == 1.5
 
 
+def test_copy_pairs_compare_a_rare_words_first_and_second_reading():
+    rw = load_script()
+    raw = b" a Zyxw b Qrs  Zyxw\n Qrs c" + b" d" * 200 + b" Qrs Zyxw\n"
+    tok = b" a <unk> b <unk> <unk>\n <unk> c" + b" d" * 200 + b" <unk> <unk>\n"
+    mask, _ = rw.rare_word_masks(raw, tok)
+    words = rw.rare_words(raw, mask)
+    assert [(w, raw[s:e]) for w, s, e in words] == [
+        (b"Zyxw", b"Zyxw "), (b"Qrs", b"Qrs "), (b"Zyxw", b"Zyxw"), (b"Qrs", b"Qrs "), (b"Qrs", b"Qrs "),
+        (b"Zyxw", b"Zyxw"),
+    ]  # fmt: skip
+    losses = np.ones(len(raw) - 1)
+    first_zyxw, second_zyxw = words[0][1], words[2][1]
+    losses[first_zyxw : first_zyxw + 3] = 5.0  # "yxw" read the first time: 5 nats a byte
+    losses[second_zyxw : second_zyxw + 3] = 0.5  # and copied the second
+    losses[second_zyxw - 1] = 9.0  # the "Z" that says the word comes again: not counted
+    pairs = rw.copy_pairs(losses, words)
+    assert set(pairs) == {"0-255"}  # the second readings are 12 (Zyxw) and 11 bytes on; third ones unpaired
+    assert pairs["0-255"] == {"pairs": 2, "first": (5.0 + 1.0) / 2, "second": (0.5 + 1.0) / 2}
+    assert rw.repeat_bucket(255) == "0-255" and rw.repeat_bucket(16384) == ">=16384"
+
+
 def test_the_script_scores_both_texts_and_refuses_texts_that_do_not_align(tmp_path: Path):
     cfg = BDHConfig(n_embd=16, n_head=2, n_neurons=64, n_layer=1, half_lives=[8, 64])
     BDH(cfg).save_pretrained(tmp_path / "m")
@@ -66,6 +87,7 @@ def test_the_script_scores_both_texts_and_refuses_texts_that_do_not_align(tmp_pa
     assert done.returncode == 0, done.stderr
     result = json.loads((tmp_path / "o.json").read_text())
     assert result["raw"]["marked_bytes"] == 20 * 4 and result["tokens"]["marked_bytes"] == 20 * 6
+    assert result["raw_rare_copies"]["0-255"]["pairs"] == 1  # Zyx, read again 20 bytes on
     model = ["--model_path", str(tmp_path / "m"), "--device", "cpu"]
     evaluate = [sys.executable, "evaluate.py", *model, "--stream", "--no_plots", "--chunk_size", "64"]
     for name in ("raw", "tok"):  # the same split from evaluate.py --stream's byte losses

@@ -6,7 +6,9 @@ same text, has <unk> in their place, and so has the training text that every mod
 from. This reads the raw text as one stream (evaluate.py --stream: the chunked form, the state
 carried from the first byte to the last) and splits the loss of every byte by what it belongs to: a
 rare word (its bytes and the space after it, the byte that says the word has ended), or the rest.
-The same for the tokenized text, where the split is the <unk> strings and the rest. The losses come
+The same for the tokenized text, where the split is the <unk> strings and the rest. And whether the
+model copies: each rare word's first and second occurrence in the raw text, paired, by the distance
+between them (copy_pairs): the only place such a word can come from is the context. The losses come
 from a model, or from the byte_losses.npy that evaluate.py --stream wrote for each text:
 
     python3 results/tbptt/rare_words.py --model_path .gpu/runs/NAME/checkpoints/last \\
@@ -82,6 +84,57 @@ def split_loss(losses: np.ndarray, mask: np.ndarray) -> dict:
     }  # fmt: skip
 
 
+REPEAT_EDGES = (256, 1024, 4096, 16384)  # bytes between a word's first two starts
+
+
+def rare_words(raw: bytes, mask: np.ndarray) -> list[tuple[bytes, int, int]]:
+    """Each rare word of the raw text: (the word, its first byte, the end of its marked bytes: the byte
+    after its space, or after the word at a line's end)."""
+    edges = np.flatnonzero(np.diff(np.concatenate([[0], mask.astype(np.int8), [0]])))
+    words = []
+    for start, end in zip(edges[::2].tolist(), edges[1::2].tolist(), strict=True):  # runs of marked bytes
+        at = start
+        for w in raw[start:end].split(b" "):
+            if w:  # a doubled space leaves an empty piece
+                words.append((w, at, min(at + len(w) + 1, end)))
+            at += len(w) + 1
+    return words
+
+
+def repeat_bucket(distance: int) -> str:
+    """The bucket of REPEAT_EDGES a distance in bytes falls in."""
+    lo = 0
+    for hi in REPEAT_EDGES:
+        if distance < hi:
+            return f"{lo}-{hi - 1}"
+        lo = hi
+    return f">={lo}"
+
+
+def copy_pairs(losses: np.ndarray, words: list[tuple[bytes, int, int]]) -> dict:
+    """Does the model copy a rare word it has just read? For each rare word that occurs twice or more,
+    its first and its second occurrence, paired: the mean loss over the word's bytes after its first
+    (the first says which word comes; the rest a model that copies gets almost free), at each, by the
+    distance in bytes between the two starts (REPEAT_EDGES). Words of fewer than 3 bytes are left out."""
+    seen: dict[bytes, list[int]] = {}
+    for w, start, _ in words:
+        if len(w) >= 3 and start > 0:
+            seen.setdefault(w, []).append(start)
+    pairs: dict[str, list[tuple[float, float]]] = {}
+    for w, starts in seen.items():
+        if len(starts) >= 2:
+            # losses[i] scores byte i + 1: the bytes after a word's first are losses[s : s + len - 1]
+            first, second = (losses[s : s + len(w) - 1].mean() for s in starts[:2])
+            pairs.setdefault(repeat_bucket(starts[1] - starts[0]), []).append((first, second))
+    order = [repeat_bucket(e - 1) for e in REPEAT_EDGES] + [repeat_bucket(REPEAT_EDGES[-1])]
+    return {
+        k: {"pairs": len(pairs[k]), "first": float(np.mean([a for a, _ in pairs[k]])),
+            "second": float(np.mean([b for _, b in pairs[k]]))}
+        for k in order
+        if k in pairs
+    }  # fmt: skip
+
+
 def load_losses(path: str) -> np.ndarray:
     """A byte_losses.npy, or a ValueError naming --losses and the file."""
     try:
@@ -125,6 +178,10 @@ def main() -> None:
             raise ValueError(f"{name}: {len(losses)} losses for a text of {len(texts[name])} bytes")
         result[name] = split_loss(losses.astype(np.float64), masks[name])
         print(name, json.dumps(result[name]), flush=True)
+        if name == "raw":
+            words = rare_words(texts["raw"].tobytes(), masks["raw"])
+            result["raw_rare_copies"] = copy_pairs(losses.astype(np.float64), words)
+            print("raw, rare words read twice", json.dumps(result["raw_rare_copies"]), flush=True)
     if args.out:
         Path(args.out).write_text(json.dumps(result, indent=1) + "\n")
 
