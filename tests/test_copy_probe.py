@@ -1,0 +1,64 @@
+"""results/tbptt/copy_probe.py: the synthetic copying task and its scoring."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+SCRIPT = Path(__file__).resolve().parent.parent / "results/tbptt/copy_probe.py"
+
+
+def load_script():
+    spec = importlib.util.spec_from_file_location("copy_probe", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_windows_repeat_their_string_and_a_copier_scores_zero_on_the_copy():
+    cp = load_script()
+    w = cp.windows(5, 7, torch.Generator().manual_seed(0))
+    assert w.shape == (5, 16) and torch.equal(w[:, :7], w[:, 8:15])
+    assert (w[:, 7] == ord("|")).all() and (w[:, 15] == ord("\n")).all()
+
+    class Copier(torch.nn.Module):  # knows the windows: certain of every byte, as a perfect copier is
+        def forward(self, idx):
+            full = w[: idx.shape[0], 1 : idx.shape[1] + 1]
+            return (torch.nn.functional.one_hot(full, 256).float() * 100.0,)
+
+    first, copy = cp.copy_loss(Copier(), w, 7)
+    assert first < 1e-6 and copy < 1e-6
+
+
+def test_the_probe_trains_each_model_and_refuses_bad_flags(tmp_path: Path):
+    out = tmp_path / "probe.json"
+    cmd = [
+        sys.executable,
+        str(SCRIPT),
+        "--steps",
+        "2",
+        "--eval_every",
+        "1",
+        "--length",
+        "4",
+        "--n_embd",
+        "16",
+    ]
+    done = subprocess.run([*cmd, "--only", "bdh-decay", "--out", str(out)], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    result = json.loads(out.read_text())
+    curve = result["models"]["bdh-decay"]["curve"]
+    assert list(result["models"]) == ["bdh-decay"] and [row["step"] for row in curve] == [0, 1, 2]
+    assert curve[-1]["first"] < curve[0]["first"]  # it learns the letters' frequencies
+    for bad, needle in (
+        (["--only", "rnn"], "--only"),
+        (["--lr", "nan"], "--lr"),
+        (["--steps", "0"], "--steps"),
+    ):
+        done = subprocess.run([*cmd, *bad], capture_output=True, text=True)
+        assert done.returncode == 2 and done.stderr.count("\n") == 1 and needle in done.stderr, done.stderr
