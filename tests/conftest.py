@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import shutil
 import socket
@@ -138,6 +139,14 @@ def call_main(main, argv: list[str], capsys) -> Ran:
         code = e.code
     out = capsys.readouterr()
     return Ran(code, out.err, out.out)
+
+
+def load_script(path: Path):
+    """A script under results/ (no package) imported as a module, for tests of its functions."""
+    spec = importlib.util.spec_from_file_location(path.stem, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def run_script(*args: str, cwd: Path = REPO, env: dict | None = None, timeout: float = 240):

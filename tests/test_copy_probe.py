@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import subprocess
 import sys
@@ -10,18 +9,13 @@ from pathlib import Path
 
 import torch
 
+from conftest import load_script
+
 SCRIPT = Path(__file__).resolve().parent.parent / "results/tbptt/copy_probe.py"
 
 
-def load_script():
-    spec = importlib.util.spec_from_file_location("copy_probe", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_windows_repeat_their_string_and_a_copier_scores_zero_on_the_copy():
-    cp = load_script()
+    cp = load_script(SCRIPT)
     w = cp.windows(5, 7, torch.Generator().manual_seed(0))
     assert w.shape == (5, 16) and torch.equal(w[:, :7], w[:, 8:15])
     assert (w[:, 7] == ord("|")).all() and (w[:, 15] == ord("\n")).all()

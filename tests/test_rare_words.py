@@ -3,7 +3,6 @@ words written as <unk>, and the loss split over them."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import subprocess
 import sys
@@ -12,20 +11,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from conftest import load_script
 from model import BDH, BDHConfig
 
 SCRIPT = Path(__file__).resolve().parent.parent / "results/tbptt/rare_words.py"
 
 
-def load_script():
-    spec = importlib.util.spec_from_file_location("rare_words", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_rare_words_are_marked_with_the_space_that_ends_them():
-    rw = load_script()
+    rw = load_script(SCRIPT)
     raw = b" a Zyx b\n = T = \nDenial  doi c"
     tok = b" a <unk> b\n = T = \n<unk> <unk> c"  # the raw line's doubled space: one word fewer
     raw_mask, tok_mask = rw.rare_word_masks(raw, tok)
@@ -35,7 +28,7 @@ def test_rare_words_are_marked_with_the_space_that_ends_them():
 
 
 def test_the_validation_texts_align_word_for_word(raw_dir: Path, tokens_dir: Path):
-    rw = load_script()
+    rw = load_script(SCRIPT)
     raw = (raw_dir / "wiki.valid.raw").read_bytes()
     tok = (tokens_dir / "wiki.valid.tokens").read_bytes()
     raw_mask, tok_mask = rw.rare_word_masks(raw, tok)
@@ -48,7 +41,7 @@ def test_the_validation_texts_align_word_for_word(raw_dir: Path, tokens_dir: Pat
 
 
 def test_split_loss_means_each_part():
-    rw = load_script()
+    rw = load_script(SCRIPT)
     losses, mask = np.array([1.0, 3.0, 1.0, 3.0]), np.array([False, False, True, False, True])
     split = rw.split_loss(losses, mask)  # losses[i] scores byte i + 1
     assert (split["whole"], split["marked"], split["rest"], split["marked_share"]) == (2.0, 3.0, 1.0, 0.5)
@@ -56,7 +49,7 @@ def test_split_loss_means_each_part():
 
 
 def test_copy_pairs_compare_a_rare_words_first_and_second_reading():
-    rw = load_script()
+    rw = load_script(SCRIPT)
     raw = b" a Zyxw b Qrs  Zyxw\n Qrs c" + b" d" * 200 + b" Qrs Zyxw\n"
     tok = b" a <unk> b <unk> <unk>\n <unk> c" + b" d" * 200 + b" <unk> <unk>\n"
     mask, _ = rw.rare_word_masks(raw, tok)

@@ -3,21 +3,15 @@ committed runs' files."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
 
 import numpy as np
 import pytest
 
+from conftest import load_script
+
 HERE = Path(__file__).resolve().parent.parent / "results/report"
-
-
-def load_report():
-    spec = importlib.util.spec_from_file_location("report", HERE / "report.py")
-    report = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(report)
-    return report
 
 
 def test_ccdf_slope_recovers_a_known_power_law():
@@ -27,13 +21,13 @@ def test_ccdf_slope_recovers_a_known_power_law():
     at_least = k.astype(float) ** -1.5
     neurons = np.round(1e9 * (at_least - np.append(at_least[1:], 0.0))).astype(int)  # P(D = k)
     histogram = {"degree": k.tolist(), "neurons": neurons.tolist()}
-    report = load_report()
+    report = load_script(HERE / "report.py")
     assert report.ccdf_slope(histogram, 10, 200) == pytest.approx(1.5, abs=0.01)
     assert report.ccdf_slope(histogram, 2, 50) == pytest.approx(1.5, abs=0.01)
 
 
 def test_the_trained_model_tables_come_from_the_runs_files():
-    report = load_report()
+    report = load_script(HERE / "report.py")
     init = json.loads((HERE / "init.json").read_text())
     table = report.trained_tables(init)
     stats = json.loads((report.TRAINED / "weight_stats.json").read_text())
