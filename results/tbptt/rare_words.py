@@ -176,11 +176,12 @@ def main() -> None:
     for name, losses in byte_losses(args, texts):
         if len(losses) != len(texts[name]) - 1:
             raise ValueError(f"{name}: {len(losses)} losses for a text of {len(texts[name])} bytes")
-        result[name] = split_loss(losses.astype(np.float64), masks[name])
+        losses = losses.astype(np.float64)
+        result[name] = split_loss(losses, masks[name])
         print(name, json.dumps(result[name]), flush=True)
         if name == "raw":
             words = rare_words(texts["raw"].tobytes(), masks["raw"])
-            result["raw_rare_copies"] = copy_pairs(losses.astype(np.float64), words)
+            result["raw_rare_copies"] = copy_pairs(losses, words)
             print("raw, rare words read twice", json.dumps(result["raw_rare_copies"]), flush=True)
     if args.out:
         Path(args.out).write_text(json.dumps(result, indent=1) + "\n")
