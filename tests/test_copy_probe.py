@@ -53,6 +53,10 @@ def test_the_probe_trains_each_model_and_refuses_bad_flags(tmp_path: Path):
         (["--only", "rnn"], "--only"),
         (["--lr", "nan"], "--lr"),
         (["--steps", "0"], "--steps"),
+        (["--length", "257"], "--length"),
+        (["--batch_size", str(10**12)], "--batch_size"),
+        (["--n_embd", "6"], "--n_embd"),
+        (["--n_embd", "516"], "--n_embd"),
     ):
         done = subprocess.run([*cmd, *bad], capture_output=True, text=True)
         assert done.returncode == 2 and done.stderr.count("\n") == 1 and needle in done.stderr, done.stderr

@@ -82,6 +82,19 @@ def train(name: str, model: torch.nn.Module, args, held_out: torch.Tensor) -> li
     return curve
 
 
+LIMITS = {"length": 256, "batch_size": 256, "n_embd": 512}  # a probe for a CPU, not a training run
+
+
+def check_sizes(args) -> None:
+    """A UsageError naming the flag for sizes a CPU probe should not take (memory grows with batch x
+    window^2), or a d the models' 4 heads do not divide."""
+    for name, most in LIMITS.items():
+        if getattr(args, name) > most:
+            raise UsageError(f"--{name}: expected at most {most}, got {getattr(args, name)}")
+    if args.n_embd % 4:
+        raise UsageError(f"--n_embd: expected a multiple of 4 (the models' heads), got {args.n_embd}")
+
+
 def main() -> None:
     p = Parser(description=__doc__.split("\n\n")[0])
     p.add_argument("--steps", type=positive_int, default=3000, help="training steps of each model")
@@ -94,6 +107,7 @@ def main() -> None:
     p.add_argument("--only", choices=NAMES, default=None, help="one model alone")
     p.add_argument("--out", type=out_file, default=None, help="write the curves here as JSON")
     args = p.parse_args()
+    check_sizes(args)
     held_out = windows(256, args.length, torch.Generator().manual_seed(10**6 + args.seed))
     torch.manual_seed(args.seed)
     contenders = models(args.n_embd, 2 * args.length + 1)
