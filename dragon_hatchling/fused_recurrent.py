@@ -124,21 +124,8 @@ def _row_angles(pos, freq_ptr, p, p_mask, half):
 
 
 @triton.jit
-def _catch_up(stamp_ptrs, live, pos, log2_gamma):
-    """Lazy decay: the factor gamma^(pos - stamp) that brings each live row of S from its stamp (the
-    position up to which it is current) to this byte's; the stamps move on to the next byte's."""
-    last = tl.load(stamp_ptrs, mask=live, other=0)
-    fade = tl.exp2((pos - last).to(tl.float32) * log2_gamma)
-    # A stamp is held by several threads (a slice of a 2-D layout) and stored by one: every thread
-    # has read it before any writes it, or a late reader sees the new stamp (fade 1 / gamma)
-    tl.debug_barrier()
-    tl.store(stamp_ptrs, pos + 1, mask=live)
-    return fade
-
-
-@triton.jit
 def _step_attention_kernel(
-    v_ptr, dx_ptr, freq_ptr, pos_ptr, s_ptr, stamp_ptr, x_ptr, a_ptr, groups_ptr, count_ptr, ln_ptr,
+    v_ptr, dx_ptr, freq_ptr, pos_ptr, s_ptr, origin_ptr, x_ptr, a_ptr, groups_ptr, count_ptr, ln_ptr,
     gamma_ptr, B, H, M, D,
     INTERLEAVED: tl.constexpr, BB: tl.constexpr, BR: tl.constexpr, BP: tl.constexpr, BD: tl.constexpr,
     GROUP: tl.constexpr, GROUPS: tl.constexpr, D_PAD: tl.constexpr, PDL: tl.constexpr, DECAY: tl.constexpr,
@@ -147,8 +134,10 @@ def _step_attention_kernel(
     """For BP rotation pairs of head h and BB batch rows (BR >= BB: the dot's rows, padded): x = relu(v
     Dx), then per row a_part = RoPE(x) S
     (old S) and S += RoPE(x)^T v (S <- gamma_h S + RoPE(x)^T v with DECAY: then every row of S is
-    read and written, not only the live ones; with LAZY as well, only the live ones, each first
-    brought up to date from its stamp). Each row's RoPE angle is at its own position (pos_ptr: B).
+    read and written, not only the live ones; with LAZY as well, only the live ones, of the state
+    scaled as LazyDecay keeps it: S = gamma^k stored, k = pos - origin_ptr[row], so the read is
+    gamma^k RoPE(x) stored and the update adds RoPE(x)^T v / gamma^(k+1)). Each row's RoPE angle is
+    at its own position (pos_ptr: B).
     The last program of the head writes LN(a), a the sum of the parts. PDL: launched while the
     previous kernel ends; its columns of Dx are read before waiting for it."""
     tile_h = tl.program_id(0)
@@ -203,9 +192,10 @@ def _step_attention_kernel(
             live_a = p_mask & (ra_i != 0.0)
             live_b = p_mask & (rb_i != 0.0)
         bh = (b0 + i) * H + h
-        if LAZY:
-            fade_a = _catch_up(stamp_ptr + bh * M + ja, live_a, pos, log2_gamma)[:, None]
-            fade_b = _catch_up(stamp_ptr + bh * M + jb, live_b, pos, log2_gamma)[:, None]
+        if LAZY:  # the stored rows are S / gamma^k: read gamma^k of them, add the update / gamma^(k+1)
+            k = (pos - tl.load(origin_ptr + b0 + i)).to(tl.float32)
+            read_scale = tl.exp2(k * log2_gamma)
+            write_scale = tl.exp2(-(k + 1.0) * log2_gamma)
         for d0 in range(0, D, BD):  # BD columns of the state rows at a time
             d = d0 + tl.arange(0, BD)
             d_mask = d < D
@@ -216,14 +206,14 @@ def _step_attention_kernel(
             mask_b = live_b[:, None] & d_mask[None, :]
             Sa = tl.load(rows_a, mask=mask_a, other=0.0)
             Sb = tl.load(rows_b, mask=mask_b, other=0.0)
-            if LAZY:
-                Sa *= fade_a
-                Sb *= fade_b
             part = tl.sum(ra_i[:, None] * Sa, 0) + tl.sum(rb_i[:, None] * Sb, 0)
-            tl.store(a_ptr + (bh * blocks + block) * D + d, part, mask=d_mask)
-            if DECAY:
+            if LAZY:
+                part *= read_scale
+                v *= write_scale
+            elif DECAY:
                 Sa *= gamma
                 Sb *= gamma
+            tl.store(a_ptr + (bh * blocks + block) * D + d, part, mask=d_mask)
             tl.store(rows_a, Sa + ra_i[:, None] * v[None, :], mask=mask_a)
             tl.store(rows_b, Sb + rb_i[:, None] * v[None, :], mask=mask_b)
     count_ptr += tile_h * (tl.cdiv(blocks, GROUP) + 1)  # this (batch tile, head)'s counters
@@ -301,37 +291,47 @@ def _step_embed_kernel(
 
 
 class LazyDecay:
-    """Lazy decay of a state that FusedStep steps (a model with decay): every row of each layer's S
-    has a stamp, the position of the byte before which it is current. A step brings only the rows it
-    reads (those of live neurons) up to date, by gamma^(elapsed), and leaves the others alone, so a
-    step costs what it costs without decay. settle() brings every row up to date, before anything
-    else reads the state; restamp() after the state was set from outside (its rows are current).
+    """Lazy decay of a state that FusedStep steps (a model with decay): the state is kept scaled, S
+    = gamma_h^k * stored for head h of each batch row, k the bytes since `origin`, the row's position
+    when it was last settled. A step reads gamma^k times the stored rows of live neurons and adds
+    its update divided by gamma^(k+1), so the rows of silent neurons are neither read nor written:
+    a step costs what it costs without decay, and no row keeps a stamp. 1 / gamma^k grows with k, so
+    tick() (after every step) settles every `every` steps, before it passes 2^HEADROOM; settle()
+    also before anything else reads the state, restamp() after the state was set from outside.
     """
 
+    HEADROOM = 64  # the most doublings of 1 / gamma^k a step uses: far from float32's 2^128
+
     def __init__(self, model: BDH, state: RecurrentState) -> None:
-        gamma = model.decay(1, state.pos.device).whole.detach()  # h, 1, 1
-        self.log2_gamma = gamma.log2().view(1, -1, 1)  # 1, h, 1: what the kernel reads
-        B, H, M, _ = state.layers[0].shape
-        self.stamps = [
-            torch.empty((B, H, M), dtype=torch.long, device=state.pos.device) for _ in state.layers
-        ]
+        gamma = model.decay(1, state.pos.device).whole.detach().flatten()  # h
+        self.log2_gamma = gamma.log2().view(1, -1, 1, 1)  # 1, h, 1, 1
+        fastest = float(-gamma.log2().min())  # doublings of 1 / gamma a byte, shortest half-life
+        self.every = max(1, min(2**30, int(self.HEADROOM / fastest)))  # steps between settles
+        self.origin = torch.empty(state.layers[0].shape[0], dtype=torch.long, device=state.pos.device)
         self.restamp(state)
 
     def restamp(self, state: RecurrentState, row: int | None = None) -> None:
         """Every row of S (of batch row `row` only, if given) is current at the state's position."""
-        pos = state.pos.expand(state.layers[0].shape[0])[:, None, None]  # B, 1, 1
-        for stamp in self.stamps:
-            if row is None:
-                stamp.copy_(pos.expand_as(stamp))
-            else:
-                stamp[row] = pos[row]
+        pos = state.pos.expand_as(self.origin)
+        if row is None:
+            self.origin.copy_(pos)
+            self.since = 0  # steps since every row was current
+        else:
+            self.origin[row] = pos[row]
 
     def settle(self, state: RecurrentState) -> None:
-        """Bring every row of S up to date (it is then what BDH.step would hold) and restamp."""
-        pos = state.pos.expand(state.layers[0].shape[0])[:, None, None]
-        for S, stamp in zip(state.layers, self.stamps, strict=True):
-            S.mul_(torch.exp2((pos - stamp).float() * self.log2_gamma)[..., None].to(S.dtype))
+        """Make S what BDH.step would hold (every row current) and restamp."""
+        k = (state.pos.expand_as(self.origin) - self.origin).float()  # B
+        scale = torch.exp2(k.view(-1, 1, 1, 1) * self.log2_gamma)  # B, h, 1, 1
+        for S in state.layers:
+            S.mul_(scale.to(S.dtype))
         self.restamp(state)
+
+    def tick(self, state: RecurrentState) -> None:
+        """Call after every step (outside a CUDA graph): settles once every `every` steps."""
+        self.since += 1
+        if self.since >= self.every:
+            self.settle(state)
 
 
 class FusedStep:
@@ -340,7 +340,7 @@ class FusedStep:
     Holds the weights in the layouts the kernels read (Dy transposed, so that a neuron's row is
     contiguous) in the model's dtype; every sum is float32. Inference only: no dropout. With a
     LazyDecay of the state (a model with decay), only the live rows of the state are read and
-    written; without one, every row decays every step.
+    written (call lazy.tick(state) after each step); without one, every row decays every step.
     """
 
     # batch rows, pairs, state columns; parts a group (see _finish_sum)
@@ -405,11 +405,12 @@ class FusedStep:
             byte, self.embed, v, state.pos, pos_now, B, D, ROW_POS=state.pos.dim() == 1, B_PAD=pow2(B, 1),
             D_PAD=pow2(D), PDL=self.pdl,
         )  # fmt: skip
-        stamps = lazy.stamps if lazy is not None else [x] * len(state.layers)  # x: a pointer, never read
-        for S, stamp in zip(state.layers, stamps, strict=True):  # B, h, M, d float32; B, h, M
+        origin = lazy.origin if lazy is not None else pos_now  # without one: a pointer, never read
+        for S in state.layers:  # B, h, M, d float32
             _step_attention_kernel[(tiles * H, att_blocks)](
-                v, self.Dx, self.pair_freq, pos_now, S, stamp, x, a_parts, a_groups, counts, ln_a, self.gamma,
-                B, H, M, D, INTERLEAVED=cfg.rope_style == "interleaved", BR=pow2(att["BB"], DOT_ROWS),
+                v, self.Dx, self.pair_freq, pos_now, S, origin, x, a_parts, a_groups, counts, ln_a,
+                self.gamma, B, H, M, D, INTERLEAVED=cfg.rope_style == "interleaved",
+                BR=pow2(att["BB"], DOT_ROWS),
                 GROUPS=pow2(att_groups, 1), D_PAD=pow2(D), PDL=self.pdl, DECAY=cfg.half_lives is not None,
                 LAZY=lazy is not None, launch_pdl=self.pdl, **att,
             )  # fmt: skip

@@ -62,9 +62,10 @@ class GraphedStep:
     step() -> the next bytes (B, 1), overwritten by the next call; step(byte) steps on byte instead.
     generator: the one sample draws from, if not the default. fused: the step to capture (default:
     fused_recurrent.FusedStep(model)), called as fused(byte, state, lazy) with the LazyDecay of a
-    model with decay (`lazy`: restamp rows of the state set from outside, settle before reading it),
-    as fused(byte, state) without decay or with lazy_decay=False (every row decays every step). The
-    graph reads the step's tensors (weight layouts, counters, stamps), which this object keeps.
+    model with decay (`lazy`: restamp rows of the state set from outside, settle before reading it;
+    each call ticks it), as fused(byte, state) without decay or with lazy_decay=False (every row
+    decays every step). The graph reads the step's tensors (weight layouts, counters, the lazy
+    decay's origins), which this object keeps.
     """
 
     def __init__(
@@ -123,6 +124,8 @@ class GraphedStep:
         if next_byte is not None:
             self.byte.copy_(next_byte)
         self.graph.replay()
+        if self.lazy is not None:  # settles the scaled state every lazy.every steps
+            self.lazy.tick(self.state)
         return self.out
 
 

@@ -90,7 +90,7 @@ def floor_bytes(model: BDH, rows: list[torch.Tensor], every_row: bool) -> dict:
     live = [model.activation_stats(row[None]) for row in rows]
     mean = lambda key: sum(s[key] for layer in live for s in layer) / (len(live) * c.n_layer)  # noqa: E731
     row = c.n_embd * model.E.element_size()  # one row of Dy^T or E
-    state = 2 * 4 * c.n_embd + (0 if every_row else 2 * 8)  # a state row read and written, its stamp
+    state = 2 * 4 * c.n_embd  # a float32 state row read and written
     per_layer = c.n_neurons * (
         c.n_embd * model.Dx.element_size() / len(rows)  # Dx, once a step for the batch (L2 serves the rest)
         + (1.0 if every_row else mean("rope_x_nonzero")) * state

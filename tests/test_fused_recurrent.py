@@ -28,22 +28,44 @@ def test_fused_recurrent_step_matches_the_plain_step(style, decay):
         torch.testing.assert_close(f, p, rtol=1e-5, atol=1e-5)
 
 
-def test_lazy_decay_reads_only_live_rows_and_settles_to_the_plain_state():
-    """With a LazyDecay the fused step brings only the rows it reads up to date: the logits are the
-    plain step's at every byte, some rows wait (their stamps fall behind), and settle() makes the
-    state the plain one."""
+def test_lazy_decay_leaves_silent_rows_alone_and_settles_to_the_plain_state():
+    """With a LazyDecay the fused step keeps the state scaled (S = gamma^k stored): the logits are
+    the plain step's at every byte, the rows of neurons silent at both steps are not written (the
+    plain state's decay), and settle() makes the state the plain one."""
     model = make_model("interleaved", seed=2, decay=True).eval()
     _, _, plain = model.forward_chunked(torch.randint(0, 256, (2, 9), device=DEVICE), chunk_size=4)
-    fused = plain.clone()
+    fused, before = plain.clone(), plain.clone()
     step, lazy = fused_recurrent.FusedStep(model), fused_recurrent.LazyDecay(model, fused)
-    for byte in torch.randint(0, 256, (6, 2), device=DEVICE):
+    for byte in torch.randint(0, 256, (2, 2), device=DEVICE):
         torch.testing.assert_close(step(byte, fused, lazy), model.step(byte, plain), rtol=1e-4, atol=1e-4)
-    behind = [(stamp < plain.pos).float().mean().item() for stamp in lazy.stamps]
-    assert all(0 < b < 1 for b in behind), behind  # some rows waited, others were read
+        lazy.tick(fused)
+    for f, p, b in zip(fused.layers, plain.layers, before.layers, strict=True):
+        alone = (f == b).all(-1) & (b != 0).any(-1)  # B, h, M: rows left alone, not zero
+        assert 0 < alone.float().mean() < 0.5, alone.float().mean()
+        assert not (p == b).all(-1)[alone].any()  # the plain step decayed them
     lazy.settle(fused)
     for p, f in zip(plain.layers, fused.layers, strict=True):
         torch.testing.assert_close(f, p, rtol=1e-5, atol=1e-5)
-    assert all(torch.equal(stamp, plain.pos.expand_as(stamp)) for stamp in lazy.stamps)
+    assert torch.equal(lazy.origin, plain.pos.expand_as(lazy.origin)) and lazy.since == 0
+
+
+def test_lazy_decay_settles_every_few_steps_before_its_scale_overflows(monkeypatch):
+    """tick() settles every `every` steps, as many as keep 1 / gamma^k within 2^HEADROOM for the
+    fastest-decaying head; at every byte in between the logits stay the plain step's."""
+    monkeypatch.setattr(fused_recurrent.LazyDecay, "HEADROOM", 2)  # 3-byte half-life: every 6 bytes
+    model = make_model("half", seed=8, decay=True).eval()
+    _, _, plain = model.forward_chunked(torch.randint(0, 256, (2, 5), device=DEVICE), chunk_size=5)
+    fused = plain.clone()
+    step, lazy = fused_recurrent.FusedStep(model), fused_recurrent.LazyDecay(model, fused)
+    assert lazy.every in (5, 6)  # 2 / (1/3 doublings a byte), as float32 rounds log2 gamma
+    for i, byte in enumerate(torch.randint(0, 256, (14, 2), device=DEVICE), 1):
+        torch.testing.assert_close(step(byte, fused, lazy), model.step(byte, plain), rtol=1e-4, atol=1e-4)
+        lazy.tick(fused)
+        assert lazy.since == i % lazy.every
+        assert torch.equal(lazy.origin, plain.pos.expand_as(lazy.origin) - lazy.since)
+    lazy.settle(fused)
+    for p, f in zip(plain.layers, fused.layers, strict=True):
+        torch.testing.assert_close(f, p, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("decay", [False, True])
@@ -60,6 +82,8 @@ def test_each_row_steps_at_its_own_position(decay):
     for byte in torch.randint(0, 256, (4, 3), device=DEVICE):
         want = torch.cat([model.step(byte[i : i + 1], s) for i, s in enumerate(alone)])
         torch.testing.assert_close(step(byte, fused, lazy), want, rtol=1e-4, atol=1e-4)
+        if lazy is not None:
+            lazy.tick(fused)
     assert fused.pos.tolist() == [7, 15, 10]
 
 
@@ -131,12 +155,14 @@ def test_fused_step_keeps_nan_as_the_plain_step_does():
     assert fused_recurrent.FusedStep(model)(byte, state).isnan().all()
 
 
-def test_generation_through_the_cuda_graph_equals_the_plain_steps():
+@pytest.mark.parametrize("half_lives", [None, [0.25, 6.0]])
+def test_generation_through_the_cuda_graph_equals_the_plain_steps(half_lives):
     """On a GPU, generate() captures FusedStep and the sampling in one CUDA graph; it must give the
-    plain steps' bytes, greedy and sampled (the graph draws what the generator would). On the CPU
-    both runs take the plain steps."""
+    plain steps' bytes, greedy and sampled (the graph draws what the generator would). With decay the
+    graph's state is lazily decayed, and a quarter-byte half-life makes it settle every 16 bytes. On
+    the CPU both runs take the plain steps."""
     torch.manual_seed(6)
-    cfg = BDHConfig(n_embd=64, n_head=2, n_neurons=2 * 256, n_layer=2, dropout=0.0)
+    cfg = BDHConfig(n_embd=64, n_head=2, n_neurons=2 * 256, n_layer=2, dropout=0.0, half_lives=half_lives)
     model = BDH(cfg).to(DEVICE).eval()
     model.reset_parameters(std=0.1)  # distinct logits: no near-ties for float32 rounding to tip
     prompt = torch.randint(0, 256, (2, 5), device=DEVICE)
