@@ -27,9 +27,10 @@ results/benchmark/README.md.)
 
 A window that continues a text (truncated backpropagation through time, carried.py) reads the
 state S of the bytes before it, one per layer (CarriedInput): two more products a layer, its read
-gamma^t RoPE(x_t) S added to a, and the next state gamma^T S + RoPE(x)^T (gamma^(T-1-t) v_t), which
-one Triton kernel adds into S in place while writing the bf16 copy the next window reads (update_state);
-gradients stop at S, as the paper's TBPTT detaches it.
+gamma^t RoPE(x_t) S added to a (d more columns of the scores' product), and the next state
+gamma^T S + RoPE(x)^T (gamma^(T-1-t) v_t), which one Triton kernel adds into S in place while
+writing the bf16 copy the next window reads (update_state); gradients stop at S, as the paper's
+TBPTT detaches it.
 fused_forward(model, idx, targets, state) is BDH.forward_chunked's one chunk, the state in the
 kernels' pair order.
 
@@ -246,11 +247,14 @@ class FusedNeurons(torch.autograd.Function):
         H, _, M = Dx.shape
         R = B * T
         x = _pre_relu(v, Dx)  # R, n
-        r = rotated(x, cos, sin, T, H)  # h, B, T, M
-        S = _mask_scores(r @ r.mT, decay)  # h, B, T, T
         earlier = None
-        if carried is not None:  # the earlier bytes through the state; the state after the window
-            earlier = carried.read(r)  # h, B, T, d float32
+        if carried is None:
+            r = rotated(x, cos, sin, T, H)  # h, B, T, M
+            S = _mask_scores(r @ r.mT, decay)  # h, B, T, T
+        else:  # the earlier bytes through the state, read in the scores' product; the state after
+            padded = rotated(x, cos, sin, T, H, into=carried.padded(T))  # h, B, T + d, M
+            r, scores, earlier = carried.scores_and_read(padded, T)
+            S = _mask_scores(scores, decay)  # h, B, T, T (a view of T + d columns)
             carried.advance(r, v)
         del r
         ahat = _attention(S, v, earlier).to(torch.bfloat16)  # h, B, T, d
@@ -341,9 +345,9 @@ class CarriedInput:
     Two products a layer: its read, earlier_t = gamma^t RoPE(x_t) S, in bf16 from the copy S^T that
     the window before wrote (or one made here), and the next state gamma^T S + RoPE(x)^T
     (gamma^(T-1-t) v_t), added into P by update_state, which writes the next window's copy in the same
-    pass. Backward: g_r = [G, gamma^t g_a] [RoPE(x); S^T], the read's part in G's product; the copy
-    is written as the last d rows of a buffer of a window's T + d (copy_buffer), so that this product
-    finds S^T in place below RoPE(x)."""
+    pass. The copy is written as the last d rows of a buffer of a window's T + d (copy_buffer), so
+    that RoPE(x), written above it, finds S^T in place: the read is d more columns of the scores'
+    product, r [r; S^T]^T, and backward's g_r = [G, gamma^t g_a] [r; S^T] is d more of G's."""
 
     def __init__(self, state: torch.Tensor, buffer: torch.Tensor | None, decay: ChunkDecay | None) -> None:
         P = state.permute(1, 0, 3, 2)  # h, B, d, M
@@ -356,10 +360,16 @@ class CarriedInput:
         self.after: torch.Tensor | None = None
         self.after_buffer: torch.Tensor | None = None
 
-    def read(self, r: torch.Tensor) -> torch.Tensor:
-        """earlier: h, B, T, d float32, from r = RoPE(x): h, B, T, M."""
-        earlier = (r @ self.St.mT).float()
-        return earlier if self.decay is None else earlier * self.decay.since_start.unsqueeze(1)
+    def scores_and_read(self, padded: torch.Tensor, T: int) -> tuple[torch.Tensor, ...]:
+        """From padded (h, B, T + d, M: RoPE(x) above S^T), one product r [r; S^T]^T: r = RoPE(x) (h,
+        B, T, M, a view), the window's scores r r^T (h, B, T, T, unmasked, a view) and its read of the
+        state, earlier = gamma^t r S (h, B, T, d float32)."""
+        r = padded[:, :, :T]
+        both = r @ padded.mT  # h, B, T, T + d
+        earlier = both[..., T:].float()
+        if self.decay is not None:
+            earlier = earlier * self.decay.since_start.unsqueeze(1)
+        return r, both[..., :T], earlier
 
     def advance(self, r: torch.Tensor, v: torch.Tensor) -> None:
         """self.after: the state after the window (B, h, M, d, a view of P, updated in place), and
@@ -372,11 +382,11 @@ class CarriedInput:
     def padded(self, T: int) -> torch.Tensor:
         """h, B, T + d, M bf16 with S^T in the last d rows of each window: the buffer the copy was
         written into when it was made for a window of T bytes (no copy), else a new one."""
-        if self.buffer is not None and self.buffer.shape[2] == T + self.St.shape[2]:
-            return self.buffer
-        buffer = copy_buffer(self.St.shape, T, self.St.device)
-        buffer[:, :, T:].copy_(self.St)  # a window after a plain state, or of another length than the last
-        return buffer
+        if self.buffer is None or self.buffer.shape[2] != T + self.St.shape[2]:
+            self.buffer = copy_buffer(self.St.shape, T, self.St.device)  # kept: backward reads it again
+            self.buffer[:, :, T:].copy_(self.St)  # after a plain state, or a window of another length
+            self.St = self.buffer[:, :, T:]
+        return self.buffer
 
     def grad_of_r(self, G: torch.Tensor, r: torch.Tensor, g_earlier: torch.Tensor) -> torch.Tensor:
         """dL/dRoPE(x) (h, B, T, M) from G (h, B, T, T), the window's part, and g_earlier = dL/d earlier
