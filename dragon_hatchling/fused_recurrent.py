@@ -193,9 +193,9 @@ def _step_attention_kernel(
             live_b = p_mask & (rb_i != 0.0)
         bh = (b0 + i) * H + h
         if LAZY:  # the stored rows are S / gamma^k: read gamma^k of them, add the update / gamma^(k+1)
-            k = (pos - tl.load(origin_ptr + b0 + i)).to(tl.float32)
-            read_scale = tl.exp2(k * log2_gamma)
-            write_scale = tl.exp2(-(k + 1.0) * log2_gamma)
+            since = (pos - tl.load(origin_ptr + b0 + i)).to(tl.float32)  # bytes since the origin
+            read_scale = tl.exp2(since * log2_gamma)
+            write_scale = tl.exp2(-(since + 1.0) * log2_gamma)
         for d0 in range(0, D, BD):  # BD columns of the state rows at a time
             d = d0 + tl.arange(0, BD)
             d_mask = d < D
