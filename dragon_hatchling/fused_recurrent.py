@@ -5,6 +5,8 @@ call, two kernels a layer, with sparse reads; generation (sampling.py) captures 
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import triton
 import triton.language as tl
@@ -334,6 +336,25 @@ class LazyDecay:
             self.settle(state)
 
 
+@dataclass
+class StepScratch:
+    """What one FusedStep call writes besides the state (float32; the parts and groups of the sums,
+    see _finish_sum), its counters (views of FusedStep.counts) and its two kernels' grids."""
+
+    v: torch.Tensor  # B, d: the layer's input, then its output
+    x: torch.Tensor  # B, h, M
+    a_parts: torch.Tensor  # B*h, attention programs a head, d
+    a_groups: torch.Tensor  # B*h, groups of them, d
+    ln_a: torch.Tensor  # B*h, d
+    z_parts: torch.Tensor  # B, gate programs of every head, d
+    z_groups: torch.Tensor  # B, groups of them, d
+    pos_now: torch.Tensor  # B: each row's position of this byte
+    att_counts: torch.Tensor
+    gate_counts: torch.Tensor
+    att_grid: tuple[int, int]
+    gate_grid: tuple[int, int]
+
+
 class FusedStep:
     """BDH.step through the step kernels: logits (B, V) after one more byte; the state in place.
 
@@ -376,10 +397,8 @@ class FusedStep:
         dev = model.E.device
         self.pdl = dev.type == "cuda" and not INTERPRET and torch.cuda.get_device_capability(dev)[0] >= 9
 
-    def __call__(
-        self, byte: torch.Tensor, state: RecurrentState, lazy: LazyDecay | None = None
-    ) -> torch.Tensor:
-        cfg = self.config
+    def _scratch(self, state: RecurrentState) -> StepScratch:
+        """The buffers a step of this state writes, and its kernels' grids."""
         B, H, M, D = state.layers[0].shape
         att, gate = self.attention, self.gate
         att_blocks = triton.cdiv(M // 2, att["BP"])  # parts of each (batch row, head)'s a
@@ -388,34 +407,39 @@ class FusedStep:
         gate_groups = triton.cdiv(H * gate_blocks, gate["GROUP"])
         tiles = triton.cdiv(B, att["BB"])
         att_counts = tiles * H * (att_groups + 1)
-        dev = state.pos.device
+        dev, f32 = state.pos.device, torch.float32
         if B not in self.counts:  # made once (before any CUDA graph captures the step)
             self.counts[B] = torch.zeros(att_counts + B * (gate_groups + 1), device=dev, dtype=torch.int32)
-        counts = self.counts[B]
-        f32 = torch.float32
-        v = torch.empty((B, D), device=dev, dtype=f32)
-        x = torch.empty((B, H, M), device=dev, dtype=f32)
-        a_parts = torch.empty((B * H, att_blocks, D), device=dev, dtype=f32)
-        a_groups = torch.empty((B * H, att_groups, D), device=dev, dtype=f32)
-        ln_a = torch.empty((B * H, D), device=dev, dtype=f32)
-        z_parts = torch.empty((B, H * gate_blocks, D), device=dev, dtype=f32)
-        z_groups = torch.empty((B, gate_groups, D), device=dev, dtype=f32)
-        pos_now = torch.empty((B,), device=dev, dtype=state.pos.dtype)
-        _step_embed_kernel[(B,)](
-            byte, self.embed, v, state.pos, pos_now, B, D, ROW_POS=state.pos.dim() == 1, B_PAD=pow2(B, 1),
-            D_PAD=pow2(D), PDL=self.pdl,
+        empty = lambda *shape: torch.empty(shape, device=dev, dtype=f32)  # noqa: E731
+        return StepScratch(
+            v=empty(B, D), x=empty(B, H, M), a_parts=empty(B * H, att_blocks, D),
+            a_groups=empty(B * H, att_groups, D), ln_a=empty(B * H, D), z_parts=empty(B, H * gate_blocks, D),
+            z_groups=empty(B, gate_groups, D), pos_now=torch.empty((B,), device=dev, dtype=state.pos.dtype),
+            att_counts=self.counts[B][:att_counts], gate_counts=self.counts[B][att_counts:],
+            att_grid=(tiles * H, att_blocks), gate_grid=(B * H, gate_blocks),
         )  # fmt: skip
-        origin = lazy.origin if lazy is not None else pos_now  # without one: a pointer, never read
+
+    def __call__(
+        self, byte: torch.Tensor, state: RecurrentState, lazy: LazyDecay | None = None
+    ) -> torch.Tensor:
+        cfg, att, gate = self.config, self.attention, self.gate
+        B, H, M, D = state.layers[0].shape
+        s = self._scratch(state)
+        _step_embed_kernel[(B,)](
+            byte, self.embed, s.v, state.pos, s.pos_now, B, D, ROW_POS=state.pos.dim() == 1,
+            B_PAD=pow2(B, 1), D_PAD=pow2(D), PDL=self.pdl,
+        )  # fmt: skip
+        origin = lazy.origin if lazy is not None else s.pos_now  # without one: a pointer, never read
         for S in state.layers:  # B, h, M, d float32
-            _step_attention_kernel[(tiles * H, att_blocks)](
-                v, self.Dx, self.pair_freq, pos_now, S, origin, x, a_parts, a_groups, counts, ln_a,
-                self.gamma, B, H, M, D, INTERLEAVED=cfg.rope_style == "interleaved",
-                BR=pow2(att["BB"], DOT_ROWS),
-                GROUPS=pow2(att_groups, 1), D_PAD=pow2(D), PDL=self.pdl, DECAY=cfg.half_lives is not None,
-                LAZY=lazy is not None, launch_pdl=self.pdl, **att,
+            _step_attention_kernel[s.att_grid](
+                s.v, self.Dx, self.pair_freq, s.pos_now, S, origin, s.x, s.a_parts, s.a_groups, s.att_counts,
+                s.ln_a, self.gamma, B, H, M, D, INTERLEAVED=cfg.rope_style == "interleaved",
+                BR=pow2(att["BB"], DOT_ROWS), GROUPS=pow2(s.a_groups.shape[1], 1), D_PAD=pow2(D),
+                PDL=self.pdl, DECAY=cfg.half_lives is not None, LAZY=lazy is not None, launch_pdl=self.pdl,
+                **att,
             )  # fmt: skip
-            _step_gate_kernel[(B * H, gate_blocks)](
-                ln_a, x, self.DyT, self.E, z_parts, z_groups, counts[att_counts:], v, H, M, D,
-                GROUPS=pow2(gate_groups, 1), D_PAD=pow2(D), PDL=self.pdl, launch_pdl=self.pdl, **gate,
+            _step_gate_kernel[s.gate_grid](
+                s.ln_a, s.x, self.DyT, self.E, s.z_parts, s.z_groups, s.gate_counts, s.v, H, M, D,
+                GROUPS=pow2(s.z_groups.shape[1], 1), D_PAD=pow2(D), PDL=self.pdl, launch_pdl=self.pdl, **gate,
             )  # fmt: skip
-        return v.to(self.readout.dtype) @ self.readout  # B, V
+        return s.v.to(self.readout.dtype) @ self.readout  # B, V
