@@ -297,9 +297,9 @@ class LazyDecay:
     = gamma_h^k * stored for head h of each batch row, k the bytes since `origin`, the row's position
     when it was last settled. A step reads gamma^k times the stored rows of live neurons and adds
     its update divided by gamma^(k+1), so the rows of silent neurons are neither read nor written:
-    a step costs what it costs without decay, and no row keeps a stamp. 1 / gamma^k grows with k, so
+    a step costs what it costs without decay, with no bookkeeping a row. 1 / gamma^k grows with k, so
     tick() (after every step) settles every `every` steps, before it passes 2^HEADROOM; settle()
-    also before anything else reads the state, restamp() after the state was set from outside.
+    also before anything else reads the state, mark_current() after the state was set from outside.
     """
 
     HEADROOM = 64  # the most doublings of 1 / gamma^k a step uses: far from float32's 2^128
@@ -310,9 +310,9 @@ class LazyDecay:
         fastest = float(-gamma.log2().min())  # doublings of 1 / gamma a byte, shortest half-life
         self.every = max(1, min(2**30, int(self.HEADROOM / fastest)))  # steps between settles
         self.origin = torch.empty(state.layers[0].shape[0], dtype=torch.long, device=state.pos.device)
-        self.restamp(state)
+        self.mark_current(state)
 
-    def restamp(self, state: RecurrentState, row: int | None = None) -> None:
+    def mark_current(self, state: RecurrentState, row: int | None = None) -> None:
         """Every row of S (of batch row `row` only, if given) is current at the state's position."""
         pos = state.pos.expand_as(self.origin)
         if row is None:
@@ -322,12 +322,12 @@ class LazyDecay:
             self.origin[row] = pos[row]
 
     def settle(self, state: RecurrentState) -> None:
-        """Make S what BDH.step would hold (every row current) and restamp."""
+        """Make S what BDH.step would hold: every row current, the scale back to 1."""
         k = (state.pos.expand_as(self.origin) - self.origin).float()  # B
         scale = torch.exp2(k.view(-1, 1, 1, 1) * self.log2_gamma)  # B, h, 1, 1
         for S in state.layers:
             S.mul_(scale.to(S.dtype))
-        self.restamp(state)
+        self.mark_current(state)
 
     def tick(self, state: RecurrentState) -> None:
         """Call after every step (outside a CUDA graph): settles once every `every` steps."""

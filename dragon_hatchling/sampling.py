@@ -62,9 +62,9 @@ class GraphedStep:
     step() -> the next bytes (B, 1), overwritten by the next call; step(byte) steps on byte instead.
     generator: the one sample draws from, if not the default. fused: the step to capture (default:
     fused_recurrent.FusedStep(model)), called as fused(byte, state, lazy) with the LazyDecay of a
-    model with decay (`lazy`: restamp rows of the state set from outside, settle before reading it;
-    each call ticks it), as fused(byte, state) without decay or with lazy_decay=False (every row
-    decays every step). The graph reads the step's tensors (weight layouts, counters, the lazy
+    model with decay (`lazy`: mark_current() the rows of the state set from outside, settle() before
+    reading it; each call ticks it), as fused(byte, state) without decay or with lazy_decay=False
+    (every row decays every step). The graph reads the step's tensors (weight layouts, counters, the lazy
     decay's origins), which this object keeps.
     """
 
@@ -108,7 +108,7 @@ class GraphedStep:
             self.body()  # warm up outside the graph: compiles the kernels, makes cuBLAS's handle
             self.state.copy_(saved)
             if self.lazy is not None:
-                self.lazy.restamp(self.state)
+                self.lazy.mark_current(self.state)
             if generator is not None:
                 generator.set_state(rng)
                 self.graph.register_generator_state(generator)
@@ -158,18 +158,18 @@ def restart_rows(model: BDH, state: RecurrentState, texts: list[torch.Tensor], r
                  keep: int, chunk_size: int, graphed: GraphedStep | None) -> None:  # fmt: skip
     """Rows `rows` of the state start over from the last `keep` bytes of their texts: all at once
     for a state of one position (every row then restarts), else each alone; a lazily decayed state
-    restamps them."""
+    marks them current."""
     lazy = graphed.lazy if graphed is not None else None
     windows = [texts[b][-keep:] for b in rows]
     if state.pos.dim() == 0:
         state.copy_(state_before_last(model, torch.stack(windows), chunk_size))
         if lazy is not None:
-            lazy.restamp(state)
+            lazy.mark_current(state)
         return
     for b, window in zip(rows, windows, strict=True):
         state.put_row(b, state_before_last(model, window[None], chunk_size))
         if lazy is not None:
-            lazy.restamp(state, b)
+            lazy.mark_current(state, b)
 
 
 @torch.no_grad()
