@@ -95,7 +95,8 @@ def main() -> None:
         best_att = min(
             (
                 {**att0, "BP": bp, "BD": bd, "num_warps": w}
-                for bp, bd, w in itertools.product([16, 32, 64], [32, 64, 128], [2, 4])
+                for bp, bd, w in itertools.product([16, 32, 64], [32, 64, 128, 256], [2, 4, 8])
+                if bp * bd <= 8192 and w * 32 <= bp * bd // 16  # whole rows in flight, no idle warps
             ),
             key=lambda att: run(att, gate0),
         )
