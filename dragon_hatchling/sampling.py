@@ -81,8 +81,8 @@ class GraphedStep:
 
         if fused is None:
             fused = FusedStep(model)  # its weight layouts are made once, outside the graph
-        decays = lazy_decay and model.config.half_lives is not None
-        self.lazy = LazyDecay(model, state) if decays else None
+        decays = lazy_decay and model.config.half_lives is not None and LazyDecay.holds(model)
+        self.lazy = LazyDecay(model, state) if decays else None  # else every row decays every step
         self.fused, self.state, self.sample = fused, state, sample
         self.byte = torch.zeros(state.layers[0].shape[0], dtype=torch.long, device=state.pos.device)
         self.graph = torch.cuda.CUDAGraph()

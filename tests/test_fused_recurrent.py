@@ -5,6 +5,8 @@ Without a GPU they run in Triton's CPU interpreter (TRITON_INTERPRET=1, set by c
 sizes; on a GPU the same tests run compiled at the default model's full size.
 """
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -66,6 +68,26 @@ def test_lazy_decay_settles_every_few_steps_before_its_scale_overflows(monkeypat
     lazy.settle(fused)
     for p, f in zip(plain.layers, fused.layers, strict=True):
         torch.testing.assert_close(f, p, rtol=1e-5, atol=1e-5)
+
+
+def test_lazy_decay_takes_half_lives_from_a_hundredth_of_a_byte_to_a_trillion_bytes():
+    """A half-life so long that gamma rounds to 1 settles at most every 2^30 steps (no division by
+    zero) and steps as the plain step does; one under 1/HEADROOM byte, whose 1 / gamma alone passes the
+    headroom, is not lazily decayed (GraphedStep then decays every row every step)."""
+    torch.manual_seed(9)
+    cfg = BDHConfig(n_embd=32, n_head=2, n_neurons=128, n_layer=1, dropout=0.0, half_lives=[1e12, 5.0])
+    model = BDH(cfg).to(DEVICE).eval()
+    _, _, plain = model.forward_chunked(torch.randint(0, 256, (2, 5), device=DEVICE), chunk_size=5)
+    fused = plain.clone()
+    step, lazy = fused_recurrent.FusedStep(model), fused_recurrent.LazyDecay(model, fused)
+    assert lazy.every == 320  # 64 doublings over the 5-byte head's 1/5 a byte
+    for byte in torch.randint(0, 256, (3, 2), device=DEVICE):
+        torch.testing.assert_close(step(byte, fused, lazy), model.step(byte, plain), rtol=1e-4, atol=1e-4)
+    assert fused_recurrent.LazyDecay.holds(model)
+    short = BDH(dataclasses.replace(cfg, half_lives=[0.01, 5.0])).to(DEVICE)
+    assert not fused_recurrent.LazyDecay.holds(short)
+    with pytest.raises(ValueError, match="half-life under 1/64 byte"):
+        fused_recurrent.LazyDecay(short, short.initial_state(2, DEVICE))
 
 
 @pytest.mark.parametrize("decay", [False, True])
