@@ -305,22 +305,26 @@ class LazyDecay:
     HEADROOM = 64  # the most doublings of 1 / gamma^k a step uses: far from float32's 2^128
 
     def __init__(self, model: BDH, state: RecurrentState) -> None:
-        if not self.holds(model):
+        doublings = self.doublings(model)  # h
+        if not (doublings <= self.HEADROOM).all():
             raise ValueError(f"a half-life under 1/{self.HEADROOM} byte: 1 / gamma alone passes the headroom")
-        gamma = model.decay(1, state.pos.device).whole.detach().flatten()  # h
-        self.log2_gamma = gamma.log2().view(1, -1, 1, 1)  # 1, h, 1, 1
-        # doublings of 1 / gamma a byte for the shortest half-life (0 for one so long gamma rounds to 1)
-        fastest = max(float(-gamma.log2().min()), self.HEADROOM / 2**30)
+        self.log2_gamma = -doublings.view(1, -1, 1, 1).to(state.pos.device)  # 1, h, 1, 1
+        # the shortest half-life's (0 for one so long that gamma rounds to 1)
+        fastest = max(float(doublings.max()), self.HEADROOM / 2**30)
         self.every = max(1, int(self.HEADROOM / fastest))  # steps between settles, at most 2^30
         self.origin = torch.empty(state.layers[0].shape[0], dtype=torch.long, device=state.pos.device)
         self.mark_current(state)
+
+    @staticmethod
+    def doublings(model: BDH) -> torch.Tensor:
+        """-log2 gamma per head (h, float32): the doublings of 1 / gamma a byte."""
+        return -model.decay(1, model.E.device).whole.detach().flatten().log2()
 
     @classmethod
     def holds(cls, model: BDH) -> bool:
         """Whether a scaled state can hold this model's decay: 1 / gamma within 2^HEADROOM for every
         head (a half-life of at least 1/HEADROOM byte; below, every row decays every step instead)."""
-        gamma = model.decay(1, model.E.device).whole.detach()
-        return bool((-gamma.log2() <= cls.HEADROOM).all())
+        return bool((cls.doublings(model) <= cls.HEADROOM).all())
 
     def mark_current(self, state: RecurrentState, row: int | None = None) -> None:
         """Every row of S (of batch row `row` only, if given) is current at the state's position."""

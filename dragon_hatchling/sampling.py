@@ -64,8 +64,8 @@ class GraphedStep:
     fused_recurrent.FusedStep(model)), called as fused(byte, state, lazy) with the LazyDecay of a
     model with decay (`lazy`: mark_current() the rows of the state set from outside, settle() before
     reading it; each call ticks it), as fused(byte, state) without decay or with lazy_decay=False
-    (every row decays every step). The graph reads the step's tensors (weight layouts, counters, the lazy
-    decay's origins), which this object keeps.
+    (every row decays every step; also for a half-life LazyDecay cannot hold). The graph reads the
+    step's tensors (weight layouts, counters, the lazy decay's origins), which this object keeps.
     """
 
     def __init__(
