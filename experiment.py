@@ -45,10 +45,11 @@ from dragon_hatchling.cli import (
     nonneg_int,
     positive_float,
     positive_int,
+    probability,
     seed,
     timeout_seconds,
 )
-from dragon_hatchling.data import batch_offsets, epoch_offsets, window_batches, windows_at
+from dragon_hatchling.data import batch_offsets, copy_plan, epoch_offsets, window_batches, windows_at
 from dragon_hatchling.devices import autocast
 from dragon_hatchling.distributed import (
     Quiet,
@@ -291,6 +292,15 @@ def add_data_flags(g) -> None:
         "--data_cache",
         default=os.environ.get("BDH_DATA_CACHE", "~/.cache/dragon-hatchling/datasets"),
         help="where --dataset's byte files are kept (BDH_DATA_CACHE; ~/.cache/dragon-hatchling/datasets)",
+    )
+    g.add_argument(
+        "--copy_spans",
+        type=probability,
+        default=0.0,
+        metavar="FRACTION",
+        help="copying mixed into training: this fraction of the training windows each repeat a span of "
+        "their own text (8 bytes to a quarter of the window, log-uniform) later in the window, so that "
+        "the model learns to reuse what it has read; validation reads the text as it is (0: none)",
     )
     g.add_argument(
         "--extra_val_file",
@@ -549,8 +559,17 @@ def training_batch(run: Setup, step: int, stream: StreamText) -> tuple[torch.Ten
         epoch, pos = divmod(step, run.steps_per_epoch)
         order = epoch_order(len(run.data.train), args.seq_len, epoch, args.seed)
         mine = share(batch_offsets(order, pos, args.batch_size), run.ranks)  # always batch_size windows
-    x, y = windows_at(text, mine, args.seq_len)
+    x, y = windows_at(text, mine, args.seq_len, step_copies(run, step))
     return x.to(run.device, non_blocking=True), y.to(run.device, non_blocking=True)
+
+
+def step_copies(run: Setup, step: int) -> np.ndarray | None:
+    """--copy_spans: this rank's share of step `step`'s copy_plan, drawn for the whole batch, so that
+    a resumed run and any number of ranks copy the same spans."""
+    args = run.args
+    if args.copy_spans == 0:
+        return None
+    return share(copy_plan(args.batch_size, args.seq_len, args.copy_spans, args.seed, step), run.ranks)
 
 
 def stream_batch(run: Setup, step: int) -> np.ndarray:

@@ -48,6 +48,14 @@ def nonneg_float(text: str) -> float:
     return value
 
 
+def probability(text: str) -> float:
+    """A fraction of cases: a number from 0 to 1."""
+    value = float(text)
+    if not 0 <= value <= 1:
+        raise argparse.ArgumentTypeError(f"expected a number from 0 to 1, got {text}")
+    return value
+
+
 def nonneg_int(text: str) -> int:
     value = int(text)
     if value < 0:

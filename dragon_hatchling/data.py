@@ -123,11 +123,42 @@ def window_batches(
         yield windows_at(data, [i * seq_len for i in rows], seq_len)
 
 
-def windows_at(data: np.ndarray, offsets: Iterable[int], seq_len: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Inputs and targets (each B, T, int64) of the windows starting at `offsets`."""
+def windows_at(
+    data: np.ndarray, offsets: Iterable[int], seq_len: int, copies: np.ndarray | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Inputs and targets (each B, T, int64) of the windows starting at `offsets`, with the spans of
+    a copy_plan (one row a window) written again where it says."""
     chunk = np.stack([np.asarray(data[o : o + seq_len + 1]) for o in offsets]).astype(np.int64)
+    if copies is not None:
+        for row, (length, source, target) in zip(chunk, copies, strict=True):
+            row[target : target + length] = row[source : source + length].copy()
     chunk = torch.from_numpy(chunk)
     return chunk[:, :-1], chunk[:, 1:]
+
+
+MIN_COPY = 8  # bytes: about a word, the shortest span --copy_spans repeats
+COPY_STREAM = 0xC0  # the copies' random numbers, apart from an epoch's order ([seed, epoch])
+
+
+def copy_plan(batch: int, seq_len: int, fraction: float, seed: int, step: int) -> np.ndarray:
+    """Copying mixed into the text (--copy_spans) at training step `step`, drawn from (seed, step)
+    alone: for each of `batch` windows (T + 1 bytes), with probability `fraction`, a span of L bytes
+    (L log-uniform from MIN_COPY to a quarter of the window: as many of 8-16 bytes, a name's length,
+    as of 128-256) to be written again later in the same window, at a distance uniform from L to
+    what the window allows.
+
+    Returns (batch, 3) int64 rows (L, source, target); L = 0 leaves the window as it is. The target
+    span's bytes after its first are then predictable by copying what the window has already read,
+    as a rare name's second reading is in the text (results/tbptt, round 9)."""
+    rng = np.random.default_rng([seed, step, COPY_STREAM])
+    size = seq_len + 1
+    plan = np.zeros((batch, 3), dtype=np.int64)
+    for row in np.flatnonzero(rng.random(batch) < fraction):
+        length = int(np.exp(rng.uniform(np.log(MIN_COPY), np.log(max(MIN_COPY, size // 4) + 1))))
+        source = int(rng.integers(0, size - 2 * length + 1))
+        target = int(rng.integers(source + length, size - length + 1))
+        plan[row] = (length, source, target)
+    return plan
 
 
 SHUFFLE_LIMIT = 1 << 24  # an epoch of more windows (2 GB of text at 128 bytes) is not shuffled as an array

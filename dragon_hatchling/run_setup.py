@@ -31,7 +31,7 @@ from dragon_hatchling.checkpoints import (
 )
 from dragon_hatchling.cli import UsageError, make_out_dir, unique_folder
 from dragon_hatchling.corpora import dataset_folder, dataset_source, prepare_dataset
-from dragon_hatchling.data import describe_source, load_bytes_file, load_split, num_windows
+from dragon_hatchling.data import MIN_COPY, describe_source, load_bytes_file, load_split, num_windows
 from dragon_hatchling.devices import check_fits, resolve_device, resolve_dtype
 from dragon_hatchling.distributed import Ranks, rank_device
 from dragon_hatchling.hub_client import REPO_ID
@@ -79,6 +79,7 @@ RESUME_MUST_MATCH = (
     "init_from",
     "reset_state",
     "article_order",
+    "copy_spans",
 )
 
 
@@ -138,6 +139,7 @@ def prepare(args: argparse.Namespace, ranks: Ranks | None = None, dataset: Path 
     resume, resume_state = resume_from(args)
     config = model_config(args)
     check_carry(args, config)
+    check_copies(args)
     compile = False if args.carry_state else args.compile  # the carried forward runs as it is
     path = choose_path(ARCHITECTURES[args.arch][0], device, args.fused, compile, dtype)
     check_model(args, config, device, ranks)
@@ -272,6 +274,15 @@ def check_carry(args: argparse.Namespace, config) -> None:
     if args.carry_state and args.compile:
         raise UsageError("--carry_state runs the plain path as it is: leave out --compile (BDH's "
                          "fused kernels carry the state on CUDA)")  # fmt: skip
+
+
+def check_copies(args: argparse.Namespace) -> None:
+    """--copy_spans needs windows that hold a span and its copy (2 x MIN_COPY bytes)."""
+    if args.copy_spans > 0 and args.seq_len + 1 < 2 * MIN_COPY:
+        raise UsageError(
+            f"--copy_spans repeats spans of {MIN_COPY} bytes or more within a window: it needs "
+            f"--seq_len {2 * MIN_COPY - 1} or more, got {args.seq_len}"
+        )
 
 
 def resume_from(args: argparse.Namespace) -> tuple[Path | None, dict | None]:

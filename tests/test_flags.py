@@ -17,6 +17,7 @@ from test_cli import assert_clean_error
 CASES = {
     cli.positive_int: (["0", "-1", "1.5", "x", ""], ["1", str(10**30)]),
     cli.nonneg_int: (["-1", "1.5", "x", ""], ["0"]),
+    cli.probability: (["-0.1", "1.0001", "nan", "inf", "x", ""], ["0", "1"]),
     cli.positive_float: (["0", "-1", "nan", "inf", "-inf", "x", ""], ["1e-300", "1e300"]),
     cli.nonneg_float: (["-1", "-1e-300", "nan", "inf", "x", ""], ["0", "1e300"]),
     cli.timeout_seconds: (

@@ -59,6 +59,7 @@ def recipe(run: str) -> str:
     heads = f", {args['n_head']} heads" if args.get("n_head", 4) != 4 else ""
     lives += " (learned from there)" if args.get("learn_decay") else ""
     lr += ", dropout 0" if args.get("dropout") == 0 else ""
+    lr += f", copy spans in {args['copy_spans']:.0%} of windows" if args.get("copy_spans") else ""
     return f"BDH, {shape}{heads}, half-lives {lives}" + (carried if args.get("carry_state") else "") + lr
 
 
