@@ -17,9 +17,9 @@ def test_every_step_trains_a_whole_batch_across_epochs(
     seen = []
     real = experiment.windows_at
 
-    def recording(data, offsets, seq_len):
+    def recording(data, offsets, seq_len, copies=None):
         seen.append(len(offsets))
-        return real(data, offsets, seq_len)
+        return real(data, offsets, seq_len, copies)
 
     monkeypatch.setattr(experiment, "windows_at", recording)
     run = tmp_path / "run"
