@@ -95,6 +95,10 @@ def test_the_script_scores_both_texts_and_refuses_texts_that_do_not_align(tmp_pa
     for name in ("raw", "tokens"):
         assert from_files[name]["whole"] == pytest.approx(result[name]["whole"], rel=1e-6)
         assert from_files[name]["marked"] == pytest.approx(result[name]["marked"], rel=1e-6)
+    raw_only = subprocess.run([*cmd[:2], *texts, "--losses", saved[0], "--out", str(tmp_path / "o3.json")])
+    assert raw_only.returncode == 0  # the raw text's losses alone: its split and its pairs, no tokens
+    alone = json.loads((tmp_path / "o3.json").read_text())
+    assert "tokens" not in alone and alone["raw_rare_copies"] == from_files["raw_rare_copies"]
     (tmp_path / "tok").write_bytes(b" = A = \n")
     done = subprocess.run(cmd, capture_output=True, text=True)
     assert done.returncode == 2 and done.stderr.count("\n") == 1 and "lines" in done.stderr
@@ -106,10 +110,11 @@ def test_losses_that_are_no_byte_losses_are_refused_with_one_line(tmp_path: Path
     np.save(tmp_path / "grid.npy", np.zeros((3, 2)))
     np.save(tmp_path / "short.npy", np.zeros(3))
     texts = ["--raw", str(tmp_path / "raw"), "--tokens", str(tmp_path / "tok")]
-    cases = [("missing.npy", "missing.npy"), ("raw", "byte_losses.npy"), ("grid.npy", "one float per byte"),
-             ("short.npy", "3 losses")]  # fmt: skip
+    cases = [(["missing.npy"] * 2, "missing.npy"), (["raw"] * 2, "byte_losses.npy"),
+             (["grid.npy"] * 2, "one float per byte"), (["short.npy"] * 2, "3 losses"),
+             (["short.npy"] * 3, "got 3")]  # fmt: skip
     for bad, needle in cases:
-        losses = [str(tmp_path / bad)] * 2
+        losses = [str(tmp_path / name) for name in bad]
         done = subprocess.run(
             [sys.executable, str(SCRIPT), *texts, "--losses", *losses], capture_output=True, text=True
         )

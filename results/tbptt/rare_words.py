@@ -148,8 +148,8 @@ def load_losses(path: str) -> np.ndarray:
 
 def byte_losses(args, texts: dict[str, np.ndarray]):
     """(name, the loss of every byte but the first) of each text: read from --losses, or scored."""
-    if args.losses:
-        yield from zip(texts, map(load_losses, args.losses), strict=True)
+    if args.losses:  # the raw text's, and the tokenized text's if given
+        yield from zip(list(texts)[: len(args.losses)], map(load_losses, args.losses), strict=True)
         return
     device = resolve_device(args.device)
     model = load_model(args.model_path)[0].to(device).eval()
@@ -162,14 +162,18 @@ def main() -> None:
     source = p.add_mutually_exclusive_group(required=True)
     source.add_argument("--model_path", help="a checkpoint folder or file (evaluate.py's)")
     source.add_argument(
-        "--losses", nargs=2, metavar=("RAW", "TOKENS"), help="evaluate.py --stream's byte_losses.npy"
-    )
+        "--losses", nargs="+", metavar="RAW [TOKENS]",
+        help="evaluate.py --stream's byte_losses.npy of the raw text (and of the tokenized one)",
+    )  # fmt: skip
     p.add_argument("--raw", required=True, help="wiki.valid.raw")
     p.add_argument("--tokens", required=True, help="wiki.valid.tokens, the same text with <unk>")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda (evaluate.py's)")
     p.add_argument("--chunk_size", type=positive_int, default=2048, help="bytes read at a time")
     p.add_argument("--out", type=out_file, default=None, help="write the numbers here as JSON")
     args = p.parse_args()
+    if args.losses and len(args.losses) > 2:
+        count = len(args.losses)
+        raise UsageError(f"--losses takes the raw text's byte losses and the tokenized text's, got {count}")
     texts = {"raw": load_bytes_file(args.raw, "--raw"), "tokens": load_bytes_file(args.tokens, "--tokens")}
     masks = dict(zip(texts, rare_word_masks(texts["raw"].tobytes(), texts["tokens"].tobytes()), strict=True))
     result = {"model_path": args.model_path, "losses": args.losses, "chunk_size": args.chunk_size}
