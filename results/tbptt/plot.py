@@ -30,6 +30,8 @@ RUNS = {  # name: its folder
     "lc-1024-h8": HERE / "runs" / "lc-1024-h8",  # round 6: lc-1024-lr2e-3 with 8 heads, half-lives 8-8,192
     "lc-1024-learned": HERE / "runs" / "lc-1024-learned",  # round 7: lc-1024-lr2e-3, half-lives learned
     "lc-1024-learned-nodrop": HERE / "runs" / "lc-1024-learned-nodrop",  # and without dropout
+    "lc-1024-learned-copy": HERE / "runs" / "lc-1024-learned-copy",  # round 9: a span copied a window
+    "lc-2048-learned-copy": HERE / "runs" / "lc-2048-learned-copy",  # and in 2 x 2,048-byte windows
 }
 SHARED = {
     "tbptt-2048": 3,
@@ -135,7 +137,7 @@ def plot(path: Path) -> None:
     ax["k"].legend(handles.values(), handles.keys(), loc="center", ncol=2, fontsize=8)
     fig.suptitle(
         "Reference budget of wiki.train.tokens (round 1's tbptt-2048 and tbptt-512 cut at 88-89%); "
-        "one H200 (rounds 5 and 6: one H100)",
+        "one H200 (rounds 5, 6 and 9: one H100)",
         fontsize=10,
     )
     save(fig, path, dpi=110)
