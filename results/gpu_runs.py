@@ -165,10 +165,7 @@ def main() -> int:
         t.join(timeout=max(0.0, args.deadline - (time.time() - t_start)))
     if side is not None and side.poll() is None:
         side.kill()
-    with tarfile.open(args.out, "w:gz") as tar:
-        for path in sorted(RUNS.rglob("*")):
-            if path.is_file() and path.suffix in KEEP and "checkpoints" not in path.parts:
-                tar.add(path, arcname=str(path.relative_to(RUNS)))
+    pack(args.out, names)
     print(f"wrote {args.out} after {time.time() - t_start:.0f} s")
     for name in names:
         for f in [RUNS / name / "train.log", *(RUNS / name / f"{e}.log" for e in EVALS)]:
@@ -176,6 +173,17 @@ def main() -> int:
                 lines = f.read_text().strip().splitlines()
                 print(f"== {f}: " + (lines[-1] if lines else "")[:300])
     return 0
+
+
+def pack(out: str | Path, names: list[str]) -> None:
+    """The small files (KEEP) of this command's runs, and --also's log, into one tar. Runs of earlier
+    commands on the same machine stay out: their files came back with those commands, and with
+    them the tar could pass the 16 MiB a returned file may hold."""
+    files = [RUNS / "also.log"] + [path for name in names for path in sorted((RUNS / name).rglob("*"))]
+    with tarfile.open(out, "w:gz") as tar:
+        for path in files:
+            if path.is_file() and path.suffix in KEEP and "checkpoints" not in path.parts:
+                tar.add(path, arcname=str(path.relative_to(RUNS)))
 
 
 if __name__ == "__main__":
