@@ -152,9 +152,11 @@ def copy_plan(batch: int, seq_len: int, fraction: float, seed: int, step: int) -
     as a rare name's second reading is in the text (results/tbptt, round 9)."""
     rng = np.random.default_rng([seed, step, COPY_STREAM])
     size = seq_len + 1
+    longest = max(MIN_COPY, size // 4)
     plan = np.zeros((batch, 3), dtype=np.int64)
     for row in np.flatnonzero(rng.random(batch) < fraction):
-        length = int(np.exp(rng.uniform(np.log(MIN_COPY), np.log(max(MIN_COPY, size // 4) + 1))))
+        drawn = int(np.exp(rng.uniform(np.log(MIN_COPY), np.log(longest + 1))))
+        length = min(max(drawn, MIN_COPY), longest)  # exp(log 8) may round below 8
         source = int(rng.integers(0, size - 2 * length + 1))
         target = int(rng.integers(source + length, size - length + 1))
         plan[row] = (length, source, target)
