@@ -296,11 +296,12 @@ def add_data_flags(g) -> None:
     g.add_argument(
         "--copy_spans",
         type=probability,
-        default=0.0,
+        default=None,
         metavar="FRACTION",
         help="copying mixed into training: this fraction of the training windows each repeat a span of "
         "their own text (8 bytes to a quarter of the window, log-uniform) later in the window, so that "
-        "the model learns to reuse what it has read; validation reads the text as it is (0: none)",
+        "the model learns to reuse what it has read; validation reads the text as it is (default 0, none; a "
+        "resumed run keeps its own)",
     )
     g.add_argument(
         "--extra_val_file",

@@ -293,7 +293,7 @@ def resume_from(args: argparse.Namespace) -> tuple[Path | None, dict | None]:
         apply_recipe(args, None)
         return None, None
     state = load_training_state(resume)
-    saved = state.get("args", {})
+    saved = {"copy_spans": 0.0, **state.get("args", {})}  # runs from before --copy_spans copied nothing
     if saved.get("rope_parts") is not None:  # a run that started from a merged model (--init_from)
         args.rope_parts = saved["rope_parts"]
     apply_recipe(args, saved)
@@ -351,6 +351,8 @@ def apply_recipe(args: argparse.Namespace, saved: dict | None) -> None:
         args.reset_state = saved.get("reset_state", "epoch") if saved is not None else "epoch"
     if args.article_order is None:  # runs from before --article_order read the text's
         args.article_order = saved.get("article_order", "text") if saved is not None else "text"
+    if args.copy_spans is None:
+        args.copy_spans = saved.get("copy_spans", 0.0) if saved is not None else 0.0
 
 
 def apply_arch(args: argparse.Namespace, saved: dict | None) -> None:

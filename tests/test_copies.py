@@ -3,6 +3,7 @@ drawn from (seed, step) alone, so that a resumed run and any number of ranks tra
 
 import numpy as np
 import pytest
+import torch
 
 from conftest import tiny_run
 from dragon_hatchling.data import MIN_COPY, copy_plan, windows_at
@@ -75,7 +76,7 @@ def test_copies_change_training_and_a_resumed_run_trains_the_same_bytes(tmp_path
     interrupt_at_step(monkeypatch, 6)
     assert train(tiny_run(small_data, parts, f"{FLAGS} --copy_spans 0.5"), capsys).returncode == 130
     monkeypatch.undo()
-    resumed = train(tiny_run(small_data, parts, f"{FLAGS} --copy_spans 0.5 --resume auto"), capsys)
+    resumed = train(tiny_run(small_data, parts, f"{FLAGS} --resume auto"), capsys)  # keeps its 0.5
     assert resumed.returncode == 0
     assert logged(parts) == logged(whole)
     refused = train(tiny_run(small_data, parts, f"{FLAGS} --copy_spans 0.25 --resume auto"), capsys)
@@ -88,3 +89,21 @@ def test_a_window_too_short_for_a_span_and_its_copy_is_refused(tmp_path, small_d
     assert not (tmp_path / "r").exists()
     shortest = train(tiny_run(small_data, tmp_path / "r", f"{FLAGS} --seq_len 15 --copy_spans 1"), capsys)
     assert shortest.returncode == 0
+
+
+def test_a_run_from_before_copy_spans_copied_nothing_and_resumes_so(
+    tmp_path, small_data, capsys, monkeypatch
+):
+    """A checkpoint whose args lack copy_spans (saved before the flag) resumes without copies, and
+    refuses --copy_spans as it refuses any flag that disagrees with the run."""
+    run = tmp_path / "run"
+    interrupt_at_step(monkeypatch, 6)
+    assert train(tiny_run(small_data, run, FLAGS), capsys).returncode == 130
+    monkeypatch.undo()
+    path = run / "checkpoints" / "last" / "training_state.pt"
+    state = torch.load(path, weights_only=True)
+    del state["args"]["copy_spans"]
+    torch.save(state, path)
+    refused = train(tiny_run(small_data, run, f"{FLAGS} --copy_spans 0.5 --resume auto"), capsys)
+    assert_clean_error(refused, "--copy_spans 0.5 (checkpoint: 0.0)")
+    assert train(tiny_run(small_data, run, f"{FLAGS} --resume auto"), capsys).returncode == 0
