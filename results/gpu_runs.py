@@ -67,23 +67,12 @@ def chain(specs: list[tuple[str, str]], gpu: str, t_start: float, args: argparse
 
 
 def run_one(name: str, gpu: str, flags: str, t_start: float, args: argparse.Namespace) -> None:
+    """Train run `name` on GPU `gpu` until it ends or --train_deadline, then score its last checkpoint."""
     run = RUNS / name
     run.mkdir(parents=True, exist_ok=True)
     env = {**os.environ, "CUDA_VISIBLE_DEVICES": gpu, "PYTHONUNBUFFERED": "1"}
     words = shlex.split(flags)
-    gpt, authors = "gpt" in words, words[:1] == ["AUTHORS"]
-    fused = args.device == "cuda" and not gpt
-    if authors:
-        model = str(run / "model.pt")
-        cmd = [sys.executable, "results/report/authors_bdh.py", "--bdh_py", ".gpu/authors/bdh.py",
-               "--data_dir", str(DATA), "--train_file", str(DATA / "wiki.train.tokens"), "--extra_val_file",
-               TOKENS, "--out_dir", str(run), "--device", args.device, *words[1:]]  # fmt: skip
-    else:
-        model = str(run)
-        device = ["--device", args.device, *(["--fused"] if fused else [])]
-        again = args.resume and (run / "checkpoints" / "last" / "training_state.pt").is_file()
-        start = ["--resume", "auto"] if again else ["--overwrite"]
-        cmd = [sys.executable, "experiment.py", *device, *TRAIN, "--out_dir", str(run), *start, *words]
+    cmd, model = training_command(run, words, args)
     with open(run / "train.log", "a" if args.resume else "w") as log:
         log.write(" ".join(shlex.quote(c) for c in cmd) + "\n")
         log.flush()
@@ -94,26 +83,52 @@ def run_one(name: str, gpu: str, flags: str, t_start: float, args: argparse.Name
                 proc.wait()
                 break
             time.sleep(1)
-    evals = {} if args.evals == "none" else EVALS
-    if name in args.only:
-        evals = {k: v for k, v in EVALS.items() if k in args.only[name]}
-    if gpt:  # no neurons; and without a memory, windows of its block alone
-        evals = {k: [*(f for f in v if f != "--neuron_graph"), *GPT_SAMPLE] if "--prompt" in v else v
-                 for k, v in evals.items() if k in WINDOW_EVALS or "--memory" in words}  # fmt: skip
-    for folder, extra in evals.items():
+    which = [] if words[:1] == ["AUTHORS"] else ["--checkpoint", "last"]
+    for folder, extra in evaluations(name, words, args).items():
         remaining = args.deadline - (time.time() - t_start)
         if remaining < 20:
             break
-        which = [] if authors else ["--checkpoint", "last"]
         cmd = [sys.executable, "evaluate.py", "--model_path", model, *which, "--data_dir",
                str(DATA), "--device", args.device, "--out_dir", str(run / folder), *extra]  # fmt: skip
-        with open(run / f"{folder}.log", "w") as log:
-            log.write(" ".join(shlex.quote(c) for c in cmd) + "\n")
-            log.flush()
-            try:
-                subprocess.run(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, timeout=remaining - 10)
-            except subprocess.TimeoutExpired:
-                log.write("stopped: the command's time ran out\n")
+        score(run / f"{folder}.log", cmd, env, remaining - 10)
+
+
+def training_command(run: Path, words: list[str], args: argparse.Namespace) -> tuple[list[str], str]:
+    """The command that trains the run (experiment.py, or the authors' bdh.py after AUTHORS), and the
+    path evaluate.py scores afterwards."""
+    if words[:1] == ["AUTHORS"]:
+        cmd = [sys.executable, "results/report/authors_bdh.py", "--bdh_py", ".gpu/authors/bdh.py",
+               "--data_dir", str(DATA), "--train_file", str(DATA / "wiki.train.tokens"), "--extra_val_file",
+               TOKENS, "--out_dir", str(run), "--device", args.device, *words[1:]]  # fmt: skip
+        return cmd, str(run / "model.pt")
+    fused = args.device == "cuda" and "gpt" not in words
+    device = ["--device", args.device, *(["--fused"] if fused else [])]
+    again = args.resume and (run / "checkpoints" / "last" / "training_state.pt").is_file()
+    start = ["--resume", "auto"] if again else ["--overwrite"]
+    return [sys.executable, "experiment.py", *device, *TRAIN, "--out_dir", str(run), *start, *words], str(run)
+
+
+def evaluations(name: str, words: list[str], args: argparse.Namespace) -> dict[str, list[str]]:
+    """The evaluations a run gets (EVALS; --evals, --only): a GPT has no neurons, and without a
+    memory it reads windows of its block alone."""
+    evals = {} if args.evals == "none" else EVALS
+    if name in args.only:
+        evals = {k: v for k, v in EVALS.items() if k in args.only[name]}
+    if "gpt" in words:
+        evals = {k: [*(f for f in v if f != "--neuron_graph"), *GPT_SAMPLE] if "--prompt" in v else v
+                 for k, v in evals.items() if k in WINDOW_EVALS or "--memory" in words}  # fmt: skip
+    return evals
+
+
+def score(log_path: Path, cmd: list[str], env: dict, timeout: float) -> None:
+    """Run one evaluation, its command at the top of its log; a timeout is logged, not raised."""
+    with open(log_path, "w") as log:
+        log.write(" ".join(shlex.quote(c) for c in cmd) + "\n")
+        log.flush()
+        try:
+            subprocess.run(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, timeout=timeout)
+        except subprocess.TimeoutExpired:
+            log.write("stopped: the command's time ran out\n")
 
 
 def only_spec(item: str) -> tuple[str, list[str]]:
