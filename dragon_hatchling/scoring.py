@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import itertools
 import math
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 
 import numpy as np
@@ -42,6 +42,22 @@ def position_buckets(length: int) -> list[tuple[int, int]]:
 def by_bucket(sums: np.ndarray, counts: np.ndarray, buckets: list[tuple[int, int]]) -> dict[str, float]:
     """Mean loss in each bucket, keyed "first-last" position."""
     return {f"{a}-{b - 1}": float(s / c) for (a, b), s, c in zip(buckets, sums, counts, strict=True) if c}
+
+
+def edge_bucket(value: float, edges: Sequence[int]) -> str:
+    """The label of the bucket of ascending `edges` that holds value: "lo-hi" from 0 up to the last
+    edge, ">=last" past it (distances between two readings, say)."""
+    lo = 0
+    for hi in edges:
+        if value < hi:
+            return f"{lo}-{hi - 1}"
+        lo = hi
+    return f">={lo}"
+
+
+def edge_buckets(edges: Sequence[int]) -> list[str]:
+    """Every label edge_bucket gives for these edges, in order."""
+    return [edge_bucket(e - 1, edges) for e in edges] + [edge_bucket(edges[-1], edges)]
 
 
 @contextmanager
@@ -82,10 +98,7 @@ def position_loss_sums(
     sums, windows = np.zeros(seq_len), 0
     with eval_mode(model):
         for x, y in window_batches(data, seq_len, batch_size, max_chunks, shard):
-            x, y = x.to(device), y.to(device)
-            with autocast(device, autocast_dtype):
-                logits = model.forward_chunked(x, chunk_size=chunk_size)[0] if chunk_size else model(x)[0]
-            loss = F.cross_entropy(logits.float().mT, y, reduction="none")  # B, T
+            loss = window_losses(model, x, y, device, autocast_dtype, chunk_size)  # B, T
             sums += loss.sum(0).double().cpu().numpy()
             windows += y.shape[0]
             if stop is not None and stop():
@@ -93,6 +106,23 @@ def position_loss_sums(
     if windows == 0 and shard[1] == 1:
         raise UsageError(f"the split ({len(data)} bytes) is shorter than one window of {seq_len + 1}")
     return sums, windows
+
+
+@torch.no_grad()
+def window_losses(
+    model: torch.nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    device: torch.device,
+    autocast_dtype: torch.dtype | None = None,
+    chunk_size: int | None = None,
+) -> torch.Tensor:
+    """Cross-entropy (nats, float32, on the device) of every target of windows x -> y (B, T), each
+    read from an empty state; chunk_size as position_loss_sums'. The caller sets the model's mode."""
+    x, y = x.to(device), y.to(device)
+    with autocast(device, autocast_dtype):
+        logits = model.forward_chunked(x, chunk_size=chunk_size)[0] if chunk_size else model(x)[0]
+    return F.cross_entropy(logits.float().mT, y, reduction="none")
 
 
 def evaluate_loss(

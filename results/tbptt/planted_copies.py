@@ -16,15 +16,14 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repository root: model.py
 
 from dragon_hatchling.cli import Parser, UsageError, fail, nonneg_int, out_file, positive_int  # noqa: E402
 from dragon_hatchling.data import MIN_COPY, copy_plan, load_bytes_file, num_windows, windows_at  # noqa: E402
-from dragon_hatchling.devices import autocast, resolve_device, resolve_dtype  # noqa: E402
+from dragon_hatchling.devices import resolve_device, resolve_dtype  # noqa: E402
 from dragon_hatchling.loading import load_model  # noqa: E402
-from dragon_hatchling.scoring import eval_mode  # noqa: E402
+from dragon_hatchling.scoring import edge_bucket, edge_buckets, eval_mode, window_losses  # noqa: E402
 
 DISTANCES = (64, 256, 1024)  # bucket edges, bytes between the two readings' starts
 LENGTHS = (16, 64)  # bucket edges, the span's bytes
@@ -41,16 +40,14 @@ def planted(
     return x, y, plan
 
 
-@torch.no_grad()
-def window_losses(model, x: torch.Tensor, y: torch.Tensor, device, dtype, batch_size: int) -> np.ndarray:
+def losses_of(model, x: torch.Tensor, y: torch.Tensor, device, dtype, batch_size: int) -> np.ndarray:
     """The loss (nats) of every target of every window, each read from an empty state: count, T."""
-    out = []
     with eval_mode(model):
-        for xb, yb in zip(x.split(batch_size), y.split(batch_size), strict=True):
-            with autocast(device, dtype):
-                logits = model(xb.to(device))[0]
-            out.append(F.cross_entropy(logits.float().mT, yb.to(device), reduction="none").cpu().numpy())
-    return np.concatenate(out).astype(np.float64)
+        parts = [
+            window_losses(model, xb, yb, device, dtype)
+            for xb, yb in zip(x.split(batch_size), y.split(batch_size), strict=True)
+        ]
+    return torch.cat(parts).cpu().numpy().astype(np.float64)
 
 
 def readings(losses: np.ndarray, plan: np.ndarray) -> np.ndarray:
@@ -63,16 +60,6 @@ def readings(losses: np.ndarray, plan: np.ndarray) -> np.ndarray:
     return np.array(rows, dtype=np.float64)
 
 
-def bucket(value: float, edges: tuple[int, ...]) -> str:
-    """'lo-hi' of the edges' bucket that holds value (the last open: '>=lo')."""
-    lo = 0
-    for hi in edges:
-        if value < hi:
-            return f"{lo}-{hi - 1}"
-        lo = hi
-    return f">={lo}"
-
-
 def summary(table: np.ndarray) -> dict:
     """The first and second readings' mean loss over all windows, by distance and by length."""
 
@@ -81,9 +68,8 @@ def summary(table: np.ndarray) -> dict:
 
     result = {"all": means(table)}
     for name, column, edges in (("by_distance", 0, DISTANCES), ("by_length", 1, LENGTHS)):
-        keys = [bucket(v, edges) for v in table[:, column]]
-        order = [bucket(e - 1, edges) for e in edges] + [bucket(edges[-1], edges)]
-        result[name] = {k: means(table[[key == k for key in keys]]) for k in order if k in keys}
+        keys = [edge_bucket(v, edges) for v in table[:, column]]
+        result[name] = {k: means(table[[key == k for key in keys]]) for k in edge_buckets(edges) if k in keys}
     return result
 
 
@@ -111,7 +97,7 @@ def main() -> None:
     device = resolve_device(args.device)
     model = load_model(args.model_path)[0].to(device)
     x, y, plan = planted(data, args.seq_len, args.windows, args.seed)
-    losses = window_losses(model, x, y, device, resolve_dtype("auto", device), args.batch_size)
+    losses = losses_of(model, x, y, device, resolve_dtype("auto", device), args.batch_size)
     result = {**vars(args), **summary(readings(losses, plan))}
     print(json.dumps({k: result[k] for k in ("all", "by_distance", "by_length")}))
     if args.out:

@@ -34,7 +34,7 @@ from dragon_hatchling.cli import Parser, UsageError, fail, out_file, positive_in
 from dragon_hatchling.data import load_bytes_file  # noqa: E402
 from dragon_hatchling.devices import resolve_device, resolve_dtype  # noqa: E402
 from dragon_hatchling.loading import load_model  # noqa: E402
-from dragon_hatchling.scoring import stream_byte_losses  # noqa: E402
+from dragon_hatchling.scoring import edge_bucket, edge_buckets, stream_byte_losses  # noqa: E402
 
 UNK = "<unk>"
 
@@ -103,12 +103,7 @@ def rare_words(raw: bytes, mask: np.ndarray) -> list[tuple[bytes, int, int]]:
 
 def repeat_bucket(distance: int) -> str:
     """The bucket of REPEAT_EDGES a distance in bytes falls in."""
-    lo = 0
-    for hi in REPEAT_EDGES:
-        if distance < hi:
-            return f"{lo}-{hi - 1}"
-        lo = hi
-    return f">={lo}"
+    return edge_bucket(distance, REPEAT_EDGES)
 
 
 def copy_pairs(losses: np.ndarray, words: list[tuple[bytes, int, int]]) -> dict:
@@ -126,11 +121,10 @@ def copy_pairs(losses: np.ndarray, words: list[tuple[bytes, int, int]]) -> dict:
             # losses[i] scores byte i + 1: the bytes after a word's first are losses[s : s + len - 1]
             first, second = (losses[s : s + len(w) - 1].mean() for s in starts[:2])
             pairs.setdefault(repeat_bucket(starts[1] - starts[0]), []).append((first, second))
-    order = [repeat_bucket(e - 1) for e in REPEAT_EDGES] + [repeat_bucket(REPEAT_EDGES[-1])]
     return {
         k: {"pairs": len(pairs[k]), "first": float(np.mean([a for a, _ in pairs[k]])),
             "second": float(np.mean([b for _, b in pairs[k]]))}
-        for k in order
+        for k in edge_buckets(REPEAT_EDGES)
         if k in pairs
     }  # fmt: skip
 
