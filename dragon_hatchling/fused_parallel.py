@@ -3,8 +3,8 @@ the parallel form `BDH.forward` computes (model.py, the plain reference, which s
 knows nothing of this file; tests/test_fused_parallel.py holds the two together). cuBLAS runs the
 layer's long matrix products in bf16 with float32 sums; four Triton kernels do everything between them,
 one pass each over a B*T x n tensor (and a fifth, _mirror_kernel, one over the B x h x T x T gradient
-of the scores). The two gate kernels make their short products themselves (K = d), tile by tile, so
-that u and g_y are never written to memory:
+of the scores). The forward's gate kernel makes its short product itself (K = d), tile by tile, so that
+u is never written to memory:
 
     forward   x = v Dx                  cuBLAS     (before the relu)
               _rope_kernel              RoPE(relu(x)), per head
@@ -12,8 +12,8 @@ that u and g_y are never written to memory:
                                                                                  cuBLAS and PyTorch
               _gate_kernel              y = relu(LN(a) Dy) * relu(x) * keep     keep: dropout, from a seed
               z = y E                   cuBLAS
-    backward  x again                   cuBLAS
-              _gate_grad_kernel         u = LN(a) Dy, g_y = g_z E^T; y, g_u = dL/du, the gate's part of g_x
+    backward  x, u again; g_y = g_z E^T                                    cuBLAS
+              _gate_grad_kernel         y, g_u = dL/du and the gate's part of g_x
               dL/dE, dL/dDy, dL/dLN(a), then autograd through LN(S v)   cuBLAS and PyTorch
               _mirror_kernel            G = L + L^T, L = tril(dL/dS, -1)
               _rope_kernel; g_r = G RoPE(x)                                 cuBLAS
@@ -21,7 +21,7 @@ that u and g_y are never written to memory:
               dL/dDx, dL/dv             cuBLAS
 
 No B x T x n tensor outlives its layer's pass: forward keeps only S (B x h x T x T) for backward, and
-backward computes x (and, in its gate kernel, u) again. (An earlier design fused every product into
+backward computes x and u again. (An earlier design fused every product into
 Triton kernels, so that no B x T x n tensor was written at all; those ran at 120-250 TFLOP/s against
 cuBLAS's 600-770 on an H100, and the training step was no faster than compiled plain PyTorch:
 results/benchmark/README.md.)
@@ -121,24 +121,20 @@ def _rope_kernel(x_ptr, cos_ptr, sin_ptr, r_ptr, R, T, TP, M, H, BR: tl.constexp
 
 
 @triton.jit
-def _products(a_ptr, b_ptr, rows, R, cols, stride, D: tl.constexpr, BM: tl.constexpr, BK: tl.constexpr,
-              BP: tl.constexpr, TRANSPOSED: tl.constexpr):  # fmt: skip
-    """One tile of a short product (K = d) with both halves of a tile of pairs, float32, on chip:
-    A[rows] B[:, cols] and A[rows] B[:, cols + half], where B is d x n (column c at b_ptr + c), or,
-    TRANSPOSED, B^T of an n x d matrix. A: R x d rows of a_ptr; stride: a half's columns (M/2)."""
-    in_rows, in_cols = (rows < R)[:, None], (cols < stride)[None, :]
+def _products(a_ptr, b_ptr, rows, R, cols, half, D: tl.constexpr, BM: tl.constexpr, BK: tl.constexpr,
+              BP: tl.constexpr):  # fmt: skip
+    """One tile of a short product (K = d) for both halves of a tile of pairs, float32, on chip:
+    A[rows] B[:, cols] and A[rows] B[:, cols + half]. A: R x d at a_ptr; B: d x 2 half at b_ptr."""
+    in_rows, in_cols = (rows < R)[:, None], (cols < half)[None, :]
     first = tl.zeros((BM, BP), dtype=tl.float32)
     second = tl.zeros((BM, BP), dtype=tl.float32)
     a_rows = a_ptr + rows.to(tl.int64)[:, None] * D
     for k in range(0, D, BK):
         kk = k + tl.arange(0, BK)
         a = tl.load(a_rows + kk[None, :], mask=in_rows, other=0.0)  # BM, BK
-        if TRANSPOSED:
-            b = b_ptr + cols.to(tl.int64)[None, :] * D + kk[:, None]  # BK, BP
-        else:
-            b = b_ptr + kk[:, None] * (stride * 2) + cols[None, :]  # BK, BP
+        b = b_ptr + kk[:, None] * (half * 2) + cols[None, :]  # BK, BP: the first halves
         first = dot(a, tl.load(b, mask=in_cols, other=0.0), first)
-        second = dot(a, tl.load(b + (stride * D if TRANSPOSED else stride), mask=in_cols, other=0.0), second)
+        second = dot(a, tl.load(b + half, mask=in_cols, other=0.0), second)
     return first, second
 
 
@@ -150,7 +146,7 @@ def _gate_kernel(
     """y = relu(u) * relu(x) * keep on one tile, u = LN(a) Dy made here (never in memory). x, y: R x n;
     ahat = LN(a): h, R, d; Dy: h, d, M."""
     rows, h, p, half, mask, offs, _ = _tile(R, M, H, BR, BP)
-    ua, ub = _products(ahat_ptr + h * R * D, dy_ptr + h * D * M, rows, R, p, half, D, BR, BK, BP, False)
+    ua, ub = _products(ahat_ptr + h * R * D, dy_ptr + h * D * M, rows, R, p, half, D, BR, BK, BP)
     xa, xb = _load_pair(x_ptr, offs, half, mask)
     ya, yb = relu(ua) * relu(xa), relu(ub) * relu(xb)
     if HAS_DROPOUT:
@@ -161,16 +157,15 @@ def _gate_kernel(
 
 @triton.jit
 def _gate_grad_kernel(
-    x_ptr, ahat_ptr, dy_ptr, gz_ptr, e_ptr, y_ptr, gu_ptr, gx_ptr, R, M, H, p_drop, seed, D: tl.constexpr,
-    HAS_DROPOUT: tl.constexpr, BR: tl.constexpr, BP: tl.constexpr, BK: tl.constexpr,
+    x_ptr, u_ptr, gy_ptr, y_ptr, gu_ptr, gx_ptr, R, M, H, p_drop, seed,
+    HAS_DROPOUT: tl.constexpr, BR: tl.constexpr, BP: tl.constexpr,
 ):  # fmt: skip
-    """From x, LN(a) and g_z = dL/dz on one tile, u = LN(a) Dy and g_y = g_z E^T made here: y again (for
-    dL/dE), g_u = dL/du and the gate's part of g_x = dL/dx (before the relu's mask, which
-    _grad_x_kernel applies). g_z: R, d; E: n, d; the rest as in _gate_kernel."""
-    rows, h, p, half, mask, offs, _ = _tile(R, M, H, BR, BP)
-    ua, ub = _products(ahat_ptr + h * R * D, dy_ptr + h * D * M, rows, R, p, half, D, BR, BK, BP, False)
-    ga, gb = _products(gz_ptr, e_ptr + h * M * D, rows, R, p, half, D, BR, BK, BP, True)
+    """From x, u and g_y = dL/dy on one tile: y again (for dL/dE), g_u = dL/du and the gate's part of
+    g_x = dL/dx (before the relu's mask, which _grad_x_kernel applies). Layouts as in _gate_kernel."""
+    rows, h, p, half, mask, offs, head_offs = _tile(R, M, H, BR, BP)
     xa, xb = _load_pair(x_ptr, offs, half, mask)
+    ua, ub = _load_pair(u_ptr, head_offs, half, mask)
+    ga, gb = _load_pair(gy_ptr, offs, half, mask)
     ya, yb = relu(ua) * relu(xa), relu(ub) * relu(xb)
     if HAS_DROPOUT:
         ka, kb = _keep_pair(seed, rows, h, p, half, H, p_drop, BR, BP)
@@ -228,12 +223,12 @@ def mirrored(dS: torch.Tensor, BT: int = 64) -> torch.Tensor:
 
 @dataclass(frozen=True)
 class GateTiles:
-    """The gate kernels' tiles: rows, pairs (of each half), the products' step over d, warps, stages."""
+    """The gate kernel's tiles: rows, pairs (of each half), the product's step over d, warps, stages."""
 
     BR: int = 64
     BP: int = 64
     BK: int = 64
-    num_warps: int = 8
+    num_warps: int = 4
     num_stages: int = 3
 
     def launch(self, kernel, R: int, H: int, M: int, D: int, *args, **flags) -> None:
@@ -244,7 +239,7 @@ class GateTiles:
                      num_stages=self.num_stages, **flags)  # fmt: skip
 
 
-GATE_TILES, GATE_GRAD_TILES = GateTiles(), GateTiles()
+GATE_TILES = GateTiles()  # the fastest of results/benchmark/gate_epilogue.py's sweep on an H200
 
 
 def gate(x: torch.Tensor, ahat: torch.Tensor, Dy: torch.Tensor, p_drop: float, seed: int,
@@ -258,21 +253,6 @@ def gate(x: torch.Tensor, ahat: torch.Tensor, Dy: torch.Tensor, p_drop: float, s
         HAS_DROPOUT=p_drop > 0,
     )  # fmt: skip
     return y
-
-
-def gate_grad(
-    x: torch.Tensor, ahat: torch.Tensor, Dy: torch.Tensor, gz: torch.Tensor, E: torch.Tensor, p_drop: float,
-    seed: int, tiles: GateTiles | None = None,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:  # fmt: skip
-    """From g_z = dL/dz (R, d bf16) and gate's operands: y, g_u = dL/du and the gate's part of g_x, each
-    R x n bf16 (u and g_y = g_z E^T never in memory). E: n, d bf16 (pair order)."""
-    (H, D, M), R = Dy.shape, x.shape[0]
-    y, gu, gx = torch.empty_like(x), torch.empty_like(x), torch.empty_like(x)
-    (tiles or GATE_GRAD_TILES).launch(
-        _gate_grad_kernel, R, H, M, D, x, ahat.contiguous(), Dy.contiguous(), gz.contiguous(), E.contiguous(),
-        y, gu, gx, R, M, H, p_drop, seed, HAS_DROPOUT=p_drop > 0,
-    )  # fmt: skip
-    return y, gu, gx
 
 
 def _grid(R: int, H: int, M: int) -> tuple[int, int]:
@@ -358,8 +338,13 @@ class FusedNeurons(torch.autograd.Function):
             ahat_ = _attention(S_, v_, earlier_)  # h, B, T, d
         ahat = ahat_.detach().to(torch.bfloat16)
         gz = gz.reshape(R, D).to(torch.bfloat16)
-        x = _pre_relu(v, Dx)  # R, n: as in forward
-        y, gu, gx = gate_grad(x, ahat.view(H, R, D), Dy, gz, E, ctx.p_drop, ctx.seed)  # each R, n
+        x, u = _pre_relu(v, Dx), ahat.view(H, R, D) @ Dy  # R, n and h, R, M: as in forward
+        gy = gz @ E.mT  # R, n
+        y, gu, gx = torch.empty_like(x), torch.empty_like(x), gy  # g_x overwrites g_y, element by element
+        _gate_grad_kernel[_grid(R, H, M)](
+            x, u, gy, y, gu, gx, R, M, H, ctx.p_drop, ctx.seed, HAS_DROPOUT=ctx.p_drop > 0, BR=BR, BP=BP
+        )
+        del u
         gE = y.mT @ gz  # n, d
         del y
         gu_h = gu.view(R, H, M).transpose(0, 1)  # h, R, M
