@@ -1,5 +1,5 @@
-"""What the fused kernels of both forms share: the interpreter's switch, the relu that keeps NaN, a
-product with float32 sums, and which neurons come first in their RoPE pairs."""
+"""What the fused kernels of both forms share: the interpreter's switch, the relu that keeps NaN, and
+which neurons come first in their RoPE pairs."""
 
 from __future__ import annotations
 
@@ -18,18 +18,6 @@ INTERPRET = tl.constexpr(os.environ.get("TRITON_INTERPRET", "0") == "1")
 def relu(x):
     """max(x, 0) that keeps NaN, as torch.relu does (tl.maximum alone would return 0)."""
     return tl.maximum(x, 0.0, propagate_nan=tl.PropagateNan.ALL)
-
-
-@triton.jit
-def dot(a, b, acc):
-    """acc + a b: float32 accumulation (bf16 operands on tensor cores; float32 ones exactly, not tf32)."""
-    if INTERPRET:
-        out = tl.dot(a.to(tl.float32), b.to(tl.float32), acc)
-    elif a.dtype == tl.float32:
-        out = tl.dot(a, b, acc, input_precision="ieee")
-    else:
-        out = tl.dot(a, b, acc)
-    return out
 
 
 def first_of_pairs(cfg: BDHConfig) -> slice:

@@ -1,16 +1,15 @@
 """The training step of BDH-GPU in Triton kernels: `fused_forward(model, idx, targets)` computes what
 the parallel form `BDH.forward` computes (model.py, the plain reference, which stays the CPU path and
-knows nothing of this file; tests/test_fused_parallel.py holds the two together). cuBLAS runs the
-layer's long matrix products in bf16 with float32 sums; four Triton kernels do everything between them,
+knows nothing of this file; tests/test_fused_parallel.py holds the two together). cuBLAS runs each
+layer's matrix products in bf16 with float32 sums; four Triton kernels do everything between them,
 one pass each over a B*T x n tensor (and a fifth, _mirror_kernel, one over the B x h x T x T gradient
-of the scores). The forward's gate kernel makes its short product itself (K = d), tile by tile, so that
-u is never written to memory:
+of the scores):
 
     forward   x = v Dx                  cuBLAS     (before the relu)
               _rope_kernel              RoPE(relu(x)), per head
-              S = tril(RoPE(x) RoPE(x)^T, -1) (times the decay weights with decay), a = S v, LN(a)
-                                                                                 cuBLAS and PyTorch
-              _gate_kernel              y = relu(LN(a) Dy) * relu(x) * keep     keep: dropout, from a seed
+              S = tril(RoPE(x) RoPE(x)^T, -1) (times the decay weights with decay), a = S v, LN(a),
+              u = LN(a) Dy                                                       cuBLAS and PyTorch
+              _gate_kernel              y = relu(u) * relu(x) * keep     keep: dropout, from a seed
               z = y E                   cuBLAS
     backward  x, u again; g_y = g_z E^T                                    cuBLAS
               _gate_grad_kernel         y, g_u = dL/du and the gate's part of g_x
@@ -21,9 +20,9 @@ u is never written to memory:
               dL/dDx, dL/dv             cuBLAS
 
 No B x T x n tensor outlives its layer's pass: forward keeps only S (B x h x T x T) for backward, and
-backward computes x and u again. (An earlier design fused every product into
-Triton kernels, so that no B x T x n tensor was written at all; those ran at 120-250 TFLOP/s against
-cuBLAS's 600-770 on an H100, and the training step was no faster than compiled plain PyTorch:
+backward computes x and u again. (An earlier design fused the products into Triton kernels as well,
+so that no B x T x n tensor was written at all; those ran at 120-250 TFLOP/s against cuBLAS's
+600-770 on an H100, and the training step was no faster than compiled plain PyTorch:
 results/benchmark/README.md.)
 
 A window that continues a text (truncated backpropagation through time, carried.py) reads the
@@ -49,7 +48,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from dragon_hatchling.fused_common import INTERPRET, dot, first_of_pairs, relu
+from dragon_hatchling.fused_common import INTERPRET, first_of_pairs, relu
 from model import BDH, ChunkDecay, RecurrentState, layer_norm, read_in_chunks, rope_cos_sin
 
 BR, BP = 32, 64  # tile of the training kernels: rows, and pairs of neurons (BP first halves, BP second)
@@ -92,20 +91,14 @@ def _cos_sin(cos_ptr, sin_ptr, t, p, half, mask):
 
 
 @triton.jit
-def _keep_pair(seed, rows, h, p, half, H, p_drop, BR: tl.constexpr, BP: tl.constexpr):
-    """Inverted dropout for both halves of a tile of pairs (p: BP consecutive pairs from a multiple of
-    4): 1 / (1 - p) where a neuron is kept, 0 where dropped; the same in forward and backward. One
-    Philox draw decides four pairs of a row: its four 32-bit words, one a pair, each split into two
-    16-bit numbers, the low for the first member and the high for the second (p_drop in steps of
-    1/65536). A draw a pair cost the gate kernels more time than their memory traffic."""
-    tl.static_assert(BP % 4 == 0)
-    group = tl.min(tl.reshape(p, (BP // 4, 4)), axis=1) // 4  # BP/4: each four pairs' first, over 4
-    draw = (rows[:, None] * H + h) * tl.cdiv(half, 4) + group[None, :]  # BR, BP/4: one per row and group
-    w0, w1, w2, w3 = tl.randint4x(seed, draw)
-    w = tl.reshape(tl.join(tl.join(w0, w1), tl.join(w2, w3)), (BR, BP))  # pair 4k + i: word [0, 2, 1, 3][i]
-    cut = tl.cast(p_drop * 65536.0 + 0.5, tl.uint32)
-    scale = 65536.0 / (65536.0 - cut.to(tl.float32))  # 1 / (1 - p) for the p drawn
-    return tl.where((w & 0xFFFF) >= cut, scale, 0.0), tl.where((w >> 16) >= cut, scale, 0.0)
+def _keep_pair(seed, rows, h, p, half, M, H, p_drop):
+    """Inverted dropout for both halves of a tile of pairs: 1 / (1 - p) where a neuron is kept, 0 where
+    dropped; the same in forward and backward. One Philox draw per pair gives four numbers: the
+    first decides the pair's first member, the second its second."""
+    pair = rows[:, None] * (H * half) + (h * half + p)[None, :]  # the pair's index among all B*T*n/2
+    ua, ub, _, _ = tl.rand4x(seed, pair)
+    scale = 1.0 / (1.0 - p_drop)
+    return tl.where(ua >= p_drop, scale, 0.0), tl.where(ub >= p_drop, scale, 0.0)
 
 
 @triton.jit
@@ -121,36 +114,17 @@ def _rope_kernel(x_ptr, cos_ptr, sin_ptr, r_ptr, R, T, TP, M, H, BR: tl.constexp
 
 
 @triton.jit
-def _products(a_ptr, b_ptr, rows, R, cols, half, D: tl.constexpr, BM: tl.constexpr, BK: tl.constexpr,
-              BP: tl.constexpr):  # fmt: skip
-    """One tile of a short product (K = d) for both halves of a tile of pairs, float32, on chip:
-    A[rows] B[:, cols] and A[rows] B[:, cols + half]. A: R x d at a_ptr; B: d x 2 half at b_ptr."""
-    in_rows, in_cols = (rows < R)[:, None], (cols < half)[None, :]
-    first = tl.zeros((BM, BP), dtype=tl.float32)
-    second = tl.zeros((BM, BP), dtype=tl.float32)
-    a_rows = a_ptr + rows.to(tl.int64)[:, None] * D
-    for k in range(0, D, BK):
-        kk = k + tl.arange(0, BK)
-        a = tl.load(a_rows + kk[None, :], mask=in_rows, other=0.0)  # BM, BK
-        b = b_ptr + kk[:, None] * (half * 2) + cols[None, :]  # BK, BP: the first halves
-        first = dot(a, tl.load(b, mask=in_cols, other=0.0), first)
-        second = dot(a, tl.load(b + half, mask=in_cols, other=0.0), second)
-    return first, second
-
-
-@triton.jit
 def _gate_kernel(
-    x_ptr, ahat_ptr, dy_ptr, y_ptr, R, M, H, p_drop, seed, D: tl.constexpr, HAS_DROPOUT: tl.constexpr,
-    BR: tl.constexpr, BP: tl.constexpr, BK: tl.constexpr,
+    x_ptr, u_ptr, y_ptr, R, M, H, p_drop, seed,
+    HAS_DROPOUT: tl.constexpr, BR: tl.constexpr, BP: tl.constexpr,
 ):  # fmt: skip
-    """y = relu(u) * relu(x) * keep on one tile, u = LN(a) Dy made here (never in memory). x, y: R x n;
-    ahat = LN(a): h, R, d; Dy: h, d, M."""
-    rows, h, p, half, mask, offs, _ = _tile(R, M, H, BR, BP)
-    ua, ub = _products(ahat_ptr + h * R * D, dy_ptr + h * D * M, rows, R, p, half, D, BR, BK, BP)
+    """y = relu(u) * relu(x) * keep on one tile. x, y: R x n; u = LN(a) Dy: h, R, M."""
+    rows, h, p, half, mask, offs, head_offs = _tile(R, M, H, BR, BP)
     xa, xb = _load_pair(x_ptr, offs, half, mask)
+    ua, ub = _load_pair(u_ptr, head_offs, half, mask)
     ya, yb = relu(ua) * relu(xa), relu(ub) * relu(xb)
     if HAS_DROPOUT:
-        ka, kb = _keep_pair(seed, rows, h, p, half, H, p_drop, BR, BP)
+        ka, kb = _keep_pair(seed, rows, h, p, half, M, H, p_drop)
         ya, yb = ya * ka, yb * kb
     _store_pair(y_ptr, offs, half, mask, ya, yb)
 
@@ -168,7 +142,7 @@ def _gate_grad_kernel(
     ga, gb = _load_pair(gy_ptr, offs, half, mask)
     ya, yb = relu(ua) * relu(xa), relu(ub) * relu(xb)
     if HAS_DROPOUT:
-        ka, kb = _keep_pair(seed, rows, h, p, half, H, p_drop, BR, BP)
+        ka, kb = _keep_pair(seed, rows, h, p, half, M, H, p_drop)
         ya, yb, ga, gb = ya * ka, yb * kb, ga * ka, gb * kb  # g from here on: before dropout
     _store_pair(y_ptr, offs, half, mask, ya, yb)
     _store_pair(
@@ -219,40 +193,6 @@ def mirrored(dS: torch.Tensor, BT: int = 64) -> torch.Tensor:
     tiles = triton.cdiv(T, BT)
     _mirror_kernel[(dS.numel() // (T * T), tiles, tiles)](dS, G, T, BT=BT)
     return G
-
-
-@dataclass(frozen=True)
-class GateTiles:
-    """The gate kernel's tiles: rows, pairs (of each half), the product's step over d, warps, stages."""
-
-    BR: int = 64
-    BP: int = 64
-    BK: int = 64
-    num_warps: int = 4
-    num_stages: int = 3
-
-    def launch(self, kernel, R: int, H: int, M: int, D: int, *args, **flags) -> None:
-        grid = (triton.cdiv(R, self.BR), H * triton.cdiv(M // 2, self.BP))
-        BK = min(self.BK, D)
-        assert D % BK == 0, f"d = {D} is no multiple of the products' step {BK}"
-        kernel[grid](*args, D=D, BR=self.BR, BP=self.BP, BK=BK, num_warps=self.num_warps,
-                     num_stages=self.num_stages, **flags)  # fmt: skip
-
-
-GATE_TILES = GateTiles()  # the fastest of results/benchmark/gate_epilogue.py's sweep on an H200
-
-
-def gate(x: torch.Tensor, ahat: torch.Tensor, Dy: torch.Tensor, p_drop: float, seed: int,
-         tiles: GateTiles | None = None) -> torch.Tensor:  # fmt: skip
-    """y = relu(LN(a) Dy) * relu(x) * keep, R x n bf16 (u never in memory). x: R x n bf16 (v Dx before
-    the relu, pair order); ahat = LN(a): h, R, d bf16; Dy: h, d, M bf16."""
-    (H, D, M), R = Dy.shape, x.shape[0]
-    y = torch.empty_like(x)
-    (tiles or GATE_TILES).launch(
-        _gate_kernel, R, H, M, D, x, ahat.contiguous(), Dy.contiguous(), y, R, M, H, p_drop, seed,
-        HAS_DROPOUT=p_drop > 0,
-    )  # fmt: skip
-    return y
 
 
 def _grid(R: int, H: int, M: int) -> tuple[int, int]:
@@ -318,8 +258,10 @@ class FusedNeurons(torch.autograd.Function):
             carried.advance(r, v)
         del r
         ahat = _attention(S, v, earlier).to(torch.bfloat16)  # h, B, T, d
-        y = gate(x, ahat.view(H, R, D), Dy, p_drop, seed)  # R, n
-        del x
+        u = ahat.view(H, R, D) @ Dy  # h, R, M
+        y = torch.empty_like(x)
+        _gate_kernel[_grid(R, H, M)](x, u, y, R, M, H, p_drop, seed, HAS_DROPOUT=p_drop > 0, BR=BR, BP=BP)
+        del x, u
         z = y @ E  # R, d
         ctx.save_for_backward(v, Dx, Dy, E, cos, sin, S, decay, earlier)
         ctx.p_drop, ctx.seed, ctx.carried, ctx.learned_read = p_drop, seed, carried, since_start is not None

@@ -11,7 +11,7 @@ import torch
 import triton
 import triton.language as tl
 
-from dragon_hatchling.fused_common import INTERPRET, dot, first_of_pairs, relu
+from dragon_hatchling.fused_common import INTERPRET, first_of_pairs, relu
 from model import BDH, RecurrentState, rope_frequencies
 
 # The recurrent step (generation): one byte per call, two kernels a layer, sparse reads.
@@ -32,6 +32,18 @@ from model import BDH, RecurrentState, rope_frequencies
 # (results/benchmark/step_tiles.py).
 
 DOT_ROWS = 16  # the fewest rows tl.dot takes: an attention program of fewer batch rows pads to it
+
+
+@triton.jit
+def dot(a, b, acc):
+    """acc + a b: float32 accumulation (bf16 operands on tensor cores; float32 ones exactly, not tf32)."""
+    if INTERPRET:
+        out = tl.dot(a.to(tl.float32), b.to(tl.float32), acc)
+    elif a.dtype == tl.float32:
+        out = tl.dot(a, b, acc, input_precision="ieee")
+    else:
+        out = tl.dot(a, b, acc)
+    return out
 
 
 def pow2(x: int, least: int = 16) -> int:
