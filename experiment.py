@@ -304,6 +304,16 @@ def add_data_flags(g) -> None:
         "resumed run keeps its own)",
     )
     g.add_argument(
+        "--fill_unk",
+        type=probability,
+        default=None,
+        metavar="FRACTION",
+        help="this fraction of the train text's <unk> tokens (the tokenized WikiText's words rarer than 3) "
+        "each replaced by a word that occurs exactly 3 times in it, drawn once from --seed: a stand-in for "
+        "the rare words the raw train split spells out; validation reads its text as it is (default 0; a "
+        "resumed run keeps its own)",
+    )
+    g.add_argument(
         "--extra_val_file",
         action="append",
         default=[],
@@ -527,7 +537,9 @@ def announce(run: Setup, model: torch.nn.Module, progress: Progress) -> None:
     args, ranks = run.args, run.ranks
     print(f"{model.display_name}: {model.num_params():,} parameters, {run.config}")
     print(
-        f"train {len(run.data.train):,} bytes ({run.sources['train']['source']}), "
+        f"train {len(run.data.train):,} bytes ({run.sources['train']['source']}"
+        + (f"; {run.data.filled:,} <unk> filled" if run.data.filled else "")
+        + f"), "
         f"{run.steps_per_epoch} steps/epoch, {run.total_steps} steps; device {device_name(run.device)}, "
         f"{str(run.dtype).removeprefix('torch.')}, {run.path} path; out {run.out_dir}"
         + (f"; {ranks.world} processes, {args.batch_size // ranks.world} windows a step each" * ranks.several)

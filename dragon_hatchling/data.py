@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+from collections import Counter
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
@@ -161,6 +162,34 @@ def copy_plan(batch: int, seq_len: int, fraction: float, seed: int, step: int) -
         target = int(rng.integers(source + length, size - length + 1))
         plan[row] = (length, source, target)
     return plan
+
+
+UNKNOWN = b"<unk>"  # WikiText's tokenized splits write every word rarer than 3 in its train split so
+FILL_COUNT = 3  # --fill_unk's stand-ins: words that occur exactly this often in the train text
+FILL_STREAM = 0xF1  # the fill's random numbers, apart from the copies' and an epoch's order
+
+
+def fill_unknowns(text: np.ndarray, fraction: float, seed: int) -> tuple[np.ndarray, int]:
+    """--fill_unk: this fraction of the text's <unk> tokens, each replaced by a word drawn from those
+    that occur exactly FILL_COUNT times in the text (rare words of the kind the raw text spells where
+    the tokenized text writes <unk>: 'Calakmul', 'complacency', '1630s' in the raw validation split;
+    'Metrodome', 'prudence', '157th' among the stand-ins). Drawn once from the seed alone, so every
+    rank and every resumption trains the same text. Returns the text and how many were filled."""
+    raw = np.asarray(text).tobytes()
+    pieces = raw.split(UNKNOWN)
+    if len(pieces) == 1:
+        raise ValueError(f"the train text holds no {UNKNOWN.decode()} tokens to fill")
+    counts = Counter(raw.split())
+    pool = sorted(w for w, c in counts.items() if c == FILL_COUNT and w != UNKNOWN)
+    if not pool:
+        raise ValueError(f"the train text has no word that occurs exactly {FILL_COUNT} times to fill with")
+    rng = np.random.default_rng([seed, FILL_STREAM])
+    filled = rng.random(len(pieces) - 1) < fraction
+    words = rng.integers(0, len(pool), len(pieces) - 1)
+    out = [pieces[0]]
+    for piece, fill, word in zip(pieces[1:], filled, words, strict=True):
+        out += [pool[word] if fill else UNKNOWN, piece]
+    return np.frombuffer(b"".join(out), dtype=np.uint8), int(filled.sum())
 
 
 SHUFFLE_LIMIT = 1 << 24  # an epoch of more windows (2 GB of text at 128 bytes) is not shuffled as an array

@@ -31,7 +31,14 @@ from dragon_hatchling.checkpoints import (
 )
 from dragon_hatchling.cli import UsageError, make_out_dir, unique_folder
 from dragon_hatchling.corpora import dataset_folder, dataset_source, prepare_dataset
-from dragon_hatchling.data import MIN_COPY, describe_source, load_bytes_file, load_split, num_windows
+from dragon_hatchling.data import (
+    MIN_COPY,
+    describe_source,
+    fill_unknowns,
+    load_bytes_file,
+    load_split,
+    num_windows,
+)
 from dragon_hatchling.devices import check_fits, resolve_device, resolve_dtype
 from dragon_hatchling.distributed import Ranks, rank_device
 from dragon_hatchling.hub_client import REPO_ID
@@ -80,6 +87,7 @@ RESUME_MUST_MATCH = (
     "reset_state",
     "article_order",
     "copy_spans",
+    "fill_unk",
 )
 
 
@@ -93,6 +101,7 @@ class Data:
     train_path: str | Path | None
     valid_path: str | Path | None
     extra_files: dict[str, str]  # label: path
+    filled: int = 0  # --fill_unk: <unk> tokens of the train text replaced by words
 
 
 @dataclass
@@ -293,7 +302,7 @@ def resume_from(args: argparse.Namespace) -> tuple[Path | None, dict | None]:
         apply_recipe(args, None)
         return None, None
     state = load_training_state(resume)
-    saved = {"copy_spans": 0.0, **state.get("args", {})}  # runs from before --copy_spans copied nothing
+    saved = {"copy_spans": 0.0, "fill_unk": 0.0, **state.get("args", {})}  # runs from before the flags
     if saved.get("rope_parts") is not None:  # a run that started from a merged model (--init_from)
         args.rope_parts = saved["rope_parts"]
     apply_recipe(args, saved)
@@ -351,8 +360,9 @@ def apply_recipe(args: argparse.Namespace, saved: dict | None) -> None:
         args.reset_state = saved.get("reset_state", "epoch") if saved is not None else "epoch"
     if args.article_order is None:  # runs from before --article_order read the text's
         args.article_order = saved.get("article_order", "text") if saved is not None else "text"
-    if args.copy_spans is None:
-        args.copy_spans = saved.get("copy_spans", 0.0) if saved is not None else 0.0
+    for flag in ("copy_spans", "fill_unk"):  # runs from before these flags: none
+        if getattr(args, flag) is None:
+            setattr(args, flag, saved.get(flag, 0.0) if saved is not None else 0.0)
 
 
 def apply_arch(args: argparse.Namespace, saved: dict | None) -> None:
@@ -437,9 +447,20 @@ def load_data(args: argparse.Namespace, dataset: Path | None = None) -> Data:
     else:
         train = load_split("train", args.data_dir)
         valid = load_split("valid", args.data_dir)
+    train, filled = filled_train(args, train)
     extra_files = dict(zip(extra_labels(args.extra_val_file), args.extra_val_file, strict=True))
     extra = {label: load_bytes_file(p, what="--extra_val_file") for label, p in extra_files.items()}
-    return Data(train, valid, extra, train_path, valid_path, extra_files)
+    return Data(train, valid, extra, train_path, valid_path, extra_files, filled)
+
+
+def filled_train(args: argparse.Namespace, train: np.ndarray) -> tuple[np.ndarray, int]:
+    """The train text with --fill_unk's share of its <unk> tokens replaced by rare words (data.py)."""
+    if not args.fill_unk:
+        return train, 0
+    try:
+        return fill_unknowns(train, args.fill_unk, args.seed)
+    except ValueError as e:
+        raise UsageError(f"--fill_unk {args.fill_unk}: {e}") from None
 
 
 def check_windows(args: argparse.Namespace, data: Data) -> int:
