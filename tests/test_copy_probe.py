@@ -9,7 +9,8 @@ from pathlib import Path
 
 import torch
 
-from conftest import load_script
+from conftest import call_main, load_script
+from test_cli import assert_clean_error
 
 SCRIPT = Path(__file__).resolve().parent.parent / "results/tbptt/copy_probe.py"
 
@@ -29,7 +30,7 @@ def test_windows_repeat_their_string_and_a_copier_scores_zero_on_the_copy():
     assert first < 1e-6 and copy < 1e-6
 
 
-def test_the_probe_trains_each_model_and_refuses_bad_flags(tmp_path: Path):
+def test_the_probe_trains_each_model_and_refuses_bad_flags(tmp_path: Path, capsys):
     out = tmp_path / "probe.json"
     cmd = [
         sys.executable,
@@ -49,6 +50,7 @@ def test_the_probe_trains_each_model_and_refuses_bad_flags(tmp_path: Path):
     curve = result["models"]["bdh-decay"]["curve"]
     assert list(result["models"]) == ["bdh-decay"] and [row["step"] for row in curve] == [0, 1, 2]
     assert curve[-1]["first"] < curve[0]["first"]  # it learns the letters' frequencies
+    probe = load_script(SCRIPT)
     for bad, needle in (
         (["--only", "rnn"], "--only"),
         (["--lr", "nan"], "--lr"),
@@ -58,5 +60,4 @@ def test_the_probe_trains_each_model_and_refuses_bad_flags(tmp_path: Path):
         (["--n_embd", "6"], "--n_embd"),
         (["--n_embd", "516"], "--n_embd"),
     ):
-        done = subprocess.run([*cmd, *bad], capture_output=True, text=True)
-        assert done.returncode == 2 and done.stderr.count("\n") == 1 and needle in done.stderr, done.stderr
+        assert_clean_error(call_main(probe.main, [*cmd[2:], *bad], capsys), needle)

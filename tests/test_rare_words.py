@@ -11,8 +11,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import load_script
+import evaluate
+from conftest import call_main, load_script
 from model import BDH, BDHConfig
+from test_cli import assert_clean_error
 
 SCRIPT = Path(__file__).resolve().parent.parent / "results/tbptt/rare_words.py"
 
@@ -69,7 +71,7 @@ def test_copy_pairs_compare_a_rare_words_first_and_second_reading():
     assert rw.repeat_bucket(255) == "0-255" and rw.repeat_bucket(16384) == ">=16384"
 
 
-def test_the_script_scores_both_texts_and_refuses_texts_that_do_not_align(tmp_path: Path):
+def test_the_script_scores_both_texts_and_refuses_texts_that_do_not_align(tmp_path: Path, capsys):
     cfg = BDHConfig(n_embd=16, n_head=2, n_neurons=64, n_layer=1, half_lives=[8, 64])
     BDH(cfg).save_pretrained(tmp_path / "m")
     (tmp_path / "raw").write_bytes(b" = A = \n a Zyx b c \n" * 20)
@@ -82,29 +84,27 @@ def test_the_script_scores_both_texts_and_refuses_texts_that_do_not_align(tmp_pa
     assert result["raw"]["marked_bytes"] == 20 * 4 and result["tokens"]["marked_bytes"] == 20 * 6
     assert result["raw_rare_copies"]["0-255"]["pairs"] == 1  # Zyx, read again 20 bytes on
     model = ["--model_path", str(tmp_path / "m"), "--device", "cpu"]
-    evaluate = [sys.executable, "evaluate.py", *model, "--stream", "--no_plots", "--chunk_size", "64"]
     for name in ("raw", "tok"):  # the same split from evaluate.py --stream's byte losses
         args = ["--data_file", str(tmp_path / name), "--out_dir", str(tmp_path / f"eval-{name}")]
-        assert subprocess.run([*evaluate, *args], capture_output=True, cwd=SCRIPT.parents[2]).returncode == 0
+        flags = [*model, "--stream", "--no_plots", "--chunk_size", "64", *args]
+        assert call_main(evaluate.main, flags, capsys).returncode == 0
     saved = [str(tmp_path / f"eval-{name}" / "byte_losses.npy") for name in ("raw", "tok")]
-    again = subprocess.run(
-        [*cmd[:2], *texts, "--losses", *saved, "--out", str(tmp_path / "o2.json")], text=True
-    )
-    assert again.returncode == 0
+    rw = load_script(SCRIPT)
+    again = call_main(rw.main, [*texts, "--losses", *saved, "--out", str(tmp_path / "o2.json")], capsys)
+    assert again.returncode is None, again.stderr
     from_files = json.loads((tmp_path / "o2.json").read_text())
     for name in ("raw", "tokens"):
         assert from_files[name]["whole"] == pytest.approx(result[name]["whole"], rel=1e-6)
         assert from_files[name]["marked"] == pytest.approx(result[name]["marked"], rel=1e-6)
-    raw_only = subprocess.run([*cmd[:2], *texts, "--losses", saved[0], "--out", str(tmp_path / "o3.json")])
-    assert raw_only.returncode == 0  # the raw text's losses alone: its split and its pairs, no tokens
+    raw_only = call_main(rw.main, [*texts, "--losses", saved[0], "--out", str(tmp_path / "o3.json")], capsys)
+    assert raw_only.returncode is None  # the raw text's losses alone: its split and its pairs, no tokens
     alone = json.loads((tmp_path / "o3.json").read_text())
     assert "tokens" not in alone and alone["raw_rare_copies"] == from_files["raw_rare_copies"]
     (tmp_path / "tok").write_bytes(b" = A = \n")
-    done = subprocess.run(cmd, capture_output=True, text=True)
-    assert done.returncode == 2 and done.stderr.count("\n") == 1 and "lines" in done.stderr
+    assert_clean_error(call_main(rw.main, [*cmd[2:], "--out", str(tmp_path / "o4.json")], capsys), "lines")
 
 
-def test_losses_that_are_no_byte_losses_are_refused_with_one_line(tmp_path: Path):
+def test_losses_that_are_no_byte_losses_are_refused_with_one_line(tmp_path: Path, capsys):
     (tmp_path / "raw").write_bytes(b" a Zyx b \n")
     (tmp_path / "tok").write_bytes(b" a <unk> b \n")
     np.save(tmp_path / "grid.npy", np.zeros((3, 2)))
@@ -115,7 +115,4 @@ def test_losses_that_are_no_byte_losses_are_refused_with_one_line(tmp_path: Path
              (["short.npy"] * 3, "got 3")]  # fmt: skip
     for bad, needle in cases:
         losses = [str(tmp_path / name) for name in bad]
-        done = subprocess.run(
-            [sys.executable, str(SCRIPT), *texts, "--losses", *losses], capture_output=True, text=True
-        )
-        assert done.returncode == 2 and done.stderr.count("\n") == 1 and needle in done.stderr, done.stderr
+        assert_clean_error(call_main(load_script(SCRIPT).main, [*texts, "--losses", *losses], capsys), needle)

@@ -95,7 +95,16 @@ def check_sizes(args) -> None:
         raise UsageError(f"--n_embd: expected a multiple of 4 (the models' heads), got {args.n_embd}")
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
+    """The command: its one-line errors (exit 2) for bad flags."""
+    try:
+        run(argv)
+    except (UsageError, ValueError) as e:  # a one-line error, as every command here ends
+        fail(str(e))
+
+
+def run(argv: list[str] | None) -> None:
+    """Parse the flags, then train, score and write."""
     p = Parser(description=__doc__.split("\n\n")[0])
     p.add_argument("--steps", type=positive_int, default=3000, help="training steps of each model")
     p.add_argument("--batch_size", type=positive_int, default=32, help="windows a step")
@@ -106,7 +115,7 @@ def main() -> None:
     p.add_argument("--seed", type=positive_int, default=1, help="the windows' and the models' seed")
     p.add_argument("--only", choices=NAMES, default=None, help="one model alone")
     p.add_argument("--out", type=out_file, default=None, help="write the curves here as JSON")
-    args = p.parse_args()
+    args = p.parse_args(argv)
     check_sizes(args)
     held_out = windows(256, args.length, torch.Generator().manual_seed(10**6 + args.seed))
     torch.manual_seed(args.seed)
@@ -121,7 +130,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except (UsageError, ValueError) as e:  # a one-line error, as every command here ends
-        fail(str(e))
+    main()

@@ -73,7 +73,16 @@ def summary(table: np.ndarray) -> dict:
     return result
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
+    """The command: its one-line errors (exit 2) for bad flags, files and texts."""
+    try:
+        run(argv)
+    except (UsageError, ValueError, OSError) as e:  # a one-line error, as every command here ends
+        fail(str(e))
+
+
+def run(argv: list[str] | None) -> None:
+    """Parse the flags, then measure and write."""
     p = Parser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model_path", required=True, help="a checkpoint folder or file (evaluate.py's)")
     p.add_argument("--data_file", required=True, help="the text to plant copies in (wiki.valid.raw)")
@@ -85,7 +94,7 @@ def main() -> None:
     p.add_argument("--batch_size", type=positive_int, default=16, help="windows a forward pass (16)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda (evaluate.py's)")
     p.add_argument("--out", type=out_file, default=None, help="write the numbers here as JSON")
-    args = p.parse_args()
+    args = p.parse_args(argv)
     if args.seq_len + 1 < 2 * MIN_COPY:
         raise UsageError(f"--seq_len {args.seq_len}: a span and its copy need {2 * MIN_COPY - 1} or more")
     data = load_bytes_file(args.data_file, "--data_file")
@@ -105,7 +114,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except (UsageError, ValueError, OSError) as e:  # a one-line error, as every command here ends
-        fail(str(e))
+    main()

@@ -151,7 +151,16 @@ def byte_losses(args, texts: dict[str, np.ndarray]):
         yield name, stream_byte_losses(model, data, device, resolve_dtype("auto", device), args.chunk_size)
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
+    """The command: its one-line errors (exit 2) for bad flags, files and texts."""
+    try:
+        run(argv)
+    except (UsageError, ValueError, OSError) as e:  # a one-line error, as every command here ends
+        fail(str(e))
+
+
+def run(argv: list[str] | None) -> None:
+    """Parse the flags, then measure and write."""
     p = Parser(description=__doc__.split("\n\n")[0])
     source = p.add_mutually_exclusive_group(required=True)
     source.add_argument("--model_path", help="a checkpoint folder or file (evaluate.py's)")
@@ -164,7 +173,7 @@ def main() -> None:
     p.add_argument("--device", default="auto", help="auto, cpu, cuda (evaluate.py's)")
     p.add_argument("--chunk_size", type=positive_int, default=2048, help="bytes read at a time")
     p.add_argument("--out", type=out_file, default=None, help="write the numbers here as JSON")
-    args = p.parse_args()
+    args = p.parse_args(argv)
     if args.losses and len(args.losses) > 2:
         count = len(args.losses)
         raise UsageError(f"--losses takes the raw text's byte losses and the tokenized text's, got {count}")
@@ -186,7 +195,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except (UsageError, ValueError, OSError) as e:  # a one-line error, as every command here ends
-        fail(str(e))
+    main()
