@@ -536,10 +536,11 @@ def announce(run: Setup, model: torch.nn.Module, progress: Progress) -> None:
         return
     args, ranks = run.args, run.ranks
     print(f"{model.display_name}: {model.num_params():,} parameters, {run.config}")
+    source = run.sources["train"]["source"] + (
+        f"; {run.data.filled:,} <unk> filled" if run.data.filled else ""
+    )
     print(
-        f"train {len(run.data.train):,} bytes ({run.sources['train']['source']}"
-        + (f"; {run.data.filled:,} <unk> filled" if run.data.filled else "")
-        + f"), "
+        f"train {len(run.data.train):,} bytes ({source}), "
         f"{run.steps_per_epoch} steps/epoch, {run.total_steps} steps; device {device_name(run.device)}, "
         f"{str(run.dtype).removeprefix('torch.')}, {run.path} path; out {run.out_dir}"
         + (f"; {ranks.world} processes, {args.batch_size // ranks.world} windows a step each" * ranks.several)

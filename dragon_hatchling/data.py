@@ -164,8 +164,9 @@ def copy_plan(batch: int, seq_len: int, fraction: float, seed: int, step: int) -
     return plan
 
 
-UNKNOWN = b"<unk>"  # WikiText's tokenized splits write every word rarer than 3 in its train split so
+UNKNOWN = b"<unk>"  # how WikiText's tokenized splits write a word seen fewer than 3 times in its train split
 FILL_COUNT = 3  # --fill_unk's stand-ins: words that occur exactly this often in the train text
+FILL_LIMIT = 1 << 30  # bytes: --fill_unk reads the whole train text into memory, twice
 FILL_STREAM = 0xF1  # the fill's random numbers, apart from the copies' and an epoch's order
 
 
@@ -175,6 +176,10 @@ def fill_unknowns(text: np.ndarray, fraction: float, seed: int) -> tuple[np.ndar
     the tokenized text writes <unk>: 'Calakmul', 'complacency', '1630s' in the raw validation split;
     'Metrodome', 'prudence', '157th' among the stand-ins). Drawn once from the seed alone, so every
     rank and every resumption trains the same text. Returns the text and how many were filled."""
+    if len(text) > FILL_LIMIT:
+        raise ValueError(
+            f"the train text ({len(text):,} bytes) is larger than it reads in memory ({FILL_LIMIT:,})"
+        )
     raw = np.asarray(text).tobytes()
     pieces = raw.split(UNKNOWN)
     if len(pieces) == 1:

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from conftest import tiny_run
+from dragon_hatchling import data
 from dragon_hatchling.data import FILL_COUNT, UNKNOWN, fill_unknowns
 from test_cli import assert_clean_error
 from test_copies import FLAGS
@@ -62,6 +63,15 @@ def test_the_fill_is_drawn_from_the_seed_alone_at_its_fraction():
 def test_a_text_it_cannot_fill_is_refused(text, message):
     with pytest.raises(ValueError, match=message):
         fill_unknowns(as_array(text), 1.0, seed=0)
+
+
+def test_a_text_too_large_to_hold_twice_in_memory_is_refused(monkeypatch):
+    text = as_array(tokens_text())
+    monkeypatch.setattr(data, "FILL_LIMIT", len(text) - 1)
+    with pytest.raises(ValueError, match=f"{len(text):,} bytes"):
+        fill_unknowns(text, 1.0, seed=0)
+    monkeypatch.setattr(data, "FILL_LIMIT", len(text))
+    assert fill_unknowns(text, 1.0, seed=0)[1] == 400  # at the limit
 
 
 def test_training_fills_the_train_text_and_a_resumed_run_keeps_it(tmp_path, small_data, capsys, monkeypatch):
