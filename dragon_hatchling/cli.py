@@ -19,6 +19,14 @@ def fail(message: str, code: int = 2) -> None:
     raise SystemExit(code)
 
 
+def run_command(run, argv: list[str] | None, errors: tuple = (UsageError, ValueError, OSError)) -> None:
+    """run(argv), each of `errors` it raises ended as one line and exit 2: a results/ script's main."""
+    try:
+        run(argv)
+    except errors as e:
+        fail(str(e))
+
+
 def positive_int(text: str) -> int:
     value = int(text)
     if value <= 0:

@@ -24,7 +24,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repository root: model.py
 
-from dragon_hatchling.cli import Parser, UsageError, fail, out_file, positive_float, positive_int  # noqa: E402
+from dragon_hatchling.cli import Parser, UsageError, out_file, positive_float, positive_int, run_command  # noqa: E402
 from dragon_hatchling.gpt import GPT, GPTConfig  # noqa: E402
 from model import BDH, BDHConfig  # noqa: E402
 
@@ -96,11 +96,8 @@ def check_sizes(args) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    """The command: its one-line errors (exit 2) for bad flags."""
-    try:
-        run(argv)
-    except (UsageError, ValueError) as e:  # a one-line error, as every command here ends
-        fail(str(e))
+    """The command: one-line errors (exit 2) for bad flags."""
+    run_command(run, argv, errors=(UsageError, ValueError))
 
 
 def run(argv: list[str] | None) -> None:

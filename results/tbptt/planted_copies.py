@@ -19,7 +19,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repository root: model.py
 
-from dragon_hatchling.cli import Parser, UsageError, fail, nonneg_int, out_file, positive_int  # noqa: E402
+from dragon_hatchling.cli import Parser, UsageError, nonneg_int, out_file, positive_int, run_command  # noqa: E402
 from dragon_hatchling.data import MIN_COPY, copy_plan, load_bytes_file, num_windows, windows_at  # noqa: E402
 from dragon_hatchling.devices import resolve_device, resolve_dtype  # noqa: E402
 from dragon_hatchling.loading import load_model  # noqa: E402
@@ -74,11 +74,8 @@ def summary(table: np.ndarray) -> dict:
 
 
 def main(argv: list[str] | None = None) -> None:
-    """The command: its one-line errors (exit 2) for bad flags, files and texts."""
-    try:
-        run(argv)
-    except (UsageError, ValueError, OSError) as e:  # a one-line error, as every command here ends
-        fail(str(e))
+    """The command: one-line errors (exit 2) for bad flags, files and texts."""
+    run_command(run, argv)
 
 
 def run(argv: list[str] | None) -> None:
