@@ -90,6 +90,9 @@ RESUME_MUST_MATCH = (
     "fill_unk",
 )
 
+# Flags that mix something into the training text, and their value for runs from before them: none.
+LATER_MIXES = {"copy_spans": 0.0, "fill_unk": 0.0}
+
 
 @dataclass
 class Data:
@@ -302,7 +305,7 @@ def resume_from(args: argparse.Namespace) -> tuple[Path | None, dict | None]:
         apply_recipe(args, None)
         return None, None
     state = load_training_state(resume)
-    saved = {"copy_spans": 0.0, "fill_unk": 0.0, **state.get("args", {})}  # runs from before the flags
+    saved = {**LATER_MIXES, **state.get("args", {})}  # runs from before these flags mixed nothing in
     if saved.get("rope_parts") is not None:  # a run that started from a merged model (--init_from)
         args.rope_parts = saved["rope_parts"]
     apply_recipe(args, saved)
@@ -360,9 +363,9 @@ def apply_recipe(args: argparse.Namespace, saved: dict | None) -> None:
         args.reset_state = saved.get("reset_state", "epoch") if saved is not None else "epoch"
     if args.article_order is None:  # runs from before --article_order read the text's
         args.article_order = saved.get("article_order", "text") if saved is not None else "text"
-    for flag in ("copy_spans", "fill_unk"):  # runs from before these flags: none
+    for flag, none in LATER_MIXES.items():  # runs from before these flags: none
         if getattr(args, flag) is None:
-            setattr(args, flag, saved.get(flag, 0.0) if saved is not None else 0.0)
+            setattr(args, flag, saved.get(flag, none) if saved is not None else none)
 
 
 def apply_arch(args: argparse.Namespace, saved: dict | None) -> None:
