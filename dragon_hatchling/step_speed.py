@@ -7,7 +7,8 @@ without decay, and the previous commit's kernels (--previous_step: a copy of its
 
 The floor is the bytes a step must move (Dx whole for every layer, the state rows of live neurons
 read and written, their rows of Dy and E; with every row decaying, every state row) over the device's
-bandwidth, measured in the same run by a copy.
+bandwidth, measured in the same run by a copy. The same weights without decay have their own floor
+(their neurons fire differently), so lazy decay and no decay are also compared each over its own.
 """
 
 from __future__ import annotations
@@ -129,6 +130,8 @@ def floors(model: BDH, one: list, many: list, rates: dict, bandwidth_bytes_per_s
     out = {"batch 1": floor_bytes(model, one, False), f"batch {BATCH}": floor_bytes(model, many, False)}
     if model.config.half_lives is not None:
         out["batch 1, every row decays"] = floor_bytes(model, one, True)
+        # its own neurons fire without decay, so its own floor: is a gap the kernels' or the traffic's?
+        out["batch 1, same weights without decay"] = floor_bytes(without_decay(model), one, False)
     for name, floor in out.items():
         floor["floor_bytes_per_s"] = bandwidth_bytes_per_s / floor["bytes_per_byte"]
         floor["rate_over_floor"] = rates[name] / floor["floor_bytes_per_s"]
@@ -153,6 +156,16 @@ def ratios(rates: dict) -> dict:
     return out
 
 
+def floor_ratios(floors: dict) -> dict:
+    """Lazy decay over no decay, each rate taken over its own floor (1: the decay costs the kernels
+    nothing, and any gap in bytes/s is the bytes the two models' neurons make them move)."""
+    name = "batch 1, same weights without decay"
+    if name not in floors:
+        return {}
+    at_floor = floors["batch 1"]["rate_over_floor"] / floors[name]["rate_over_floor"]
+    return {"lazy_decay_over_no_decay_at_floor": at_floor}
+
+
 def measure_steps(model: BDH, prompt: bytes, steps: int, previous: Path | None) -> dict:
     """Every rate of the module docstring, their floors, and the ratios the issue asks for."""
     dev = model.E.device
@@ -160,4 +173,4 @@ def measure_steps(model: BDH, prompt: bytes, steps: int, previous: Path | None) 
     out = {"bandwidth_bytes_per_s": bandwidth(dev), "batch": BATCH}
     out["rates"] = step_rates(model, one, many, steps, previous)
     out["floors"] = floors(model, one, many, out["rates"], out["bandwidth_bytes_per_s"])
-    return {**out, **ratios(out["rates"])}
+    return {**out, **ratios(out["rates"]), **floor_ratios(out["floors"])}

@@ -91,3 +91,20 @@ def test_generation_rejects_prompts_it_cannot_read():
     for prompts, needle in cases:
         with pytest.raises(ValueError, match=needle):
             generate(model, prompts, 3)
+
+
+def test_the_same_weights_without_decay_get_their_own_floor():
+    from dragon_hatchling import step_speed
+
+    torch.manual_seed(0)
+    model = BDH(BDHConfig(n_embd=32, n_head=2, n_neurons=128, n_layer=2, dropout=0.0, half_lives=[2.0, 8.0]))
+    model.eval()
+    one = step_speed.prompts(b"The cat sat on the mat, and then it sat again.", 1, "cpu")
+    rates = {"batch 1": 100.0, "batch 32": 400.0, "batch 1, every row decays": 50.0}
+    rates["batch 1, same weights without decay"] = 110.0
+    floors = step_speed.floors(model, one, one * 32, rates, bandwidth_bytes_per_s=1e9)
+    own, plain = floors["batch 1"], floors["batch 1, same weights without decay"]
+    assert own["x_nonzero"] != plain["x_nonzero"]  # the first layer's x agrees; the second's does not
+    at_floor = step_speed.floor_ratios(floors)["lazy_decay_over_no_decay_at_floor"]
+    assert at_floor == pytest.approx((100.0 / own["floor_bytes_per_s"]) / (110.0 / plain["floor_bytes_per_s"]))
+    assert step_speed.floor_ratios({"batch 1": own}) == {}
