@@ -106,5 +106,6 @@ def test_the_same_weights_without_decay_get_their_own_floor():
     own, plain = floors["batch 1"], floors["batch 1, same weights without decay"]
     assert own["x_nonzero"] != plain["x_nonzero"]  # the first layer's x agrees; the second's does not
     at_floor = step_speed.floor_ratios(floors)["lazy_decay_over_no_decay_at_floor"]
-    assert at_floor == pytest.approx((100.0 / own["floor_bytes_per_s"]) / (110.0 / plain["floor_bytes_per_s"]))
+    own_share, plain_share = 100.0 / own["floor_bytes_per_s"], 110.0 / plain["floor_bytes_per_s"]
+    assert at_floor == pytest.approx(own_share / plain_share)
     assert step_speed.floor_ratios({"batch 1": own}) == {}
