@@ -15,14 +15,13 @@ state dict, which `evaluate.py --model_path RUN/model.pt` loads as the paper aut
 from __future__ import annotations
 
 import argparse
-import csv
 import datetime as dt
 import importlib.util
-import json
 import math
 import signal
 import sys
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -30,7 +29,14 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repository's modules
 
 from dragon_hatchling.data import load_bytes_file, load_split, num_windows, windows_at  # noqa: E402
+from dragon_hatchling.files import write_json  # noqa: E402
+from dragon_hatchling.run_folder import CsvLog  # noqa: E402
 from dragon_hatchling.scoring import evaluate_loss  # noqa: E402
+
+RECIPE = (
+    "their train.py: AdamW lr 1e-3 constant, weight decay 0.1, no warm-up, no clipping, random offsets, "
+    "torch.compile, bf16 autocast"
+)
 
 
 def load_their_module(path: str):
@@ -40,7 +46,7 @@ def load_their_module(path: str):
     return module
 
 
-def main() -> int:
+def parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--bdh_py", required=True, help="their bdh.py")
     p.add_argument("--data_dir", required=True)
@@ -56,106 +62,147 @@ def main() -> int:
     p.add_argument(
         "--smoke", action="store_true", help="a tiny model and 20 steps, to try the script on a CPU"
     )
-    args = p.parse_args()
-    out = Path(args.out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    device = torch.device(args.device)
-    bdh = load_their_module(args.bdh_py)
-    torch.manual_seed(args.seed)
-    torch.backends.cuda.matmul.allow_tf32 = True
-    config = (
-        bdh.BDHConfig(n_layer=2, n_embd=32, mlp_internal_dim_multiplier=8) if args.smoke else bdh.BDHConfig()
-    )
-    model = bdh.BDH(config).to(device)
-    compiled = torch.compile(model) if device.type == "cuda" else model
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.1)
-    dtype = torch.bfloat16 if device.type == "cuda" else None
+    return p.parse_args()
 
-    train = load_bytes_file(args.train_file)
-    valid = {"": load_split("valid", args.data_dir)}
-    if args.extra_val_file:
-        valid["_" + Path(args.extra_val_file).name.replace(".", "_")] = load_bytes_file(args.extra_val_file)
-    total = args.epochs * (num_windows(train, args.seq_len) // args.batch_size)
-    total = 20 if args.smoke else total
-    gen = torch.Generator().manual_seed(args.seed)
-    fields = ["step", "bytes_seen", "train_loss", "lr", "bytes_per_s", "elapsed_s"]
-    fields += [f"val_loss{k}" for k in valid] + [f"val_bpb{k}" for k in valid]
-    log = open(out / "log.csv", "w", newline="")
-    writer = csv.DictWriter(log, fieldnames=fields, lineterminator="\n")
-    writer.writeheader()
-    print(f"their BDH: {sum(p.numel() for p in model.parameters()):,} parameters, {total} steps", flush=True)
 
-    def validate() -> dict:
-        model.eval()
-        with torch.no_grad():
-            res = {f"val_loss{k}": evaluate_loss(model, v, 128, 64, device, autocast_dtype=dtype)[0]
-                   for k, v in valid.items()}  # fmt: skip
-        model.train()
+@dataclass
+class Their:
+    """Their model, compiled on CUDA, with their optimiser, and the texts it reads."""
+
+    args: argparse.Namespace
+    device: torch.device = field(init=False)
+
+    def __post_init__(self) -> None:
+        args, self.device = self.args, torch.device(self.args.device)
+        bdh = load_their_module(args.bdh_py)
+        torch.manual_seed(args.seed)
+        torch.backends.cuda.matmul.allow_tf32 = True
+        small = dict(n_layer=2, n_embd=32, mlp_internal_dim_multiplier=8) if args.smoke else {}
+        self.model = bdh.BDH(bdh.BDHConfig(**small)).to(self.device)
+        self.compiled = torch.compile(self.model) if self.device.type == "cuda" else self.model
+        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=1e-3, weight_decay=0.1)
+        self.dtype = torch.bfloat16 if self.device.type == "cuda" else None
+        self.train = load_bytes_file(args.train_file)
+        self.valid = {"": load_split("valid", args.data_dir)}  # key: the suffix of its log columns
+        if args.extra_val_file:
+            name = "_" + Path(args.extra_val_file).name.replace(".", "_")
+            self.valid[name] = load_bytes_file(args.extra_val_file)
+        self.gen = torch.Generator().manual_seed(args.seed)
+
+    def step(self) -> torch.Tensor:
+        """One step of their train.py on windows at random offsets; the loss, detached."""
+        T = self.args.seq_len
+        offsets = torch.randint(len(self.train) - T - 1, (self.args.batch_size,), generator=self.gen)
+        x, y = (t.contiguous().to(self.device) for t in windows_at(self.train, offsets.tolist(), T))
+        with torch.autocast(self.device.type, dtype=self.dtype, enabled=self.dtype is not None):
+            _, loss = self.compiled(x, y)
+        loss.backward()
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return loss.detach()
+
+    @torch.no_grad()
+    def validate(self) -> dict:
+        """This project's protocol: 128-byte windows of each validation text, loss and bits per byte."""
+        self.model.eval()
+        res = {}
+        for key, text in self.valid.items():
+            res[f"val_loss{key}"] = evaluate_loss(
+                self.model, text, 128, 64, self.device, autocast_dtype=self.dtype
+            )[0]
+        self.model.train()
         return {**res, **{k.replace("loss", "bpb"): v / math.log(2) for k, v in res.items()}}
 
-    stop: list[int] = []
-    signal.signal(signal.SIGTERM, lambda signum, frame: stop.append(signum))  # stop, validate, save
-    start = time.time()
-    train_time, t0, loss_sum, count, last = 0.0, time.time(), torch.zeros((), device=device), 0, {}
-    for step in range(total):
-        offsets = torch.randint(len(train) - args.seq_len - 1, (args.batch_size,), generator=gen).tolist()
-        x, y = (t.contiguous().to(device) for t in windows_at(train, offsets, args.seq_len))
-        with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
-            _, loss = compiled(x, y)
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        loss_sum += loss.detach()
-        count += 1
-        done = step + 1
-        if stop or done == total:
-            total = done  # a SIGTERM ends the run here: validated, saved, its metrics say how far it got
-        if done % 100 == 0 or done % args.eval_every == 0 or done == total:
-            train_loss = loss_sum.item() / count
-            train_time += time.time() - t0
-            speed = round(count * args.batch_size * args.seq_len / (time.time() - t0))
-            row = {"step": done, "bytes_seen": done * args.batch_size * args.seq_len,
-                   "train_loss": round(train_loss, 5), "lr": 1e-3, "bytes_per_s": speed}  # fmt: skip
-            loss_sum.zero_()
-            count = 0
-            if done % args.eval_every == 0 or done == total:
-                last = validate()
-                row.update({k: round(v, 5) for k, v in last.items()})
-                shown = ", ".join(f"{k} {v:.4f}" for k, v in last.items())
-                print(f"step {done}: train {train_loss:.4f}, {shown}", flush=True)
-            row["elapsed_s"] = round(time.time() - start, 1)
-            writer.writerow(row)
-            log.flush()
-            t0 = time.time()
-        if done == total:
-            break
-    torch.save(model.state_dict(), out / "model.pt")
-    trained = total * args.batch_size * args.seq_len
-    metrics = {
+    def num_params(self) -> int:
+        return sum(p.numel() for p in self.model.parameters())
+
+
+@dataclass
+class Interval:
+    """The steps since the last log row: their summed loss and the time they took."""
+
+    device: torch.device
+    train_time: float = 0.0
+
+    def __post_init__(self) -> None:
+        self.loss_sum, self.count, self.t0 = torch.zeros((), device=self.device), 0, time.time()
+
+    def add(self, loss: torch.Tensor) -> None:
+        self.loss_sum += loss
+        self.count += 1
+
+    def close(self, step: int, bytes_a_step: int) -> dict:
+        """The interval's log row (a sync: .item()), and a new interval begun."""
+        seconds = time.time() - self.t0
+        self.train_time += seconds
+        row = {"step": step, "bytes_seen": step * bytes_a_step, "lr": 1e-3,
+               "train_loss": round(self.loss_sum.item() / self.count, 5),
+               "bytes_per_s": round(self.count * bytes_a_step / seconds)}  # fmt: skip
+        self.loss_sum.zero_()
+        self.count = 0
+        return row
+
+    def restart(self) -> None:
+        """Validation's time is not training time."""
+        self.t0 = time.time()
+
+
+def metrics(their: Their, last: dict, steps: int, interval: Interval, start: float, finished: bool) -> dict:
+    """metrics.json: the final validation, how far the run got, how fast, on what."""
+    args, cuda = their.args, their.device.type == "cuda"
+    trained = steps * args.batch_size * args.seq_len
+    extra = {k.removeprefix("val_loss_"): v for k, v in last.items() if k.startswith("val_loss_")}
+    return {
         "final_val_loss": last["val_loss"],
         "final_val_bpb": last["val_bpb"],
-        "final_extra_val": {
-            k.removeprefix("val_loss_"): v for k, v in last.items() if k.startswith("val_loss_")
-        },
-        "steps": total,
-        "finished": not stop,
+        "final_extra_val": extra,
+        "steps": steps,
+        "finished": finished,
         "bytes_trained": trained,
-        "train_time_s": round(train_time, 1),
+        "train_time_s": round(interval.train_time, 1),
         "wall_time_s": round(time.time() - start, 1),
-        "bytes_per_s": round(trained / train_time),
-        "peak_memory_gb": round(torch.cuda.max_memory_allocated() / 1e9, 2)
-        if device.type == "cuda"
-        else None,
-        "num_params": sum(p.numel() for p in model.parameters()),
-        "recipe": "their train.py: AdamW lr 1e-3 constant, weight decay 0.1, no warm-up, no clipping, "
-        "random offsets, torch.compile, bf16 autocast",
-        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+        "bytes_per_s": round(trained / interval.train_time),
+        "peak_memory_gb": round(torch.cuda.max_memory_allocated() / 1e9, 2) if cuda else None,
+        "num_params": their.num_params(),
+        "recipe": RECIPE,
+        "device": torch.cuda.get_device_name(their.device) if cuda else "cpu",
         "torch_version": torch.__version__,
         "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
         "command": " ".join(sys.argv),
     }
-    (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
-    print(f"done: val {metrics['final_val_loss']:.4f} nats/byte; {metrics['bytes_per_s']:,} bytes/s")
+
+
+def main() -> int:
+    args = parse_args()
+    out = Path(args.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    their = Their(args)
+    total = 20 if args.smoke else args.epochs * (num_windows(their.train, args.seq_len) // args.batch_size)
+    fields = ["step", "bytes_seen", "train_loss", "lr", "bytes_per_s", "elapsed_s"]
+    log = CsvLog(out / "log.csv", fields + [f"val_{m}{k}" for m in ("loss", "bpb") for k in their.valid])
+    print(f"their BDH: {their.num_params():,} parameters, {total} steps", flush=True)
+    stop: list[int] = []
+    signal.signal(signal.SIGTERM, lambda signum, frame: stop.append(signum))  # stop, validate, save
+    start, interval, last, done = time.time(), Interval(their.device), {}, 0
+    while done < total:
+        interval.add(their.step())
+        done += 1
+        total = done if stop else total  # a SIGTERM ends the run here: validated, saved, metrics say so
+        # a row every 100 steps, validation every --eval_every and at the end
+        if done % 100 == 0 or done % args.eval_every == 0 or done == total:
+            row = interval.close(done, args.batch_size * args.seq_len)
+            if done % args.eval_every == 0 or done == total:
+                last = their.validate()
+                row.update({k: round(v, 5) for k, v in last.items()})
+                shown = ", ".join(f"{k} {v:.4f}" for k, v in last.items())
+                print(f"step {done}: train {row['train_loss']:.4f}, {shown}", flush=True)
+            log.write({**row, "elapsed_s": round(time.time() - start, 1)})
+            interval.restart()
+    log.close()
+    torch.save(their.model.state_dict(), out / "model.pt")
+    result = metrics(their, last, total, interval, start, finished=not stop)
+    write_json(out / "metrics.json", result)
+    print(f"done: val {result['final_val_loss']:.4f} nats/byte; {result['bytes_per_s']:,} bytes/s")
     return 0
 
 
