@@ -32,6 +32,7 @@ RUNS = {  # name: its folder
     "lc-1024-learned-nodrop": HERE / "runs" / "lc-1024-learned-nodrop",  # and without dropout
     "lc-1024-learned-copy": HERE / "runs" / "lc-1024-learned-copy",  # round 9: a span copied a window
     "lc-2048-learned-copy": HERE / "runs" / "lc-2048-learned-copy",  # and in 2 x 2,048-byte windows
+    "lc-1024-learned-copy-fill": HERE / "runs" / "lc-1024-learned-copy-fill",  # round 10: <unk> filled
 }
 SHARED = {
     "tbptt-2048": 3,
@@ -62,6 +63,7 @@ def recipe(run: str) -> str:
     lives += " (learned from there)" if args.get("learn_decay") else ""
     lr += ", dropout 0" if args.get("dropout") == 0 else ""
     lr += f", copy spans in {args['copy_spans']:.0%} of windows" if args.get("copy_spans") else ""
+    lr += ", unknowns filled" if args.get("fill_unk") else ""
     return f"BDH, {shape}{heads}, half-lives {lives}" + (carried if args.get("carry_state") else "") + lr
 
 
@@ -137,7 +139,7 @@ def plot(path: Path) -> None:
     ax["k"].legend(handles.values(), handles.keys(), loc="center", ncol=2, fontsize=8)
     fig.suptitle(
         "Reference budget of wiki.train.tokens (round 1's tbptt-2048 and tbptt-512 cut at 88-89%); "
-        "one H200 (rounds 5, 6 and 9: one H100)",
+        "one H200 (rounds 5, 6, 9 and 10: one H100)",
         fontsize=10,
     )
     save(fig, path, dpi=110)
