@@ -145,6 +145,7 @@ def load_script(path: Path):
     """A script under results/ (no package) imported as a module, for tests of its functions."""
     spec = importlib.util.spec_from_file_location(path.stem, path)
     module = importlib.util.module_from_spec(spec)
+    sys.modules[path.stem] = module  # a module's dataclasses look themselves up there
     spec.loader.exec_module(module)
     return module
 

@@ -46,7 +46,7 @@ def load_their_module(path: str):
     return module
 
 
-def parse_args() -> argparse.Namespace:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--bdh_py", required=True, help="their bdh.py")
     p.add_argument("--data_dir", required=True)
@@ -62,7 +62,7 @@ def parse_args() -> argparse.Namespace:
     p.add_argument(
         "--smoke", action="store_true", help="a tiny model and 20 steps, to try the script on a CPU"
     )
-    return p.parse_args()
+    return p.parse_args(argv)
 
 
 @dataclass
@@ -172,8 +172,8 @@ def metrics(their: Their, last: dict, steps: int, interval: Interval, start: flo
     }
 
 
-def main() -> int:
-    args = parse_args()
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
     out = Path(args.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     their = Their(args)
