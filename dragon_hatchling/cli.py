@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import math
 import os
 import sys
 from pathlib import Path
+from types import ModuleType
 
 
 class UsageError(Exception):
@@ -187,3 +189,21 @@ def unique_folder(base: str | Path) -> Path:
         except OSError as e:
             raise UsageError(f"--out_dir {path} cannot be made ({e.strerror or e})") from e
     raise UsageError(f"--out_dir: {base} and 9,999 more like it exist; choose a folder")
+
+
+def module_from_file(path: str | Path, name: str, flag: str, expected: str = "a Python file") -> ModuleType:
+    """The Python file that `flag` names (an earlier copy of a kernel, the paper authors' bdh.py),
+    imported as module `name` and registered in sys.modules (a dataclass in it looks itself up
+    there); a file that is not one, or does not import, is a one-line UsageError."""
+    path = Path(path)
+    if not path.is_file() or path.suffix != ".py":
+        raise UsageError(f"{flag} {path}: expected {expected} (a .py file)")
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    try:
+        spec.loader.exec_module(module)
+    except Exception as e:  # whatever the file does wrong, one line
+        del sys.modules[name]
+        raise UsageError(f"{flag} {path}: could not be imported ({type(e).__name__}: {e})") from None
+    return module

@@ -14,12 +14,11 @@ bandwidth, measured in the same run by a copy. The same weights without decay ha
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
 from pathlib import Path
 
 import torch
 
-from dragon_hatchling.cli import UsageError
+from dragon_hatchling.cli import UsageError, module_from_file
 from dragon_hatchling.devices import cuda_time
 from dragon_hatchling.sampling import GraphedStep, generate, prompt_state
 from model import BDH
@@ -65,14 +64,9 @@ def without_decay(model: BDH) -> BDH:
 
 def previous_step(path: Path):
     """FusedStep of another copy of fused_recurrent.py (e.g. `git show REV:dragon_hatchling/...`)."""
-    if not path.is_file() or path.suffix != ".py":
-        raise UsageError(f"--previous_step {path}: expected a copy of fused_recurrent.py (a .py file)")
-    spec = importlib.util.spec_from_file_location("previous_fused_recurrent", path)
-    module = importlib.util.module_from_spec(spec)
-    try:
-        spec.loader.exec_module(module)
-    except Exception as e:  # whatever the file does wrong, one line
-        raise UsageError(f"--previous_step {path}: could not be imported ({type(e).__name__}: {e})") from None
+    module = module_from_file(
+        path, "previous_fused_recurrent", "--previous_step", "a copy of fused_recurrent.py"
+    )
     if not hasattr(module, "FusedStep"):
         raise UsageError(f"--previous_step {path}: has no FusedStep")
     return module.FusedStep

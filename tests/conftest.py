@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import shutil
 import socket
@@ -143,11 +142,9 @@ def call_main(main, argv: list[str], capsys) -> Ran:
 
 def load_script(path: Path):
     """A script under results/ (no package) imported as a module, for tests of its functions."""
-    spec = importlib.util.spec_from_file_location(path.stem, path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[path.stem] = module  # a module's dataclasses look themselves up there
-    spec.loader.exec_module(module)
-    return module
+    from dragon_hatchling.cli import module_from_file  # after the Hub's settings above, as every import
+
+    return module_from_file(path, path.stem, "load_script")
 
 
 def run_script(*args: str, cwd: Path = REPO, env: dict | None = None, timeout: float = 240):

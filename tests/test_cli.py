@@ -248,3 +248,26 @@ def test_learned_half_lives_train_without_weight_decay_and_are_logged(small_data
     rows = list(csv.DictReader((run / "log.csv").open()))
     lives = [[float(t) for t in row["half_lives"].split()] for row in rows if row["half_lives"]]
     assert len(lives) == 1 and len(lives[0]) == 2 and lives[0] != [8.0, 256.0]  # moved from the recipe's
+
+
+def test_a_python_file_named_by_a_flag_imports_or_fails_in_one_line(tmp_path):
+    """cli.module_from_file (--previous_step, --before, --bdh_py): a dataclass in the file works (the
+    module is registered); a missing file, another kind of file, or one that fails to import is a
+    UsageError naming the flag and the file, and leaves no half-imported module behind."""
+    import sys
+
+    from dragon_hatchling.cli import UsageError, module_from_file
+
+    good = tmp_path / "good.py"
+    good.write_text("import dataclasses\n\n@dataclasses.dataclass\nclass C:\n    n: int = 3\n")
+    assert module_from_file(good, "good_module", "--flag").C().n == 3
+    broken = tmp_path / "broken.py"
+    broken.write_text("raise RuntimeError('no GPU here')\n")
+    notes = tmp_path / "notes.txt"
+    notes.write_text("x = 1\n")
+    for path, needle in [(tmp_path / "absent.py", "expected a copy of it"), (notes, "expected a copy of it"),
+                         (broken, "could not be imported (RuntimeError: no GPU here)")]:  # fmt: skip
+        with pytest.raises(UsageError) as caught:
+            module_from_file(path, "half_module", "--flag", "a copy of it")
+        assert str(caught.value).startswith(f"--flag {path}: ") and needle in str(caught.value)
+        assert "\n" not in str(caught.value) and "half_module" not in sys.modules

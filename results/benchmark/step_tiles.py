@@ -15,7 +15,6 @@ tiles) in the same run.
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import itertools
 import json
 import sys
@@ -25,19 +24,11 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 from dragon_hatchling import benchmark  # noqa: E402
+from dragon_hatchling.cli import module_from_file  # noqa: E402
 from dragon_hatchling.devices import cuda_time  # noqa: E402
 from dragon_hatchling.fused_recurrent import FusedStep  # noqa: E402
 from dragon_hatchling.loading import load_model  # noqa: E402
 from dragon_hatchling.sampling import GraphedStep  # noqa: E402
-
-
-def module_from_file(path: str | Path, name: str):
-    """Import the Python file at path as module `name`: an earlier kernels.py or model.py, say."""
-    spec = importlib.util.spec_from_file_location(name, path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module  # a module's dataclasses look themselves up there
-    spec.loader.exec_module(module)
-    return module
 
 
 @torch.no_grad()
@@ -88,7 +79,7 @@ def main() -> None:
             return float("inf") if ms is None or err > 5e-2 else ms
 
         if args.before:
-            before = module_from_file(args.before, "kernels_before")
+            before = module_from_file(args.before, "kernels_before", "--before")
             run(None, None, before.FusedStep, f"before ({args.before.name}, its default tiles)")
         att0, gate0 = dict(FusedStep.ATTENTION_TILES), dict(FusedStep.GATE_TILES)
         run(att0, gate0, note="default tiles")

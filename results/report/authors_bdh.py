@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
-import importlib.util
 import math
 import signal
 import sys
@@ -28,6 +27,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repository's modules
 
+from dragon_hatchling.cli import module_from_file  # noqa: E402
 from dragon_hatchling.data import load_bytes_file, load_split, num_windows, windows_at  # noqa: E402
 from dragon_hatchling.files import write_json  # noqa: E402
 from dragon_hatchling.run_folder import CsvLog  # noqa: E402
@@ -37,13 +37,6 @@ RECIPE = (
     "their train.py: AdamW lr 1e-3 constant, weight decay 0.1, no warm-up, no clipping, random offsets, "
     "torch.compile, bf16 autocast"
 )
-
-
-def load_their_module(path: str):
-    spec = importlib.util.spec_from_file_location("authors_bdh", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -74,7 +67,7 @@ class Their:
 
     def __post_init__(self) -> None:
         args, self.device = self.args, torch.device(self.args.device)
-        bdh = load_their_module(args.bdh_py)
+        bdh = module_from_file(args.bdh_py, "their_bdh", "--bdh_py", "their bdh.py")
         torch.manual_seed(args.seed)
         torch.backends.cuda.matmul.allow_tf32 = True
         small = dict(n_layer=2, n_embd=32, mlp_internal_dim_multiplier=8) if args.smoke else {}
