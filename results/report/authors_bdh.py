@@ -27,12 +27,22 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repository's modules
 
-from dragon_hatchling.cli import module_from_file  # noqa: E402
+from dragon_hatchling.cli import (  # noqa: E402
+    Parser,
+    UsageError,
+    make_out_dir,
+    module_from_file,
+    positive_int,
+    run_command,
+    seed,
+)
 from dragon_hatchling.data import load_bytes_file, load_split, num_windows, windows_at  # noqa: E402
+from dragon_hatchling.devices import resolve_device  # noqa: E402
 from dragon_hatchling.files import write_json  # noqa: E402
 from dragon_hatchling.run_folder import CsvLog  # noqa: E402
 from dragon_hatchling.scoring import evaluate_loss  # noqa: E402
 
+VALID_LEN = 128  # this project's protocol: validation in windows of 128 bytes
 RECIPE = (
     "their train.py: AdamW lr 1e-3 constant, weight decay 0.1, no warm-up, no clipping, random offsets, "
     "torch.compile, bf16 autocast"
@@ -40,18 +50,20 @@ RECIPE = (
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--bdh_py", required=True, help="their bdh.py")
     p.add_argument("--data_dir", required=True)
     p.add_argument("--train_file", required=True)
     p.add_argument("--extra_val_file", default=None)
     p.add_argument("--out_dir", required=True)
     p.add_argument("--device", default="cuda")
-    p.add_argument("--batch_size", type=int, default=32)
-    p.add_argument("--seq_len", type=int, default=128)
-    p.add_argument("--epochs", type=int, default=3, help="the budget: this many epochs of our windows")
-    p.add_argument("--eval_every", type=int, default=1000)
-    p.add_argument("--seed", type=int, default=1337)
+    p.add_argument("--batch_size", type=positive_int, default=32)
+    p.add_argument("--seq_len", type=positive_int, default=128)
+    p.add_argument(
+        "--epochs", type=positive_int, default=3, help="the budget: this many epochs of our windows"
+    )
+    p.add_argument("--eval_every", type=positive_int, default=1000)
+    p.add_argument("--seed", type=seed, default=1337)
     p.add_argument(
         "--smoke", action="store_true", help="a tiny model and 20 steps, to try the script on a CPU"
     )
@@ -66,8 +78,16 @@ class Their:
     device: torch.device = field(init=False)
 
     def __post_init__(self) -> None:
-        args, self.device = self.args, torch.device(self.args.device)
+        args, self.device = self.args, resolve_device(self.args.device)
+        self.train = load_bytes_file(args.train_file, "--train_file")
+        self.valid = {"": load_split("valid", args.data_dir)}  # key: the suffix of its log columns
+        if args.extra_val_file:
+            name = "_" + Path(args.extra_val_file).name.replace(".", "_")
+            self.valid[name] = load_bytes_file(args.extra_val_file, "--extra_val_file")
+        self.check_texts()
         bdh = module_from_file(args.bdh_py, "their_bdh", "--bdh_py", "their bdh.py")
+        if not (hasattr(bdh, "BDH") and hasattr(bdh, "BDHConfig")):
+            raise UsageError(f"--bdh_py {args.bdh_py}: has no BDH and BDHConfig; expected their bdh.py")
         torch.manual_seed(args.seed)
         torch.backends.cuda.matmul.allow_tf32 = True
         small = dict(n_layer=2, n_embd=32, mlp_internal_dim_multiplier=8) if args.smoke else {}
@@ -75,12 +95,23 @@ class Their:
         self.compiled = torch.compile(self.model) if self.device.type == "cuda" else self.model
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=1e-3, weight_decay=0.1)
         self.dtype = torch.bfloat16 if self.device.type == "cuda" else None
-        self.train = load_bytes_file(args.train_file)
-        self.valid = {"": load_split("valid", args.data_dir)}  # key: the suffix of its log columns
-        if args.extra_val_file:
-            name = "_" + Path(args.extra_val_file).name.replace(".", "_")
-            self.valid[name] = load_bytes_file(args.extra_val_file)
         self.gen = torch.Generator().manual_seed(args.seed)
+
+    def check_texts(self) -> None:
+        """Before any work: the train text holds a batch of windows and a window at a random offset
+        (step), each validation text a 128-byte window."""
+        T, B = self.args.seq_len, self.args.batch_size
+        if num_windows(self.train, T) < B or len(self.train) <= T + 1:
+            raise UsageError(
+                f"--train_file ({len(self.train)} bytes) must hold --batch_size {B} windows of --seq_len "
+                f"{T} + 1 bytes and a byte more; it holds {num_windows(self.train, T)} windows"
+            )
+        for name, text in self.valid.items():
+            if num_windows(text, VALID_LEN) == 0:
+                what = "--extra_val_file" if name else "wiki.valid.raw of --data_dir"
+                raise UsageError(
+                    f"{what} ({len(text)} bytes) is shorter than one window of {VALID_LEN + 1} bytes"
+                )
 
     def step(self) -> torch.Tensor:
         """One step of their train.py on windows at random offsets; the loss, detached."""
@@ -101,7 +132,7 @@ class Their:
         res = {}
         for key, text in self.valid.items():
             res[f"val_loss{key}"] = evaluate_loss(
-                self.model, text, 128, 64, self.device, autocast_dtype=self.dtype
+                self.model, text, VALID_LEN, 64, self.device, autocast_dtype=self.dtype
             )[0]
         self.model.train()
         return {**res, **{k.replace("loss", "bpb"): v / math.log(2) for k, v in res.items()}}
@@ -166,10 +197,16 @@ def metrics(their: Their, last: dict, steps: int, interval: Interval, start: flo
 
 
 def main(argv: list[str] | None = None) -> int:
+    """The command: one-line errors (exit 2) for bad flags and files, before any work."""
+    run_command(run, argv)
+    return 0
+
+
+def run(argv: list[str] | None) -> None:
+    """Train their model for the budget, validating as it goes, then save it and its metrics."""
     args = parse_args(argv)
-    out = Path(args.out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     their = Their(args)
+    out = make_out_dir(args.out_dir)
     total = 20 if args.smoke else args.epochs * (num_windows(their.train, args.seq_len) // args.batch_size)
     fields = ["step", "bytes_seen", "train_loss", "lr", "bytes_per_s", "elapsed_s"]
     log = CsvLog(out / "log.csv", fields + [f"val_{m}{k}" for m in ("loss", "bpb") for k in their.valid])
@@ -196,7 +233,6 @@ def main(argv: list[str] | None = None) -> int:
     result = metrics(their, last, total, interval, start, finished=not stop)
     write_json(out / "metrics.json", result)
     print(f"done: val {result['final_val_loss']:.4f} nats/byte; {result['bytes_per_s']:,} bytes/s")
-    return 0
 
 
 if __name__ == "__main__":
