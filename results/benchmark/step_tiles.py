@@ -14,7 +14,6 @@ tiles) in the same run.
 
 from __future__ import annotations
 
-import argparse
 import itertools
 import json
 import sys
@@ -24,7 +23,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 from dragon_hatchling import benchmark  # noqa: E402
-from dragon_hatchling.cli import module_from_file  # noqa: E402
+from dragon_hatchling.cli import Parser, UsageError, module_from_file, run_command  # noqa: E402
 from dragon_hatchling.devices import cuda_time  # noqa: E402
 from dragon_hatchling.fused_recurrent import FusedStep  # noqa: E402
 from dragon_hatchling.loading import load_model  # noqa: E402
@@ -55,12 +54,21 @@ def ms_per_step(model, state0, byte, fused, reference: torch.Tensor, lazy: bool 
     return 1000 * cuda_time(lambda: run(byte), 100, 3) / 100, err
 
 
-def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def main(argv: list[str] | None = None) -> None:
+    """The command: one-line errors (exit 2) for bad flags and files (--before, --model_path)."""
+    run_command(sweep, argv)
+
+
+def sweep(argv: list[str] | None) -> None:
+    """Parse the flags, sweep the tiles, profile the fastest, then benchmark generation with them."""
+    p = Parser(description=__doc__.splitlines()[0])
     p.add_argument("--model_path", required=True)
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--before", type=Path, help="an earlier kernels.py whose FusedStep to time alongside")
-    args = p.parse_args()
+    args = p.parse_args(argv)
+    if not torch.cuda.is_available():
+        raise UsageError("step_tiles.py times the fused step's CUDA graph: it needs a CUDA GPU")
+    before = module_from_file(args.before, "kernels_before", "--before") if args.before else None
     args.out.mkdir(parents=True, exist_ok=True)
     model, state0, byte, reference = prepared(args.model_path)
     rows = []
@@ -78,8 +86,7 @@ def main() -> None:
             print(f"{shown} {note} {att} {gate}", flush=True)
             return float("inf") if ms is None or err > 5e-2 else ms
 
-        if args.before:
-            before = module_from_file(args.before, "kernels_before", "--before")
+        if before is not None:
             run(None, None, before.FusedStep, f"before ({args.before.name}, its default tiles)")
         att0, gate0 = dict(FusedStep.ATTENTION_TILES), dict(FusedStep.GATE_TILES)
         run(att0, gate0, note="default tiles")
