@@ -20,7 +20,6 @@ import math
 import signal
 import sys
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -70,15 +69,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-@dataclass
 class Their:
     """Their model, compiled on CUDA, with their optimiser, and the texts it reads."""
 
-    args: argparse.Namespace
-    device: torch.device = field(init=False)
-
-    def __post_init__(self) -> None:
-        args, self.device = self.args, resolve_device(self.args.device)
+    def __init__(self, args: argparse.Namespace) -> None:
+        self.args, self.device = args, resolve_device(args.device)
         self.train = load_bytes_file(args.train_file, "--train_file")
         self.valid = {"": load_split("valid", args.data_dir)}  # key: the suffix of its log columns
         if args.extra_val_file:
@@ -141,15 +136,13 @@ class Their:
         return sum(p.numel() for p in self.model.parameters())
 
 
-@dataclass
 class Interval:
-    """The steps since the last log row: their summed loss and the time they took."""
+    """The steps since the last log row: their summed loss and the time they took (and all of
+    training's time so far, train_time)."""
 
-    device: torch.device
-    train_time: float = 0.0
-
-    def __post_init__(self) -> None:
-        self.loss_sum, self.count, self.t0 = torch.zeros((), device=self.device), 0, time.time()
+    def __init__(self, device: torch.device) -> None:
+        self.loss_sum, self.count, self.t0 = torch.zeros((), device=device), 0, time.time()
+        self.train_time = 0.0
 
     def add(self, loss: torch.Tensor) -> None:
         self.loss_sum += loss
