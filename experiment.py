@@ -260,6 +260,14 @@ def add_model_flags(g) -> None:
         help="bdh: learn each head's half-life, starting from --half_lives (a parameter per head, "
         "without weight decay)",
     )
+    g.add_argument(
+        "--shifted_heads",
+        type=nonneg_int,
+        default=None,
+        metavar="K",
+        help="bdh: the last K heads pair each byte's key with the next byte's value, so that a match "
+        "reads what followed it (an induction head's copy; 0: none, the paper's model)",
+    )
 
 
 def add_data_flags(g) -> None:

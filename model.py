@@ -8,6 +8,7 @@ The paper authors' code names them the other way round (their `encoder` is our D
     repeat L times, the same weights every time:
         x = relu(v Dx)                               # B, h, T, n/h   sparse, positive neurons
         a = causal linear attention, q = k = RoPE(x), values v, diagonal masked   # B, h, T, d
+            (a shifted head's value at s is v_{s+1}: a match returns the byte after it)
         y = relu(LN(a) Dy) * x                       # B, h, T, n/h   (dropout here)
         v = LN(v + LN(y E))                          # B, T, d
     logits = v readout                               # B, T, V
@@ -36,33 +37,50 @@ class RecurrentState:
     # int64, the absolute position of the next byte (RoPE continues from it): 0-dim, one for every
     # row, or B, each row its own (prompts of different lengths, sampled side by side)
     pos: torch.Tensor
+    # With shifted heads (BDHConfig.shifted_heads), per layer: B, h, 1, n/h float32, RoPE(x) of the
+    # byte before pos in the shifted heads (zero in the others). Its term waits for the value of the
+    # byte at pos, which the next chunk or step adds to the state before reading it. None: no such heads.
+    last: list[torch.Tensor] | None = None
+
+    def tensors(self) -> list[torch.Tensor]:
+        """Every tensor with a row for each row of the batch: the layers' states, then their last."""
+        return self.layers + (self.last or [])
 
     def clone(self) -> RecurrentState:
-        return RecurrentState([S.clone() for S in self.layers], self.pos.clone())
+        return RecurrentState([S.clone() for S in self.layers], self.pos.clone(), clone_all(self.last))
 
     @staticmethod
     def stack(states: list[RecurrentState]) -> RecurrentState:
         """One state of the rows of all, one after another, each row keeping its own position."""
         pos = [s.pos.expand(s.layers[0].shape[0]) for s in states]
-        layers = [torch.cat(rows) for rows in zip(*(s.layers for s in states), strict=True)]
-        return RecurrentState(layers, torch.cat(pos))
+        last = None if states[0].last is None else cat_rows([s.last for s in states])
+        return RecurrentState(cat_rows([s.layers for s in states]), torch.cat(pos), last)
 
     def put_row(self, b: int, other: RecurrentState) -> None:
         """Row b takes other's one row in place (its position too: self.pos must be per row)."""
-        for S, new in zip(self.layers, other.layers, strict=True):
+        for S, new in zip(self.tensors(), other.tensors(), strict=True):
             S[b].copy_(new[0])
         self.pos[b] = other.pos.reshape(-1)[0]
 
     def empty_rows(self, rows: torch.Tensor) -> None:
         """In place, these rows (a bool mask over the batch) start again from an empty attention state;
         their positions carry on (only distances count)."""
-        for S in self.layers:
+        for S in self.tensors():
             S[rows.to(S.device)] = 0
 
     def copy_(self, other: RecurrentState) -> None:
         """Take other's values in place (a captured CUDA graph reads these very tensors)."""
-        for live, new in zip(self.layers + [self.pos], other.layers + [other.pos], strict=True):
+        for live, new in zip(self.tensors() + [self.pos], other.tensors() + [other.pos], strict=True):
             live.copy_(new)
+
+
+def clone_all(tensors: list[torch.Tensor] | None) -> list[torch.Tensor] | None:
+    return None if tensors is None else [t.clone() for t in tensors]
+
+
+def cat_rows(per_state: list[list[torch.Tensor]]) -> list[torch.Tensor]:
+    """Each layer's tensors of several states, their rows one after another."""
+    return [torch.cat(rows) for rows in zip(*per_state, strict=True)]
 
 
 @dataclass
@@ -85,6 +103,10 @@ class BDHConfig:
     half_lives: list[float] | None = None
     # Learn the half-lives: a parameter per head, log2 of its half-life, starting from half_lives.
     learn_decay: bool = False
+    # The last shifted_heads heads pair each key RoPE(x_s) with the value of the byte after it, v_{s+1}
+    # (a_t = sum_{s<t} w_ts <RoPE(x_t), RoPE(x_s)> v_{s+1}): a byte that matches an earlier one reads
+    # what followed it, as a Transformer's induction head does. 0: none (the paper's model).
+    shifted_heads: int = 0
     # A merged model's heads (dragon_hatchling/merging.py): the head sizes of the models merged, in
     # order; each part's RoPE frequencies follow the rule for its own size. None: one part.
     rope_parts: list[int] | None = None
@@ -115,6 +137,10 @@ class BDHConfig:
                 )
         if self.learn_decay and self.half_lives is None:
             raise ValueError("learn_decay needs half_lives to start from")
+        if not 0 <= self.shifted_heads <= self.n_head:
+            raise ValueError(
+                f"shifted_heads must be in [0, n_head = {self.n_head}], got {self.shifted_heads}"
+            )
         if self.rope_parts is not None:
             self.check_rope_parts()
 
@@ -165,9 +191,14 @@ class BDHConfig:
         )
         parts = " + ".join(map(str, self.rope_parts or []))
         merged = f"; merged, each head of {parts} neurons" if self.rope_parts else ""
+        shifted = (
+            f"; the last {self.shifted_heads} head(s) read the byte after each match"
+            if self.shifted_heads
+            else ""
+        )
         return (
             f"d={self.n_embd}, h={self.n_head}, n={self.n_neurons} neurons, {self.n_layer} layers sharing "
-            f"one set of weights, {attention}{merged}"
+            f"one set of weights, {attention}{merged}{shifted}"
         )
 
 
@@ -227,13 +258,28 @@ def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, style: str) -> t
     return (x * cos).to(x.dtype) + (rotate_pairs(x, style) * sin).to(x.dtype)
 
 
+def successors(v: torch.Tensor) -> torch.Tensor:
+    """v_{t+1} at t along dim -2, zero at the last position (its successor is not there yet)."""
+    return F.pad(v[..., 1:, :], (0, 0, 0, 1))
+
+
+def head_values(v: torch.Tensor, n_head: int, shifted: int) -> torch.Tensor:
+    """The attention's values: v (B, T, d) for every head (B, 1, T, d), or with shifted heads
+    (B, h, T, d) v for the first h - shifted and successors(v) for the last shifted."""
+    v1 = v.unsqueeze(1)  # B, 1, T, d
+    if shifted == 0:
+        return v1
+    B, _, T, d = v1.shape
+    return torch.cat((v1.expand(B, n_head - shifted, T, d), successors(v1).expand(B, shifted, T, d)), dim=1)
+
+
 def causal_linear_attention(
     qk: torch.Tensor, v: torch.Tensor, decay: torch.Tensor | None = None
 ) -> torch.Tensor:
     """a_t = sum_{s<t} w_ts <qk_t, qk_s> v_s: linear attention, queries = keys, diagonal masked.
 
     w = 1 (the paper's model), or decay (h, T, T) = gamma_h^(t-1-s) for s < t and 0 elsewhere.
-    qk: B, h, T, n/h    v: B, 1, T, d    returns B, h, T, d
+    qk: B, h, T, n/h    v: B, 1, T, d (or B, h, T, d: head_values)    returns B, h, T, d
     """
     scores = qk @ qk.mT  # B, h, T, T
     scores = scores.tril(diagonal=-1) if decay is None else scores * decay.to(scores.dtype)
@@ -394,6 +440,12 @@ class BDH(
         return sum(p.numel() for p in self.parameters())
 
     @property
+    def has_fused_step(self) -> bool:
+        """Whether fused_recurrent.FusedStep computes step(): not with shifted heads, whose state
+        keeps the byte before's RoPE(x) (RecurrentState.last) that its kernels do not."""
+        return not self.config.shifted_heads
+
+    @property
     def active_dropout(self) -> float:
         """The dropout probability a pass applies now: the config's in training mode, else 0."""
         return self.dropout.p if self.training else 0.0
@@ -409,13 +461,17 @@ class BDH(
         y_flat = self.dropout(y).transpose(1, 2).reshape(B, T, -1)  # B, T, n
         return layer_norm(v + layer_norm(y_flat @ self.E)), y  # B, T, d
 
+    def values(self, v: torch.Tensor) -> torch.Tensor:
+        """The attention's values of v (B, T, d): B, 1, T, d, or B, h, T, d with shifted heads."""
+        return head_values(v, self.config.n_head, self.config.shifted_heads)
+
     def layer(
         self, v: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, decay: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """One BDH-GPU layer, parallel form. v: B, T, d. Returns the new v and the neurons x, y."""
         x = self.neurons(v)  # B, h, T, n/h
         r = rope(x, cos, sin, self.config.rope_style)
-        a = causal_linear_attention(r, v.unsqueeze(1), decay)  # B, h, T, d
+        a = causal_linear_attention(r, self.values(v), decay)  # B, h, T, d
         v, y = self.mix(v, x, a)
         return v, x, y
 
@@ -423,28 +479,39 @@ class BDH(
         self,
         v: torch.Tensor,
         state: torch.Tensor,
+        last: torch.Tensor | None,
         cos: torch.Tensor,
         sin: torch.Tensor,
         decay: ChunkDecay | None,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         """One layer over a chunk of C bytes that carries the attention state of all earlier bytes.
 
         state: B, h, n/h, d (float32 or wider), the sum of RoPE(x_s)^T v_s over every earlier position s
         (each term weighted gamma^(pos-1-s) with decay). Inside the chunk the attention is the quadratic
-        one; earlier chunks come in through the state.
+        one; earlier chunks come in through the state. With shifted heads, last (B, h, 1, n/h) is the
+        byte before the chunk, whose term takes this chunk's first v; returned for the chunk's last byte.
         """
-        v1 = v.unsqueeze(1)  # B, 1, C, d
+        vals = self.values(v)  # B, 1 or h, C, d
         x = self.neurons(v)  # B, h, C, n/h
         r = rope(x, cos, sin, self.config.rope_style)  # B, h, C, n/h
+        if last is not None:  # the byte before the chunk meets its successor, this chunk's first byte
+            state = state + (last.mT @ v[:, None, :1].to(last.dtype)).to(state.dtype)
         if decay is None:
-            a = causal_linear_attention(r, v1) + r @ state.to(r.dtype)  # B, h, C, d
-            state = state + (r.mT @ v1).to(state.dtype)  # B, h, n/h, d
+            a = causal_linear_attention(r, vals) + r @ state.to(r.dtype)  # B, h, C, d
+            state = state + (r.mT @ vals).to(state.dtype)  # B, h, n/h, d
         else:  # the state before the chunk fades by gamma^i at its byte i, and by gamma^C to its end
             earlier = (r * decay.since_start.to(r.dtype)) @ state.to(r.dtype)  # B, h, C, d
-            a = causal_linear_attention(r, v1, decay.weights) + earlier
-            state = decay.whole * state + ((r * decay.to_end.to(r.dtype)).mT @ v1).to(state.dtype)
+            a = causal_linear_attention(r, vals, decay.weights) + earlier
+            state = decay.whole * state + ((r * decay.to_end.to(r.dtype)).mT @ vals).to(state.dtype)
+        if last is not None:
+            last = (r[:, :, -1:] * self.shifted_mask(r.device)).to(last.dtype)  # B, h, 1, n/h
         v, _ = self.mix(v, x, a)
-        return v, state
+        return v, state, last
+
+    def shifted_mask(self, device: torch.device | str | None = None) -> torch.Tensor:
+        """1 for the shifted heads, 0 for the others: h, 1, 1 float32."""
+        h, k = self.config.n_head, self.config.shifted_heads
+        return (torch.arange(h, device=device) >= h - k).float()[:, None, None]
 
     def forward(
         self, idx: torch.Tensor, targets: torch.Tensor | None = None
@@ -496,7 +563,10 @@ class BDH(
         shape = (batch_size, c.n_head, c.head_size, c.n_embd)
         dtype = torch.promote_types(self.E.dtype, torch.float32)  # at least float32, even under bf16
         layers = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(c.n_layer)]
-        return RecurrentState(layers, torch.zeros((), dtype=torch.long, device=device))
+        last = None
+        if c.shifted_heads:  # no byte before the first
+            last = [torch.zeros(shape[:2] + (1, c.head_size), device=device, dtype=dtype) for _ in layers]
+        return RecurrentState(layers, torch.zeros((), dtype=torch.long, device=device), last)
 
     def chunk(self, idx: torch.Tensor, state: RecurrentState) -> tuple[torch.Tensor, RecurrentState]:
         """Logits (B, C, V) for the next C bytes idx (B, C), continuing from state."""
@@ -504,11 +574,14 @@ class BDH(
         cos, sin = state_cos_sin(self.config, state.pos, C)  # C, n/h   (absolute positions)
         decay = self.decay(C, idx.device)
         v = layer_norm(self.embed(idx))  # B, C, d
-        layer_states = []
-        for layer_state in state.layers:  # the same weights in every layer, one state each
-            v, layer_state = self.layer_chunk(v, layer_state, cos, sin, decay)
+        layer_states, lasts = [], None if state.last is None else []
+        for i, layer_state in enumerate(state.layers):  # the same weights in every layer, one state each
+            last = None if lasts is None else state.last[i]
+            v, layer_state, last = self.layer_chunk(v, layer_state, last, cos, sin, decay)
             layer_states.append(layer_state)
-        return v @ self.readout, RecurrentState(layer_states, state.pos + C)
+            if lasts is not None:
+                lasts.append(last)
+        return v @ self.readout, RecurrentState(layer_states, state.pos + C, lasts)
 
     def forward_chunked(
         self,
@@ -539,18 +612,22 @@ class BDH(
         Constant work per byte: each layer reads its B x h x n/h x d state once for the attention
         and adds RoPE(x)^T v to it (S <- gamma S + RoPE(x)^T v with decay). fused_recurrent.FusedStep
         is the same step in Triton, reading only the rows of the state, Dy and E that belong to non-zero
-        neurons; this is its reference.
+        neurons; this is its reference. Shifted heads first add the byte before's term, which waited
+        for this v, and keep this byte's RoPE(x) for the next step (their own value is the next v).
         """
         cos, sin = state_cos_sin(self.config, state.pos, 1)  # 1, n/h (or B, 1, 1, n/h: a pos a row)
         decay = self.decay(1, state.pos.device)  # whole: h, 1, 1, gamma per head
         v = layer_norm(self.embed(byte[:, None]))  # B, 1, d
-        for S in state.layers:  # B, h, n/h, d
+        for i, S in enumerate(state.layers):  # B, h, n/h, d
             x = self.neurons(v)  # B, h, 1, n/h
             r = rope(x, cos, sin, self.config.rope_style)
+            if state.last is not None:  # S += last^T v, then last = RoPE(x) in the shifted heads
+                S.addcmul_(state.last[i].mT, v.unsqueeze(1).to(S.dtype))
+                state.last[i].copy_(r * self.shifted_mask(r.device))
             a = (r.to(S.dtype) @ S).to(r.dtype)  # B, h, 1, d   every earlier byte, through the state
             if decay is not None:
                 S.mul_(decay.whole.to(S.dtype))
-            S.addcmul_(r.mT.to(S.dtype), v.unsqueeze(1).to(S.dtype))  # S += RoPE(x)^T v, in place
+            S.addcmul_(r.mT.to(S.dtype), self.values(v).to(S.dtype))  # S += RoPE(x)^T v, in place
             v, _ = self.mix(v, x, a)
         state.pos.add_(1)
         return (v @ self.readout)[:, 0]

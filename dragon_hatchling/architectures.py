@@ -56,6 +56,7 @@ LATER_FIELDS = {
     "memory": 0,
     "position": "learned",
     "rope_parts": None,
+    "shifted_heads": 0,
 }
 VOCAB = 256  # the scripts read bytes
 

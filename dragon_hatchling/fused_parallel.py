@@ -41,7 +41,7 @@ so that a tile holds whole pairs.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -49,7 +49,7 @@ import triton
 import triton.language as tl
 
 from dragon_hatchling.fused_common import INTERPRET, first_of_pairs, relu
-from model import BDH, ChunkDecay, RecurrentState, layer_norm, read_in_chunks, rope_cos_sin
+from model import BDH, ChunkDecay, RecurrentState, layer_norm, read_in_chunks, rope_cos_sin, successors
 
 BR, BP = 32, 64  # tile of the training kernels: rows, and pairs of neurons (BP first halves, BP second)
 
@@ -212,11 +212,17 @@ def rotated(
     return r
 
 
-def _attention(S: torch.Tensor, v: torch.Tensor, earlier: torch.Tensor | None = None) -> torch.Tensor:
+def _attention(
+    S: torch.Tensor, v: torch.Tensor, earlier: torch.Tensor | None = None, shifted: int = 0
+) -> torch.Tensor:
     """LN(a), a = S v per head with S masked already (+ earlier, the bytes before the window through
     the carried state): S h, B, T, T bf16; v B, T, d; earlier h, B, T, d. Returns h, B, T, d float32.
-    bf16 operands, as in the plain path under autocast."""
-    a = (S @ v.to(S.dtype)).float()
+    The last `shifted` heads read successors(v) instead (model.head_values). bf16 operands, as in the
+    plain path under autocast."""
+    v = v.to(S.dtype)
+    H = S.shape[0]
+    a = S @ v if shifted == 0 else torch.cat((S[: H - shifted] @ v, S[H - shifted :] @ successors(v)))
+    a = a.float()
     return layer_norm(a if earlier is None else a + earlier)
 
 
@@ -239,10 +245,12 @@ class FusedNeurons(torch.autograd.Function):
 
     @staticmethod
     def forward(
-        ctx, v, Dx, Dy, E, cos, sin, p_drop: float, seed: int, decay=None, carried=None, since_start=None
-    ):
+        ctx, v, Dx, Dy, E, cos, sin, p_drop: float, seed: int, decay=None, carried=None, since_start=None,
+        shifted: int = 0,
+    ):  # fmt: skip
         # v: B, T, d bf16. carried: the state of the bytes before the window (CarriedInput), or None;
-        # since_start: carried.decay.since_start (h, T, 1), given when the half-lives are learned
+        # since_start: carried.decay.since_start (h, T, 1), given when the half-lives are learned;
+        # shifted: the last heads that read successors(v) (BDHConfig.shifted_heads; not with carried)
         B, T, D = v.shape
         H, _, M = Dx.shape
         R = B * T
@@ -257,7 +265,7 @@ class FusedNeurons(torch.autograd.Function):
             S = _mask_scores(scores, decay)  # h, B, T, T (a view of T + d columns)
             carried.advance(r, v)
         del r
-        ahat = _attention(S, v, earlier).to(torch.bfloat16)  # h, B, T, d
+        ahat = _attention(S, v, earlier, shifted).to(torch.bfloat16)  # h, B, T, d
         u = ahat.view(H, R, D) @ Dy  # h, R, M
         y = torch.empty_like(x)
         _gate_kernel[_grid(R, H, M)](x, u, y, R, M, H, p_drop, seed, HAS_DROPOUT=p_drop > 0, BR=BR, BP=BP)
@@ -265,6 +273,7 @@ class FusedNeurons(torch.autograd.Function):
         z = y @ E  # R, d
         ctx.save_for_backward(v, Dx, Dy, E, cos, sin, S, decay, earlier)
         ctx.p_drop, ctx.seed, ctx.carried, ctx.learned_read = p_drop, seed, carried, since_start is not None
+        ctx.shifted = shifted
         return z.view(B, T, D)
 
     @staticmethod
@@ -277,7 +286,7 @@ class FusedNeurons(torch.autograd.Function):
             S_ = S.detach().requires_grad_()
             v_ = v.detach().float().requires_grad_()
             earlier_ = None if earlier is None else earlier.detach().requires_grad_()
-            ahat_ = _attention(S_, v_, earlier_)  # h, B, T, d
+            ahat_ = _attention(S_, v_, earlier_, ctx.shifted)  # h, B, T, d
         ahat = ahat_.detach().to(torch.bfloat16)
         gz = gz.reshape(R, D).to(torch.bfloat16)
         x, u = _pre_relu(v, Dx), ahat.view(H, R, D) @ Dy  # R, n and h, R, M: as in forward
@@ -311,7 +320,7 @@ class FusedNeurons(torch.autograd.Function):
         gx_h = gx.view(R, H, M).transpose(0, 1)  # h, R, M
         gDx = v.view(R, D).mT @ gx_h  # h, d, M
         gv = v_.grad.view(R, D) + (gx_h @ Dx.mT).sum(0)  # R, d
-        return gv.view(B, T, D).to(v.dtype), gDx, gDy, gE, None, None, None, None, gdecay, None, gsince
+        return gv.view(B, T, D).to(v.dtype), gDx, gDy, gE, None, None, None, None, gdecay, None, gsince, None
 
 
 def learned_decay_grad(S: torch.Tensor, gS: torch.Tensor, decay: torch.Tensor) -> torch.Tensor:
@@ -547,6 +556,8 @@ def fused_forward(
     B, T = idx.shape
     if state is not None and state.pos.dim() != 0:
         raise ValueError("the fused kernels read windows of one position for all rows, not a pos a row")
+    if state is not None and cfg.shifted_heads:
+        raise ValueError("the fused kernels carry no shifted head's state (BDH.forward_chunked does)")
     order = pair_order(model)
     local = order[: cfg.head_size]
     Dx = _InPairOrder.apply(model.Dx, 2, local)  # h, d, M   bf16, pair order
@@ -560,7 +571,7 @@ def fused_forward(
         logits, loss, (layers, buffers) = _layers(model, idx, targets, weights, state)
     if state is None:
         return logits, loss
-    return logits, loss, FusedState(layers, state.pos + T, buffers)
+    return logits, loss, FusedState(layers, state.pos + T, buffers=buffers)
 
 
 @dataclass
@@ -570,7 +581,8 @@ class FusedState(RecurrentState):
     one. Whatever changes layers in place must change buffers alike (empty_rows does); RecurrentState's
     own methods return plain states, which the next window copies again."""
 
-    buffers: list[torch.Tensor]  # per layer: h, B, T + d, M bf16, the copy S^T in the last d rows a window
+    # per layer: h, B, T + d, M bf16, the copy S^T in the last d rows a window
+    buffers: list[torch.Tensor] = field(default_factory=list)
 
     def empty_rows(self, rows: torch.Tensor) -> None:
         super().empty_rows(rows)
@@ -599,7 +611,7 @@ def _layers(model, idx, targets, w: Weights, state: RecurrentState | None):
         seed = int(torch.randint(0, 2**31 - 1, (1,)).item()) if p_drop > 0 else 0
         args = (v.to(bf16), w.Dx, w.Dy, w.E, w.cos, w.sin, p_drop, seed, w.decay)
         if state is None:
-            z = FusedNeurons.apply(*args)  # B, T, d
+            z = FusedNeurons.apply(*args, None, None, model.config.shifted_heads)  # B, T, d
         else:
             buffer = state.buffers[layer] if isinstance(state, FusedState) else None
             carried = CarriedInput(state.layers[layer], buffer, w.chunk)

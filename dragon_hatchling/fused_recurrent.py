@@ -389,6 +389,8 @@ class FusedStep:
             raise ValueError(
                 "FusedStep applies no dropout: call model.eval() first (BDH.step would apply it)"
             )
+        if not model.has_fused_step:
+            raise ValueError("FusedStep has no shifted heads (BDHConfig.shifted_heads): BDH.step has")
         self.config = cfg
         self.attention = {**self.ATTENTION_TILES, **(attention or {})}
         self.gate = {**self.GATE_TILES, **(gate or {})}

@@ -283,6 +283,11 @@ def check_carry(args: argparse.Namespace, config) -> None:
         raise UsageError(
             "--article_order shuffled orders the stretches of carried rows: it needs --carry_state"
         )
+    if args.carry_state and getattr(config, "shifted_heads", 0):
+        raise UsageError(
+            f"--shifted_heads {config.shifted_heads}: a shifted head's state is not carried from "
+            "window to window (leave out --carry_state)"
+        )
     if args.carry_state and args.compile:
         raise UsageError("--carry_state runs the plain path as it is: leave out --compile (BDH's "
                          "fused kernels carry the state on CUDA)")  # fmt: skip

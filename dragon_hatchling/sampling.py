@@ -4,9 +4,10 @@
     out = generate(model.eval(), prompt, 500, temperature=0.8, top_k=40)
 
 On CUDA the steps run as one captured CUDA graph of fused_recurrent.FusedStep and the sampling, which
-feeds each sampled byte back to the next step; elsewhere (or with cuda_graph=False) they are the plain
-`BDH.step`. `generate_recompute` (the parallel form over the whole window for every byte, the only
-way for a model without a recurrent form, the GPT) is the reference both are tested against.
+feeds each sampled byte back to the next step; elsewhere (or with cuda_graph=False, or a model with
+shifted heads) they are the plain `BDH.step`. `generate_recompute` (the parallel form over the whole
+window for every byte, the only way for a model without a recurrent form, the GPT) is the reference
+both are tested against.
 """
 
 from __future__ import annotations
@@ -202,8 +203,9 @@ def generate(
     pick = partial(sample_next, temperature=temperature, top_k=top_k, generator=generator)
     logits, state, seen = prompt_state(model, prompts, context, chunk_size)
     graphed = None
-    if cuda_graph and state.pos.is_cuda and max_new_tokens > 1 and model.active_dropout == 0:
-        graphed = GraphedStep(model, state, sample=pick, generator=generator)  # FusedStep: no dropout
+    fusable = model.active_dropout == 0 and model.has_fused_step  # FusedStep: no dropout, no shifted heads
+    if cuda_graph and state.pos.is_cuda and max_new_tokens > 1 and fusable:
+        graphed = GraphedStep(model, state, sample=pick, generator=generator)
     new = [pick(logits)]  # B, 1 a byte
     fed = False  # whether the graph holds the last byte as its next input already
     for _ in tqdm(range(max_new_tokens - 1), unit="byte", disable=None if progress else True, leave=False):

@@ -38,6 +38,8 @@ def assert_clean_error(result, *needles):
         (["--half_lives", "0"], ["--half_lives", "positive"]),
         (["--learn_decay", "--half_lives", "none"], ["learn_decay", "half_lives"]),
         (["--learn_decay", "yes"], ["yes"]),
+        (["--shifted_heads", "3"], ["shifted_heads", "[0, n_head = 2]"]),
+        (["--shifted_heads", "1", "--carry_state"], ["--shifted_heads 1", "--carry_state"]),
         (["--recipe", "fast"], ["--recipe", "fast"]),
         (["--eval_seq_len", "0"], ["--eval_seq_len", "positive"]),
         (["--dist_timeout", "1e300"], ["--dist_timeout", "a week"]),

@@ -6,17 +6,20 @@ import torch
 from model import BDH, BDHConfig, causal_linear_attention, chunk_decay
 
 
-def random_model(seed: int, style: str, decay: bool = False) -> BDH:
-    """A random small model; with decay, a half-life of 2 to 40 bytes a head."""
+def random_model(seed: int, style: str, decay: bool = False, shifted: bool = False) -> BDH:
+    """A random small model; with decay, a half-life of 2 to 40 bytes a head; shifted: 1 to h of its
+    heads shifted (BDHConfig.shifted_heads)."""
     g = torch.Generator().manual_seed(seed)
     h = int(torch.randint(1, 4, (1,), generator=g))
     m = 2 * int(torch.randint(4, 24, (1,), generator=g))
     d = int(torch.randint(8, 40, (1,), generator=g))
     L = int(torch.randint(1, 4, (1,), generator=g))
     half_lives = (2 + 38 * torch.rand(h, generator=g)).tolist() if decay else None
+    k = int(torch.randint(1, h + 1, (1,), generator=g)) if shifted else 0
     cfg = BDHConfig(
-        n_embd=d, n_head=h, n_neurons=h * m, n_layer=L, dropout=0.0, rope_style=style, half_lives=half_lives
-    )
+        n_embd=d, n_head=h, n_neurons=h * m, n_layer=L, dropout=0.0, rope_style=style, half_lives=half_lives,
+        shifted_heads=k,
+    )  # fmt: skip
     torch.manual_seed(seed)
     model = BDH(cfg).eval()
     model.reset_parameters(std=0.1)  # larger than the default init, so that errors would show

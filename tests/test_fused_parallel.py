@@ -26,13 +26,16 @@ def rel(a: torch.Tensor, b: torch.Tensor) -> float:
 HALF_LIVES = [3.0, 40.0, 7.0, 1000.0]  # bytes, one a head (the first h of them)
 
 
-def make_model(style: str, seed: int = 0, dropout: float = 0.0, decay: bool | str = False) -> BDH:
-    """decay: False, True (the config's half-lives) or "learned" (a parameter starting from them)."""
+def make_model(
+    style: str, seed: int = 0, dropout: float = 0.0, decay: bool | str = False, shifted: int = 0
+) -> BDH:
+    """decay: False, True (the config's half-lives) or "learned" (a parameter starting from them);
+    shifted: the shifted heads (BDHConfig.shifted_heads)."""
     d, h, m, _, _ = SIZES
     torch.manual_seed(seed)
     cfg = BDHConfig(
         n_embd=d, n_head=h, n_neurons=h * m, n_layer=2, dropout=dropout, rope_style=style,
-        half_lives=HALF_LIVES[:h] if decay else None, learn_decay=decay == "learned",
+        half_lives=HALF_LIVES[:h] if decay else None, learn_decay=decay == "learned", shifted_heads=shifted,
     )  # fmt: skip
     return BDH(cfg).to(DEVICE)
 
@@ -145,9 +148,24 @@ def test_fused_model_is_as_close_to_float32_as_plain_bf16(style, decay):
     check_model_against_float32(style, *SIZES[3:], decay=decay)
 
 
-def check_model_against_float32(style: str, B: int, T: int, decay: bool | str = False) -> None:
+@pytest.mark.parametrize("decay", [False, "learned"])
+def test_fused_model_with_shifted_heads_is_as_close_to_float32_as_plain_bf16(decay):
+    # the last head reads the byte after each match (its values shifted inside _attention)
+    check_model_against_float32("half", *SIZES[3:], decay=decay, shifted=1)
+
+
+def test_the_fused_kernels_refuse_a_shifted_heads_state():
+    model = make_model("half", shifted=1)
+    idx = torch.randint(0, 256, (1, 8), device=DEVICE)
+    with pytest.raises(ValueError, match="shifted head"):
+        fused_parallel.fused_forward(model, idx, state=model.initial_state(1, DEVICE))
+
+
+def check_model_against_float32(
+    style: str, B: int, T: int, decay: bool | str = False, shifted: int = 0
+) -> None:
     # the reference is the plain path in float32; the yardstick, the plain path under bf16 autocast
-    model = make_model(style, seed=1, decay=decay)
+    model = make_model(style, seed=1, decay=decay, shifted=shifted)
     idx = torch.randint(0, 256, (B, T), device=DEVICE)
     targets = torch.randint(0, 256, (B, T), device=DEVICE)
     params = list(model.parameters())

@@ -71,11 +71,15 @@ def test_sampling_draws_what_torch_multinomial_draws():
     assert (logits.gather(1, top) >= logits.topk(3).values[:, -1:]).all()
 
 
-@pytest.mark.parametrize("decay, context", [(False, None), (True, None), (False, 9), (True, 9)])
-def test_each_row_of_a_batch_generates_what_its_prompt_alone_does(decay, context):
+@pytest.mark.parametrize(
+    "decay, context, shifted",
+    [(False, None, False), (True, None, False), (False, 9, False), (True, 9, False), (True, 9, True)],
+)
+def test_each_row_of_a_batch_generates_what_its_prompt_alone_does(decay, context, shifted):
     """B prompts of their own lengths sampled side by side (greedy, float32): each row is that prompt
-    generated alone, with the rows' context restarts at their own bytes."""
-    model = random_model(9, "interleaved", decay=decay)
+    generated alone, with the rows' context restarts at their own bytes (shifted heads: the byte
+    before each row's next waits in its own row of the state)."""
+    model = random_model(9, "interleaved", decay=decay, shifted=shifted)
     prompts = [torch.randint(0, 256, (n,)) for n in (1, 7, 12, 4)]
     together = generate(model, prompts, 17, temperature=0.0, context=context, chunk_size=4)
     for prompt, row in zip(prompts, together, strict=True):
