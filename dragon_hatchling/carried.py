@@ -139,9 +139,12 @@ def detached(state):
 
 
 def state_tensors(state) -> dict[str, torch.Tensor]:
-    """A state's tensors by name: its list fields as name.i, its tensor fields as name."""
+    """A state's tensors by name: its list fields as name.i, its tensor fields as name (a field that
+    is None, e.g. RecurrentState.last without shifted heads, has none)."""
     out = {}
     for name, value in vars(state).items():
+        if value is None:
+            continue
         if isinstance(value, list):
             out.update({f"{name}.{i}": t for i, t in enumerate(value)})
         else:
