@@ -33,6 +33,8 @@ RUNS = {  # name: its folder
     "lc-1024-learned-copy": HERE / "runs" / "lc-1024-learned-copy",  # round 9: a span copied a window
     "lc-2048-learned-copy": HERE / "runs" / "lc-2048-learned-copy",  # and in 2 x 2,048-byte windows
     "lc-1024-learned-copy-fill": HERE / "runs" / "lc-1024-learned-copy-fill",  # round 10: <unk> filled
+    "gptxl-r11": HERE / "runs" / "gptxl-r11",  # round 11: gptxl again, alone, for its byte losses
+    "lc-1024-learned-copy-shift2": HERE / "runs" / "lc-1024-learned-copy-shift2",  # and 2 heads shifted
 }
 SHARED = {
     "tbptt-2048": 3,
@@ -64,6 +66,7 @@ def recipe(run: str) -> str:
     lr += ", dropout 0" if args.get("dropout") == 0 else ""
     lr += f", copy spans in {args['copy_spans']:.0%} of windows" if args.get("copy_spans") else ""
     lr += ", unknowns filled" if args.get("fill_unk") else ""
+    lr += f", the last {args['shifted_heads']} heads shifted" if args.get("shifted_heads") else ""
     return f"BDH, {shape}{heads}, half-lives {lives}" + (carried if args.get("carry_state") else "") + lr
 
 
@@ -128,7 +131,7 @@ def plot(path: Path) -> None:
             middles, losses = bucket_middles(m["loss_by_position"])
             panel.plot(middles, losses, "o-", ms=3, color=plt.cm.tab20(i), label=f"{run} ({recipe(run)})")
         panel.set_xscale("log")
-        panel.set(title=title, xlabel="position in the window (bytes)", ylim=(1.05, 1.45))
+        panel.set(title=title, xlabel="position in the window (bytes)", ylim=(1.0, 1.45))
         panel.title.set_fontsize(9)
         panel.grid(alpha=0.3, which="both")
     axes[0].set(ylabel="loss on wiki.valid.raw (nats/byte)")
