@@ -24,7 +24,9 @@ import torch
 from dragon_hatchling.cli import UsageError
 from model import BDH, BDHConfig
 
-SHARED_FIELDS = ("n_embd", "n_head", "n_layer", "vocab_size", "rope_theta", "half_lives", "learn_decay")
+SHARED_FIELDS = (
+    "n_embd", "n_head", "n_layer", "vocab_size", "rope_theta", "half_lives", "learn_decay", "shifted_heads"
+)  # fmt: skip
 
 
 def interleaved_order(config: BDHConfig) -> torch.Tensor:

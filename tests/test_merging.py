@@ -3,6 +3,7 @@
 saves, loads, scores, samples and goes to the Hub like any other."""
 
 import copy
+import dataclasses
 import json
 from pathlib import Path
 
@@ -141,12 +142,14 @@ def test_merged_models_save_load_score_sample_and_go_to_the_hub(hub, small_data,
 
 
 def test_models_that_cannot_merge_are_one_line(tmp_path, capsys):
-    a, wide, gpt = tmp_path / "a", tmp_path / "wide", tmp_path / "gpt"
+    a, wide, gpt, shifted = tmp_path / "a", tmp_path / "wide", tmp_path / "gpt", tmp_path / "shifted"
     save_checkpoint(tiny(), a)
     torch.manual_seed(0)
     save_checkpoint(BDH(BDHConfig(n_embd=32, n_head=2, n_neurons=64, n_layer=2)), wide)
     save_checkpoint(GPT(GPTConfig(n_layer=1, n_embd=16, n_head=2, block_size=8)), gpt)
+    save_checkpoint(BDH(dataclasses.replace(tiny().config, shifted_heads=1)), shifted)
     for other, says in [(wide, "differ in n_embd (16 and 32)"), (gpt, "has no neurons to merge"),
+                        (shifted, "differ in shifted_heads (0 and 1)"),
                         (tmp_path / "nothing", "model_b")]:  # fmt: skip
         result = call_main(hubpy.main, ["merge", str(a), str(other), str(tmp_path / "out")], capsys)
         assert_clean_error(result, says)
