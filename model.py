@@ -128,6 +128,12 @@ class BDHConfig:
             raise ValueError(f"rope_style must be one of {ROPE_STYLES}, got {self.rope_style!r}")
         if self.rope_theta <= 1.0:
             raise ValueError(f"rope_theta must be > 1, got {self.rope_theta}")
+        self.check_heads()
+        if self.rope_parts is not None:
+            self.check_rope_parts()
+
+    def check_heads(self) -> None:
+        """half_lives: one positive number a head; learn_decay needs them; shifted_heads in [0, h]."""
         if self.half_lives is not None:
             self.half_lives = [float(t) for t in self.half_lives]
             if len(self.half_lives) != self.n_head or not all(0 < t < math.inf for t in self.half_lives):
@@ -141,8 +147,6 @@ class BDHConfig:
             raise ValueError(
                 f"shifted_heads must be in [0, n_head = {self.n_head}], got {self.shifted_heads}"
             )
-        if self.rope_parts is not None:
-            self.check_rope_parts()
 
     def check_rope_parts(self) -> None:
         parts = self.rope_parts
@@ -484,13 +488,11 @@ class BDH(
         sin: torch.Tensor,
         decay: ChunkDecay | None,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-        """One layer over a chunk of C bytes that carries the attention state of all earlier bytes.
-
-        state: B, h, n/h, d (float32 or wider), the sum of RoPE(x_s)^T v_s over every earlier position s
+        """One layer over a chunk of C bytes that carries the attention state of all earlier bytes:
+        state B, h, n/h, d (float32 or wider), the sum of RoPE(x_s)^T v_s over every earlier position s
         (each term weighted gamma^(pos-1-s) with decay). Inside the chunk the attention is the quadratic
         one; earlier chunks come in through the state. With shifted heads, last (B, h, 1, n/h) is the
-        byte before the chunk, whose term takes this chunk's first v; returned for the chunk's last byte.
-        """
+        byte before the chunk, its term waiting for this chunk's first v; returned for its last byte."""
         vals = self.values(v)  # B, 1 or h, C, d
         x = self.neurons(v)  # B, h, C, n/h
         r = rope(x, cos, sin, self.config.rope_style)  # B, h, C, n/h
