@@ -620,12 +620,13 @@ class BDH(
         cos, sin = state_cos_sin(self.config, state.pos, 1)  # 1, n/h (or B, 1, 1, n/h: a pos a row)
         decay = self.decay(1, state.pos.device)  # whole: h, 1, 1, gamma per head
         v = layer_norm(self.embed(byte[:, None]))  # B, 1, d
+        shifted = None if state.last is None else self.shifted_mask(state.pos.device)  # h, 1, 1
         for i, S in enumerate(state.layers):  # B, h, n/h, d
             x = self.neurons(v)  # B, h, 1, n/h
             r = rope(x, cos, sin, self.config.rope_style)
-            if state.last is not None:  # S += last^T v, then last = RoPE(x) in the shifted heads
+            if shifted is not None:  # S += last^T v, then last = RoPE(x) in the shifted heads
                 S.addcmul_(state.last[i].mT, v.unsqueeze(1).to(S.dtype))
-                state.last[i].copy_(r * self.shifted_mask(r.device))
+                state.last[i].copy_(r * shifted)
             a = (r.to(S.dtype) @ S).to(r.dtype)  # B, h, 1, d   every earlier byte, through the state
             if decay is not None:
                 S.mul_(decay.whole.to(S.dtype))

@@ -49,7 +49,7 @@ import triton
 import triton.language as tl
 
 from dragon_hatchling.fused_common import INTERPRET, first_of_pairs, relu
-from model import BDH, ChunkDecay, RecurrentState, layer_norm, read_in_chunks, rope_cos_sin, successors
+from model import BDH, ChunkDecay, RecurrentState, head_values, layer_norm, read_in_chunks, rope_cos_sin
 
 BR, BP = 32, 64  # tile of the training kernels: rows, and pairs of neurons (BP first halves, BP second)
 
@@ -219,10 +219,8 @@ def _attention(
     the carried state): S h, B, T, T bf16; v B, T, d; earlier h, B, T, d. Returns h, B, T, d float32.
     The last `shifted` heads read successors(v) instead (model.head_values). bf16 operands, as in the
     plain path under autocast."""
-    v = v.to(S.dtype)
-    H = S.shape[0]
-    a = S @ v if shifted == 0 else torch.cat((S[: H - shifted] @ v, S[H - shifted :] @ successors(v)))
-    a = a.float()
+    values = head_values(v.to(S.dtype), S.shape[0], shifted).transpose(0, 1)  # 1 or h, B, T, d
+    a = (S @ values).float()
     return layer_norm(a if earlier is None else a + earlier)
 
 
