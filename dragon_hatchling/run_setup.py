@@ -49,7 +49,8 @@ RECIPES = {
     "long-context": {"batch_size": 8, "seq_len": 512, "half_lives": [8.0, 32.0, 128.0, 256.0]},
     "reference": {"batch_size": 32, "seq_len": 128, "half_lives": None},
 }
-# Flags that must agree between a run and its resumption (the rest, e.g. --device, may change).
+# Flags that must agree between a run and its resumption (the rest, e.g. --device, may change);
+# resume_from adds every field of the architecture's config (model_flags), listed here or not.
 RESUME_MUST_MATCH = (
     "epochs",
     "max_steps",
@@ -314,7 +315,8 @@ def resume_from(args: argparse.Namespace) -> tuple[Path | None, dict | None]:
     if saved.get("rope_parts") is not None:  # a run that started from a merged model (--init_from)
         args.rope_parts = saved["rope_parts"]
     apply_recipe(args, saved)
-    differ = [k for k in RESUME_MUST_MATCH if k in saved and saved[k] != getattr(args, k)]
+    must_match = dict.fromkeys([*RESUME_MUST_MATCH, *model_flags(args.arch)])  # every config field too
+    differ = [k for k in must_match if k in saved and saved[k] != getattr(args, k)]
     if differ:
         detail = ", ".join(f"--{k} {getattr(args, k)} (checkpoint: {saved[k]})" for k in differ)
         raise UsageError(

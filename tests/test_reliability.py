@@ -662,6 +662,7 @@ def test_resuming_on_a_changed_train_file_is_refused_unless_accepted(
     [
         ("--recipe reference --overwrite", "--overwrite replaces a run and --resume continues one"),
         ("--recipe long-context", "--recipe long-context (checkpoint: reference)"),
+        ("--shifted_heads 1", "--shifted_heads 1 (checkpoint: 0)"),  # every config field, listed or not
     ],
 )
 def test_flags_a_resumed_run_cannot_honour_are_refused(
