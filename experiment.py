@@ -137,14 +137,16 @@ def add_schedule_flags(g) -> None:
         "--recipe",
         choices=list(RECIPES),
         default=None,
-        help="what --batch_size, --seq_len and --half_lives default to: long-context (the default: 8 x "
-        "512 bytes, half-lives 8,32,128,256; results/long-context) or reference (the reference report's "
-        "32 x 128 bytes, no decay: the paper's model); flags given explicitly win, and a resumed run "
-        "keeps its own",
+        help="what --batch_size, --seq_len, --half_lives, --learn_decay, --shifted_heads, --lr and "
+        "--copy_spans default to: long-context (the default: 8 x 512 bytes, half-lives 8,32,128,256; "
+        "results/long-context), reference (the reference report's 32 x 128 bytes, no decay: the "
+        "paper's model) or shifted-copy (2 x 2048 bytes, half-lives learned from 8,64,512,4096, two "
+        "heads shifted, lr 2e-3, a span copied in every window; not the paper's model: "
+        "results/tbptt round 12); flags given explicitly win, and a resumed run keeps its own",
     )
     g.add_argument("--batch_size", type=positive_int, default=None, help="windows per step (recipe: 8)")
     g.add_argument("--seq_len", type=positive_int, default=None, help="bytes per window (recipe: 512)")
-    g.add_argument("--lr", type=positive_float, default=1e-3, help="peak AdamW learning rate (1e-3)")
+    g.add_argument("--lr", type=positive_float, default=None, help="peak AdamW learning rate (recipe: 1e-3)")
     g.add_argument(
         "--min_lr",
         type=nonneg_float,
@@ -254,11 +256,10 @@ def add_model_flags(g) -> None:
     )
     g.add_argument(
         "--learn_decay",
-        action="store_const",
-        const=True,
+        action=argparse.BooleanOptionalAction,
         default=None,
         help="bdh: learn each head's half-life, starting from --half_lives (a parameter per head, "
-        "without weight decay)",
+        "without weight decay; recipe: not learned)",
     )
     g.add_argument(
         "--shifted_heads",
@@ -308,7 +309,7 @@ def add_data_flags(g) -> None:
         metavar="FRACTION",
         help="copying mixed into training: this fraction of the training windows each repeat a span of "
         "their own text (8 bytes to a quarter of the window, log-uniform) later in the window, so that "
-        "the model learns to reuse what it has read; validation reads the text as it is (default 0, none; a "
+        "the model learns to reuse what it has read; validation reads the text as it is (recipe: 0, none; a "
         "resumed run keeps its own)",
     )
     g.add_argument(

@@ -6,6 +6,9 @@ The recipes set the flags left out (explicit flags win, and a resumed run keeps 
     long-context  8 x 512-byte windows, attention half-lives 8, 32, 128, 256 bytes (the default; the
                   recipe that won results/long-context)
     reference     the reference report's 32 x 128-byte windows, no decay (the paper's model)
+    shifted-copy  2 x 2,048-byte windows, half-lives learned from 8, 64, 512, 4,096, lr 2e-3, a span
+                  copied in every window, the last two heads shifted (not the paper's model; the
+                  best BDH over the whole text and with context, results/tbptt round 12)
 """
 
 from __future__ import annotations
@@ -45,9 +48,19 @@ from dragon_hatchling.hub_client import REPO_ID
 from dragon_hatchling.loading import load_model
 from dragon_hatchling.paths import choose_path
 
-RECIPES = {
-    "long-context": {"batch_size": 8, "seq_len": 512, "half_lives": [8.0, 32.0, 128.0, 256.0]},
-    "reference": {"batch_size": 32, "seq_len": 128, "half_lives": None},
+_PLAIN = {"lr": 1e-3, "learn_decay": False, "shifted_heads": 0, "copy_spans": 0.0}
+RECIPES = {  # every recipe names the same flags; "reference" also fills a run from before a flag
+    "long-context": {"batch_size": 8, "seq_len": 512, "half_lives": [8.0, 32.0, 128.0, 256.0], **_PLAIN},
+    "reference": {"batch_size": 32, "seq_len": 128, "half_lives": None, **_PLAIN},
+    "shifted-copy": {
+        "batch_size": 2,
+        "seq_len": 2048,
+        "half_lives": [8.0, 64.0, 512.0, 4096.0],
+        "lr": 2e-3,
+        "learn_decay": True,
+        "shifted_heads": 2,
+        "copy_spans": 1.0,
+    },
 }
 # Flags that must agree between a run and its resumption (the rest, e.g. --device, may change);
 # resume_from adds every field of the architecture's config (model_flags), listed here or not.
@@ -150,6 +163,7 @@ def prepare(args: argparse.Namespace, ranks: Ranks | None = None, dataset: Path 
     check_flags(args)
     init_weights = initial_weights(args) if args.resume is None else None
     resume, resume_state = resume_from(args)
+    check_schedule(args)
     config = model_config(args)
     check_carry(args, config)
     check_copies(args)
@@ -235,14 +249,18 @@ def check_flags(args: argparse.Namespace) -> None:
     """The flags that disagree with each other, whatever the model and data."""
     if args.push_every_epoch and not args.push_to_hub:
         raise UsageError("--push_every_epoch needs --push_to_hub")
-    if args.min_lr > args.lr:
-        raise UsageError(
-            f"--min_lr {args.min_lr} is above --lr {args.lr}: the schedule decays from --lr to --min_lr"
-        )
     if args.overwrite and args.resume is not None:
         raise UsageError("--overwrite replaces a run and --resume continues one: leave out one of them")
     if args.push_to_hub and (args.hf_repo_id is None or not REPO_ID.match(args.hf_repo_id)):
         raise UsageError(f"--push_to_hub needs --hf_repo_id USER/NAME (got {args.hf_repo_id!r})")
+
+
+def check_schedule(args: argparse.Namespace) -> None:
+    """The learning rate decays from --lr (the recipe's if left out) down to --min_lr."""
+    if args.min_lr > args.lr:
+        raise UsageError(
+            f"--min_lr {args.min_lr} is above --lr {args.lr}: the schedule decays from --lr to --min_lr"
+        )
 
 
 def initial_weights(args: argparse.Namespace) -> dict | None:
@@ -287,7 +305,7 @@ def check_carry(args: argparse.Namespace, config) -> None:
     if args.carry_state and getattr(config, "shifted_heads", 0):
         raise UsageError(
             f"--shifted_heads {config.shifted_heads}: a shifted head's state is not carried from "
-            "window to window (leave out --carry_state)"
+            f"window to window (leave out --carry_state, or give --shifted_heads 0; recipe: {args.recipe})"
         )
     if args.carry_state and args.compile:
         raise UsageError("--carry_state runs the plain path as it is: leave out --compile (BDH's "
@@ -349,6 +367,7 @@ def apply_recipe(args: argparse.Namespace, saved: dict | None) -> None:
     apply_arch(args, saved)
     if args.recipe is None:
         args.recipe = saved.get("recipe", "reference") if saved is not None else "long-context"
+    fill_model_flags(args, saved, but=RECIPES[args.recipe])
     for name, default in RECIPES[args.recipe].items():
         if getattr(args, name) is not None or name in foreign_flags(args.arch):
             continue
@@ -376,15 +395,20 @@ def apply_recipe(args: argparse.Namespace, saved: dict | None) -> None:
 
 
 def apply_arch(args: argparse.Namespace, saved: dict | None) -> None:
-    """Fill the model flags left out: from the checkpoint being resumed, else the architecture's
-    defaults (its config's). A flag of another architecture is a UsageError."""
+    """The architecture: --arch, else the checkpoint's, else BDH. A flag of another architecture is
+    a UsageError."""
     if args.arch is None:
         args.arch = saved.get("arch", "bdh") if saved is not None else "bdh"
     given = [name for name in foreign_flags(args.arch) if getattr(args, name, None) is not None]
     if given:
         raise UsageError(f"--{given[0]} is not a flag of --arch {args.arch}")
+
+
+def fill_model_flags(args: argparse.Namespace, saved: dict | None, but: dict) -> None:
+    """Fill the model flags left out, except those the recipe sets (`but`): from the checkpoint being
+    resumed, else the architecture's defaults (its config's)."""
     for name, default in model_flags(args.arch).items():
-        if getattr(args, name) is None:
+        if getattr(args, name) is None and name not in but:
             setattr(args, name, saved.get(name, default) if saved is not None else default)
 
 

@@ -9,6 +9,7 @@ import evaluate
 import experiment
 from conftest import REPO, TINY_MODEL, call_main, require_shared, run_script
 from dragon_hatchling import benchmark, run_setup
+from dragon_hatchling.cli import UsageError
 from model import BDH, BDHConfig
 
 
@@ -41,6 +42,9 @@ def assert_clean_error(result, *needles):
         (["--shifted_heads", "3"], ["shifted_heads", "[0, n_head = 2]"]),
         (["--shifted_heads", "1", "--carry_state"], ["--shifted_heads 1", "--carry_state"]),
         (["--recipe", "fast"], ["--recipe", "fast"]),
+        (["--recipe", "shifted-copy", "--carry_state"], ["--shifted_heads 2", "recipe: shifted-copy"]),
+        (["--recipe", "shifted-copy", "--n_head", "1"], ["shifted_heads", "[0, n_head = 1]"]),
+        (["--recipe", "shifted-copy", "--min_lr", "0.003"], ["--min_lr 0.003 is above --lr 0.002"]),
         (["--eval_seq_len", "0"], ["--eval_seq_len", "positive"]),
         (["--dist_timeout", "1e300"], ["--dist_timeout", "a week"]),
     ],
@@ -154,6 +158,31 @@ def test_the_default_recipe_is_long_context_and_the_reference_is_one_flag_away()
     assert run_setup.recipe_half_lives([8.0, 32.0, 128.0, 256.0], 4) == [8.0, 32.0, 128.0, 256.0]
 
 
+def recipe_flags(argv: list[str], saved: dict | None = None, model: list[str] = TINY_MODEL) -> tuple:
+    args = experiment.build_parser().parse_args([*model, *argv])  # two heads
+    run_setup.apply_recipe(args, saved)
+    names = ("batch_size", "seq_len", "half_lives", "lr", "learn_decay", "shifted_heads", "copy_spans")
+    return tuple(getattr(args, name, None) for name in names)
+
+
+def test_the_shifted_copy_recipe_is_round_12s_winner_and_each_of_its_flags_can_be_undone():
+    # results/tbptt round 12: --batch_size 2 --seq_len 2048 --half_lives 8,64,512,4096 --lr 2e-3
+    # --learn_decay --copy_spans 1 --shifted_heads 2 (two heads here: the curve's ends)
+    assert recipe_flags(["--recipe", "shifted-copy"]) == (2, 2048, [8.0, 4096.0], 2e-3, True, 2, 1.0)
+    undone = ["--no-learn_decay", "--shifted_heads", "0", "--lr", "1e-3", "--copy_spans", "0"]
+    assert recipe_flags(["--recipe", "shifted-copy", *undone]) == (2, 2048, [8.0, 4096.0], 1e-3, False, 0, 0.0)
+    assert recipe_flags([]) == (8, 512, [8.0, 256.0], 1e-3, False, 0, 0.0)  # the default: none of it
+    assert recipe_flags(["--learn_decay", "--shifted_heads", "1"])[4:6] == (True, 1)
+    # a GPT takes the recipe's windows, learning rate and copies, not BDH's heads
+    gpt = recipe_flags(["--recipe", "shifted-copy", "--arch", "gpt"], model=["--n_embd", "32", "--n_layer", "2"])
+    assert gpt == (2, 2048, None, 2e-3, None, None, 1.0)
+    with pytest.raises(UsageError, match="--learn_decay is not a flag of --arch gpt"):
+        recipe_flags(["--recipe", "shifted-copy", "--arch", "gpt", "--learn_decay"], model=[])
+    # a run saved before these flags: the paper's model, whatever the recipe now says
+    saved = {"recipe": "shifted-copy", "batch_size": 4, "seq_len": 32, "lr": 5e-4, "half_lives": None}
+    assert recipe_flags([], saved) == (4, 32, None, 5e-4, False, 0, 0.0)
+
+
 def test_a_resumed_run_keeps_its_own_recipe():
     saved = {"recipe": "reference", "batch_size": 32, "seq_len": 128, "half_lives": None, "eval_seq_len": 128}
     assert recipe_of([], saved) == ("reference", 32, 128, None, 128)
@@ -161,7 +190,13 @@ def test_a_resumed_run_keeps_its_own_recipe():
     assert recipe_of([], {"batch_size": 4, "seq_len": 32}) == ("reference", 4, 32, None, 32)
 
 
-def test_a_run_of_the_default_recipe_records_it_and_resumes_without_flags(small_data, tmp_path, capsys):
+@pytest.mark.parametrize(
+    "recipe, lives, shifted, window",
+    [("long-context", [8.0, 256.0], 0, 8 * 512), ("shifted-copy", [8.0, 4096.0], 2, 2 * 2048)],
+)
+def test_a_run_of_a_recipe_records_it_and_resumes_without_flags(
+    recipe, lives, shifted, window, small_data, tmp_path, capsys
+):
     run = tmp_path / "run"
     argv = [
         "--data_dir",
@@ -173,10 +208,11 @@ def test_a_run_of_the_default_recipe_records_it_and_resumes_without_flags(small_
         "2",
         "--no_progress",
     ]
-    assert call_main(experiment.main, [*argv, "--out_dir", str(run)], capsys).returncode == 0
+    given = [] if recipe == "long-context" else ["--recipe", recipe]  # the default
+    assert call_main(experiment.main, [*argv, *given, "--out_dir", str(run)], capsys).returncode == 0
     metrics = json.loads((run / "metrics.json").read_text())
-    assert metrics["args"]["recipe"] == "long-context" and metrics["config"]["half_lives"] == [8.0, 256.0]
-    assert metrics["bytes_trained"] == 2 * 8 * 512
+    assert metrics["args"]["recipe"] == recipe and metrics["config"]["shifted_heads"] == shifted
+    assert metrics["args"]["half_lives"] == lives and metrics["bytes_trained"] == 2 * window
     resumed = call_main(experiment.main, [*argv, "--out_dir", str(run), "--resume", "auto"], capsys)
     assert resumed.returncode == 0, resumed.stderr
 
