@@ -35,6 +35,8 @@ RUNS = {  # name: its folder
     "lc-1024-learned-copy-fill": HERE / "runs" / "lc-1024-learned-copy-fill",  # round 10: <unk> filled
     "gptxl-r11": HERE / "runs" / "gptxl-r11",  # round 11: gptxl again, alone, for its byte losses
     "lc-1024-learned-copy-shift2": HERE / "runs" / "lc-1024-learned-copy-shift2",  # and 2 heads shifted
+    "lc-2048-learned-copy-shift2": HERE / "runs" / "lc-2048-learned-copy-shift2",  # round 12: 2 x 2,048
+    "lc-2048-learned-copy-shift2-seed2": HERE / "runs" / "lc-2048-learned-copy-shift2-seed2",  # seed 2
 }
 SHARED = {
     "tbptt-2048": 3,
@@ -63,6 +65,7 @@ def recipe(run: str) -> str:
     lr = f", lr {args['lr']:g}" if args["lr"] != 1e-3 else ""
     heads = f", {args['n_head']} heads" if args.get("n_head", 4) != 4 else ""
     lives += " (learned from there)" if args.get("learn_decay") else ""
+    lr += f", seed {args['seed']}" if args.get("seed", 1337) != 1337 else ""
     lr += ", dropout 0" if args.get("dropout") == 0 else ""
     lr += f", copy spans in {args['copy_spans']:.0%} of windows" if args.get("copy_spans") else ""
     lr += ", unknowns filled" if args.get("fill_unk") else ""
@@ -129,7 +132,8 @@ def plot(path: Path) -> None:
             if m is None:  # a run not scored so (shifts came in round 3; long-context has no 16 KB)
                 continue
             middles, losses = bucket_middles(m["loss_by_position"])
-            panel.plot(middles, losses, "o-", ms=3, color=plt.cm.tab20(i), label=f"{run} ({recipe(run)})")
+            color = plt.cm.tab20(i) if i < 20 else plt.cm.tab20b(i - 20)  # 40 runs before a colour repeats
+            panel.plot(middles, losses, "o-", ms=3, color=color, label=run)  # the recipe: the table
         panel.set_xscale("log")
         panel.set(title=title, xlabel="position in the window (bytes)", ylim=(1.0, 1.45))
         panel.title.set_fontsize(9)
@@ -139,10 +143,10 @@ def plot(path: Path) -> None:
     handles = {  # every run once, whichever panels it has
         label: h for panel in axes for h, label in zip(*panel.get_legend_handles_labels(), strict=True)
     }
-    ax["k"].legend(handles.values(), handles.keys(), loc="center", ncol=2, fontsize=8)
+    ax["k"].legend(handles.values(), handles.keys(), loc="center", ncol=4, fontsize=8)
     fig.suptitle(
         "Reference budget of wiki.train.tokens (round 1's tbptt-2048 and tbptt-512 cut at 88-89%); "
-        "one H200 (rounds 5, 6, 9 and 10: one H100)",
+        "one H200 (rounds 5, 6 and 9-12: one H100)",
         fontsize=10,
     )
     save(fig, path, dpi=110)
