@@ -170,11 +170,13 @@ def test_the_shifted_copy_recipe_is_round_12s_winner_and_each_of_its_flags_can_b
     # --learn_decay --copy_spans 1 --shifted_heads 2 (two heads here: the curve's ends)
     assert recipe_flags(["--recipe", "shifted-copy"]) == (2, 2048, [8.0, 4096.0], 2e-3, True, 2, 1.0)
     undone = ["--no-learn_decay", "--shifted_heads", "0", "--lr", "1e-3", "--copy_spans", "0"]
-    assert recipe_flags(["--recipe", "shifted-copy", *undone]) == (2, 2048, [8.0, 4096.0], 1e-3, False, 0, 0.0)
+    undone_flags = recipe_flags(["--recipe", "shifted-copy", *undone])
+    assert undone_flags == (2, 2048, [8.0, 4096.0], 1e-3, False, 0, 0.0)
     assert recipe_flags([]) == (8, 512, [8.0, 256.0], 1e-3, False, 0, 0.0)  # the default: none of it
     assert recipe_flags(["--learn_decay", "--shifted_heads", "1"])[4:6] == (True, 1)
     # a GPT takes the recipe's windows, learning rate and copies, not BDH's heads
-    gpt = recipe_flags(["--recipe", "shifted-copy", "--arch", "gpt"], model=["--n_embd", "32", "--n_layer", "2"])
+    gpt_model = ["--n_embd", "32", "--n_layer", "2"]
+    gpt = recipe_flags(["--recipe", "shifted-copy", "--arch", "gpt"], model=gpt_model)
     assert gpt == (2, 2048, None, 2e-3, None, None, 1.0)
     with pytest.raises(UsageError, match="--learn_decay is not a flag of --arch gpt"):
         recipe_flags(["--recipe", "shifted-copy", "--arch", "gpt", "--learn_decay"], model=[])
