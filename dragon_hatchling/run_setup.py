@@ -440,7 +440,10 @@ def model_config(args: argparse.Namespace):
     try:
         return cls(**flags)
     except ValueError as e:
-        raise UsageError(f"model config: {e}") from e
+        named = [k for k in RECIPES[args.recipe] if k in str(e)]  # a value the recipe may have set
+        flags = " and ".join(f"--{k}" for k in named)
+        recipe = f" (if left out, {flags}: --recipe {args.recipe}'s)" if named else ""
+        raise UsageError(f"model config: {e}{recipe}") from e
 
 
 def check_model(args: argparse.Namespace, config, device: torch.device, ranks: Ranks) -> None:

@@ -44,6 +44,7 @@ def assert_clean_error(result, *needles):
         (["--recipe", "fast"], ["--recipe", "fast"]),
         (["--recipe", "shifted-copy", "--carry_state"], ["--shifted_heads 2", "recipe: shifted-copy"]),
         (["--recipe", "shifted-copy", "--n_head", "1"], ["shifted_heads", "[0, n_head = 1]"]),
+        (["--recipe", "shifted-copy", "--half_lives", "none"], ["learn_decay needs", "--recipe shifted"]),
         (["--recipe", "shifted-copy", "--min_lr", "0.003"], ["--min_lr 0.003 is above --lr 0.002"]),
         (["--eval_seq_len", "0"], ["--eval_seq_len", "positive"]),
         (["--dist_timeout", "1e300"], ["--dist_timeout", "a week"]),
