@@ -119,6 +119,11 @@ def table() -> str:
     return "\n".join(lines + ["| " + " | ".join(row(run)) + " |" for run in RUNS])
 
 
+def colour(i: int) -> tuple:
+    """The i-th run's colour: 40 runs before one repeats."""
+    return plt.cm.tab20(i) if i < 20 else plt.cm.tab20b(i - 20)
+
+
 def plot(path: Path) -> None:
     fig, ax = plt.subplot_mosaic("abc;kkk", figsize=(15, 6.5), height_ratios=(3, 1))  # k: the legend
     axes = [ax["a"], ax["b"], ax["c"]]
@@ -132,8 +137,7 @@ def plot(path: Path) -> None:
             if m is None:  # a run not scored so (shifts came in round 3; long-context has no 16 KB)
                 continue
             middles, losses = bucket_middles(m["loss_by_position"])
-            color = plt.cm.tab20(i) if i < 20 else plt.cm.tab20b(i - 20)  # 40 runs before a colour repeats
-            panel.plot(middles, losses, "o-", ms=3, color=color, label=run)  # the recipe: the table
+            panel.plot(middles, losses, "o-", ms=3, color=colour(i), label=run)  # the recipe: the table
         panel.set_xscale("log")
         panel.set(title=title, xlabel="position in the window (bytes)", ylim=(1.0, 1.45))
         panel.title.set_fontsize(9)
