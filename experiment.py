@@ -3,6 +3,7 @@ checkpoints, metrics, and the Hub.
 
 uv run experiment.py --device cuda                          # BDH-GPU, the default (long-context) recipe
 uv run experiment.py --device cuda --recipe reference       # the reference report's run
+uv run experiment.py --device cuda --recipe shifted-copy    # the best BDH with context (results/tbptt)
 uv run experiment.py --device cuda --arch gpt --recipe reference   # a 25.6M nanoGPT, the same bytes
 uv run experiment.py --device cpu --n_neurons 512 --n_layer 2 --max_steps 200   # a small one
 
