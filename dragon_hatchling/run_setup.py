@@ -256,11 +256,19 @@ def check_flags(args: argparse.Namespace) -> None:
 
 
 def check_schedule(args: argparse.Namespace) -> None:
-    """The learning rate decays from --lr (the recipe's if left out) down to --min_lr."""
+    """The learning rate decays from --lr (the recipe's if left out) down to --min_lr, and AdamW's
+    decoupled weight decay multiplies each weight by 1 - lr x weight_decay a step."""
     if args.min_lr > args.lr:
         raise UsageError(
             f"--min_lr {args.min_lr} is above --lr {args.lr}: the schedule decays from --lr to --min_lr"
         )
+    if args.lr * args.weight_decay >= 1:
+        raise UsageError(
+            f"--lr {args.lr} times --weight_decay {args.weight_decay} must be below 1: AdamW multiplies "
+            "every weight by 1 - lr x weight_decay a step"
+        )
+    if args.lr > torch.finfo(torch.float32).max:  # the optimizer holds it in float32
+        raise UsageError(f"--lr {args.lr}: expected at most {torch.finfo(torch.float32).max:.3g} (float32)")
 
 
 def initial_weights(args: argparse.Namespace) -> dict | None:
