@@ -274,6 +274,8 @@ def load_any(
     model_path: str, checkpoint: str | None, revision: str | None, n_layer: int | None
 ) -> tuple[torch.nn.Module, dict]:
     path = Path(model_path)
+    if path.exists() and revision is not None:
+        raise UsageError(f"--revision {revision} picks a Hub revision: --model_path {model_path} is local")
     if path.exists():
         model, info = load_local(path, checkpoint, n_layer)
     elif REPO_ID.match(model_path) and not model_path.startswith((".", "/")):

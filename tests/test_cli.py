@@ -80,6 +80,7 @@ def test_split_shorter_than_one_window(tmp_path, small_data_dir, capsys):
         (["--seq_len", "64", "--shifts", "65"], ["--shifts 65", "at most --seq_len 64"]),
         (["--chunk_size", "0"], ["--chunk_size", "positive"]),
         (["--temperature", "nan", "--prompt", "a"], ["--temperature"]),
+        (["--revision", "main"], ["--revision main picks a Hub revision", "is local"]),
     ],
 )
 def test_evaluate_rejects_bad_values(args, needles, small_data_dir, capsys):
