@@ -147,6 +147,11 @@ def first_cause(e: Exception) -> str:
 
 
 def load_local(path: Path, checkpoint: str | None, n_layer: int | None) -> tuple[torch.nn.Module, dict]:
+    if checkpoint is not None and (path.is_file() or is_checkpoint(path)):
+        raise UsageError(
+            f"--checkpoint {checkpoint} picks one of a run folder or of a folder of .pt files: "
+            f"--model_path {path} is one checkpoint already"
+        )
     if path.is_file():
         if path.suffix == ".pt":
             return load_pt(path, n_layer or DEFAULT_N_LAYER), {"format": "legacy .pt", "file": str(path)}

@@ -90,6 +90,24 @@ def test_evaluate_rejects_bad_values(args, needles, small_data_dir, capsys):
     assert_clean_error(call_main(evaluate.main, [*base, *args], capsys), *needles)
 
 
+def test_checkpoint_is_refused_where_the_model_path_is_one_checkpoint(tmp_path, small_data_dir, capsys):
+    folder = tmp_path / "checkpoint"
+    BDH(BDHConfig(n_embd=32, n_head=2, n_neurons=128, n_layer=1)).save_pretrained(folder)
+    for path in (folder, folder / "model.safetensors"):
+        argv = [
+            "--data_dir",
+            str(small_data_dir),
+            "--device",
+            "cpu",
+            "--model_path",
+            str(path),
+            "--checkpoint",
+            "last",
+        ]
+        result = call_main(evaluate.main, argv, capsys)
+        assert_clean_error(result, "--checkpoint last picks one of a run folder", "is one checkpoint already")
+
+
 def test_help_explains_every_flag():
     result = run_script("experiment.py", "--help", timeout=60)
     assert result.returncode == 0
