@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import functools
 import math
-import os
 import sys
 import time
 from dataclasses import dataclass
@@ -291,16 +290,16 @@ def add_data_flags(g) -> None:
         "(save_to_disk, or json/csv/parquet/text files), converted once into byte files under --data_cache",
     )
     g.add_argument("--dataset_config", default=None, help="--dataset's configuration (its subset)")
-    g.add_argument("--text_column", default="text", help="--dataset's column of text (text)")
+    g.add_argument("--text_column", default=None, help="--dataset's column of text (text)")
     g.add_argument(
         "--val_fraction",
         type=positive_float,
-        default=0.005,
+        default=None,
         help="--dataset without a validation split: this fraction of its train rows is held out (0.005)",
     )
     g.add_argument(
         "--data_cache",
-        default=os.environ.get("BDH_DATA_CACHE", "~/.cache/dragon-hatchling/datasets"),
+        default=None,
         help="where --dataset's byte files are kept (BDH_DATA_CACHE; ~/.cache/dragon-hatchling/datasets)",
     )
     g.add_argument(

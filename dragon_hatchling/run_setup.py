@@ -17,6 +17,7 @@ import argparse
 import dataclasses
 import datetime as dt
 import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -104,6 +105,13 @@ RESUME_MUST_MATCH = (
     "fill_unk",
 )
 
+# The flags of --dataset, and their defaults
+DATASET_FLAGS = {
+    "dataset_config": None,
+    "text_column": "text",
+    "val_fraction": 0.005,
+    "data_cache": "~/.cache/dragon-hatchling/datasets",  # or BDH_DATA_CACHE
+}
 # Flags that mix something into the training text, and their value for runs from before them: none.
 LATER_MIXES = {"copy_spans": 0.0, "fill_unk": 0.0}
 
@@ -247,6 +255,7 @@ def describe(source: dict) -> str:
 
 def check_flags(args: argparse.Namespace) -> None:
     """The flags that disagree with each other, whatever the model and data."""
+    dataset_flags(args)
     if args.push_every_epoch and not args.push_to_hub:
         raise UsageError("--push_every_epoch needs --push_to_hub")
     if args.overwrite and args.resume is not None:
@@ -571,7 +580,20 @@ def extra_labels(paths: list[str]) -> list[str]:
     raise AssertionError("distinct files have distinct paths")
 
 
+def dataset_flags(args: argparse.Namespace) -> None:
+    """The flags of --dataset: refused without it where they differ from their defaults (Wikitext-2
+    has no use for them); their defaults filled in (a resumed run compares them)."""
+    defaults = {**DATASET_FLAGS, "data_cache": os.environ.get("BDH_DATA_CACHE", DATASET_FLAGS["data_cache"])}
+    given = [name for name, default in defaults.items() if getattr(args, name) not in (None, default)]
+    if args.dataset is None and given:
+        raise UsageError(f"--{given[0]} is a flag of --dataset: leave it out for Wikitext-2")
+    for name, default in defaults.items():
+        if getattr(args, name) is None:
+            setattr(args, name, default)
+
+
 def check_dataset_flags(args: argparse.Namespace) -> None:
+    dataset_flags(args)
     if args.data_dir is not None or args.train_file is not None:
         raise UsageError("--dataset replaces Wikitext-2: leave out --data_dir and --train_file")
     if not args.val_fraction < 1:
