@@ -258,6 +258,10 @@ def check_flags(args: argparse.Namespace) -> None:
     dataset_flags(args)
     if args.push_every_epoch and not args.push_to_hub:
         raise UsageError("--push_every_epoch needs --push_to_hub")
+    if args.hf_private and not args.push_to_hub:
+        raise UsageError("--hf_private makes the pushed repo private: it needs --push_to_hub")
+    if args.accept_new_data and args.resume is None:
+        raise UsageError("--accept_new_data lets a resumed run read changed data: it needs --resume")
     if args.overwrite and args.resume is not None:
         raise UsageError("--overwrite replaces a run and --resume continues one: leave out one of them")
     if args.push_to_hub and (args.hf_repo_id is None or not REPO_ID.match(args.hf_repo_id)):

@@ -50,6 +50,8 @@ def assert_clean_error(result, *needles):
         (["--lr", "10"], ["--lr 10.0 times --weight_decay 0.1"]),
         (["--lr", "1e308", "--weight_decay", "0"], ["--lr 1e+308", "float32"]),
         (["--val_fraction", "0.5"], ["--val_fraction is a flag of --dataset"]),
+        (["--hf_private"], ["--hf_private", "needs --push_to_hub"]),
+        (["--accept_new_data"], ["--accept_new_data", "needs --resume"]),
         (["--data_cache", "elsewhere"], ["--data_cache is a flag of --dataset"]),
         (["--eval_seq_len", "0"], ["--eval_seq_len", "positive"]),
         (["--dist_timeout", "1e300"], ["--dist_timeout", "a week"]),
