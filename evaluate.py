@@ -153,10 +153,10 @@ def add_sample_flags(g) -> None:
     g.add_argument(
         "--max_new_bytes",
         type=positive_int,
-        default=500,
+        default=None,
         help=f"bytes to sample (500; at most {MAX_NEW_BYTES:,}), with a progress bar at a terminal",
     )
-    g.add_argument("--temperature", type=float, default=0.8, help="sampling temperature (0.8)")
+    g.add_argument("--temperature", type=float, default=None, help="sampling temperature (0.8)")
     g.add_argument("--top_k", type=positive_int, default=None, help="sample from the k likeliest bytes")
     g.add_argument(
         "--context",
@@ -166,7 +166,7 @@ def add_sample_flags(g) -> None:
         "(0: the whole text; default: the whole text for a model with decay, whose quality holds at any "
         "length, else --seq_len)",
     )
-    g.add_argument("--seed", type=seed, default=1337, help="random seed for sampling (1337)")
+    g.add_argument("--seed", type=seed, default=None, help="random seed for sampling (1337)")
 
 
 def add_output_flags(g) -> None:
@@ -201,7 +201,7 @@ def add_output_flags(g) -> None:
     g.add_argument(
         "--init_seed",
         type=seed,
-        default=1337,
+        default=None,
         help="the seed of --neuron_graph's and --synapse_graph's fresh model (1337, experiment.py's "
         "default --seed: the run's own initial weights)",
     )
@@ -210,8 +210,31 @@ def add_output_flags(g) -> None:
 # ----------------------------------------------------------------------------- checks
 
 
+# Flags that mean something only beside another: the flags (one of them) each needs, and its default
+NEEDS = {
+    "max_new_bytes": (("prompt",), 500),
+    "temperature": (("prompt",), 0.8),
+    "top_k": (("prompt",), None),
+    "context": (("prompt",), None),
+    "seed": (("prompt",), 1337),
+    "synapse_layer": (("synapse_graph",), None),
+    "init_seed": (("neuron_graph", "synapse_graph"), 1337),
+}
+
+
+def check_needs(args: argparse.Namespace) -> None:
+    """A flag given without the flag it serves is refused (it would do nothing); defaults filled in."""
+    for name, (needs, default) in NEEDS.items():
+        if getattr(args, name) is None:
+            setattr(args, name, default)
+        elif not any(getattr(args, need) for need in needs):
+            wanted = " or ".join(f"--{need}" for need in needs)
+            raise UsageError(f"--{name} applies to {wanted}: give it, or leave out --{name}")
+
+
 def check_args(args: argparse.Namespace) -> None:
     """The flags that disagree with each other, whatever the model."""
+    check_needs(args)
     if not 0 <= args.temperature < math.inf:
         raise UsageError(f"--temperature must be a finite number >= 0, got {args.temperature}")
     if args.max_new_bytes > MAX_NEW_BYTES:

@@ -85,6 +85,10 @@ def test_split_shorter_than_one_window(tmp_path, small_data_dir, capsys):
         (["--chunk_size", "0"], ["--chunk_size", "positive"]),
         (["--temperature", "nan", "--prompt", "a"], ["--temperature"]),
         (["--revision", "main"], ["--revision main picks a Hub revision", "is local"]),
+        (["--temperature", "0.5"], ["--temperature applies to --prompt"]),
+        (["--max_new_bytes", "9"], ["--max_new_bytes applies to --prompt"]),
+        (["--synapse_layer", "1"], ["--synapse_layer applies to --synapse_graph"]),
+        (["--init_seed", "3"], ["--init_seed applies to --neuron_graph or --synapse_graph"]),
     ],
 )
 def test_evaluate_rejects_bad_values(args, needles, small_data_dir, capsys):
