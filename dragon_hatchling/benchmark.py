@@ -428,7 +428,10 @@ def summary(report: dict) -> str:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        trained = load_model(args.model_path)[0] if args.model_path and "generate" in args.parts else None
+        for flag in ("model_path", "previous_step"):  # they time generation alone
+            if getattr(args, flag) is not None and "generate" not in args.parts:
+                raise UsageError(f"--{flag} applies to generation: add generate to --parts, or leave it out")
+        trained = load_model(args.model_path)[0] if args.model_path else None
         cfg, decay = configs(args)
         if args.previous_step is not None:
             previous_step(Path(args.previous_step))  # imports it: a bad file is refused before any work
