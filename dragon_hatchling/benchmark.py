@@ -425,12 +425,17 @@ def summary(report: dict) -> str:
 
 
 @interruptible("before it finished (--out has what was measured by then)")
+def check_parts(args: argparse.Namespace) -> None:
+    """The flags of generation want it among --parts."""
+    for flag in ("model_path", "previous_step"):
+        if getattr(args, flag) is not None and "generate" not in args.parts:
+            raise UsageError(f"--{flag} applies to generation: add generate to --parts, or leave it out")
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        for flag in ("model_path", "previous_step"):  # they time generation alone
-            if getattr(args, flag) is not None and "generate" not in args.parts:
-                raise UsageError(f"--{flag} applies to generation: add generate to --parts, or leave it out")
+        check_parts(args)
         trained = load_model(args.model_path)[0] if args.model_path else None
         cfg, decay = configs(args)
         if args.previous_step is not None:

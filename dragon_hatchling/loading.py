@@ -147,11 +147,6 @@ def first_cause(e: Exception) -> str:
 
 
 def load_local(path: Path, checkpoint: str | None, n_layer: int | None) -> tuple[torch.nn.Module, dict]:
-    if checkpoint is not None and (path.is_file() or is_checkpoint(path)):
-        raise UsageError(
-            f"--checkpoint {checkpoint} picks one of a run folder or of a folder of .pt files: "
-            f"--model_path {path} is one checkpoint already"
-        )
     if path.is_file():
         if path.suffix == ".pt":
             return load_pt(path, n_layer or DEFAULT_N_LAYER), {"format": "legacy .pt", "file": str(path)}
@@ -281,6 +276,11 @@ def load_any(
     path = Path(model_path)
     if path.exists() and revision is not None:
         raise UsageError(f"--revision {revision} picks a Hub revision: --model_path {model_path} is local")
+    if checkpoint is not None and (path.is_file() or is_checkpoint(path)):
+        raise UsageError(
+            f"--checkpoint {checkpoint} picks one of a run folder or of a folder of .pt files: "
+            f"--model_path {path} is one checkpoint already"
+        )
     if path.exists():
         model, info = load_local(path, checkpoint, n_layer)
     elif REPO_ID.match(model_path) and not model_path.startswith((".", "/")):
