@@ -424,7 +424,6 @@ def summary(report: dict) -> str:
     return "\n".join(lines)
 
 
-@interruptible("before it finished (--out has what was measured by then)")
 def check_parts(args: argparse.Namespace) -> None:
     """The flags of generation want it among --parts."""
     for flag in ("model_path", "previous_step"):
@@ -432,6 +431,7 @@ def check_parts(args: argparse.Namespace) -> None:
             raise UsageError(f"--{flag} applies to generation: add generate to --parts, or leave it out")
 
 
+@interruptible("before it finished (--out has what was measured by then)")
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
