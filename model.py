@@ -576,13 +576,12 @@ class BDH(
         cos, sin = state_cos_sin(self.config, state.pos, C)  # C, n/h   (absolute positions)
         decay = self.decay(C, idx.device)
         v = layer_norm(self.embed(idx))  # B, C, d
-        layer_states, lasts = [], None if state.last is None else []
-        for i, layer_state in enumerate(state.layers):  # the same weights in every layer, one state each
-            last = None if lasts is None else state.last[i]
-            v, layer_state, last = self.layer_chunk(v, layer_state, last, cos, sin, decay)
+        layer_states, lasts = [], []
+        for layer_state, last in zip(state.layers, state.last or [None] * len(state.layers), strict=True):
+            v, layer_state, last = self.layer_chunk(v, layer_state, last, cos, sin, decay)  # same weights
             layer_states.append(layer_state)
-            if lasts is not None:
-                lasts.append(last)
+            lasts.append(last)
+        lasts = None if state.last is None else lasts  # None: no shifted heads
         return v @ self.readout, RecurrentState(layer_states, state.pos + C, lasts)
 
     def forward_chunked(
