@@ -324,10 +324,11 @@ def check_carry(args: argparse.Namespace, config) -> None:
             "--article_order shuffled orders the stretches of carried rows: it needs --carry_state"
         )
     if args.carry_state and getattr(config, "shifted_heads", 0):
-        raise UsageError(
+        message = (
             f"--shifted_heads {config.shifted_heads}: a shifted head's state is not carried from "
-            f"window to window (leave out --carry_state, or give --shifted_heads 0; recipe: {args.recipe})"
+            "window to window (leave out --carry_state, or give --shifted_heads 0)"
         )
+        raise UsageError(message + recipe_note(args, message))
     if args.carry_state and args.compile:
         raise UsageError("--carry_state runs the plain path as it is: leave out --compile (BDH's "
                          "fused kernels carry the state on CUDA)")  # fmt: skip
@@ -461,10 +462,16 @@ def model_config(args: argparse.Namespace):
     try:
         return cls(**flags)
     except ValueError as e:
-        named = [k for k in RECIPES[args.recipe] if k in str(e)]  # a value the recipe may have set
-        flags = " and ".join(f"--{k}" for k in named)
-        recipe = f" (if left out, {flags}: --recipe {args.recipe}'s)" if named else ""
-        raise UsageError(f"model config: {e}{recipe}") from e
+        raise UsageError(f"model config: {e}{recipe_note(args, str(e))}") from e
+
+
+def recipe_note(args: argparse.Namespace, message: str) -> str:
+    """For an error: which of the flags it names hold the recipe's value (the recipe may have set
+    them), e.g. " (if left out, --learn_decay: --recipe shifted-copy's)"; "" if none."""
+    recipe = RECIPES[args.recipe]
+    named = [k for k, value in recipe.items() if k in message and getattr(args, k, None) == value]
+    flags = " and ".join(f"--{k}" for k in named)
+    return f" (if left out, {flags}: --recipe {args.recipe}'s)" if named else ""
 
 
 def check_model(args: argparse.Namespace, config, device: torch.device, ranks: Ranks) -> None:

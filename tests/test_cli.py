@@ -42,7 +42,7 @@ def assert_clean_error(result, *needles):
         (["--shifted_heads", "3"], ["shifted_heads", "[0, n_head = 2]"]),
         (["--shifted_heads", "1", "--carry_state"], ["--shifted_heads 1", "--carry_state"]),
         (["--recipe", "fast"], ["--recipe", "fast"]),
-        (["--recipe", "shifted-copy", "--carry_state"], ["--shifted_heads 2", "recipe: shifted-copy"]),
+        (["--recipe", "shifted-copy", "--carry_state"], ["--shifted_heads 2", "--recipe shifted-copy's"]),
         (["--recipe", "shifted-copy", "--n_head", "1"], ["shifted_heads", "[0, n_head = 1]"]),
         (["--recipe", "shifted-copy", "--half_lives", "none"], ["learn_decay needs", "--recipe shifted"]),
         (["--recipe", "shifted-copy", "--min_lr", "0.003"], ["--min_lr 0.003 is above --lr 0.002"]),
