@@ -76,7 +76,7 @@ MAX_SYNAPSE_BYTES = 16_384  # --synapse_graph reads its text in one parallel pas
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = Parser(description=__doc__)
     add_model_flags(p.add_argument_group("the model"))
     add_text_flags(p.add_argument_group("the text and how it is read"))
     add_sample_flags(p.add_argument_group("sampling (--prompt)"))

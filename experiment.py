@@ -97,7 +97,7 @@ LN2 = math.log(2)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = Parser(description=__doc__)
     add_hardware_flags(p.add_argument_group("hardware"))
     add_schedule_flags(p.add_argument_group("schedule (the paper's recipe by default)"))
     add_model_flags(

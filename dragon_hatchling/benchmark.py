@@ -82,7 +82,7 @@ PROMPT = (
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = Parser(description=__doc__)
     p.add_argument("--device", default="cuda", help="cuda (the numbers mean little elsewhere)")
     p.add_argument("--out", type=out_file, default=None, help="write the results here as JSON")
     p.add_argument(

@@ -112,6 +112,16 @@ def out_file(text: str) -> str:
     return text
 
 
+def in_file(text: str) -> Path:
+    """A file to read: one that exists, can be read and holds at least a byte."""
+    path = Path(nonempty(text))
+    if not path.is_file() or not os.access(path, os.R_OK):
+        raise argparse.ArgumentTypeError(f"expected a file that can be read, got {text!r}")
+    if path.stat().st_size == 0:
+        raise argparse.ArgumentTypeError(f"expected a file with some bytes, got the empty {text!r}")
+    return path
+
+
 def nonempty(text: str) -> str:
     """Free text (a path, a name, a device): anything but the empty string, which would name the
     current folder or nothing at all."""
@@ -121,7 +131,12 @@ def nonempty(text: str) -> str:
 
 
 class Parser(argparse.ArgumentParser):
-    """argparse with one-line errors, and free-text arguments (no type of their own) never empty."""
+    """argparse with one-line errors, free-text arguments (no type of their own) never empty, and the
+    description (a script's docstring) printed as written."""
+
+    def __init__(self, **kwargs) -> None:
+        kwargs.setdefault("formatter_class", argparse.RawDescriptionHelpFormatter)
+        super().__init__(**kwargs)
 
     def error(self, message: str) -> None:  # one line, exit 2, no usage dump
         fail(message)

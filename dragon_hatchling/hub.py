@@ -236,7 +236,7 @@ def convert_target(out_dir: Path, overwrite: bool, make: bool = True) -> Path:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = Parser(description=__doc__)
     sub = p.add_subparsers(dest="command", required=True)
     push = sub.add_parser("push", help="push a finished run folder to the Hub")
     push.add_argument("run_dir", help="a run folder written by experiment.py")

@@ -191,7 +191,7 @@ def sentence_sets(args: argparse.Namespace) -> tuple[list[bytes], ...]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = Parser(description=__doc__)
     p.add_argument("--model_path", required=True, help="a run folder, checkpoint, .pt or Hub repo id (BDH)")
     p.add_argument("--checkpoint", default=None, help="best or last for a run folder (best)")
     p.add_argument("--concept", required=True, help="sentences that name the concept, one a line (search)")

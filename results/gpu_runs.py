@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import shlex
 import signal
 import subprocess
@@ -33,6 +34,10 @@ import threading
 import time
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository
+from dragon_hatchling.cli import Parser, UsageError, out_file, run_command, timeout_seconds  # noqa: E402
+
+NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")  # a folder of .gpu/runs, never . or ..
 DATA = Path(".gpu/data")
 RUNS = Path(".gpu/runs")
 TOKENS = str(DATA / "wiki.valid.tokens")
@@ -140,54 +145,82 @@ def only_spec(item: str) -> tuple[str, list[str]]:
     return name, chosen
 
 
-def main() -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("runs", nargs="+", help="NAME:GPU:FLAGS, or several joined by ; to run one after another")
-    p.add_argument("--out", required=True, help="tar.gz to write")
-    p.add_argument("--deadline", type=float, default=560, help="seconds from start to writing the tar")
-    p.add_argument("--train_deadline", type=float, default=450, help="seconds from start to stop training")
-    p.add_argument("--device", default="cuda", help="cuda (fused training) or cpu (a smoke test)")
-    p.add_argument("--also", default="", help="a shell command to run beside (e.g. the GPU tests)")
+def chain_spec(item: str) -> list[tuple[str, str, str]]:
+    """A positional NAME:GPU:FLAGS[;NAME:GPU:FLAGS...]: the runs of one chain, each (name, gpu, flags);
+    a name is a folder of .gpu/runs, and the chain runs on its first run's GPU."""
+    runs = [tuple(part.split(":", 2)) for part in item.split(";")]
+    for run in runs:
+        if len(run) != 3 or not NAME.fullmatch(run[0]) or not run[1].isdigit():
+            raise argparse.ArgumentTypeError(
+                f"expected NAME:GPU:FLAGS (NAME of letters, digits, ._- after the first), got {item!r}"
+            )
+    return runs
+
+
+def parse(argv: list[str] | None) -> argparse.Namespace:
+    p = Parser(description=__doc__)
+    p.add_argument(
+        "runs",
+        nargs="+",
+        type=chain_spec,
+        help="NAME:GPU:FLAGS, or several joined by ; to run one after another",
+    )
+    p.add_argument("--out", type=out_file, required=True, help="tar.gz to write")
+    p.add_argument(
+        "--deadline", type=timeout_seconds, default=560, help="seconds from start to writing the tar"
+    )
+    p.add_argument(
+        "--train_deadline", type=timeout_seconds, default=450, help="seconds from start to stop training"
+    )
+    p.add_argument(
+        "--device",
+        choices=["cuda", "cpu"],
+        default="cuda",
+        help="cuda (fused training) or cpu (a smoke test)",
+    )
+    p.add_argument("--also", default=None, help="a shell command to run beside (e.g. the GPU tests)")
     p.add_argument("--resume", action="store_true", help="continue each run from its last checkpoint")
     p.add_argument("--evals", choices=["all", "none"], default="all", help="score the runs afterwards (all)")
-    p.add_argument(
-        "--only",
-        action="append",
-        default=[],
-        type=only_spec,
-        metavar="NAME=FOLDER[,FOLDER]",
-        help=f"score run NAME with these evaluations alone, of: {', '.join(EVALS)}",
+    p.add_argument("--only", action="append", default=[], type=only_spec, metavar="NAME=FOLDER[,FOLDER]",
+                   help=f"score run NAME with these evaluations alone, of: {', '.join(EVALS)}")  # fmt: skip
+    args = p.parse_args(argv)
+    args.only, names = dict(args.only), [name for chain in args.runs for name, _, _ in chain]
+    if len(set(names)) < len(names):
+        raise UsageError(f"runs: expected each NAME once, got {', '.join(names)}")
+    if not set(args.only) <= set(names):
+        raise UsageError(f"--only: expected the NAME of a run, got {', '.join(set(args.only) - set(names))}")
+    if args.train_deadline >= args.deadline:
+        raise UsageError(f"--train_deadline: expected less than --deadline ({args.deadline:g} s)")
+    return args
+
+
+def run(argv: list[str] | None) -> None:
+    args, t_start = parse(argv), time.time()
+    threads = [threading.Thread(target=chain, args=([(name, flags) for name, _, flags in runs], runs[0][1],
+               t_start, args), daemon=True) for runs in args.runs]  # fmt: skip
+    RUNS.mkdir(parents=True, exist_ok=True)
+    side = args.also and subprocess.Popen(
+        args.also, shell=True, stdout=open(RUNS / "also.log", "w"), stderr=subprocess.STDOUT
     )
-    args = p.parse_args()
-    args.only = dict(args.only)
-    t_start = time.time()
-    threads = []
-    names = []
-    for spec in args.runs:
-        parts = [part.split(":", 2) for part in spec.split(";")]
-        names += [name for name, _, _ in parts]
-        specs = [(name, flags) for name, _, flags in parts]
-        thread = threading.Thread(target=chain, args=(specs, parts[0][1], t_start, args), daemon=True)
-        threads.append(thread)
-    side = None
-    if args.also:
-        side = subprocess.Popen(
-            args.also, shell=True, stdout=open(RUNS / "also.log", "w"), stderr=subprocess.STDOUT
-        )
     for t in threads:
         t.start()
     for t in threads:
         t.join(timeout=max(0.0, args.deadline - (time.time() - t_start)))
-    if side is not None and side.poll() is None:
+    if side and side.poll() is None:
         side.kill()
+    names = [name for runs in args.runs for name, _, _ in runs]
     pack(args.out, names)
     print(f"wrote {args.out} after {time.time() - t_start:.0f} s")
+    report(names)
+
+
+def report(names: list[str]) -> None:
+    """The last line of each run's training and evaluation logs."""
     for name in names:
         for f in [RUNS / name / "train.log", *(RUNS / name / f"{e}.log" for e in EVALS)]:
             if f.is_file():
                 lines = f.read_text().strip().splitlines()
                 print(f"== {f}: " + (lines[-1] if lines else "")[:300])
-    return 0
 
 
 def pack(out: str | Path, names: list[str]) -> None:
@@ -201,6 +234,10 @@ def pack(out: str | Path, names: list[str]) -> None:
                 tar.add(path, arcname=str(path.relative_to(RUNS)))
 
 
+def main(argv: list[str] | None = None) -> None:
+    """The command: one-line errors (exit 2) for bad arguments; the runs' own failures are in their logs."""
+    run_command(run, argv, (UsageError,))
+
+
 if __name__ == "__main__":
-    RUNS.mkdir(parents=True, exist_ok=True)
-    sys.exit(main())
+    main()

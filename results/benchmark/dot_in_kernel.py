@@ -21,7 +21,6 @@ of repeats); prints TFLOP/s and the ratio to cuBLAS, writes JSON.
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import sys
@@ -37,7 +36,7 @@ import triton.language as tl  # noqa: E402
 from triton.tools.tensor_descriptor import TensorDescriptor  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repository
-from dragon_hatchling.cli import out_file  # noqa: E402
+from dragon_hatchling.cli import Parser, out_file  # noqa: E402
 from dragon_hatchling.devices import cuda_time  # noqa: E402
 
 
@@ -274,7 +273,7 @@ def check() -> None:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = Parser(description=__doc__)
     p.add_argument("--out", type=out_file, default=None, help="write the results here as JSON")
     p.add_argument("--check", action="store_true", help="check the kernels against torch, tiny, and stop")
     args = p.parse_args()

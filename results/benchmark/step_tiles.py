@@ -61,7 +61,7 @@ def main(argv: list[str] | None = None) -> None:
 
 def sweep(argv: list[str] | None) -> None:
     """Parse the flags, sweep the tiles, profile the fastest, then benchmark generation with them."""
-    p = Parser(description=__doc__.splitlines()[0])
+    p = Parser(description=__doc__)
     p.add_argument("--model_path", required=True)
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--before", type=Path, help="an earlier kernels.py whose FusedStep to time alongside")

@@ -12,7 +12,6 @@ article.
 
 from __future__ import annotations
 
-import argparse
 import itertools
 import sys
 from pathlib import Path
@@ -21,6 +20,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repository
 from dragon_hatchling.carried import article_starts  # noqa: E402
+from dragon_hatchling.cli import Parser, UsageError, in_file, make_out_dir, run_command  # noqa: E402
 
 
 def articles(text: bytes) -> list[bytes]:
@@ -40,20 +40,26 @@ def parts(pieces: list[bytes]) -> dict[str, bytes]:
     return out
 
 
-def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--train_file", required=True, help="wiki.train.tokens")
+def run(argv: list[str] | None) -> None:
+    p = Parser(description=__doc__)
+    p.add_argument("--train_file", type=in_file, required=True, help="wiki.train.tokens")
     p.add_argument("--out_dir", required=True, help="folder for the five files")
-    args = p.parse_args()
-    text = Path(args.train_file).read_bytes()
+    args = p.parse_args(argv)
+    text = args.train_file.read_bytes()
     pieces = articles(text)
     assert b"".join(pieces) == text, "the articles hold every byte of the file"
-    out = Path(args.out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    if len(pieces) < 8:  # each part's last tenth must leave it an article to tune on
+        raise UsageError(f"--train_file {args.train_file}: expected at least 8 articles, found {len(pieces)}")
+    out = make_out_dir(args.out_dir)
     for name, data in parts(pieces).items():
         (out / name).write_bytes(data)
         print(f"{name}: {len(data):,} bytes")
     print(f"{len(pieces):,} articles")
+
+
+def main(argv: list[str] | None = None) -> None:
+    """The command: one-line errors (exit 2) for bad flags and files."""
+    run_command(run, argv)
 
 
 if __name__ == "__main__":

@@ -49,7 +49,7 @@ RECIPE = (
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = Parser(description=__doc__)
     p.add_argument("--bdh_py", required=True, help="their bdh.py")
     p.add_argument("--data_dir", required=True)
     p.add_argument("--train_file", required=True)

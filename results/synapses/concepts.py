@@ -12,10 +12,13 @@ test split, as in the paper. Writes sentences/CONCEPT-{search,test}-{concept,con
 
 from __future__ import annotations
 
-import argparse
 import random
 import re
+import sys
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repository
+from dragon_hatchling.cli import Parser, UsageError, run_command  # noqa: E402
 
 HERE = Path(__file__).parent
 CONCEPTS = {  # what a sentence must contain to name the concept
@@ -29,6 +32,7 @@ CONCEPTS = {  # what a sentence must contain to name the concept
     ),  # not May, also a verb
 }
 SIZES = {"search": 200, "test": 50}
+SPLITS = (("search", "valid"), ("test", "test"))  # which file each set is drawn from
 
 
 def sentences(text: bytes) -> list[bytes]:
@@ -51,19 +55,27 @@ def split_sets(found: list[bytes], pattern: re.Pattern, size: int, rng: random.R
     return concept, rng.sample(contrast, len(concept))
 
 
-def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--data_dir", required=True, help="folder with wiki.valid.raw and wiki.test.raw")
-    args = p.parse_args()
+def run(argv: list[str] | None) -> None:
+    p = Parser(description=__doc__)
+    p.add_argument("--data_dir", type=Path, required=True, help="holds wiki.valid.raw and wiki.test.raw")
+    args = p.parse_args(argv)
+    texts = {split: args.data_dir / f"wiki.{split}.raw" for _, split in SPLITS}
+    if not all(f.is_file() and f.stat().st_size > 0 for f in texts.values()):
+        raise UsageError(f"--data_dir {args.data_dir}: expected a folder of wiki.valid.raw and wiki.test.raw")
     folder = HERE / "sentences"
     folder.mkdir(exist_ok=True)
     for concept, pattern in CONCEPTS.items():
-        for part, split in (("search", "valid"), ("test", "test")):
-            found = sentences((Path(args.data_dir) / f"wiki.{split}.raw").read_bytes())
+        for part, split in SPLITS:
+            found = sentences(texts[split].read_bytes())
             sets = split_sets(found, pattern, SIZES[part], random.Random(0))
             for name, lines in zip(("concept", "contrast"), sets, strict=True):
                 (folder / f"{concept}-{part}-{name}.txt").write_bytes(b"\n".join(lines) + b"\n")
             print(f"{concept} {part}: {len(sets[0])} + {len(sets[1])} sentences of {len(found):,}")
+
+
+def main(argv: list[str] | None = None) -> None:
+    """The command: one-line errors (exit 2) for bad flags and files."""
+    run_command(run, argv)
 
 
 if __name__ == "__main__":

@@ -102,7 +102,7 @@ def main(argv: list[str] | None = None) -> None:
 
 def run(argv: list[str] | None) -> None:
     """Parse the flags, then train, score and write."""
-    p = Parser(description=__doc__.split("\n\n")[0])
+    p = Parser(description=__doc__)
     p.add_argument("--steps", type=positive_int, default=3000, help="training steps of each model")
     p.add_argument("--batch_size", type=positive_int, default=32, help="windows a step")
     p.add_argument("--length", type=positive_int, default=12, help="letters of each random string")

@@ -80,7 +80,7 @@ def main(argv: list[str] | None = None) -> None:
 
 def run(argv: list[str] | None) -> None:
     """Parse the flags, then measure and write."""
-    p = Parser(description=__doc__.split("\n\n")[0])
+    p = Parser(description=__doc__)
     p.add_argument("--model_path", required=True, help="a checkpoint folder or file (evaluate.py's)")
     p.add_argument("--data_file", required=True, help="the text to plant copies in (wiki.valid.raw)")
     p.add_argument("--seq_len", type=positive_int, default=1024, help="bytes a window (1024)")

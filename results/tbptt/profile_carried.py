@@ -56,10 +56,10 @@ def compare(plain: dict[str, float], carried: dict[str, float], top: int = 25) -
 
 
 def main() -> int:
-    p = Parser(description=__doc__.splitlines()[0])
-    p.add_argument("--shapes", type=shape_list, default=[(8, 512)])
+    p = Parser(description=__doc__)
+    p.add_argument("--shapes", type=shape_list, default=[(8, 512)], help="BATCHxWINDOW pairs (8x512)")
     p.add_argument("--half_lives", type=half_lives, default=[8.0, 32.0, 128.0, 256.0], help="none: no decay")
-    p.add_argument("--n_layer", type=positive_int, default=BDHConfig().n_layer)
+    p.add_argument("--n_layer", type=positive_int, default=BDHConfig().n_layer, help="the model's layers")
     p.add_argument(
         "--out", type=out_file, default=None, help="JSON of every kernel's time, both paths, each shape"
     )

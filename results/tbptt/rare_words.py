@@ -158,7 +158,7 @@ def main(argv: list[str] | None = None) -> None:
 
 def run(argv: list[str] | None) -> None:
     """Parse the flags, then measure and write."""
-    p = Parser(description=__doc__.split("\n\n")[0])
+    p = Parser(description=__doc__)
     source = p.add_mutually_exclusive_group(required=True)
     source.add_argument("--model_path", help="a checkpoint folder or file (evaluate.py's)")
     source.add_argument(

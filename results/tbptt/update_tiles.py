@@ -69,8 +69,8 @@ def sweep(B: int, T: int, cfg: BDHConfig) -> dict[str, float]:
 
 
 def main() -> int:
-    p = Parser(description=__doc__.splitlines()[0])
-    p.add_argument("--shapes", type=shape_list, default=[(8, 512)])
+    p = Parser(description=__doc__)
+    p.add_argument("--shapes", type=shape_list, default=[(8, 512)], help="BATCHxWINDOW pairs (8x512)")
     p.add_argument("--out", type=out_file, default=None, help="JSON of every time, each shape")
     args = p.parse_args()
     if not torch.cuda.is_available():
