@@ -150,7 +150,7 @@ def plot(path: Path) -> None:
     ax["k"].legend(handles.values(), handles.keys(), loc="center", ncol=4, fontsize=8)
     fig.suptitle(
         "Reference budget of wiki.train.tokens (round 1's tbptt-2048 and tbptt-512 cut at 88-89%); "
-        "one H200 (rounds 5, 6 and 9-12: one H100)",
+        "one H200 (rounds 5, 6 and 9-13: one H100)",
         fontsize=10,
     )
     save(fig, path, dpi=110)
