@@ -65,10 +65,16 @@ GPT_SAMPLE = ["--context", "512"]  # a GPT sees at most its block
 KEEP = (".csv", ".json", ".png", ".txt", ".log", ".npy")  # .npy: --stream's loss of every byte
 
 
-def chain(specs: list[tuple[str, str]], gpu: str, t_start: float, args: argparse.Namespace) -> None:
-    """The runs of one chain, one after another, on GPU `gpu`."""
-    for name, flags in specs:
+def chain(runs: list[tuple[str, str, str]], t_start: float, args: argparse.Namespace) -> None:
+    """The runs of one chain (chain_spec's), one after another, on its first run's GPU."""
+    gpu = runs[0][1]
+    for name, _, flags in runs:
         run_one(name, gpu, flags, t_start, args)
+
+
+def run_names(chains: list[list[tuple[str, str, str]]]) -> list[str]:
+    """The names of every run of every chain, in order."""
+    return [name for runs in chains for name, _, _ in runs]
 
 
 def run_one(name: str, gpu: str, flags: str, t_start: float, args: argparse.Namespace) -> None:
@@ -184,7 +190,7 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--only", action="append", default=[], type=only_spec, metavar="NAME=FOLDER[,FOLDER]",
                    help=f"score run NAME with these evaluations alone, of: {', '.join(EVALS)}")  # fmt: skip
     args = p.parse_args(argv)
-    args.only, names = dict(args.only), [name for chain in args.runs for name, _, _ in chain]
+    args.only, names = dict(args.only), run_names(args.runs)
     if len(set(names)) < len(names):
         raise UsageError(f"runs: expected each NAME once, got {', '.join(names)}")
     if not set(args.only) <= set(names):
@@ -196,8 +202,7 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
 
 def run(argv: list[str] | None) -> None:
     args, t_start = parse(argv), time.time()
-    threads = [threading.Thread(target=chain, args=([(name, flags) for name, _, flags in runs], runs[0][1],
-               t_start, args), daemon=True) for runs in args.runs]  # fmt: skip
+    threads = [threading.Thread(target=chain, args=(runs, t_start, args), daemon=True) for runs in args.runs]
     RUNS.mkdir(parents=True, exist_ok=True)
     side = args.also and subprocess.Popen(
         args.also, shell=True, stdout=open(RUNS / "also.log", "w"), stderr=subprocess.STDOUT
@@ -208,7 +213,7 @@ def run(argv: list[str] | None) -> None:
         t.join(timeout=max(0.0, args.deadline - (time.time() - t_start)))
     if side and side.poll() is None:
         side.kill()
-    names = [name for runs in args.runs for name, _, _ in runs]
+    names = run_names(args.runs)
     pack(args.out, names)
     print(f"wrote {args.out} after {time.time() - t_start:.0f} s")
     report(names)

@@ -12,13 +12,14 @@ test split, as in the paper. Writes sentences/CONCEPT-{search,test}-{concept,con
 
 from __future__ import annotations
 
+import argparse
 import random
 import re
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repository
-from dragon_hatchling.cli import Parser, UsageError, run_command  # noqa: E402
+from dragon_hatchling.cli import Parser, UsageError, in_file, run_command  # noqa: E402
 
 HERE = Path(__file__).parent
 CONCEPTS = {  # what a sentence must contain to name the concept
@@ -59,18 +60,19 @@ def run(argv: list[str] | None) -> None:
     p = Parser(description=__doc__)
     p.add_argument("--data_dir", type=Path, required=True, help="holds wiki.valid.raw and wiki.test.raw")
     args = p.parse_args(argv)
-    texts = {split: args.data_dir / f"wiki.{split}.raw" for _, split in SPLITS}
-    if not all(f.is_file() and f.stat().st_size > 0 for f in texts.values()):
-        raise UsageError(f"--data_dir {args.data_dir}: expected a folder of wiki.valid.raw and wiki.test.raw")
+    try:
+        texts = {split: in_file(str(args.data_dir / f"wiki.{split}.raw")) for _, split in SPLITS}
+    except argparse.ArgumentTypeError as e:
+        raise UsageError(f"--data_dir {args.data_dir}: {e}") from None
+    found = {split: sentences(path.read_bytes()) for split, path in texts.items()}  # each split read once
     folder = HERE / "sentences"
     folder.mkdir(exist_ok=True)
     for concept, pattern in CONCEPTS.items():
         for part, split in SPLITS:
-            found = sentences(texts[split].read_bytes())
-            sets = split_sets(found, pattern, SIZES[part], random.Random(0))
+            sets = split_sets(found[split], pattern, SIZES[part], random.Random(0))
             for name, lines in zip(("concept", "contrast"), sets, strict=True):
                 (folder / f"{concept}-{part}-{name}.txt").write_bytes(b"\n".join(lines) + b"\n")
-            print(f"{concept} {part}: {len(sets[0])} + {len(sets[1])} sentences of {len(found):,}")
+            print(f"{concept} {part}: {len(sets[0])} + {len(sets[1])} sentences of {len(found[split]):,}")
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -62,15 +62,15 @@ def recipe(run: str) -> str:
     lives = ", ".join(f"{t:g}" for t in args["half_lives"]) if args["half_lives"] else "none"
     carried = ", carried" + (f", reset at each {args['reset_state']}" if args.get("reset_state") else "")
     carried += ", articles shuffled" if args.get("article_order") == "shuffled" else ""
-    lr = f", lr {args['lr']:g}" if args["lr"] != 1e-3 else ""
+    rest = f", lr {args['lr']:g}" if args["lr"] != 1e-3 else ""  # and every other flag that differs
     heads = f", {args['n_head']} heads" if args.get("n_head", 4) != 4 else ""
     lives += " (learned from there)" if args.get("learn_decay") else ""
-    lr += f", seed {args['seed']}" if args.get("seed", 1337) != 1337 else ""
-    lr += ", dropout 0" if args.get("dropout") == 0 else ""
-    lr += f", copy spans in {args['copy_spans']:.0%} of windows" if args.get("copy_spans") else ""
-    lr += ", unknowns filled" if args.get("fill_unk") else ""
-    lr += f", the last {args['shifted_heads']} heads shifted" if args.get("shifted_heads") else ""
-    return f"BDH, {shape}{heads}, half-lives {lives}" + (carried if args.get("carry_state") else "") + lr
+    rest += f", seed {args['seed']}" if args.get("seed", 1337) != 1337 else ""
+    rest += ", dropout 0" if args.get("dropout") == 0 else ""
+    rest += f", copy spans in {args['copy_spans']:.0%} of windows" if args.get("copy_spans") else ""
+    rest += ", unknowns filled" if args.get("fill_unk") else ""
+    rest += f", the last {args['shifted_heads']} heads shifted" if args.get("shifted_heads") else ""
+    return f"BDH, {shape}{heads}, half-lives {lives}" + (carried if args.get("carry_state") else "") + rest
 
 
 def loss(run: str, folder: str) -> str:
