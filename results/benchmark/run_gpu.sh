@@ -1,24 +1,44 @@
 #!/usr/bin/env bash
-# Issue 29, part 2, on an H200 (python3, torch and Triton there, no uv; .gpu/data holds
-# wiki.{valid,test}.raw and wiki.{train,valid}.tokens from ../shared/data, carried alone: carrying all
-# of .gpu would replace the machine's runs). Logs under $OUT/t. About 8 minutes:
-#   a model of the default recipe stopped at 100 s (SIGTERM saves it), the H200's step tiles
-#   (step_tiles.py: the sweep, a profile, then generation with the fastest tiles), and the generation
-#   benchmark at the committed tiles for the same weights (lazy_decay_over_no_decay_at_floor).
+# Issue 29 on an H200 (python3, torch and Triton there, no uv). Carry .gpu/data (wiki.{valid,test}.raw,
+# wiki.{train,valid}.tokens from ../shared/data) and, for `train`, .gpu/prev (`git archive 74ab83d
+# dragon_hatchling model.py`, the fused path before issue 29's rounds); carry those folders alone:
+# carrying all of .gpu would replace the machine's runs. Logs under $OUT/t. One part a command:
+#   bash results/benchmark/run_gpu.sh tiles   # about 8 minutes: a model of the default recipe stopped
+#     at 100 s (SIGTERM saves it), the H200's step tiles (step_tiles.py: the sweep, a profile, then
+#     generation with the fastest tiles), and the generation benchmark at the committed tiles for the
+#     same weights (lazy_decay_over_no_decay_at_floor)
+#   bash results/benchmark/run_gpu.sh train   # about 3 minutes: the fused training step now and at
+#     74ab83d, one after the other, at 32 x 128 and 8 x 512, with and without decay
 set -u
+if [[ "${1:-}" != tiles && "${1:-}" != train ]]; then
+  echo "usage: bash results/benchmark/run_gpu.sh tiles|train" >&2
+  exit 2
+fi
 export PYTHONUNBUFFERED=1
 DATA=.gpu/data
 O=$OUT/t
 mkdir -p $O
 nvidia-smi --query-gpu=name,memory.total --format=csv | tee $O/gpu.txt
-git log -1 --format=%H > $O/commit.txt
-timeout -s TERM 100 python3 experiment.py --device cuda --fused --data_dir $DATA \
-  --train_file $DATA/wiki.train.tokens --eval_every 100000 --no_progress --out_dir .gpu/gen \
-  --overwrite > $O/model.log 2>&1
-tail -3 $O/model.log
-timeout -s TERM 300 python3 results/benchmark/step_tiles.py --model_path .gpu/gen/checkpoints/last \
-  --out $O/tiles > $O/step_tiles.log 2>&1
-tail -30 $O/step_tiles.log
-timeout 100 python3 -m dragon_hatchling.benchmark --device cuda --parts generate \
-  --model_path .gpu/gen/checkpoints/last --out $O/generate.json > $O/generate.log 2>&1
-tail -30 $O/generate.log
+case "${1:-}" in
+tiles)
+  timeout -s TERM 100 python3 experiment.py --device cuda --fused --data_dir $DATA \
+    --train_file $DATA/wiki.train.tokens --eval_every 100000 --no_progress --out_dir .gpu/gen \
+    --overwrite > $O/model.log 2>&1
+  tail -3 $O/model.log
+  timeout -s TERM 300 python3 results/benchmark/step_tiles.py --model_path .gpu/gen/checkpoints/last \
+    --out $O/tiles > $O/step_tiles.log 2>&1
+  tail -30 $O/step_tiles.log
+  timeout 100 python3 -m dragon_hatchling.benchmark --device cuda --parts generate \
+    --model_path .gpu/gen/checkpoints/last --out $O/generate.json > $O/generate.log 2>&1
+  tail -30 $O/generate.log
+  ;;
+train)
+  TRAIN="--device cuda --parts train --paths fused --shapes 32x128,8x512 --half_lives 8,32,128,256"
+  for i in 1 2; do  # alternating, so that a drift of the machine shows as a difference between repeats
+    timeout 140 python3 -m dragon_hatchling.benchmark $TRAIN --out $O/train-now$i.json > $O/train-now$i.log 2>&1
+    (cd .gpu/prev && timeout 140 python3 -m dragon_hatchling.benchmark $TRAIN --out $O/train-74ab83d$i.json \
+      > $O/train-74ab83d$i.log 2>&1)
+    head -4 $O/train-now$i.log $O/train-74ab83d$i.log
+  done
+  ;;
+esac
