@@ -40,5 +40,23 @@ train)
       > $O/train-74ab83d$i.log 2>&1)
     head -4 $O/train-now$i.log $O/train-74ab83d$i.log
   done
+  # each shape's bytes/s now over 74ab83d's, repeat by repeat, and the peak memory of both
+  python3 - "$O" <<'PY'
+import json, sys
+o = sys.argv[1]
+rows = lambda name: {(r["path"], r["batch"], r["window"]): r for r in json.load(open(f"{o}/{name}.json"))["train"]}
+out = {}
+for i in (1, 2):
+    now, prev = rows(f"train-now{i}"), rows(f"train-74ab83d{i}")
+    for (path, b, t), r in now.items():
+        key = f"{b}x{t}" + (" decay" if "decay" in path else "")
+        p = prev[(path, b, t)]
+        out.setdefault(key, []).append({"fused_over_previous": r["bytes_per_s"] / p["bytes_per_s"],
+            "bytes_per_s": r["bytes_per_s"], "previous_bytes_per_s": p["bytes_per_s"],
+            "peak_gb": r["peak_gb"], "previous_peak_gb": p["peak_gb"]})
+json.dump({"previous": "74ab83d", "shapes": out}, open(f"{o}/train-vs-previous.json", "w"), indent=1)
+for k, v in out.items():
+    print(k, " ".join(f"{x['fused_over_previous']:.3f}x" for x in v))
+PY
   ;;
 esac
