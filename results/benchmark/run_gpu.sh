@@ -19,6 +19,7 @@ DATA=.gpu/data
 O=$OUT/t
 mkdir -p $O
 nvidia-smi --query-gpu=name,memory.total --format=csv | tee $O/gpu.txt
+git log -1 --format=%H > $O/commit.txt
 case "${1:-}" in
 tiles)
   timeout -s TERM 100 python3 experiment.py --device cuda --fused --data_dir $DATA \
@@ -40,21 +41,32 @@ train)
       > $O/train-74ab83d$i.log 2>&1)
     head -4 $O/train-now$i.log $O/train-74ab83d$i.log
   done
-  # each shape's bytes/s now over 74ab83d's, repeat by repeat, and the peak memory of both
+  # each shape's bytes/s now over 74ab83d's, repeat by repeat, and the peak memory of both (a shape
+  # that either run lacks, timed out or out of memory, is left out; the runs' own JSONs keep it)
   python3 - "$O" <<'PY'
 import json, sys
-o = sys.argv[1]
-rows = lambda name: {(r["path"], r["batch"], r["window"]): r for r in json.load(open(f"{o}/{name}.json"))["train"]}
+from pathlib import Path
+
+o = Path(sys.argv[1])
+
+
+def rows(name):
+    f = o / f"{name}.json"
+    train = json.loads(f.read_text())["train"] if f.exists() else []
+    return {(r["path"], r["batch"], r["window"]): r for r in train if r.get("bytes_per_s")}
+
+
 out = {}
 for i in (1, 2):
     now, prev = rows(f"train-now{i}"), rows(f"train-74ab83d{i}")
     for (path, b, t), r in now.items():
-        key = f"{b}x{t}" + (" decay" if "decay" in path else "")
-        p = prev[(path, b, t)]
-        out.setdefault(key, []).append({"fused_over_previous": r["bytes_per_s"] / p["bytes_per_s"],
-            "bytes_per_s": r["bytes_per_s"], "previous_bytes_per_s": p["bytes_per_s"],
-            "peak_gb": r["peak_gb"], "previous_peak_gb": p["peak_gb"]})
-json.dump({"previous": "74ab83d", "shapes": out}, open(f"{o}/train-vs-previous.json", "w"), indent=1)
+        p = prev.get((path, b, t))
+        if p is not None:
+            out.setdefault(f"{b}x{t}" + (" decay" if "decay" in path else ""), []).append({
+                "fused_over_previous": r["bytes_per_s"] / p["bytes_per_s"],
+                "bytes_per_s": r["bytes_per_s"], "previous_bytes_per_s": p["bytes_per_s"],
+                "peak_gb": r["peak_gb"], "previous_peak_gb": p["peak_gb"]})
+(o / "train-vs-previous.json").write_text(json.dumps({"previous": "74ab83d", "shapes": out}, indent=1))
 for k, v in out.items():
     print(k, " ".join(f"{x['fused_over_previous']:.3f}x" for x in v))
 PY
