@@ -2,7 +2,9 @@
 # Issue 29 on an H200 (python3, torch and Triton there, no uv). Carry .gpu/data (wiki.{valid,test}.raw,
 # wiki.{train,valid}.tokens from ../shared/data) and, for `train`, .gpu/prev (`git archive 74ab83d
 # dragon_hatchling model.py`, the fused path before issue 29's rounds); carry those folders alone:
-# carrying all of .gpu would replace the machine's runs. Logs under $OUT/t. One part a command:
+# carrying all of .gpu would replace the machine's runs. Logs under $OUT/t, packed at the end into
+# $OUT/PART.tgz (a call brings back at most 8 files; a run stopped before the end leaves them loose).
+# One part a command:
 #   bash results/benchmark/run_gpu.sh tiles   # about 8 minutes: a model of the default recipe stopped
 #     at 100 s (SIGTERM saves it), the H200's step tiles (step_tiles.py: the sweep, a profile, then
 #     generation with the fastest tiles), and the generation benchmark at the committed tiles for the
@@ -72,3 +74,5 @@ for k, v in out.items():
 PY
   ;;
 esac
+# one file back, not the 8 a call may bring
+tar -czf $OUT/$1.tgz -C $OUT t && rm -rf $O
