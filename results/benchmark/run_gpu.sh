@@ -8,7 +8,7 @@
 #   bash results/benchmark/run_gpu.sh tiles   # about 8 minutes: a model of the default recipe stopped
 #     at 100 s (SIGTERM saves it), the H200's step tiles (step_tiles.py: the sweep, a profile, then
 #     generation with the fastest tiles), and the generation benchmark at the committed tiles for the
-#     same weights (lazy_decay_over_no_decay_at_floor)
+#     same weights (lazy_decay_over_no_decay_at_floor); TILES_S=240 gives the sweep 240 s, not 300
 #   bash results/benchmark/run_gpu.sh train   # about 3 minutes: the fused training step now and at
 #     74ab83d, one after the other, at 32 x 128 and 8 x 512, with and without decay
 set -u
@@ -28,7 +28,7 @@ tiles)
     --train_file $DATA/wiki.train.tokens --eval_every 100000 --no_progress --out_dir .gpu/gen \
     --overwrite > $O/model.log 2>&1
   tail -3 $O/model.log
-  timeout -s TERM 300 python3 results/benchmark/step_tiles.py --model_path .gpu/gen/checkpoints/last \
+  timeout -s TERM ${TILES_S:-300} python3 results/benchmark/step_tiles.py --model_path .gpu/gen/checkpoints/last \
     --out $O/tiles > $O/step_tiles.log 2>&1
   tail -30 $O/step_tiles.log
   timeout 100 python3 -m dragon_hatchling.benchmark --device cuda --parts generate \
