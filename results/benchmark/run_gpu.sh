@@ -16,8 +16,18 @@ if [[ "${1:-}" != tiles && "${1:-}" != train ]]; then
   echo "usage: bash results/benchmark/run_gpu.sh tiles|train" >&2
   exit 2
 fi
-export PYTHONUNBUFFERED=1
 DATA=.gpu/data
+# bad input: one line and exit 2 before any work
+refuse() { echo "error: $1" >&2; exit 2; }
+command -v nvidia-smi > /dev/null || refuse "no nvidia-smi here: run it on a GPU machine (the device tool)"
+[[ -n "${OUT:-}" ]] || refuse "OUT is not set: expected the folder the logs go to (the device tool sets it)"
+[[ "${TILES_S:-300}" =~ ^[1-9][0-9]{0,4}$ ]] || refuse "TILES_S=${TILES_S}: expected whole seconds, 1 to 99999"
+for f in wiki.valid.raw wiki.test.raw wiki.train.tokens wiki.valid.tokens; do
+  [[ -s $DATA/$f ]] || refuse "$DATA/$f is missing or empty: carry $DATA (copies of ../shared/data's files)"
+done
+[[ $1 != train || -f .gpu/prev/dragon_hatchling/benchmark.py ]] ||
+  refuse ".gpu/prev holds no dragon_hatchling/benchmark.py: carry it (git archive 74ab83d dragon_hatchling model.py)"
+export PYTHONUNBUFFERED=1
 O=$OUT/t
 mkdir -p $O
 nvidia-smi --query-gpu=name,memory.total --format=csv | tee $O/gpu.txt
