@@ -38,6 +38,7 @@ import numpy as np
 import torch
 
 from dragon_hatchling import plots
+from dragon_hatchling.architectures import VOCAB
 from dragon_hatchling.checkpoints import holds_run, run_of
 from dragon_hatchling.cli import (
     Parser,
@@ -157,7 +158,9 @@ def add_sample_flags(g) -> None:
         help=f"bytes to sample (500; at most {MAX_NEW_BYTES:,}), with a progress bar at a terminal",
     )
     g.add_argument("--temperature", type=float, default=None, help="sampling temperature (0.8)")
-    g.add_argument("--top_k", type=positive_int, default=None, help="sample from the k likeliest bytes")
+    g.add_argument(
+        "--top_k", type=positive_int, default=None, help="sample from the k likeliest bytes (1 to 256)"
+    )
     g.add_argument(
         "--context",
         type=nonneg_int,
@@ -237,6 +240,8 @@ def check_args(args: argparse.Namespace) -> None:
     check_needs(args)
     if not 0 <= args.temperature < math.inf:
         raise UsageError(f"--temperature must be a finite number >= 0, got {args.temperature}")
+    if args.top_k is not None and args.top_k > VOCAB:
+        raise UsageError(f"--top_k {args.top_k}: expected at most {VOCAB}, the bytes there are to sample")
     if args.max_new_bytes > MAX_NEW_BYTES:
         raise UsageError(f"--max_new_bytes {args.max_new_bytes:,} is more than {MAX_NEW_BYTES:,}")
     if args.context == 1:
@@ -434,12 +439,8 @@ def default_folder(args: argparse.Namespace) -> Path:
     return Path("results/eval") / f"{model}-{text}-{read}"
 
 
-def prepare(args: argparse.Namespace) -> tuple:
-    """Check every argument and input, then load: the model (on the device), its source, the text,
-    the device, dtype, path and output folder. A UsageError on the first bad one."""
-    check_args(args)
-    device = resolve_device(args.device)
-    dtype = resolve_dtype(args.dtype, device)
+def read_text(args: argparse.Namespace) -> np.ndarray:
+    """The bytes to score: --data_file, or --split (from --data_dir, else the Hub), long enough to read."""
     data = (
         load_bytes_file(args.data_file, what="--data_file")
         if args.data_file
@@ -453,6 +454,15 @@ def prepare(args: argparse.Namespace) -> tuple:
         raise UsageError(
             f"{what} ({len(data)} bytes) is shorter than one window of --seq_len + 1 = {window} bytes"
         )
+    return data
+
+
+def prepare(args: argparse.Namespace) -> tuple:
+    """Check every argument and input, then load: the model (on the device), its source, the text,
+    the device, dtype, path and output folder. A UsageError on the first bad one."""
+    check_args(args)
+    device = resolve_device(args.device)
+    dtype = resolve_dtype(args.dtype, device)
     if args.out_dir is not None and holds_run(args.out_dir):
         raise UsageError(
             f"--out_dir {args.out_dir} holds a training run, whose metrics.json this would replace; "
@@ -460,6 +470,8 @@ def prepare(args: argparse.Namespace) -> tuple:
         )
     if args.out_dir is not None:
         make_out_dir(args.out_dir)
+    local = args.data_file or args.data_dir
+    data = read_text(args) if local else None  # a local text first: read at once
     model, source = load_model(args.model_path, args.checkpoint, args.revision, args.n_layer)
     check_model(args, model)
     path = choose_path(type(model), device, args.fused, compile=False, dtype=dtype)
@@ -467,6 +479,9 @@ def prepare(args: argparse.Namespace) -> tuple:
     if args.prompt and model.steps_recurrently:  # a state for every prompt
         need = 4 * model.config.num_params + model.config.state_bytes(len(args.prompt))
         check_fits(need, device, f"sampling {len(args.prompt)} prompt(s) side by side")
+    data = (
+        read_text(args) if data is None else data
+    )  # the Hub's split last: a bad model fails before its wait
     out_dir = Path(args.out_dir) if args.out_dir else unique_folder(default_folder(args))  # a new one
     return model.to(device).eval(), source, data, device, dtype, path, out_dir
 

@@ -72,7 +72,7 @@ from dragon_hatchling.run_folder import (
     rank_seed,
     set_rng_state,
 )
-from dragon_hatchling.run_setup import RECIPES, Setup, convert_dataset, parameter_groups, prepare
+from dragon_hatchling.run_setup import RECIPES, Setup, convert_dataset, parameter_groups, plan, prepare
 from dragon_hatchling.scoring import (
     Stopped,
     activation_summary,
@@ -773,10 +773,11 @@ def main(argv: list[str] | None = None) -> int:
     try:
         ranks = ranks_from_env()
         start(ranks, args.dist_timeout)
+        checked = agreed(ranks, lambda: plan(args, ranks))  # every flag, before the data's wait
         dataset = None
         if args.dataset is not None:  # rank 0 converts it (once); the others wait for it
             dataset = agreed(ranks, lambda: convert_dataset(args, convert=ranks.main))
-        run = agreed(ranks, lambda: prepare(args, ranks, dataset))
+        run = agreed(ranks, lambda: prepare(args, checked, dataset))
         metrics = train(run)
         stop(together=True)
     except Quiet as e:  # another rank says why

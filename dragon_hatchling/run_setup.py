@@ -162,9 +162,24 @@ class Setup:
         return extra + streams
 
 
-def prepare(args: argparse.Namespace, ranks: Ranks | None = None, dataset: Path | None = None) -> Setup:
-    """Check every argument and input before any work; UsageError on the first bad one. dataset:
-    --dataset's converted folder (convert_dataset)."""
+@dataclass
+class Plan:
+    """What the flags and checkpoints decide, checked before any data is read (or converted)."""
+
+    ranks: Ranks
+    device: torch.device
+    dtype: torch.dtype
+    path: str  # paths.FUSED, COMPILED or EAGER
+    config: object  # BDHConfig or GPTConfig
+    resume: Path | None  # the checkpoint folder resumed from
+    resume_state: dict | None  # its training_state.pt
+    init_weights: dict | None  # --init_from's tensors (a new run that starts from them)
+    extra: tuple  # --extra_val_file's paths and bytes (extra_texts): local, read first
+
+
+def plan(args: argparse.Namespace, ranks: Ranks | None = None) -> Plan:
+    """Check every flag, the checkpoints named and the model against the device, before any data is
+    read or converted (a dataset may take hours); UsageError on the first bad one."""
     ranks = ranks or Ranks()
     device = rank_device(ranks, resolve_device(args.device))
     dtype = resolve_dtype(args.dtype, device)
@@ -178,14 +193,22 @@ def prepare(args: argparse.Namespace, ranks: Ranks | None = None, dataset: Path 
     compile = False if args.carry_state else args.compile  # the carried forward runs as it is
     path = choose_path(ARCHITECTURES[args.arch][0], device, args.fused, compile, dtype)
     check_model(args, config, device, ranks)
-    data = load_data(args, dataset)
+    extra = extra_texts(args)
+    return Plan(ranks, device, dtype, path, config, resume, resume_state, init_weights, extra)
+
+
+def prepare(args: argparse.Namespace, plan: Plan, dataset: Path | None = None) -> Setup:
+    """Read the data and claim the run folder, after plan(); UsageError on the first bad input.
+    dataset: --dataset's converted folder (convert_dataset)."""
+    ranks, resume = plan.ranks, plan.resume
+    data = load_data(args, plan.extra, dataset)
     steps_per_epoch = check_windows(args, data)
     out_dir = run_folder(args, resume, make=ranks.main)
     sources = data_sources(args, data) if ranks.main else {}  # rank 0 alone writes
-    changes = data_changes(args, resume_state, resume, sources) if ranks.main else []
+    changes = data_changes(args, plan.resume_state, resume, sources) if ranks.main else []
     lock = claim(out_dir, args, resume) if ranks.main else None
-    return Setup(args, ranks, device, dtype, path, config, data, steps_per_epoch, out_dir, resume,
-                 resume_state, lock, sources, changes, init_weights)  # fmt: skip
+    return Setup(args, ranks, plan.device, plan.dtype, plan.path, plan.config, data, steps_per_epoch, out_dir,
+                 resume, plan.resume_state, lock, sources, changes, plan.init_weights)  # fmt: skip
 
 
 def claim(out_dir: Path, args: argparse.Namespace, resume: Path | None):
@@ -256,6 +279,8 @@ def describe(source: dict) -> str:
 def check_flags(args: argparse.Namespace) -> None:
     """The flags that disagree with each other, whatever the model and data."""
     dataset_flags(args)
+    if args.dataset is not None:
+        check_dataset_flags(args)  # before it is converted
     if args.push_every_epoch and not args.push_to_hub:
         raise UsageError("--push_every_epoch needs --push_to_hub")
     if args.hf_private and not args.push_to_hub:
@@ -496,10 +521,11 @@ def check_model(args: argparse.Namespace, config, device: torch.device, ranks: R
     )
 
 
-def load_data(args: argparse.Namespace, dataset: Path | None = None) -> Data:
+def load_data(args: argparse.Namespace, extra: tuple, dataset: Path | None = None) -> Data:
     """The train and validation bytes: --dataset's converted files, --train_file beside the
-    validation split, or the splits of --data_dir (or the Hub); and every --extra_val_file. dataset:
+    validation split, or the splits of --data_dir (or the Hub); beside extra (extra_texts). dataset:
     --dataset's folder, if convert_dataset made it already."""
+    extra_files, extra = extra
     train_path, valid_path = args.train_file, None  # None: the split of --data_dir or the Hub
     if args.dataset is not None:
         folder = dataset or convert_dataset(args, convert=False)
@@ -513,9 +539,14 @@ def load_data(args: argparse.Namespace, dataset: Path | None = None) -> Data:
         train = load_split("train", args.data_dir)
         valid = load_split("valid", args.data_dir)
     train, filled = filled_train(args, train)
-    extra_files = dict(zip(extra_labels(args.extra_val_file), args.extra_val_file, strict=True))
-    extra = {label: load_bytes_file(p, what="--extra_val_file") for label, p in extra_files.items()}
     return Data(train, valid, extra, train_path, valid_path, extra_files, filled)
+
+
+def extra_texts(args: argparse.Namespace) -> tuple[dict[str, str], dict[str, np.ndarray]]:
+    """Each --extra_val_file's path and bytes, by label (extra_labels)."""
+    extra_files = dict(zip(extra_labels(args.extra_val_file), args.extra_val_file, strict=True))
+    texts = {label: load_bytes_file(p, what="--extra_val_file") for label, p in extra_files.items()}
+    return extra_files, texts
 
 
 def filled_train(args: argparse.Namespace, train: np.ndarray) -> tuple[np.ndarray, int]:

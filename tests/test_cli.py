@@ -85,6 +85,7 @@ def test_split_shorter_than_one_window(tmp_path, small_data_dir, capsys):
         (["--chunk_size", "0"], ["--chunk_size", "positive"]),
         (["--temperature", "nan", "--prompt", "a"], ["--temperature"]),
         (["--revision", "main"], ["--revision main picks a Hub revision", "is local"]),
+        (["--top_k", "257", "--prompt", "a"], ["--top_k 257: expected at most 256"]),
         (["--temperature", "0.5"], ["--temperature applies to --prompt"]),
         (["--max_new_bytes", "9"], ["--max_new_bytes applies to --prompt"]),
         (["--synapse_layer", "1"], ["--synapse_layer applies to --synapse_graph"]),
@@ -96,6 +97,14 @@ def test_evaluate_rejects_bad_values(args, needles, small_data_dir, capsys):
     if "--model_path" not in args:
         base += ["--model_path", str(REPO)]
     assert_clean_error(call_main(evaluate.main, [*base, *args], capsys), *needles)
+
+
+def test_a_bad_model_path_fails_before_the_hubs_split_is_awaited(tmp_path, capsys, monkeypatch):
+    """Without --data_dir the split comes from the Hub (minutes, offline): the model is checked first."""
+    monkeypatch.setattr(evaluate, "load_split", lambda *a: pytest.fail("the split was loaded first"))
+    for path, says in ((tmp_path, "no checkpoint in this folder"), ("a/b/c", "is no file, folder or Hub")):
+        argv = ["--device", "cpu", "--model_path", str(path), "--out_dir", str(tmp_path / "out")]
+        assert_clean_error(call_main(evaluate.main, argv, capsys), f"--model_path {path}", says)
 
 
 def test_checkpoint_is_refused_where_the_model_path_is_one_checkpoint(tmp_path, small_data_dir, capsys):

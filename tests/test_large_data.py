@@ -132,6 +132,27 @@ def test_a_dataset_without_usable_text_is_refused(rows, flags, says, tmp_path, c
     assert not (tmp_path / "run").exists()
 
 
+@pytest.mark.parametrize(
+    "flags, says",
+    [
+        (["--n_head", "3"], "divisible by n_head (3)"),
+        (["--extra_val_file", "nowhere.raw"], "--extra_val_file nowhere.raw does not exist"),
+        (["--init_from", "nowhere"], "--init_from nowhere is no file"),
+        (["--val_fraction", "1"], "--val_fraction must be below 1"),
+    ],
+)
+def test_a_bad_flag_beside_a_dataset_fails_before_its_conversion(flags, says, tmp_path, capsys, monkeypatch):
+    """Converting a dataset may take hours: every flag is checked first."""
+    folder = tmp_path / "docs"
+    write_json_dataset(folder, [{"text": "a b c"}] * 3)
+    monkeypatch.setattr(corpora, "load_text_dataset", lambda *a: pytest.fail("converted before the checks"))
+    result = call_main(
+        experiment.main, dataset_run(folder, tmp_path / "cache", tmp_path / "run", *flags), capsys
+    )
+    assert_clean_error(result, says)
+    assert not (tmp_path / "cache").exists() and not (tmp_path / "run").exists()
+
+
 def test_an_empty_dataset_is_refused(tmp_path, capsys, monkeypatch):
     from datasets import Dataset, DatasetDict, Features, Value
 
