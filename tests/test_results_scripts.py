@@ -87,3 +87,18 @@ def test_bad_flags_and_files_are_one_line_before_any_work(
     argv = [a.format(tmp=tmp_path) for a in argv]
     assert_clean_error(call_main(module.main, argv, capsys), needle)
     assert not (tmp_path / "p").exists() and not (tmp_path / "runs").exists()  # nothing was made
+
+
+NO_FLAGS = ["default-path/compare.py", "epoch-edges/compare.py", "fused/compare.py", "long-context/plot.py",
+            "merging/plot.py", "report/report.py", "tbptt/plot.py"]  # fmt: skip
+
+
+@pytest.mark.parametrize("script", NO_FLAGS)
+def test_a_script_without_flags_refuses_any_and_helps(script, capsys, monkeypatch):
+    """A flag given to a script that takes none is one line and exit 2 (not ignored while it rewrites
+    its figures); --help prints its docstring."""
+    module = load_script(RESULTS / script)
+    monkeypatch.setattr(module, "table", lambda: pytest.fail("it ran"), raising=False)
+    assert_clean_error(call_main(module.main, ["--out", "x"], capsys), "unrecognized arguments: --out x")
+    helped = call_main(module.main, ["--help"], capsys)
+    assert helped.returncode == 0 and module.__doc__.splitlines()[0] in helped.stdout

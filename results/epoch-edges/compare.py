@@ -5,7 +5,11 @@
 """
 
 import csv
+import sys
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repository
+from dragon_hatchling.cli import Parser  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 BEFORE = HERE.parent / "long-context/runs/default/log.csv"
@@ -16,7 +20,8 @@ def rows(path: Path) -> list[dict]:
         return list(csv.DictReader(f))
 
 
-def main() -> int:
+def main(argv: list[str] | None = None) -> int:
+    Parser(description=__doc__).parse_args(argv)  # no flags: --help prints the docstring, others are refused
     before, now = rows(BEFORE), rows(HERE / "run/log.csv")
     same = [b["train_loss"] == n["train_loss"] for b, n in zip(before, now, strict=True)]
     first = same.index(False) if False in same else None

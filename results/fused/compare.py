@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repository
+from dragon_hatchling.cli import Parser  # noqa: E402
 from dragon_hatchling.plots import plt, save  # noqa: E402 (matplotlib off screen, atomic writes)
 
 HERE = Path(__file__).resolve().parent
@@ -23,7 +24,8 @@ def validation_rows(path: Path) -> list[dict]:
         return [r for r in csv.DictReader(f) if r["val_loss"]]
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
+    Parser(description=__doc__).parse_args(argv)  # no flags: --help prints the docstring, others are refused
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
     for ax, (column, title) in zip(axes, COLUMNS.items(), strict=True):
         for (label, path), style in zip(RUNS.items(), ("-o", "--s"), strict=True):

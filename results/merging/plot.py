@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repository
+from dragon_hatchling.cli import Parser  # noqa: E402
 from dragon_hatchling.plots import plt, save  # noqa: E402 (matplotlib off screen, atomic writes)
 
 RUNS = Path(__file__).parent / "runs"
@@ -21,7 +22,8 @@ def loss(model: str, text: str) -> float:
     return json.loads((RUNS / f"eval-{model}-{text}" / "metrics.json").read_text())["loss"]
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
+    Parser(description=__doc__).parse_args(argv)  # no flags: --help prints the docstring, others are refused
     table = {m: [loss(m, t) for t in TEXTS] for m in MODELS}
     print("| model | " + " | ".join(TEXTS.values()) + " |")
     for m, row in table.items():

@@ -24,6 +24,7 @@ import numpy as np
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE.parent
 sys.path.insert(0, str(RESULTS.parent))
+from dragon_hatchling.cli import Parser  # noqa: E402
 
 RUNS = {  # label: run folder
     "BDH 3.3M": HERE / "runs/bdh-3M",
@@ -249,7 +250,8 @@ def trained_tables(init: dict) -> str:
     return "\n".join(lines)
 
 
-def main() -> int:
+def main(argv: list[str] | None = None) -> int:
+    Parser(description=__doc__).parse_args(argv)  # no flags: --help prints the docstring, others are refused
     init_file = HERE / "init.json"
     if not init_file.is_file():
         from dragon_hatchling.files import write_text  # atomically

@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repository
+from dragon_hatchling.cli import Parser  # noqa: E402
 from dragon_hatchling.plots import bucket_middles, plt, save  # noqa: E402 (matplotlib off screen, atomic writes)
 
 HERE = Path(__file__).parent
@@ -156,6 +157,11 @@ def plot(path: Path) -> None:
     save(fig, path, dpi=110)
 
 
-if __name__ == "__main__":
+def main(argv: list[str] | None = None) -> None:
+    Parser(description=__doc__).parse_args(argv)  # no flags: --help prints the docstring, others are refused
     print(table())
+
+
+if __name__ == "__main__":
+    main()
     plot(HERE / "loss_by_position.png")
