@@ -10,6 +10,8 @@ import sys
 from pathlib import Path
 from types import ModuleType
 
+from dragon_hatchling.hub_client import env_problem
+
 
 class UsageError(Exception):
     """A bad argument or input file: reported as one line and exit code 2."""
@@ -145,7 +147,10 @@ class Parser(argparse.ArgumentParser):
         for action in self._actions:
             if action.type is None and action.nargs != 0 and action.choices is None:
                 action.type = nonempty
-        return super().parse_known_args(args, namespace)
+        parsed = super().parse_known_args(args, namespace)
+        if problem := env_problem():  # the environment's settings are arguments too
+            fail(problem)
+        return parsed
 
 
 def add_device_args(parser: argparse.ArgumentParser | argparse._ArgumentGroup, work: str) -> None:

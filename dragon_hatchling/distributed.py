@@ -55,14 +55,23 @@ def ranks_from_env() -> Ranks:
     """The ranks torchrun describes in the environment (one process when it is not there)."""
     try:
         world = int(os.environ.get("WORLD_SIZE", "1"))
-        return Ranks(int(os.environ.get("RANK", "0")), world, int(os.environ.get("LOCAL_RANK", "0")))
+        ranks = Ranks(int(os.environ.get("RANK", "0")), world, int(os.environ.get("LOCAL_RANK", "0")))
     except ValueError as e:
         raise UsageError(f"RANK, WORLD_SIZE and LOCAL_RANK must be integers (set by torchrun): {e}") from None
+    if not (0 <= ranks.rank < ranks.world and ranks.local_rank >= 0):
+        raise UsageError(
+            f"RANK {ranks.rank}, WORLD_SIZE {ranks.world}, LOCAL_RANK {ranks.local_rank}: expected "
+            "0 <= RANK < WORLD_SIZE and LOCAL_RANK >= 0 (torchrun sets them)"
+        )
+    return ranks
 
 
 def start(ranks: Ranks, timeout_s: float) -> None:
     """Join the process group (several ranks only). A collective that waits longer than timeout_s
     fails instead of hanging: a dead or stuck rank stops the others."""
+    unset = [name for name in ("MASTER_ADDR", "MASTER_PORT") if ranks.several and not os.environ.get(name)]
+    if unset:  # the group's rendezvous
+        raise UsageError(f"WORLD_SIZE {ranks.world} without {' and '.join(unset)}: launch it with torchrun")
     if ranks.several and not tdist.is_initialized():
         backend = "cpu:gloo,cuda:nccl" if torch.cuda.is_available() else "gloo"
         tdist.init_process_group(backend, timeout=dt.timedelta(seconds=timeout_s))

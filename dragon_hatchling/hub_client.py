@@ -5,6 +5,7 @@ answer (the client's own default is no limit), a whole push or download at most 
 from __future__ import annotations
 
 import logging
+import math
 import os
 import re
 import sys
@@ -12,8 +13,33 @@ import threading
 
 # Every Hub call ends: a request waits at most HUB_TIMEOUT seconds for an answer (the client's own
 # default is no limit), and a whole push or download at most HUB_DEADLINE (retries included).
-HUB_TIMEOUT = float(os.environ.get("BDH_HUB_TIMEOUT", "30"))
-HUB_DEADLINE = float(os.environ.get("BDH_HUB_DEADLINE", "150"))
+SECONDS_FROM_ENV = {"BDH_HUB_TIMEOUT": 30.0, "BDH_HUB_DEADLINE": 150.0}  # variable: default
+
+
+def env_seconds(name: str) -> float | None:
+    """The seconds the environment variable `name` sets (its default if unset); None if it is not a
+    finite number above 0 (env_problem says so; the commands refuse it before any work)."""
+    text = os.environ.get(name)
+    if text is None:
+        return SECONDS_FROM_ENV[name]
+    try:
+        value = float(text)
+    except ValueError:
+        return None
+    return value if 0 < value < math.inf else None
+
+
+def env_problem() -> str | None:
+    """One line for the first BDH_HUB_* variable that is not seconds, else None."""
+    for name, default in SECONDS_FROM_ENV.items():
+        if env_seconds(name) is None:
+            text = os.environ[name]
+            return f"{name}={text!r}: expected seconds, a finite number above 0 (unset: {default:g})"
+    return None
+
+
+HUB_TIMEOUT = env_seconds("BDH_HUB_TIMEOUT") or SECONDS_FROM_ENV["BDH_HUB_TIMEOUT"]
+HUB_DEADLINE = env_seconds("BDH_HUB_DEADLINE") or SECONDS_FROM_ENV["BDH_HUB_DEADLINE"]
 REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")  # USER/NAME
 
 

@@ -160,13 +160,29 @@ def test_a_global_batch_that_does_not_divide_is_refused_once(small_data, tmp_pat
     assert not (tmp_path / "run").exists()
 
 
+@pytest.mark.parametrize(
+    "env, says",
+    [
+        ({"WORLD_SIZE": "two"}, "must be integers"),
+        (
+            {"WORLD_SIZE": "2", "RANK": "2"},
+            "RANK 2, WORLD_SIZE 2, LOCAL_RANK 0: expected 0 <= RANK < WORLD_SIZE",
+        ),
+        ({"WORLD_SIZE": "0"}, "WORLD_SIZE 0"),
+        ({"LOCAL_RANK": "-1"}, "LOCAL_RANK -1"),
+        ({"WORLD_SIZE": "2", "RANK": "1", "MASTER_PORT": "1"}, "WORLD_SIZE 2 without MASTER_ADDR: launch it"),
+    ],
+)
 def test_one_process_refuses_a_torchrun_environment_that_makes_no_sense(
-    small_data, tmp_path, capsys, monkeypatch, flags
+    env, says, small_data, tmp_path, capsys, monkeypatch, flags
 ):
-    monkeypatch.setenv("WORLD_SIZE", "two")
+    monkeypatch.delenv("MASTER_ADDR", raising=False)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
     assert_clean_error(
-        call_main(experiment.main, tiny_run(small_data, tmp_path / "r", flags)[1:], capsys), "WORLD_SIZE"
+        call_main(experiment.main, tiny_run(small_data, tmp_path / "r", flags)[1:], capsys), says
     )
+    assert not (tmp_path / "r").exists()
 
 
 def test_each_rank_carries_its_own_rows(small_data, tmp_path, flags):

@@ -10,6 +10,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+import evaluate
 from conftest import HF_TOKEN, _free_port, call_main, run_script, tiny_run
 from dragon_hatchling import hub, hub_client
 from dragon_hatchling.cli import UsageError
@@ -17,6 +18,7 @@ from dragon_hatchling.data import load_split
 from dragon_hatchling.loading import load_model
 from dragon_hatchling.scoring import evaluate_loss
 from model import BDH, BDHConfig
+from test_cli import assert_clean_error
 
 
 def fixture_spec(shared):
@@ -311,3 +313,15 @@ def test_pushing_what_is_not_a_finished_run_is_bad_input(tmp_path, capsys):
     for where in (tmp_path / "nowhere", tmp_path):
         result = call_main(hub.main, ["push", str(where), "--hf_repo_id", "u/n"], capsys)
         assert_clean_error(result, "is not a finished run folder")
+
+
+@pytest.mark.parametrize("value", ["abc", "0", "-1", "nan", "inf", ""])
+def test_a_hub_time_limit_that_is_not_seconds_is_refused_before_any_work(value, capsys, monkeypatch):
+    """BDH_HUB_TIMEOUT and BDH_HUB_DEADLINE are read when the module is imported: a bad one is kept
+    out of the client and refused by every command's parser, one line and exit 2."""
+    monkeypatch.setenv("BDH_HUB_DEADLINE", value)
+    assert hub_client.env_seconds("BDH_HUB_DEADLINE") is None
+    ran = call_main(evaluate.main, ["--model_path", "someone/model", "--device", "cpu"], capsys)
+    assert_clean_error(ran, f"BDH_HUB_DEADLINE={value!r}: expected seconds")
+    monkeypatch.setenv("BDH_HUB_DEADLINE", "0.5")
+    assert hub_client.env_seconds("BDH_HUB_DEADLINE") == 0.5 and hub_client.env_problem() is None
