@@ -415,18 +415,20 @@ def apply_recipe(args: argparse.Namespace, saved: dict | None) -> None:
     if args.recipe is None:
         args.recipe = saved.get("recipe", "reference") if saved is not None else "long-context"
     fill_model_flags(args, saved, but=RECIPES[args.recipe])
+    # a half-life a head, unless no model has so many heads (model_config says why, at once)
+    heads = args.n_head if args.n_head <= (getattr(args, "n_neurons", None) or args.n_head) else None
     for name, default in RECIPES[args.recipe].items():
         if getattr(args, name) is not None or name in foreign_flags(args.arch):
             continue
         if saved is not None:  # runs from before --recipe had the reference's windows and no decay
             value = saved.get(name, RECIPES["reference"][name])
         elif name == "half_lives" and default:
-            value = recipe_half_lives(default, args.n_head)
+            value = recipe_half_lives(default, heads) if heads else None
         else:
             value = default
         setattr(args, name, value)
-    if args.half_lives and len(args.half_lives) == 1:  # one half-life for every head
-        args.half_lives = args.half_lives * args.n_head
+    if args.half_lives and len(args.half_lives) == 1 and heads:  # one half-life for every head
+        args.half_lives = args.half_lives * heads
     args.half_lives = args.half_lives or None  # --half_lives none
     if args.eval_seq_len is None:  # runs from before --eval_seq_len validated in their own windows
         args.eval_seq_len = 128 if saved is None else saved.get("eval_seq_len", saved.get("seq_len", 128))

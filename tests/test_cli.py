@@ -33,6 +33,8 @@ def assert_clean_error(result, *needles):
         (["--epochs", "-1"], ["--epochs"]),
         (["--lr", "0"], ["--lr"]),
         (["--n_neurons", "100", "--n_head", "3"], ["n_neurons", "divisible"]),
+        (["--n_head", "1000000000"], ["divisible by n_head (1000000000)"]),  # no half-life a head drawn first
+        (["--n_head", "1000000000", "--half_lives", "8"], ["divisible by n_head (1000000000)"]),
         (["--bogus_flag"], ["--bogus_flag"]),
         (["--half_lives", "8,16,32"], ["half_lives", "2 positive numbers"]),
         (["--half_lives", "8,soon"], ["--half_lives", "8,soon"]),
