@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import shutil
+import warnings
 from pathlib import Path
 
 import torch
@@ -168,25 +170,44 @@ def load_checkpoint(folder: str | Path) -> torch.nn.Module:
     with its shape and dtype (check_tensors). A UsageError naming what is not."""
     where = f"{folder}: could not load the checkpoint"
     config = checked_config(read_config(folder), where)
-    model = ARCHITECTURES[arch_of(config)][0](config)
+    architecture = ARCHITECTURES[arch_of(config)][0]
     try:
         tensors = load_weights(folder)
     except UsageError as e:
         raise UsageError(f"{where} ({e})") from None
+    held, needed = sum(t.numel() for t in tensors.values()), config.num_params
+    if needed > 2 * held:  # far more than the file: refused before the model is made, not allocated
+        raise UsageError(
+            f"{where}: config.json describes {needed:,} parameters, model.safetensors holds {held:,} values"
+        )
+    model = architecture(config)
     check_tensors(model, tensors, where)
     model.load_state_dict(tensors)
     return model.eval()
 
 
+def read_pt(path: str | Path, what: str) -> object:
+    """A .pt file through torch.load(weights_only=True): tensors and plain containers, never code;
+    torch's warnings kept quiet; a UsageError in one line, naming the file, if it cannot be had."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # e.g. "Detected pickle protocol 4": the error says enough
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except OSError as e:
+        raise UsageError(f"{path} cannot be read ({e.strerror or e})") from None
+    except pickle.UnpicklingError:
+        raise UsageError(
+            f"{path}: not {what}: corrupted, or more than tensors "
+            "(torch.load with weights_only=True refused it)"
+        ) from None
+    except Exception as e:
+        raise UsageError(f"{path}: not {what}: truncated or corrupted ({type(e).__name__})") from None
+
+
 def load_training_state(folder: str | Path) -> dict:
     """FOLDER/training_state.pt (optimizer, step, random states), read with weights_only=True."""
     path = Path(folder) / "training_state.pt"
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except OSError as e:
-        raise UsageError(f"{path} cannot be read ({e.strerror or e})") from e
-    except Exception as e:
-        raise UsageError(f"{path} is truncated or corrupted ({type(e).__name__})") from e
+    state = read_pt(path, "a training state")
     if not isinstance(state, dict) or "step" not in state or "optimizer" not in state:
         raise UsageError(f"{path} is not a training state of this project")
     return state

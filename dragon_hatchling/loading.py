@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 
 from dragon_hatchling.architectures import VOCAB
-from dragon_hatchling.checkpoints import checkpoint_folder, is_checkpoint, load_checkpoint
+from dragon_hatchling.checkpoints import checkpoint_folder, is_checkpoint, load_checkpoint, read_pt
 from dragon_hatchling.cli import UsageError
 from dragon_hatchling.hub_client import REPO_ID, HubUnreachable, hub_error, with_deadline
 from model import BDH, BDHConfig
@@ -85,13 +85,7 @@ def model_from_legacy(state_dict: dict, n_layer: int = DEFAULT_N_LAYER) -> BDH:
 
 def load_pt(path: str | Path, n_layer: int = DEFAULT_N_LAYER) -> BDH:
     """A legacy `.pt` state dict, read with weights_only=True (never unpickling code)."""
-    try:
-        state_dict = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise UsageError(
-            f"{path}: not a readable PyTorch state dict ({type(e).__name__}: "
-            f"{str(e).splitlines()[0][:160] if str(e) else 'truncated or corrupted'})"
-        ) from e
+    state_dict = read_pt(path, "a readable PyTorch state dict")
     if isinstance(state_dict, dict) and "model" in state_dict and isinstance(state_dict["model"], dict):
         state_dict = state_dict["model"]
     if not isinstance(state_dict, dict) or not all(torch.is_tensor(v) for v in state_dict.values()):

@@ -3,8 +3,10 @@
 import json
 import math
 import os
+import pickle
 import signal
 import time
+import warnings
 
 import pytest
 import torch
@@ -66,6 +68,11 @@ def test_files_of_no_known_format_are_refused_clearly(tmp_path):
     (tmp_path / "broken.pt").write_bytes(b"not a checkpoint at all")
     with pytest.raises(UsageError, match="not a readable PyTorch state dict"):
         load_model(str(tmp_path / "broken.pt"))
+    (tmp_path / "pickled.pt").write_bytes(pickle.dumps({"a": 1}, protocol=4))  # torch warns of it
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # nothing printed beside the error's one line
+        with pytest.raises(UsageError, match="not a readable PyTorch state dict: corrupted, or more than"):
+            load_model(str(tmp_path / "pickled.pt"))
     (tmp_path / "notes.txt").write_text("hello")
     with pytest.raises(UsageError, match="expected a .pt state dict"):
         load_model(str(tmp_path / "notes.txt"))

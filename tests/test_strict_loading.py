@@ -110,6 +110,18 @@ def test_every_tensor_removed_reshaped_or_retyped_is_refused(saved, tmp_path, ca
     assert_clean_error(call_main(evaluate.main, extra, capsys), "tensor spare")
 
 
+def test_a_config_far_larger_than_its_weights_allocates_nothing(saved, tmp_path, capsys):
+    """A config.json that describes a model of petabytes beside small weights is refused before any
+    model is made: one line, not the allocator's traceback."""
+    model, folder = saved
+    config = json.loads((folder / "config.json").read_text())
+    grown = "n_neurons" if "n_neurons" in config else "n_embd"
+    config[grown] = 2**50
+    ran = call_main(evaluate.main, damaged(saved, tmp_path, config=config), capsys)
+    held = sum(t.numel() for t in model.state_dict().values())
+    assert_clean_error(ran, "config.json describes", f"parameters, model.safetensors holds {held:,} values")
+
+
 def test_convert_writes_no_checkpoint_of_a_damaged_one(saved, tmp_path, capsys):
     _, folder = saved
     tensors = load_file(folder / "model.safetensors")
