@@ -186,6 +186,39 @@ def load_checkpoint(folder: str | Path) -> torch.nn.Module:
     return model.eval()
 
 
+def _int(x) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def _number(x) -> bool:
+    return _int(x) or isinstance(x, float)
+
+
+# What each field of training_state.pt must be (None: absent, for the fields that runs from before
+# them lack); a damaged one is refused at once, not met as a traceback steps later
+STATE_FIELDS = {
+    "step": lambda x: _int(x) and x >= 0,
+    "optimizer": lambda x: (
+        isinstance(x, dict) and isinstance(x.get("state"), dict) and isinstance(x.get("param_groups"), list)
+    ),
+    "args": lambda x: x is None or isinstance(x, dict),
+    "best": lambda x: isinstance(x, dict) and _number(x.get("val_loss")),
+    "last_eval": lambda x: x is None or isinstance(x, dict),
+    "eval_step": lambda x: x is None or _int(x),
+    "rng": lambda x: isinstance(x, dict) and torch.is_tensor(x.get("torch")),
+    "rng_ranks": lambda x: x is None or isinstance(x, list),
+    "train_time_s": _number,
+    "elapsed_s": _number,
+    "interval": lambda x: (
+        x is None
+        or (isinstance(x, dict) and all(_number(x.get(k)) for k in ("loss_sum", "steps", "bytes", "seconds")))
+    ),
+    "validation_cut": lambda x: x is None or isinstance(x, bool),
+    "data": lambda x: x is None or isinstance(x, dict),
+    "data_changes": lambda x: x is None or isinstance(x, list),
+}
+
+
 def read_pt(path: str | Path, what: str) -> object:
     """A .pt file through torch.load(weights_only=True): tensors and plain containers, never code;
     torch's warnings kept quiet; a UsageError in one line, naming the file, if it cannot be had."""
@@ -210,4 +243,9 @@ def load_training_state(folder: str | Path) -> dict:
     state = read_pt(path, "a training state")
     if not isinstance(state, dict) or "step" not in state or "optimizer" not in state:
         raise UsageError(f"{path} is not a training state of this project")
+    wrong = next((name for name, ok in STATE_FIELDS.items() if not ok(state.get(name))), None)
+    if wrong is not None:
+        value = state.get(wrong)
+        shown = repr(value)[:60] if isinstance(value, (int, float, str, type(None))) else type(value).__name__
+        raise UsageError(f"{path}: its {wrong} is {shown}, not what a run saves (a damaged file)")
     return state

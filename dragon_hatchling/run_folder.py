@@ -26,6 +26,7 @@ import torch
 from dragon_hatchling import plots
 from dragon_hatchling.carried import gathered
 from dragon_hatchling.checkpoints import clear_run, run_of, save_checkpoint
+from dragon_hatchling.cli import UsageError
 from dragon_hatchling.distributed import all_reduce, gather
 from dragon_hatchling.files import atomic_path, write_json
 from dragon_hatchling.hub import try_push
@@ -168,10 +169,16 @@ class CsvLog:
         old, old_fields = [], []
         source = source or path
         if resume_step is not None and source.is_file():
-            with open(source, newline="") as f:
-                reader = csv.DictReader(f)
-                old = [r for r in reader if r.get("step", "").isdigit() and int(r["step"]) <= resume_step]
-                old_fields = list(reader.fieldnames or [])
+            try:
+                with open(source, newline="") as f:
+                    reader = csv.DictReader(f)
+                    old = [
+                        r for r in reader if (r.get("step") or "").isdigit() and int(r["step"]) <= resume_step
+                    ]
+                    old_fields = list(reader.fieldnames or [])
+            except (UnicodeDecodeError, csv.Error) as e:  # kept as it is: the run stops before a step
+                raise UsageError(f"{source} is not a log this project wrote ({type(e).__name__}); "
+                                 "move it aside to resume without its rows") from None  # fmt: skip
         self.fields = old_fields + [k for k in fields if k not in old_fields]
         self.rows = [{k: r.get(k) or "" for k in self.fields} for r in old]
         self.rewrite()

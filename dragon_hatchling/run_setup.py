@@ -151,7 +151,7 @@ class Setup:
 
     @property
     def total_steps(self) -> int:
-        return self.args.max_steps or self.args.epochs * self.steps_per_epoch
+        return total_steps(self.args, self.steps_per_epoch)
 
     @property
     def val_labels(self) -> list[str]:
@@ -160,6 +160,11 @@ class Setup:
         extra = list(self.data.extra)
         streams = ["stream"] + [f"stream_{label}" for label in extra] if self.args.carry_state else []
         return extra + streams
+
+
+def total_steps(args: argparse.Namespace, steps_per_epoch: int) -> int:
+    """The optimizer steps of the whole run: --max_steps, else --epochs worth."""
+    return args.max_steps or args.epochs * steps_per_epoch
 
 
 @dataclass
@@ -203,6 +208,12 @@ def prepare(args: argparse.Namespace, plan: Plan, dataset: Path | None = None) -
     ranks, resume = plan.ranks, plan.resume
     data = load_data(args, plan.extra, dataset)
     steps_per_epoch = check_windows(args, data)
+    total = total_steps(args, steps_per_epoch)
+    if plan.resume_state is not None and plan.resume_state["step"] > total:
+        raise UsageError(
+            f"--resume {args.resume}: the checkpoint is at step {plan.resume_state['step']:,}, past this "
+            f"run's {total:,} steps (a damaged training_state.pt, or train data that shrank)"
+        )
     out_dir = run_folder(args, resume, make=ranks.main)
     sources = data_sources(args, data) if ranks.main else {}  # rank 0 alone writes
     changes = data_changes(args, plan.resume_state, resume, sources) if ranks.main else []

@@ -96,7 +96,9 @@ for version in range(1, 10_000):
     with torch.no_grad():
         for p in model.parameters():
             p.fill_(version)
-    save_checkpoint(model, sys.argv[1] + "/checkpoints/last", {"step": version, "optimizer": {}})
+    state = {"step": version, "optimizer": {"state": {}, "param_groups": []}, "best": {"val_loss": 9.0},
+             "rng": {"torch": torch.get_rng_state()}, "train_time_s": 0.0, "elapsed_s": 0.0}
+    save_checkpoint(model, sys.argv[1] + "/checkpoints/last", state)
     print(version, flush=True)
 """
 
@@ -222,6 +224,39 @@ def test_corrupted_training_state(finished_run, small_data, capsys):
     result = train(tiny_run(small_data, finished_run, f"{FAST} --max_steps 3 --resume auto"), capsys)
     assert_clean_error(result, "training_state.pt", "corrupted")
     assert (finished_run / "log.csv").read_bytes() == before
+
+
+@pytest.mark.parametrize(
+    "field, value, says",
+    [
+        ("step", "x", "its step is 'x'"),
+        ("step", -5, "its step is -5"),
+        ("step", 10**12, "at step 1,000,000,000,000, past this run's 3 steps"),
+        ("best", "x", "its best is 'x'"),
+        ("rng", None, "its rng is None"),
+        ("interval", {"steps": 1}, "its interval is dict"),
+        ("elapsed_s", "x", "its elapsed_s is 'x'"),
+    ],
+)
+def test_a_damaged_field_of_the_training_state_is_one_line(
+    field, value, says, finished_run, small_data, capsys
+):
+    """A training_state.pt that unpickles but holds what no run saved: refused before any step, its
+    run as it was (it was a traceback, or a crash report after the step it named)."""
+    path = finished_run / "checkpoints" / "last" / "training_state.pt"
+    state = torch.load(path, weights_only=True)
+    torch.save({**state, field: value}, path)
+    before = (finished_run / "log.csv").read_bytes()
+    result = train(tiny_run(small_data, finished_run, f"{FAST} --max_steps 3 --resume auto"), capsys)
+    assert_clean_error(result, says)
+    assert (finished_run / "log.csv").read_bytes() == before
+
+
+def test_a_damaged_log_is_kept_and_named(finished_run, small_data, capsys):
+    (finished_run / "log.csv").write_bytes(b"step,train_loss\n1,\xff\n")
+    result = train(tiny_run(small_data, finished_run, f"{FAST} --max_steps 3 --resume auto"), capsys)
+    assert_clean_error(result, "log.csv is not a log this project wrote (UnicodeDecodeError)")
+    assert (finished_run / "log.csv").read_bytes() == b"step,train_loss\n1,\xff\n"
 
 
 def test_resume_with_flags_that_disagree(finished_run, small_data, capsys):
