@@ -165,25 +165,30 @@ def series_of(model: BDH, entry: Entry, sentences: list[bytes], device) -> list[
 # ----------------------------------------------------------------------------- the command
 
 
-def read_sentences(path: str, flag: str) -> list[bytes]:
-    """A file's non-empty lines, as bytes (at least 2)."""
+def read_sentences(path: str, flag: str, least: int = 2) -> list[bytes]:
+    """A file's non-empty lines, as bytes (at least `least`: a variance needs 2 of each set)."""
     try:
         lines = [line.strip() for line in Path(path).read_bytes().split(b"\n")]
     except OSError as e:
         raise UsageError(f"{flag} {path}: cannot be read ({e.strerror or e})") from None
     lines = [line for line in lines if line]
-    if len(lines) < 2:
-        raise UsageError(f"{flag} {path}: expected at least 2 sentences, one a line; it has {len(lines)}")
+    if len(lines) < least:
+        held = " (its odd lines are held out without --test_concept)" if least > 2 else ""
+        raise UsageError(
+            f"{flag} {path}: expected at least {least} sentences, one a line{held}; it has {len(lines)}"
+        )
     return lines
 
 
 def sentence_sets(args: argparse.Namespace) -> tuple[list[bytes], ...]:
     """Search concept, search contrast, test concept, test contrast (test: the odd lines if no test files)."""
-    concept, contrast = read_sentences(args.concept, "--concept"), read_sentences(args.contrast, "--contrast")
     if (args.test_concept is None) != (args.test_contrast is None):
         raise UsageError(
             "--test_concept and --test_contrast go together (or neither: the odd lines are held out)"
         )
+    least = 4 if args.test_concept is None else 2  # 2 a set: searched and held out
+    concept = read_sentences(args.concept, "--concept", least)
+    contrast = read_sentences(args.contrast, "--contrast", least)
     if args.test_concept is None:
         return concept[0::2], contrast[0::2], concept[1::2], contrast[1::2]
     return concept, contrast, read_sentences(args.test_concept, "--test_concept"), read_sentences(

@@ -21,6 +21,12 @@ from model import INIT_STD  # noqa: E402
 LN2 = math.log(2)
 
 
+def literal(text: str) -> str:
+    """Text from outside (a path, a sentence) drawn as written: a "$" is not mathtext (whose parser
+    fails on, say, "$^"), and a control character, which no font has, shows as U+FFFD."""
+    return "".join("\\$" if c == "$" else c if c.isprintable() else "\ufffd" for c in text)
+
+
 def save(fig, path: str | Path, dpi: int = 120) -> None:
     """Write the figure as a PNG (atomically) and close it."""
     fig.tight_layout()
@@ -47,7 +53,7 @@ def training_curves(rows: list[dict], extra: list[str], out_dir: Path, model: st
         ax.plot(xs, [y * scale for y in ys], label="train", alpha=0.6, lw=1)
         ax.plot(*series(rows, f"val_{name}"), "o-", label="validation")
         for label in extra:
-            ax.plot(*series(rows, f"val_{name}_{label}"), "s--", label=f"validation ({label})")
+            ax.plot(*series(rows, f"val_{name}_{label}"), "s--", label=f"validation ({literal(label)})")
         ax.set(xlabel="bytes seen", ylabel=ylabel, title=title)
         ax.grid(alpha=0.3)
         ax.legend()
@@ -86,7 +92,9 @@ def loss_by_position(by_position: dict[str, float], path: Path, title: str) -> N
     fig, ax = plt.subplots(figsize=(7, 4.2))
     ax.plot(*bucket_middles(by_position), "o-")
     ax.set_xscale("log")
-    ax.set(xlabel="position (bytes seen before the scored byte)", ylabel="loss (nats/byte)", title=title)
+    ax.set(
+        xlabel="position (bytes seen before the scored byte)", ylabel="loss (nats/byte)", title=literal(title)
+    )
     ax.grid(alpha=0.3, which="both")
     save(fig, path, dpi=110)
 
@@ -134,7 +142,7 @@ def weight_histograms(
     first = np.atleast_1d(axes)[0]
     first.set_ylabel("count (log)")
     first.legend(fontsize=7)
-    fig.suptitle(title, fontsize=10)
+    fig.suptitle(literal(title), fontsize=10)
     save(fig, path, dpi=110)
 
 
@@ -174,7 +182,9 @@ def degree_ccdfs(graph: dict, path: Path, title: str) -> None:
         ax.set(xlabel=f"{what} k", ylabel=f"P({what} >= k), all neurons")
         ax.grid(alpha=0.3, which="both")
         ax.legend(fontsize=8)
-    fig.suptitle(textwrap.fill(f"{title}: neuron graph {graph['edges']}", 150), fontsize=9)  # fits the figure
+    fig.suptitle(
+        textwrap.fill(literal(f"{title}: neuron graph {graph['edges']}"), 150), fontsize=9
+    )  # fits the figure
     save(fig, path, dpi=110)
 
 
@@ -184,7 +194,7 @@ def synapse_series(series: dict, texts: dict, entry: dict, path: Path) -> None:
     fig, ax = plt.subplots(figsize=(9, 4.5))
     for (name, style), color in zip((("concept", "-"), ("contrast", "--")), ("C0", "C1"), strict=True):
         for k, (values, text) in enumerate(zip(series[name], texts[name], strict=True)):
-            label = f"{name}: {text[:40]}..." if len(text) > 40 else f"{name}: {text}"
+            label = literal(f"{name}: {text[:40]}..." if len(text) > 40 else f"{name}: {text}")
             ax.plot(
                 range(1, len(values) + 1), values, style, color=color, alpha=1 - 0.25 * k, lw=1.2, label=label
             )

@@ -4,13 +4,14 @@ held-out sentences, and none for a concept that is not there."""
 
 import json
 import random
+import warnings
 
 import numpy as np
 import pytest
 import torch
 
 from conftest import call_main
-from dragon_hatchling import monosemantic, synapses
+from dragon_hatchling import monosemantic, plots, synapses
 from dragon_hatchling.checkpoints import save_checkpoint
 from model import BDH, BDHConfig
 from test_cli import assert_clean_error
@@ -145,11 +146,34 @@ def test_sentence_files_that_cannot_be_used_are_one_line(tmp_path, capsys):
     checkpoint = tmp_path / "model"
     save_checkpoint(tiny(), checkpoint)
     good, one = write(tmp_path / "good.txt", sentences(4, 0)), write(tmp_path / "one.txt", [b"alone"])
+    three = write(tmp_path / "three.txt", sentences(3, 0))  # a held-out set of one
     base = ["--model_path", str(checkpoint), "--device", "cpu", "--out_dir", str(tmp_path / "out")]
-    for flags, says in [
-        (["--concept", one, "--contrast", good], "at least 2 sentences"),
+    for flags, *says in [
+        (
+            ["--concept", one, "--contrast", good, "--test_concept", good, "--test_contrast", good],
+            "at least 2",
+        ),
+        (
+            ["--concept", good, "--contrast", three],
+            "--contrast",
+            "at least 4 sentences",
+            "odd lines are held out",
+        ),
         (["--concept", str(tmp_path / "no.txt"), "--contrast", good], "cannot be read"),
         (["--concept", good, "--contrast", good, "--test_concept", good], "go together"),
     ]:
-        assert_clean_error(call_main(monosemantic.main, [*base, *flags], capsys), says)
+        assert_clean_error(call_main(monosemantic.main, [*base, *flags], capsys), *says)
     assert not (tmp_path / "out").exists()
+
+
+def test_sentences_with_dollars_and_control_bytes_are_drawn_as_written(tmp_path):
+    """A held-out sentence is a label: "$^" made matplotlib's mathtext parser fail after the whole
+    search, and a control byte has no glyph; both are drawn as text now (plots.literal)."""
+    texts = {"concept": ["the $ rose ^{ and $_ fell .", "ten \x01 euros"], "contrast": ["a cat", "a dog"]}
+    series = {name: [[0.0, 1.0, 0.5]] * 2 for name in texts}
+    entry = {"layer": 1, "head": 0, "y_neuron": 3, "x_neuron": 4, "p": 0.5, "rank_biserial": 0.1}
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a missing glyph is a warning
+        plots.synapse_series(series, texts, entry, tmp_path / "synapse.png")
+    assert (tmp_path / "synapse.png").stat().st_size > 0
+    assert plots.literal("a $x$ \x00b") == "a \\$x\\$ \ufffdb"
