@@ -109,10 +109,11 @@ def test_losses_that_are_no_byte_losses_are_refused_with_one_line(tmp_path: Path
     (tmp_path / "tok").write_bytes(b" a <unk> b \n")
     np.save(tmp_path / "grid.npy", np.zeros((3, 2)))
     np.save(tmp_path / "short.npy", np.zeros(3))
+    (tmp_path / "empty.npy").write_bytes(b"")
     texts = ["--raw", str(tmp_path / "raw"), "--tokens", str(tmp_path / "tok")]
     cases = [(["missing.npy"] * 2, "missing.npy"), (["raw"] * 2, "byte_losses.npy"),
              (["grid.npy"] * 2, "one float per byte"), (["short.npy"] * 2, "3 losses"),
-             (["short.npy"] * 3, "got 3")]  # fmt: skip
+             (["short.npy"] * 3, "got 3"), (["empty.npy"] * 2, "No data left in file")]  # fmt: skip
     for bad, needle in cases:
         losses = [str(tmp_path / name) for name in bad]
         assert_clean_error(call_main(load_script(SCRIPT).main, [*texts, "--losses", *losses], capsys), needle)

@@ -133,7 +133,7 @@ def load_losses(path: str) -> np.ndarray:
     """A byte_losses.npy, or a ValueError naming --losses and the file."""
     try:
         losses = np.load(path)
-    except (OSError, ValueError) as e:
+    except (OSError, ValueError, EOFError) as e:  # EOFError: an empty file
         raise ValueError(f"--losses {path}: expected evaluate.py --stream's byte_losses.npy ({e})") from None
     if losses.ndim != 1 or not np.issubdtype(losses.dtype, np.floating):
         raise ValueError(f"--losses {path}: expected one float per byte, got {losses.dtype} {losses.shape}")
