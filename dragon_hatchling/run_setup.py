@@ -115,6 +115,8 @@ DATASET_FLAGS = {
 # Flags that mix something into the training text, and their value for runs from before them: none.
 LATER_MIXES = {"copy_spans": 0.0, "fill_unk": 0.0}
 
+Extra = tuple[dict[str, str], dict[str, np.ndarray]]  # --extra_val_file: label: path, label: bytes
+
 
 @dataclass
 class Data:
@@ -179,7 +181,7 @@ class Plan:
     resume: Path | None  # the checkpoint folder resumed from
     resume_state: dict | None  # its training_state.pt
     init_weights: dict | None  # --init_from's tensors (a new run that starts from them)
-    extra: tuple  # --extra_val_file's paths and bytes (extra_texts): local, read first
+    extra: Extra  # --extra_val_file's paths and bytes (extra_texts): local, read first
 
 
 def plan(args: argparse.Namespace, ranks: Ranks | None = None) -> Plan:
@@ -534,7 +536,7 @@ def check_model(args: argparse.Namespace, config, device: torch.device, ranks: R
     )
 
 
-def load_data(args: argparse.Namespace, extra: tuple, dataset: Path | None = None) -> Data:
+def load_data(args: argparse.Namespace, extra: Extra, dataset: Path | None = None) -> Data:
     """The train and validation bytes: --dataset's converted files, --train_file beside the
     validation split, or the splits of --data_dir (or the Hub); beside extra (extra_texts). dataset:
     --dataset's folder, if convert_dataset made it already."""
@@ -555,7 +557,7 @@ def load_data(args: argparse.Namespace, extra: tuple, dataset: Path | None = Non
     return Data(train, valid, extra, train_path, valid_path, extra_files, filled)
 
 
-def extra_texts(args: argparse.Namespace) -> tuple[dict[str, str], dict[str, np.ndarray]]:
+def extra_texts(args: argparse.Namespace) -> Extra:
     """Each --extra_val_file's path and bytes, by label (extra_labels)."""
     extra_files = dict(zip(extra_labels(args.extra_val_file), args.extra_val_file, strict=True))
     texts = {label: load_bytes_file(p, what="--extra_val_file") for label, p in extra_files.items()}
