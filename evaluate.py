@@ -479,9 +479,8 @@ def prepare(args: argparse.Namespace) -> tuple:
     if args.prompt and model.steps_recurrently:  # a state for every prompt
         need = 4 * model.config.num_params + model.config.state_bytes(len(args.prompt))
         check_fits(need, device, f"sampling {len(args.prompt)} prompt(s) side by side")
-    data = (
-        read_text(args) if data is None else data
-    )  # the Hub's split last: a bad model fails before its wait
+    # the Hub's split last: a bad --model_path fails at once, not after the split's wait
+    data = read_text(args) if data is None else data
     out_dir = Path(args.out_dir) if args.out_dir else unique_folder(default_folder(args))  # a new one
     return model.to(device).eval(), source, data, device, dtype, path, out_dir
 

@@ -69,10 +69,12 @@ def ranks_from_env() -> Ranks:
 def start(ranks: Ranks, timeout_s: float) -> None:
     """Join the process group (several ranks only). A collective that waits longer than timeout_s
     fails instead of hanging: a dead or stuck rank stops the others."""
-    unset = [name for name in ("MASTER_ADDR", "MASTER_PORT") if ranks.several and not os.environ.get(name)]
-    if unset:  # the group's rendezvous
-        raise UsageError(f"WORLD_SIZE {ranks.world} without {' and '.join(unset)}: launch it with torchrun")
     if ranks.several and not tdist.is_initialized():
+        unset = [name for name in ("MASTER_ADDR", "MASTER_PORT") if not os.environ.get(name)]
+        if unset:  # the group's rendezvous
+            raise UsageError(
+                f"WORLD_SIZE {ranks.world} without {' and '.join(unset)}: launch it with torchrun"
+            )
         backend = "cpu:gloo,cuda:nccl" if torch.cuda.is_available() else "gloo"
         tdist.init_process_group(backend, timeout=dt.timedelta(seconds=timeout_s))
 

@@ -182,9 +182,8 @@ def degree_ccdfs(graph: dict, path: Path, title: str) -> None:
         ax.set(xlabel=f"{what} k", ylabel=f"P({what} >= k), all neurons")
         ax.grid(alpha=0.3, which="both")
         ax.legend(fontsize=8)
-    fig.suptitle(
-        textwrap.fill(literal(f"{title}: neuron graph {graph['edges']}"), 150), fontsize=9
-    )  # fits the figure
+    heading = textwrap.fill(literal(f"{title}: neuron graph {graph['edges']}"), 150)  # fits the figure
+    fig.suptitle(heading, fontsize=9)
     save(fig, path, dpi=110)
 
 

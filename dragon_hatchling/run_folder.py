@@ -154,6 +154,21 @@ def set_rng_state(state: dict, device: torch.device) -> None:
         torch.cuda.set_rng_state(state["cuda"], device)
 
 
+def logged_rows(source: Path, resume_step: int) -> tuple[list[dict], list[str]]:
+    """The rows of a log.csv up to resume_step, and its columns; a UsageError, the file kept as it
+    is, if it is not a CSV this project wrote (the run then stops before a step)."""
+    try:
+        with open(source, newline="") as f:
+            reader = csv.DictReader(f)
+            rows = [r for r in reader if (r.get("step") or "").isdigit() and int(r["step"]) <= resume_step]
+            return rows, list(reader.fieldnames or [])
+    except (UnicodeDecodeError, csv.Error) as e:
+        raise UsageError(
+            f"{source} is not a log this project wrote ({type(e).__name__}); "
+            "move it aside to resume without its rows"
+        ) from None
+
+
 class CsvLog:
     """The training log: one row every --log_every steps, flushed as it goes.
 
@@ -169,16 +184,7 @@ class CsvLog:
         old, old_fields = [], []
         source = source or path
         if resume_step is not None and source.is_file():
-            try:
-                with open(source, newline="") as f:
-                    reader = csv.DictReader(f)
-                    old = [
-                        r for r in reader if (r.get("step") or "").isdigit() and int(r["step"]) <= resume_step
-                    ]
-                    old_fields = list(reader.fieldnames or [])
-            except (UnicodeDecodeError, csv.Error) as e:  # kept as it is: the run stops before a step
-                raise UsageError(f"{source} is not a log this project wrote ({type(e).__name__}); "
-                                 "move it aside to resume without its rows") from None  # fmt: skip
+            old, old_fields = logged_rows(source, resume_step)
         self.fields = old_fields + [k for k in fields if k not in old_fields]
         self.rows = [{k: r.get(k) or "" for k in self.fields} for r in old]
         self.rewrite()
