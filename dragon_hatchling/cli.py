@@ -10,8 +10,6 @@ import sys
 from pathlib import Path
 from types import ModuleType
 
-from dragon_hatchling.hub_client import env_problem
-
 
 class UsageError(Exception):
     """A bad argument or input file: reported as one line and exit code 2."""
@@ -148,6 +146,8 @@ class Parser(argparse.ArgumentParser):
             if action.type is None and action.nargs != 0 and action.choices is None:
                 action.type = nonempty
         parsed = super().parse_known_args(args, namespace)
+        from dragon_hatchling.hub_client import env_problem  # here: hub_client reads its seconds with ours
+
         if problem := env_problem():  # the environment's settings are arguments too
             fail(problem)
         return parsed

@@ -4,12 +4,14 @@ answer (the client's own default is no limit), a whole push or download at most 
 
 from __future__ import annotations
 
+import argparse
 import logging
-import math
 import os
 import re
 import sys
 import threading
+
+from dragon_hatchling.cli import positive_float
 
 # Every Hub call ends: a request waits at most HUB_TIMEOUT seconds for an answer (the client's own
 # default is no limit), and a whole push or download at most HUB_DEADLINE (retries included).
@@ -23,10 +25,9 @@ def env_seconds(name: str) -> float | None:
     if text is None:
         return SECONDS_FROM_ENV[name]
     try:
-        value = float(text)
-    except ValueError:
+        return positive_float(text)
+    except (ValueError, argparse.ArgumentTypeError):
         return None
-    return value if 0 < value < math.inf else None
 
 
 def env_problem() -> str | None:
