@@ -396,11 +396,16 @@ def resume_from(args: argparse.Namespace) -> tuple[Path | None, dict | None]:
     must_match = dict.fromkeys([*RESUME_MUST_MATCH, *model_flags(args.arch)])  # every config field too
     differ = [k for k in must_match if k in saved and saved[k] != getattr(args, k)]
     if differ:
-        detail = ", ".join(f"--{k} {getattr(args, k)} (checkpoint: {saved[k]})" for k in differ)
+        detail = ", ".join(f"--{k} {shown(getattr(args, k))} (checkpoint: {shown(saved[k])})" for k in differ)
         raise UsageError(
             f"--resume {args.resume}: the checkpoint's config disagrees with the flags given: {detail}"
         )
     return resume, state
+
+
+def shown(value: object) -> object:
+    """A flag's value as a resume error prints it: "left out" for a flag not given."""
+    return "left out" if value is None else value
 
 
 def find_resume(args: argparse.Namespace) -> Path | None:

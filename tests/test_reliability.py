@@ -712,6 +712,13 @@ def test_flags_a_resumed_run_cannot_honour_are_refused(
     assert (run / "log.csv").read_bytes() == before
 
 
+def test_a_flag_left_out_on_resume_is_named_as_left_out(tmp_path, small_data, capsys, monkeypatch):
+    """A run of --max_steps 8 resumed without it: the error says "left out", not Python's None."""
+    run, _ = stopped_run(tmp_path, small_data, capsys, monkeypatch, "")
+    result = train(tiny_run(small_data, run, f"{FAST} --eval_every 8 --resume auto"), capsys)
+    assert_clean_error(result, "--max_steps left out (checkpoint: 8)")
+
+
 def test_resuming_into_another_folder_never_replaces_a_run(tmp_path, small_data, capsys, monkeypatch):
     """--resume A/checkpoints/last --out_dir B: refused if B holds another run (nothing of B replaced);
     into an empty folder, the run continues there with A's log up to the checkpoint, A untouched."""
