@@ -132,24 +132,31 @@ class Data:
 
 
 @dataclass
-class Setup:
-    """Everything train() starts from, checked."""
+class Plan:
+    """What the flags and checkpoints decide, checked before any data is read (or converted)."""
 
-    args: argparse.Namespace
     ranks: Ranks
     device: torch.device
     dtype: torch.dtype
     path: str  # paths.FUSED, COMPILED or EAGER
     config: object  # BDHConfig or GPTConfig
+    resume: Path | None  # the checkpoint folder resumed from
+    resume_state: dict | None  # its training_state.pt
+    init_weights: dict | None  # --init_from's tensors (a new run that starts from them)
+    extra: Extra  # --extra_val_file's paths and bytes (extra_texts): local, read first
+
+
+@dataclass
+class Setup(Plan):
+    """Everything train() starts from, checked: the plan, then the data read and the folder claimed."""
+
+    args: argparse.Namespace
     data: Data
     steps_per_epoch: int
     out_dir: Path
-    resume: Path | None  # the checkpoint folder resumed from
-    resume_state: dict | None  # its training_state.pt
     lock: object | None  # the run folder's lock, held by rank 0
     sources: dict  # where each file came from (data_sources; rank 0)
     data_changes: list  # files that changed under the run, with the step (--accept_new_data)
-    init_weights: dict | None = None  # --init_from's tensors (a new run that starts from them)
 
     @property
     def total_steps(self) -> int:
@@ -167,21 +174,6 @@ class Setup:
 def total_steps(args: argparse.Namespace, steps_per_epoch: int) -> int:
     """The optimizer steps of the whole run: --max_steps, else --epochs worth."""
     return args.max_steps or args.epochs * steps_per_epoch
-
-
-@dataclass
-class Plan:
-    """What the flags and checkpoints decide, checked before any data is read (or converted)."""
-
-    ranks: Ranks
-    device: torch.device
-    dtype: torch.dtype
-    path: str  # paths.FUSED, COMPILED or EAGER
-    config: object  # BDHConfig or GPTConfig
-    resume: Path | None  # the checkpoint folder resumed from
-    resume_state: dict | None  # its training_state.pt
-    init_weights: dict | None  # --init_from's tensors (a new run that starts from them)
-    extra: Extra  # --extra_val_file's paths and bytes (extra_texts): local, read first
 
 
 def plan(args: argparse.Namespace, ranks: Ranks | None = None) -> Plan:
@@ -220,8 +212,8 @@ def prepare(args: argparse.Namespace, plan: Plan, dataset: Path | None = None) -
     sources = data_sources(args, data) if ranks.main else {}  # rank 0 alone writes
     changes = data_changes(args, plan.resume_state, resume, sources) if ranks.main else []
     lock = claim(out_dir, args, resume) if ranks.main else None
-    return Setup(args, ranks, plan.device, plan.dtype, plan.path, plan.config, data, steps_per_epoch, out_dir,
-                 resume, plan.resume_state, lock, sources, changes, plan.init_weights)  # fmt: skip
+    return Setup(**vars(plan), args=args, data=data, steps_per_epoch=steps_per_epoch, out_dir=out_dir,
+                 lock=lock, sources=sources, data_changes=changes)  # fmt: skip
 
 
 def claim(out_dir: Path, args: argparse.Namespace, resume: Path | None):
