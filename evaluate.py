@@ -44,6 +44,7 @@ from dragon_hatchling.cli import (
     Parser,
     UsageError,
     add_device_args,
+    check_needs,
     fail,
     make_out_dir,
     nonneg_int,
@@ -213,7 +214,7 @@ def add_output_flags(g) -> None:
 # ----------------------------------------------------------------------------- checks
 
 
-# Flags that mean something only beside another: the flags (one of them) each needs, and its default
+# Flags that mean something only beside another (cli.check_needs): the flags each serves, its default
 NEEDS = {
     "max_new_bytes": (("prompt",), 500),
     "temperature": (("prompt",), 0.8),
@@ -225,19 +226,9 @@ NEEDS = {
 }
 
 
-def check_needs(args: argparse.Namespace) -> None:
-    """A flag given without the flag it serves is refused (it would do nothing); defaults filled in."""
-    for name, (needs, default) in NEEDS.items():
-        if getattr(args, name) is None:
-            setattr(args, name, default)
-        elif not any(getattr(args, need) for need in needs):
-            wanted = " or ".join(f"--{need}" for need in needs)
-            raise UsageError(f"--{name} applies to {wanted}: give it, or leave out --{name}")
-
-
 def check_args(args: argparse.Namespace) -> None:
     """The flags that disagree with each other, whatever the model."""
-    check_needs(args)
+    check_needs(args, NEEDS)
     if not 0 <= args.temperature < math.inf:
         raise UsageError(f"--temperature must be a finite number >= 0, got {args.temperature}")
     if args.top_k is not None and args.top_k > VOCAB:

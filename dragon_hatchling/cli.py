@@ -130,6 +130,19 @@ def nonempty(text: str) -> str:
     return text
 
 
+def check_needs(args: argparse.Namespace, needs: dict[str, tuple[tuple[str, ...], object]]) -> None:
+    """Flags that mean something only beside another: needs maps each to the flags it serves (one of
+    them will do) and its default. One given, and not at its default, without them is refused (it
+    would do nothing); one left out (None) gets its default."""
+    for name, (serves, default) in needs.items():
+        value = getattr(args, name)
+        if value is None:
+            setattr(args, name, default)
+        elif value != default and not any(getattr(args, flag) for flag in serves):
+            wanted = " or ".join(f"--{flag}" for flag in serves)
+            raise UsageError(f"--{name} applies to {wanted}: give it, or leave out --{name}")
+
+
 class Parser(argparse.ArgumentParser):
     """argparse with one-line errors, free-text arguments (no type of their own) never empty, and the
     description (a script's docstring) printed as written."""

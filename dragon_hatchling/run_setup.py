@@ -33,7 +33,7 @@ from dragon_hatchling.checkpoints import (
     lock_folder,
     run_of,
 )
-from dragon_hatchling.cli import UsageError, make_out_dir, unique_folder
+from dragon_hatchling.cli import UsageError, check_needs, make_out_dir, unique_folder
 from dragon_hatchling.corpora import dataset_folder, dataset_source, prepare_dataset
 from dragon_hatchling.data import (
     MIN_COPY,
@@ -111,6 +111,12 @@ DATASET_FLAGS = {
     "text_column": "text",
     "val_fraction": 0.005,
     "data_cache": "~/.cache/dragon-hatchling/datasets",  # or BDH_DATA_CACHE
+}
+# Flags that mean something only beside another (cli.check_needs): the flags each serves, its default
+NEEDS = {
+    "push_every_epoch": (("push_to_hub",), False),
+    "hf_private": (("push_to_hub",), False),
+    "accept_new_data": (("resume",), False),
 }
 # Flags that mix something into the training text, and their value for runs from before them: none.
 LATER_MIXES = {"copy_spans": 0.0, "fill_unk": 0.0}
@@ -286,12 +292,7 @@ def check_flags(args: argparse.Namespace) -> None:
     dataset_flags(args)
     if args.dataset is not None:
         check_dataset_flags(args)  # before it is converted
-    if args.push_every_epoch and not args.push_to_hub:
-        raise UsageError("--push_every_epoch needs --push_to_hub")
-    if args.hf_private and not args.push_to_hub:
-        raise UsageError("--hf_private makes the pushed repo private: it needs --push_to_hub")
-    if args.accept_new_data and args.resume is None:
-        raise UsageError("--accept_new_data lets a resumed run read changed data: it needs --resume")
+    check_needs(args, NEEDS)
     if args.overwrite and args.resume is not None:
         raise UsageError("--overwrite replaces a run and --resume continues one: leave out one of them")
     if args.push_to_hub and (args.hf_repo_id is None or not REPO_ID.match(args.hf_repo_id)):
@@ -638,12 +639,7 @@ def dataset_flags(args: argparse.Namespace) -> None:
     """The flags of --dataset: refused without it where they differ from their defaults (Wikitext-2
     has no use for them); their defaults filled in (a resumed run compares them)."""
     defaults = {**DATASET_FLAGS, "data_cache": os.environ.get("BDH_DATA_CACHE", DATASET_FLAGS["data_cache"])}
-    given = [name for name, default in defaults.items() if getattr(args, name) not in (None, default)]
-    if args.dataset is None and given:
-        raise UsageError(f"--{given[0]} is a flag of --dataset: leave it out for Wikitext-2")
-    for name, default in defaults.items():
-        if getattr(args, name) is None:
-            setattr(args, name, default)
+    check_needs(args, {name: (("dataset",), default) for name, default in defaults.items()})
 
 
 def check_dataset_flags(args: argparse.Namespace) -> None:
