@@ -21,6 +21,7 @@ def test_the_candidates_fit_a_tile_and_keep_every_warp_busy():
     assert {a["BD"] for a in att} == {32, 64, 128, 256} and all(a["BB"] == 16 for a in att)
     gate = tiles.gate_tiles({"GROUP": 32})
     assert gate and all(g["BN"] * g["BD"] <= 128 * 128 and g["GROUP"] == 32 for g in gate)
+    assert {g["BD"] for g in gate} == {64, 128, 256}  # whole rows of d = 256 among them
     assert len(tiles.group_pairs({}, {})) == 9
 
 
