@@ -42,12 +42,12 @@ from dragon_hatchling.files import write_json
 from dragon_hatchling.hub_client import HubUnreachable
 from dragon_hatchling.loading import load_model
 from dragon_hatchling.sampling import generate, generate_recompute
-from dragon_hatchling.step_speed import measure_steps, previous_step
+from dragon_hatchling.step_speed import latency_fit, measure_steps, previous_step
 from dragon_hatchling.stopping import interruptible
 from model import BDH, BDHConfig
 
 PATHS = ("plain eager", "plain compiled", "fused", "fused carried")  # carried: --carry_state's step
-PARTS = ("train", "long", "generate", "ddp")
+PARTS = ("train", "long", "generate", "latency", "ddp")
 
 
 def subset_of(allowed: tuple[str, ...]):
@@ -89,7 +89,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--parts",
         type=subset_of(PARTS),
         default="train,long,generate",
-        help="comma-separated: train, long, generate, ddp (torchrun)",
+        help="comma-separated: train, long, generate, latency (step_speed.latency_fit), ddp (torchrun)",
     )
     p.add_argument(
         "--shapes", type=shape_list, default="32x128,32x512,8x2048", help="training shapes, BATCHxWINDOW,..."
@@ -236,6 +236,14 @@ def measure_generation(cfg: BDHConfig, args, device, trained: BDH | None = None)
     previous = Path(args.previous_step) if args.previous_step else None
     out["steps"] = measure_steps(model, PROMPT, args.new_bytes, previous)
     return out
+
+
+def measure_latency(cfg: BDHConfig, args, device, trained: BDH | None = None) -> dict:
+    """step_speed.latency_fit around the model (--model_path's, else a fresh one of cfg), in bf16."""
+    torch.manual_seed(0)
+    model = (trained if trained is not None else BDH(cfg)).to(device).to(torch.bfloat16).eval()
+    out = {"model": args.model_path or "freshly initialised (seed 0)", "dtype": "bfloat16", "batch": 1}
+    return {**out, **latency_fit(model, PROMPT, args.new_bytes)}
 
 
 def measure_ddp(cfg: BDHConfig, B: int, T: int, args, device, ranks: Ranks) -> dict:
@@ -421,14 +429,34 @@ def summary(report: dict) -> str:
                 )
             lines += [f"  {name:>40}: {rate:,.0f} B/s" for name, rate in g["steps"]["rates"].items()]
             lines += [f"  {k}: {v:.2f}" for k, v in g["steps"].items() if "_over_" in k]
+    if "latency" in report:
+        lines.append(latency_lines(report["latency"]))
+    return "\n".join(lines)
+
+
+def latency_lines(fit: dict) -> str:
+    """latency_fit's points and line, as printed."""
+    lines = ["\nbatch-1 step of fresh models by n: seconds against the bytes it must move"]
+    model = {**fit["model"], "n_neurons": f"{fit['model']['n_neurons']} (the model)"}
+    for p in [*fit["points"], model]:
+        mb, us = p["bytes_per_byte"] / 1e6, 1e6 * p["seconds_a_step"]
+        lines.append(f"  n {p['n_neurons']:>14}: {mb:8.1f} MB, {us:8.1f} us")
+    fixed, tbs = 1e6 * fit["fixed_seconds_a_step"], fit["bytes_per_s"] / 1e12
+    share = fit["model"]["fixed_share"]
+    lines.append(
+        f"  fit: {fixed:.1f} us fixed + bytes at {tbs:.2f} TB/s; fixed is {share:.0%} of the model's step"
+    )
     return "\n".join(lines)
 
 
 def check_parts(args: argparse.Namespace) -> None:
-    """The flags of generation want it among --parts."""
-    for flag in ("model_path", "previous_step"):
-        if getattr(args, flag) is not None and "generate" not in args.parts:
-            raise UsageError(f"--{flag} applies to generation: add generate to --parts, or leave it out")
+    """The flags of generation want it among --parts (--model_path: generate or latency)."""
+    if args.model_path is not None and not {"generate", "latency"} & set(args.parts):
+        raise UsageError(
+            "--model_path applies to generation: add generate or latency to --parts, or leave it out"
+        )
+    if args.previous_step is not None and "generate" not in args.parts:
+        raise UsageError("--previous_step applies to generation: add generate to --parts, or leave it out")
 
 
 @interruptible("before it finished (--out has what was measured by then)")
@@ -458,6 +486,8 @@ def main(argv: list[str] | None = None) -> int:
         report["generation"] = measure_generation(cfg, args, device, trained)
         if decay is not None:
             report["generation_decay"] = measure_generation(decay, args, device)
+    if "latency" in args.parts:
+        report["latency"] = measure_latency(cfg, args, device, trained)
     print(summary(report))
     save(args.out, report)
     print(json.dumps({k: v for k, v in report.items() if k not in ("train", "generation", "config")}))

@@ -9,6 +9,11 @@ The floor is the bytes a step must move (Dx whole for every layer, the state row
 read and written, their rows of Dy and E; with every row decaying, every state row) over the device's
 bandwidth, measured in the same run by a copy. The same weights without decay have their own floor
 (their neurons fire differently), so lazy decay and no decay are also compared each over its own.
+
+latency_fit (the benchmark's `latency` part) asks what the step's time is made of: fresh models of
+the model's shape at several n, their seconds a step against the bytes each must move, fitted by a
+line: fixed + bytes / bandwidth. fixed is what no bandwidth removes (launches, waits, dependent
+reads); the line's bandwidth is what the kernels reach on bytes.
 """
 
 from __future__ import annotations
@@ -21,9 +26,10 @@ import torch
 from dragon_hatchling.cli import UsageError, module_from_file
 from dragon_hatchling.devices import cuda_time
 from dragon_hatchling.sampling import GraphedStep, generate, prompt_state
-from model import BDH
+from model import BDH, BDHConfig
 
 BATCH = 32  # the batched rows
+WIDTHS = (0.125, 0.25, 0.5, 1.0, 2.0)  # latency_fit's fresh models: their n over the model's
 ROWS_A_PROGRAM = (1, 2, 4, 8, 16)  # the batch rows an attention program takes, swept at batch 32
 
 
@@ -168,3 +174,41 @@ def measure_steps(model: BDH, prompt: bytes, steps: int, previous: Path | None) 
     out["rates"] = step_rates(model, one, many, steps, previous)
     out["floors"] = floors(model, one, many, out["rates"], out["bandwidth_bytes_per_s"])
     return {**out, **ratios(out["rates"]), **floor_ratios(out["floors"])}
+
+
+def width_config(config: BDHConfig, k: float) -> BDHConfig:
+    """config with about k times its neurons: whole rotation pairs in every head (a multiple of 2h)."""
+    unit = 2 * config.n_head
+    return dataclasses.replace(config, n_neurons=max(unit, round(config.n_neurons * k / unit) * unit))
+
+
+def line(points: list[tuple[float, float]]) -> tuple[float, float]:
+    """The least-squares line y = a + b x through (x, y) points: (a, b)."""
+    x, y = torch.tensor(points, dtype=torch.float64).T
+    b = ((x - x.mean()) * (y - y.mean())).sum() / ((x - x.mean()) ** 2).sum()
+    return (y.mean() - b * x.mean()).item(), b.item()
+
+
+def step_point(model: BDH, one: list[torch.Tensor], steps: int, rate=step_rate) -> dict:
+    """One model's seconds a batch-1 step and the bytes the step must move (rate: bytes/s of it)."""
+    return {
+        "n_neurons": model.config.n_neurons,
+        "bytes_per_byte": floor_bytes(model, one, False)["bytes_per_byte"],
+        "seconds_a_step": 1 / rate(model, one, steps),
+    }
+
+
+def latency_fit(model: BDH, prompt: bytes, steps: int, rate=step_rate) -> dict:
+    """The module docstring's fit over fresh models at WIDTHS (seed 0, the model's dtype), and the
+    model's own point with the share of its step that the fit's fixed part is (rate: step_rate)."""
+    dev, dtype = model.E.device, model.E.dtype
+    one = prompts(prompt, 1, dev)
+    points = []
+    for k in WIDTHS:
+        torch.manual_seed(0)
+        fresh = BDH(width_config(model.config, k)).to(dev, dtype).eval()
+        points.append(step_point(fresh, one, steps, rate))
+    fixed, per_byte = line([(p["bytes_per_byte"], p["seconds_a_step"]) for p in points])
+    own = step_point(model, one, steps, rate)
+    own["fixed_share"] = fixed / own["seconds_a_step"]
+    return {"points": points, "fixed_seconds_a_step": fixed, "bytes_per_s": 1 / per_byte, "model": own}

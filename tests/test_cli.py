@@ -176,6 +176,8 @@ def test_missing_shared_folder_fails_with_a_clear_message(tmp_path):
         (["--half_lives", "8,16"], ["--half_lives", "4 positive numbers"]),
         (["--parts", "train", "--model_path", "m"], ["--model_path applies to generation"]),
         (["--parts", "train,long", "--previous_step", "f.py"], ["--previous_step applies to generation"]),
+        (["--parts", "latency", "--previous_step", "f.py"], ["--previous_step applies to generation"]),
+        (["--parts", "latency", "--model_path", "/nonexistent/m"], ["--model_path", "/nonexistent/m"]),
     ],
 )
 def test_benchmark_rejects_bad_values(args, needles, capsys):

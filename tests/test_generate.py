@@ -113,3 +113,27 @@ def test_the_same_weights_without_decay_get_their_own_floor():
     own_share, plain_share = 100.0 / own["floor_bytes_per_s"], 110.0 / plain["floor_bytes_per_s"]
     assert at_floor == pytest.approx(own_share / plain_share)
     assert step_speed.floor_ratios({"batch 1": own}) == {}
+
+
+def test_the_latency_fit_recovers_a_fixed_cost_and_a_bandwidth():
+    """Steps that take a fixed 40 us plus their bytes at 2 TB/s: the fit over fresh models of several
+    n finds both, the model's own share of fixed time, and the benchmark prints them."""
+    from dragon_hatchling import benchmark, step_speed
+
+    cfg = BDHConfig(n_embd=32, n_head=2, n_neurons=128, n_layer=2, dropout=0.0, half_lives=[2.0, 8.0])
+    assert [step_speed.width_config(cfg, k).n_neurons for k in step_speed.WIDTHS] == [16, 32, 64, 128, 256]
+    assert step_speed.width_config(cfg, 0.001).n_neurons == 4  # one pair a head at least
+
+    def rate(model, one, steps):  # bytes/s of a step that costs 40 us + its bytes at 2 TB/s
+        return 1 / (40e-6 + step_speed.floor_bytes(model, one, False)["bytes_per_byte"] / 2e12)
+
+    torch.manual_seed(1)
+    model = BDH(cfg).eval()
+    fit = step_speed.latency_fit(model, b"The cat sat on the mat, and then it sat again.", 10, rate)
+    assert [p["n_neurons"] for p in fit["points"]] == [16, 32, 64, 128, 256]
+    assert len({p["bytes_per_byte"] for p in fit["points"]}) == 5  # the fit has bytes to go on
+    assert fit["fixed_seconds_a_step"] == pytest.approx(40e-6, rel=1e-6)
+    assert fit["bytes_per_s"] == pytest.approx(2e12, rel=1e-6)
+    assert fit["model"]["fixed_share"] == pytest.approx(40e-6 / fit["model"]["seconds_a_step"])
+    printed = benchmark.latency_lines(fit)
+    assert "40.0 us fixed + bytes at 2.00 TB/s" in printed and "128 (the model)" in printed

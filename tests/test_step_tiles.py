@@ -1,15 +1,21 @@
 """results/benchmark/step_tiles.py on the CPU: the candidates it sweeps, how it keeps the fastest, and
-its refusals. The timing itself needs a CUDA GPU (`ms_per_step` is replaced here by a fake clock)."""
+its refusals. The timing itself needs a CUDA GPU (`ms_per_step` is replaced here by a fake clock).
+Also run_gpu.sh's refusals, which come before it looks for a GPU's work."""
 
 from __future__ import annotations
 
 import json
+import os
+import subprocess
 from pathlib import Path
+
+import pytest
 
 from conftest import call_main, load_script
 from test_cli import assert_clean_error
 
 SCRIPT = Path(__file__).resolve().parent.parent / "results/benchmark/step_tiles.py"
+RUN_GPU = SCRIPT.parent / "run_gpu.sh"
 
 
 def test_the_candidates_fit_a_tile_and_keep_every_warp_busy():
@@ -70,3 +76,29 @@ def test_bad_flags_are_one_line(tmp_path: Path, capsys):
     assert_clean_error(call_main(tiles.main, ["--out", str(tmp_path)], capsys), "--model_path")
     ran = call_main(tiles.main, ["--model_path", "x", "--out", str(tmp_path)], capsys)
     assert_clean_error(ran, "CUDA")  # this machine has none: refused before the model is loaded
+
+
+@pytest.mark.parametrize(
+    "args, env, says",
+    [
+        ([], {}, "usage: bash results/benchmark/run_gpu.sh tiles|latency|train"),
+        (["sweep"], {}, "usage:"),
+        (["latency"], {"GPU": "no"}, "no nvidia-smi here"),
+        (["latency"], {"OUT": ""}, "OUT is not set"),
+        (["tiles"], {"TILES_S": "4m"}, "TILES_S=4m: expected whole seconds"),
+        (["latency"], {}, ".gpu/data/wiki.valid.raw is missing or empty: carry .gpu/data"),
+    ],
+)
+def test_the_gpu_script_refuses_bad_input_in_one_line(args, env, says, tmp_path: Path):
+    """Each refusal is one line and exit 2, before any work (here: a folder with no .gpu/data)."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    if env.pop("GPU", "yes") == "yes":  # a stand-in nvidia-smi, never reached by these cases
+        (bin_dir / "nvidia-smi").write_text("#!/bin/sh\nexit 1\n")
+        (bin_dir / "nvidia-smi").chmod(0o755)
+    base = {"PATH": f"{bin_dir}:/usr/bin:/bin", "OUT": str(tmp_path / "out")}
+    ran = subprocess.run(["bash", str(RUN_GPU), *args], cwd=tmp_path, env={**os.environ, **base, **env},
+                         capture_output=True, text=True, timeout=60)  # fmt: skip
+    assert ran.returncode == 2 and ran.stdout == ""
+    assert says in ran.stderr and len(ran.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "out").exists()

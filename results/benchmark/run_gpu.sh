@@ -4,16 +4,19 @@
 # dragon_hatchling model.py`, the fused path before issue 29's rounds); carry those folders alone:
 # carrying all of .gpu would replace the machine's runs. Logs under $OUT/t, packed at the end into
 # $OUT/PART.tgz (a call brings back at most 8 files; a run stopped before the end leaves them loose).
-# One part a command:
-#   bash results/benchmark/run_gpu.sh tiles   # about 8 minutes: a model of the default recipe stopped
-#     at 100 s (SIGTERM saves it), the H200's step tiles (step_tiles.py: the sweep, a profile, then
-#     generation with the fastest tiles), and the generation benchmark at the committed tiles for the
-#     same weights (lazy_decay_over_no_decay_at_floor); TILES_S=240 gives the sweep 240 s, not 300
+# One part a command (call with timeout_s 595):
+#   bash results/benchmark/run_gpu.sh tiles   # about 9 minutes: a model of the default recipe stopped
+#     at 100 s (SIGTERM saves it), the latency fit (benchmark --parts latency: fresh models at five n,
+#     and this one), the H200's step tiles (step_tiles.py: the sweep, a profile, then generation with
+#     the fastest tiles), and the generation benchmark at the committed tiles for the same weights
+#     (lazy_decay_over_no_decay_at_floor); TILES_S=240 gives the sweep 240 s, not 270
+#   bash results/benchmark/run_gpu.sh latency # about 3 minutes, any Hopper card (the H100 shares the
+#     H200's die): the model as above, then the latency fit alone
 #   bash results/benchmark/run_gpu.sh train   # about 3 minutes: the fused training step now and at
 #     74ab83d, one after the other, at 32 x 128 and 8 x 512, with and without decay
 set -u
-if [[ "${1:-}" != tiles && "${1:-}" != train ]]; then
-  echo "usage: bash results/benchmark/run_gpu.sh tiles|train" >&2
+if [[ "${1:-}" != tiles && "${1:-}" != latency && "${1:-}" != train ]]; then
+  echo "usage: bash results/benchmark/run_gpu.sh tiles|latency|train" >&2
   exit 2
 fi
 DATA=.gpu/data
@@ -21,7 +24,7 @@ DATA=.gpu/data
 refuse() { echo "error: $1" >&2; exit 2; }
 command -v nvidia-smi > /dev/null || refuse "no nvidia-smi here: run it on a GPU machine (the device tool)"
 [[ -n "${OUT:-}" ]] || refuse "OUT is not set: expected the folder the logs go to (the device tool sets it)"
-[[ "${TILES_S:-300}" =~ ^[1-9][0-9]{0,4}$ ]] || refuse "TILES_S=${TILES_S}: expected whole seconds, 1 to 99999"
+[[ "${TILES_S:-270}" =~ ^[1-9][0-9]{0,4}$ ]] || refuse "TILES_S=${TILES_S}: expected whole seconds, 1 to 99999"
 for f in wiki.valid.raw wiki.test.raw wiki.train.tokens wiki.valid.tokens; do
   [[ -s $DATA/$f ]] || refuse "$DATA/$f is missing or empty: carry $DATA (copies of ../shared/data's files)"
 done
@@ -33,12 +36,18 @@ mkdir -p $O
 nvidia-smi --query-gpu=name,memory.total --format=csv | tee $O/gpu.txt
 git log -1 --format=%H > $O/commit.txt
 case "${1:-}" in
-tiles)
+tiles|latency)
   timeout -s TERM 100 python3 experiment.py --device cuda --fused --data_dir $DATA \
     --train_file $DATA/wiki.train.tokens --eval_every 100000 --no_progress --out_dir .gpu/gen \
     --overwrite > $O/model.log 2>&1
   tail -3 $O/model.log
-  timeout -s TERM ${TILES_S:-300} python3 results/benchmark/step_tiles.py --model_path .gpu/gen/checkpoints/last \
+  # what the step's time is made of: a fixed part and the bytes at some bandwidth (step_speed)
+  timeout 60 python3 -m dragon_hatchling.benchmark --device cuda --parts latency \
+    --model_path .gpu/gen/checkpoints/last --out $O/latency.json > $O/latency.log 2>&1
+  tail -12 $O/latency.log
+  ;;&
+tiles)
+  timeout -s TERM ${TILES_S:-270} python3 results/benchmark/step_tiles.py --model_path .gpu/gen/checkpoints/last \
     --out $O/tiles > $O/step_tiles.log 2>&1
   tail -30 $O/step_tiles.log
   timeout 100 python3 -m dragon_hatchling.benchmark --device cuda --parts generate \
