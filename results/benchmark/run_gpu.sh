@@ -10,8 +10,8 @@
 #     and this one), the H200's step tiles (step_tiles.py: the sweep, a profile, then generation with
 #     the fastest tiles), and the generation benchmark at the committed tiles for the same weights
 #     (lazy_decay_over_no_decay_at_floor); TILES_S=240 gives the sweep 240 s, not 270
-#   bash results/benchmark/run_gpu.sh latency # about 3 minutes, any Hopper card (the H100 shares the
-#     H200's die): the model as above, then the latency fit alone
+#   bash results/benchmark/run_gpu.sh latency # about 4 minutes, any Hopper card (the H100 shares the
+#     H200's die): the model as above, the latency fit, then Nsight Compute on the two step kernels
 #   bash results/benchmark/run_gpu.sh train   # about 3 minutes: the fused training step now and at
 #     74ab83d, one after the other, at 32 x 128 and 8 x 512, with and without decay
 set -u
@@ -53,6 +53,41 @@ tiles)
   timeout 100 python3 -m dragon_hatchling.benchmark --device cuda --parts generate \
     --model_path .gpu/gen/checkpoints/last --out $O/generate.json > $O/generate.log 2>&1
   tail -30 $O/generate.log
+  ;;
+latency)
+  # where the step's kernels stall: Nsight Compute on one attention and one gate kernel of an eager
+  # step with lazy decay, after two warm steps (ncu runs kernels one at a time: PDL's overlap is lost)
+  if command -v ncu > /dev/null; then
+    timeout 150 ncu --clock-control none --kernel-name regex:'_step_(attention|gate)_kernel' \
+      --launch-skip 24 --launch-count 2 --section SpeedOfLight --section Occupancy --section LaunchStats \
+      --section WarpStateStats --section MemoryWorkloadAnalysis \
+      python3 - .gpu/gen/checkpoints/last > $O/ncu.txt 2>&1 <<'PY'
+import sys
+
+import torch
+
+sys.path.insert(0, ".")
+from dragon_hatchling import benchmark
+from dragon_hatchling.fused_recurrent import FusedStep, LazyDecay
+from dragon_hatchling.loading import load_model
+
+model = load_model(sys.argv[1])[0].cuda().to(torch.bfloat16).eval()
+with torch.no_grad():
+    prompt = torch.tensor([list(benchmark.PROMPT)], device="cuda")
+    _, _, state = model.forward_chunked(prompt, chunk_size=256)
+    decays = model.config.half_lives is not None and LazyDecay.holds(model)
+    lazy = LazyDecay(model, state) if decays else None
+    step, byte = FusedStep(model), torch.tensor([101], device="cuda")
+    for _ in range(4):  # 12 kernels of the two kinds a step: ncu skips the first two steps'
+        step(byte, state, lazy)
+        if lazy is not None:
+            lazy.tick(state)
+torch.cuda.synchronize()
+PY
+    grep -E "_step_|Duration|Throughput|Occupancy|Registers|Warp Cycles|Stall" $O/ncu.txt | head -60
+  else
+    echo "no ncu here: no profile"
+  fi
   ;;
 train)
   TRAIN="--device cuda --parts train --paths fused --shapes 32x128,8x512 --half_lives 8,32,128,256"
