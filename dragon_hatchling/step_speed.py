@@ -177,9 +177,11 @@ def measure_steps(model: BDH, prompt: bytes, steps: int, previous: Path | None) 
 
 
 def width_config(config: BDHConfig, k: float) -> BDHConfig:
-    """config with about k times its neurons: whole rotation pairs in every head (a multiple of 2h)."""
+    """config with about k times its neurons: whole rotation pairs in every head (a multiple of 2h);
+    one RoPE frequency range for all of them (a merged model's parts do not scale)."""
     unit = 2 * config.n_head
-    return dataclasses.replace(config, n_neurons=max(unit, round(config.n_neurons * k / unit) * unit))
+    n = max(unit, round(config.n_neurons * k / unit) * unit)
+    return dataclasses.replace(config, n_neurons=n, rope_parts=None)
 
 
 def line(points: list[tuple[float, float]]) -> tuple[float, float]:
