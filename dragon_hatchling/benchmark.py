@@ -195,9 +195,15 @@ def fmt_rate(x: float | None) -> str:
     return "-" if x is None else f"{x:,.0f} B/s"
 
 
-def measure_generation(cfg: BDHConfig, args, device, trained: BDH | None = None) -> dict:
+def timed_model(cfg: BDHConfig, device, trained: BDH | None = None) -> BDH:
+    """The model that generation is timed on: the trained one, else a fresh one of cfg (seed 0);
+    in bf16 on the device, in eval mode."""
     torch.manual_seed(0)
-    model = (trained if trained is not None else BDH(cfg)).to(device).to(torch.bfloat16).eval()
+    return (trained if trained is not None else BDH(cfg)).to(device).to(torch.bfloat16).eval()
+
+
+def measure_generation(cfg: BDHConfig, args, device, trained: BDH | None = None) -> dict:
+    model = timed_model(cfg, device, trained)
     prompt = torch.tensor([list(PROMPT)], device=device)
     out = {"prompt_bytes": prompt.shape[1], "new_bytes": args.new_bytes, "batch": 1, "dtype": "bfloat16"}
     out["model"] = args.model_path or "freshly initialised (seed 0)"
@@ -240,8 +246,7 @@ def measure_generation(cfg: BDHConfig, args, device, trained: BDH | None = None)
 
 def measure_latency(cfg: BDHConfig, args, device, trained: BDH | None = None) -> dict:
     """step_speed.latency_fit around the model (--model_path's, else a fresh one of cfg), in bf16."""
-    torch.manual_seed(0)
-    model = (trained if trained is not None else BDH(cfg)).to(device).to(torch.bfloat16).eval()
+    model = timed_model(cfg, device, trained)
     out = {"model": args.model_path or "freshly initialised (seed 0)", "dtype": "bfloat16", "batch": 1}
     return {**out, **latency_fit(model, PROMPT, args.new_bytes)}
 

@@ -93,7 +93,7 @@ def test_the_gpu_script_refuses_bad_input_in_one_line(args, env, says, tmp_path:
     """Each refusal is one line and exit 2, before any work (here: a folder with no .gpu/data)."""
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
-    if env.pop("GPU", "yes") == "yes":  # a stand-in nvidia-smi, never reached by these cases
+    if env.pop("GPU", "yes") == "yes":  # a stand-in nvidia-smi: found on the PATH, never run here
         (bin_dir / "nvidia-smi").write_text("#!/bin/sh\nexit 1\n")
         (bin_dir / "nvidia-smi").chmod(0o755)
     base = {"PATH": f"{bin_dir}:/usr/bin:/bin", "OUT": str(tmp_path / "out")}
