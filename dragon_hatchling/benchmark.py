@@ -454,6 +454,18 @@ def latency_lines(fit: dict) -> str:
     return "\n".join(lines)
 
 
+def trained_model(model_path: str) -> BDH:
+    """--model_path's model, refused at once if the fused recurrent step cannot run it (a GPT, or a
+    BDH with shifted heads), rather than after the timings before it."""
+    model = load_model(model_path)[0]
+    if not getattr(model, "has_fused_step", False):
+        raise UsageError(
+            f"--model_path {model_path}: the benchmark times fused_recurrent.FusedStep, which takes no "
+            "GPT and no shifted heads"
+        )
+    return model
+
+
 def check_parts(args: argparse.Namespace) -> None:
     """The flags of generation want it among --parts (--model_path: generate or latency)."""
     if args.model_path is not None and not {"generate", "latency"} & set(args.parts):
@@ -469,7 +481,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         check_parts(args)
-        trained = load_model(args.model_path)[0] if args.model_path else None
+        trained = trained_model(args.model_path) if args.model_path else None
         cfg, decay = configs(args)
         if args.previous_step is not None:
             previous_step(Path(args.previous_step))  # imports it: a bad file is refused before any work

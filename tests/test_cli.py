@@ -184,6 +184,15 @@ def test_benchmark_rejects_bad_values(args, needles, capsys):
     assert_clean_error(call_main(benchmark.main, args, capsys), *needles)
 
 
+@pytest.mark.parametrize("parts", ["generate", "latency"])
+def test_benchmark_refuses_a_model_its_fused_step_cannot_run(parts, tmp_path, capsys):
+    """A BDH with shifted heads, before any timing (here: before even looking for CUDA)."""
+    cfg = BDHConfig(n_embd=16, n_head=2, n_neurons=64, n_layer=1, half_lives=[4.0, 8.0], shifted_heads=1)
+    BDH(cfg).save_pretrained(tmp_path / "m")
+    result = call_main(benchmark.main, ["--parts", parts, "--model_path", str(tmp_path / "m")], capsys)
+    assert_clean_error(result, f"--model_path {tmp_path / 'm'}", "no shifted heads")
+
+
 def recipe_of(argv: list[str], saved: dict | None = None) -> tuple:
     args = experiment.build_parser().parse_args([*TINY_MODEL, *argv])  # two heads
     run_setup.apply_recipe(args, saved)
